@@ -1,0 +1,564 @@
+//! The appliance's configuration: one TOML file, parsed into raw serde structs that
+//! reject unknown keys, then validated into an immutable [`Config`].
+//!
+//! Design:
+//! - Parsing and validation are separate steps. Parsing (serde + `toml`) catches syntax
+//!   errors, wrong types and unknown keys; `toml` reports those with the key's name,
+//!   line and column. Validation catches what a schema cannot express (duplicate disk
+//!   names, missing image files, cores this process may not run on, two listeners on one
+//!   socket) and reports the key, line and column itself, from spans kept during parsing.
+//! - Relative paths are resolved against the directory of the config file, so a config
+//!   file and its images can move together.
+//! - The validated [`Config`] is plain data; nothing downstream re-parses or re-checks it.
+
+mod raw;
+mod size;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use size::{ByteSize, parse_byte_size};
+
+/// Where the configuration came from, for error messages.
+const BUILT_IN: &str = "<built-in quick-start config>";
+
+/// The longest export name the NBD protocol allows (NetworkBlockDevice proto.md).
+pub const NBD_MAX_NAME_BYTES: usize = 4096;
+
+/// The default size of each reactor's DMA buffer pool.
+pub const DEFAULT_BUFFER_POOL_BYTES: u64 = 128 << 20;
+
+/// A validated, immutable configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from, or `None` for the built-in quick-start.
+    pub source: Option<PathBuf>,
+    pub appliance: Appliance,
+    pub nbd: Option<Nbd>,
+    pub disks: Vec<Disk>,
+}
+
+/// `[appliance]`: process-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appliance {
+    /// CPU ids, one reactor pinned to each, in order.
+    pub cores: Vec<usize>,
+    pub idle: IdlePolicy,
+    pub hugepages: Hugepages,
+    /// Bytes of DMA buffer memory per reactor.
+    pub buffer_pool_bytes: u64,
+}
+
+/// What a reactor does when it finds no work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin: lowest latency, one full core per reactor.
+    Busy,
+    /// Spin for a short while, then sleep until work arrives.
+    Adaptive,
+}
+
+/// Whether DMA buffers are backed by hugepages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hugepages {
+    /// Use reserved hugepages when there are enough, ordinary memory otherwise.
+    Auto,
+    /// Require hugepages; start-up fails without them.
+    On,
+    Off,
+}
+
+/// `[nbd]`: the NBD export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nbd {
+    pub listen: Vec<ListenAddr>,
+}
+
+/// A socket the appliance listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Parses `unix:/path` or `tcp:host:port`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path".into());
+            }
+            Ok(ListenAddr::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            addr.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|e| {
+                format!("`{addr}` is not an IP address and port (such as 127.0.0.1:10809): {e}")
+            })
+        } else {
+            Err(format!("`{s}` must start with `unix:` or `tcp:`"))
+        }
+    }
+}
+
+/// The image format of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// The I/O driver under a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Aio,
+    /// Completes every request at once without touching memory (a stack ceiling).
+    Null,
+    /// A RAM disk.
+    Mem,
+}
+
+impl Driver {
+    /// Whether this driver stores data in a file named by `path`.
+    pub fn uses_file(self) -> bool {
+        matches!(self, Driver::IoUring | Driver::Aio)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Aio => "aio",
+            Driver::Null => "null",
+            Driver::Mem => "mem",
+        }
+    }
+}
+
+/// `[[disk]]`: one image and how it is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disk {
+    /// Unique name; also the NBD export name.
+    pub name: String,
+    /// The image file (absolute after validation); `None` for `null` and `mem`.
+    pub path: Option<PathBuf>,
+    pub format: Format,
+    pub driver: Driver,
+    /// Open with O_DIRECT and probed alignment.
+    pub direct: bool,
+    pub read_only: bool,
+    /// Size of a `null` or `mem` disk.
+    pub size: Option<u64>,
+    /// Directories a qcow2 image may name backing files in. Defaults to the image's own.
+    pub allowed_backing_dirs: Vec<PathBuf>,
+    /// Bytes of qcow2 L2 cache; `None` picks a size that covers the image within a budget.
+    pub l2_cache_bytes: Option<u64>,
+    /// Bytes of qcow2 refcount-block cache; `None` picks a default.
+    pub refcount_cache_bytes: Option<u64>,
+}
+
+/// A configuration error. Every variant names the file, and, where it applies, the key,
+/// line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}:{line}:{column}: `{key}`: {message}")]
+    Invalid { file: String, line: usize, column: usize, key: String, message: String },
+}
+
+impl ConfigError {
+    /// The key the error is about, when it is about one key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// The quick-start configuration used by `appliance serve` without `--config`.
+/// Paths are relative to the working directory.
+pub const QUICK_START: &str = r#"
+[appliance]
+idle = "adaptive"
+
+[nbd]
+listen = ["unix:appliance-data/nbd.sock", "tcp:127.0.0.1:10809"]
+
+[[disk]]
+name = "demo"
+path = "appliance-data/demo.qcow2"
+format = "qcow2"
+"#;
+
+impl Config {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let mut config = Self::parse(&text, &file, &base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses the built-in quick-start config, with paths relative to `base`.
+    /// The demo image need not exist yet: the caller creates it.
+    pub fn quick_start(base: &Path) -> Result<Config, ConfigError> {
+        let ctx = Validator {
+            file: BUILT_IN.to_string(),
+            text: QUICK_START.to_string(),
+            base: base.to_path_buf(),
+            require_files: false,
+        };
+        ctx.run()
+    }
+
+    /// Parses and validates config text. `file` names it in errors; relative paths are
+    /// resolved against `base`.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let ctx = Validator {
+            file: file.to_string(),
+            text: text.to_string(),
+            base: base.to_path_buf(),
+            require_files: true,
+        };
+        ctx.run()
+    }
+
+    /// Looks a disk up by name.
+    pub fn disk(&self, name: &str) -> Option<&Disk> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+}
+
+/// Turns raw, parsed structs into a [`Config`], checking what serde cannot.
+struct Validator {
+    file: String,
+    text: String,
+    base: PathBuf,
+    require_files: bool,
+}
+
+impl Validator {
+    fn run(self) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(&self.text)
+            .map_err(|e| ConfigError::Parse { file: self.file.clone(), message: e.to_string() })?;
+        let appliance = self.appliance(raw.appliance)?;
+        let nbd = raw.nbd.map(|n| self.nbd(n)).transpose()?;
+        let mut disks: Vec<Disk> = Vec::with_capacity(raw.disk.len());
+        for (index, d) in raw.disk.into_iter().enumerate() {
+            let disk = self.disk(index, d, &disks)?;
+            disks.push(disk);
+        }
+        Ok(Config { source: None, appliance, nbd, disks })
+    }
+
+    fn err(&self, span: std::ops::Range<usize>, key: &str, message: String) -> ConfigError {
+        let (line, column) = line_column(&self.text, span.start);
+        ConfigError::Invalid { file: self.file.clone(), line, column, key: key.into(), message }
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+
+    fn appliance(&self, raw: Option<raw::RawAppliance>) -> Result<Appliance, ConfigError> {
+        let raw = raw.unwrap_or_default();
+        let allowed = allowed_cpus();
+        let cores = match raw.cores {
+            None => allowed.clone(),
+            Some(spanned) => {
+                let span = spanned.span();
+                let cores = spanned.into_inner();
+                if cores.is_empty() {
+                    return Err(self.err(span, "appliance.cores", "needs at least one core".into()));
+                }
+                for (i, c) in cores.iter().enumerate() {
+                    if cores[..i].contains(c) {
+                        return Err(self.err(
+                            span,
+                            "appliance.cores",
+                            format!("core {c} is listed twice"),
+                        ));
+                    }
+                    if !allowed.contains(c) {
+                        return Err(self.err(
+                            span,
+                            "appliance.cores",
+                            format!(
+                                "core {c} is not online or not allowed for this process \
+                                 (allowed: {allowed:?})"
+                            ),
+                        ));
+                    }
+                }
+                cores
+            }
+        };
+        let idle = match raw.idle.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("adaptive") => IdlePolicy::Adaptive,
+            Some("busy") => IdlePolicy::Busy,
+            Some(other) => {
+                let span = raw.idle.as_ref().map_or(0..0, |s| s.span());
+                return Err(self.err(
+                    span,
+                    "appliance.idle",
+                    format!("`{other}` is not an idle policy; use \"busy\" or \"adaptive\""),
+                ));
+            }
+        };
+        let hugepages_span = raw.hugepages.as_ref().map_or(0..0, |s| s.span());
+        let hugepages = match raw.hugepages.map(|s| s.into_inner()) {
+            None => Hugepages::Auto,
+            Some(raw::RawHugepages::Bool(true)) => Hugepages::On,
+            Some(raw::RawHugepages::Bool(false)) => Hugepages::Off,
+            Some(raw::RawHugepages::Text(t)) if t == "auto" => Hugepages::Auto,
+            Some(raw::RawHugepages::Text(t)) => {
+                return Err(self.err(
+                    hugepages_span,
+                    "appliance.hugepages",
+                    format!("`{t}` is not allowed; use \"auto\", true or false"),
+                ));
+            }
+        };
+        let buffer_pool_bytes = match raw.buffer_pool {
+            None => DEFAULT_BUFFER_POOL_BYTES,
+            Some(s) => {
+                let span = s.span();
+                let v = s.into_inner().bytes();
+                if !(4 << 20..=64 << 30).contains(&v) || !v.is_power_of_two() {
+                    return Err(self.err(
+                        span,
+                        "appliance.buffer_pool",
+                        format!("{v} bytes: must be a power of two from 4MiB to 64GiB"),
+                    ));
+                }
+                v
+            }
+        };
+        Ok(Appliance { cores, idle, hugepages, buffer_pool_bytes })
+    }
+
+    fn nbd(&self, raw: raw::RawNbd) -> Result<Nbd, ConfigError> {
+        let mut listen: Vec<ListenAddr> = Vec::new();
+        for item in raw.listen {
+            let span = item.span();
+            let addr = ListenAddr::parse(item.get_ref())
+                .map_err(|m| self.err(span.clone(), "nbd.listen", m))?;
+            let addr = match addr {
+                ListenAddr::Unix(p) => ListenAddr::Unix(self.resolve(&p.to_string_lossy())),
+                tcp => tcp,
+            };
+            if listen.contains(&addr) {
+                return Err(self.err(span, "nbd.listen", format!("{addr} is listed twice")));
+            }
+            listen.push(addr);
+        }
+        if listen.is_empty() {
+            return Err(self.err(0..0, "nbd.listen", "needs at least one address".into()));
+        }
+        Ok(Nbd { listen })
+    }
+
+    fn disk(&self, index: usize, raw: raw::RawDisk, earlier: &[Disk]) -> Result<Disk, ConfigError> {
+        let key = |k: &str| format!("disk[{index}].{k}");
+        let name_span = raw.name.span();
+        let name = raw.name.into_inner();
+        if name.is_empty() || name.len() > NBD_MAX_NAME_BYTES {
+            return Err(self.err(
+                name_span,
+                &key("name"),
+                format!("must be 1 to {NBD_MAX_NAME_BYTES} bytes long"),
+            ));
+        }
+        if name.chars().any(|c| c.is_control()) {
+            return Err(self.err(name_span, &key("name"), "must not hold control characters".into()));
+        }
+        if earlier.iter().any(|d| d.name == name) {
+            return Err(self.err(
+                name_span,
+                &key("name"),
+                format!("a disk named `{name}` is already defined"),
+            ));
+        }
+        let format = match raw.format.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("raw") => Format::Raw,
+            Some("qcow2") => Format::Qcow2,
+            Some(other) => {
+                return Err(self.err(
+                    raw.format.as_ref().map(|s| s.span()).unwrap_or(name_span),
+                    &key("format"),
+                    format!("`{other}` is not a format; use \"raw\" or \"qcow2\""),
+                ));
+            }
+        };
+        let driver = match raw.driver.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("io_uring") => Driver::IoUring,
+            Some("aio") => Driver::Aio,
+            Some("null") => Driver::Null,
+            Some("mem") => Driver::Mem,
+            Some(other) => {
+                return Err(self.err(
+                    raw.driver.as_ref().map(|s| s.span()).unwrap_or(name_span),
+                    &key("driver"),
+                    format!(
+                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\" or \"mem\""
+                    ),
+                ));
+            }
+        };
+        let size = raw.size.map(|s| (s.span(), s.into_inner().bytes()));
+        let path = match (driver.uses_file(), raw.path) {
+            (true, None) => {
+                return Err(self.err(
+                    name_span,
+                    &key("path"),
+                    format!("disk `{name}` needs a `path` (driver {})", driver.name()),
+                ));
+            }
+            (false, Some(p)) => {
+                return Err(self.err(
+                    p.span(),
+                    &key("path"),
+                    format!("driver {} keeps no file; remove `path` and set `size`", driver.name()),
+                ));
+            }
+            (false, None) => None,
+            (true, Some(p)) => {
+                let span = p.span();
+                let resolved = self.resolve(p.get_ref());
+                if self.require_files {
+                    self.check_image_file(&resolved, span, &key("path"))?;
+                }
+                Some(resolved)
+            }
+        };
+        let size = match (driver.uses_file(), size) {
+            (false, None) => {
+                return Err(self.err(
+                    name_span,
+                    &key("size"),
+                    format!("driver {} needs a `size`, such as \"1GiB\"", driver.name()),
+                ));
+            }
+            (false, Some((span, v))) => {
+                if v == 0 || v % 512 != 0 {
+                    return Err(self.err(
+                        span,
+                        &key("size"),
+                        format!("{v} bytes: must be a non-zero multiple of 512"),
+                    ));
+                }
+                Some(v)
+            }
+            (true, Some((span, _))) => {
+                return Err(self.err(
+                    span,
+                    &key("size"),
+                    "the size of a file-backed disk is the size of its image".into(),
+                ));
+            }
+            (true, None) => None,
+        };
+        if format == Format::Qcow2 && !driver.uses_file() {
+            return Err(self.err(
+                name_span,
+                &key("format"),
+                format!("qcow2 needs a file; driver {} keeps none", driver.name()),
+            ));
+        }
+        let mut allowed_backing_dirs = Vec::new();
+        for d in raw.allowed_backing_dirs.unwrap_or_default() {
+            let span = d.span();
+            let p = self.resolve(d.get_ref());
+            if self.require_files && !p.is_dir() {
+                return Err(self.err(
+                    span,
+                    &key("allowed_backing_dirs"),
+                    format!("{} is not a directory", p.display()),
+                ));
+            }
+            allowed_backing_dirs.push(p);
+        }
+        if allowed_backing_dirs.is_empty() {
+            if let Some(dir) = path.as_ref().and_then(|p| p.parent()) {
+                allowed_backing_dirs.push(dir.to_path_buf());
+            }
+        }
+        let l2_cache_bytes = raw.l2_cache.map(|s| s.into_inner().bytes());
+        let refcount_cache_bytes = raw.refcount_cache.map(|s| s.into_inner().bytes());
+        Ok(Disk {
+            name,
+            path,
+            format,
+            driver,
+            direct: raw.direct.unwrap_or(driver.uses_file()),
+            read_only: raw.read_only.unwrap_or(false),
+            size,
+            allowed_backing_dirs,
+            l2_cache_bytes,
+            refcount_cache_bytes,
+        })
+    }
+
+    fn check_image_file(
+        &self,
+        path: &Path,
+        span: std::ops::Range<usize>,
+        key: &str,
+    ) -> Result<(), ConfigError> {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Err(e) => Err(self.err(span, key, format!("{}: {e}", path.display()))),
+            Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
+            Ok(_) => Err(self.err(
+                span,
+                key,
+                format!("{} is neither a regular file nor a block device", path.display()),
+            )),
+        }
+    }
+}
+
+/// Converts a byte offset into 1-based line and column.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return vec![0];
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `set` is initialised and `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,53 @@
+//! The config file as serde sees it: every table rejects unknown keys, and the values an
+//! error may point at keep their span so validation can report line and column.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::ByteSize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub appliance: Option<RawAppliance>,
+    pub nbd: Option<RawNbd>,
+    #[serde(default)]
+    pub disk: Vec<RawDisk>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAppliance {
+    pub cores: Option<Spanned<Vec<usize>>>,
+    pub idle: Option<Spanned<String>>,
+    pub hugepages: Option<Spanned<RawHugepages>>,
+    pub buffer_pool: Option<Spanned<ByteSize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawHugepages {
+    Bool(bool),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNbd {
+    pub listen: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDisk {
+    pub name: Spanned<String>,
+    pub path: Option<Spanned<String>>,
+    pub format: Option<Spanned<String>>,
+    pub driver: Option<Spanned<String>>,
+    pub direct: Option<bool>,
+    pub read_only: Option<bool>,
+    pub size: Option<Spanned<ByteSize>>,
+    pub allowed_backing_dirs: Option<Vec<Spanned<String>>>,
+    pub l2_cache: Option<Spanned<ByteSize>>,
+    pub refcount_cache: Option<Spanned<ByteSize>>,
+}

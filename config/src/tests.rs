@@ -1,0 +1,173 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", Path::new("/"))
+}
+
+fn invalid(text: &str) -> (String, usize, String) {
+    match parse(text) {
+        Err(ConfigError::Invalid { key, line, message, .. }) => (key, line, message),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn minimal_file_backed_disk() {
+    let c = parse("[[disk]]\nname = \"a\"\npath = \"/dev/null\"\n").unwrap_err();
+    // /dev/null is a character device, not an image.
+    assert!(c.to_string().contains("neither a regular file nor a block device"), "{c}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    std::fs::write(&img, [0u8; 512]).unwrap();
+    let text = format!("[[disk]]\nname = \"a\"\npath = \"{}\"\n", img.display());
+    let c = parse(&text).unwrap();
+    let d = &c.disks[0];
+    assert_eq!(d.driver, Driver::IoUring);
+    assert_eq!(d.format, Format::Raw);
+    assert!(d.direct);
+    assert!(!d.read_only);
+    assert_eq!(d.allowed_backing_dirs, vec![dir.path().to_path_buf()]);
+    assert_eq!(c.appliance.idle, IdlePolicy::Adaptive);
+    assert_eq!(c.appliance.hugepages, Hugepages::Auto);
+    assert!(!c.appliance.cores.is_empty());
+}
+
+#[test]
+fn unknown_key_names_key_line_and_column() {
+    let e = parse("[appliance]\nidle = \"busy\"\nturbo = true\n").unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("test.toml"), "{m}");
+    assert!(m.contains("turbo"), "{m}");
+    assert!(m.contains("line 3"), "{m}");
+    assert!(m.contains("column 1"), "{m}");
+    let e = parse("[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\ncolour = 1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("colour") && e.contains("line 5"), "{e}");
+    let e = parse("[bogus]\n").unwrap_err().to_string();
+    assert!(e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn wrong_types_are_reported() {
+    let e = parse("[appliance]\ncores = \"all\"\n").unwrap_err().to_string();
+    assert!(e.contains("cores") || e.contains("line 2"), "{e}");
+    let e = parse("[[disk]]\nname = 5\n").unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn duplicate_disk_names() {
+    let (key, line, msg) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"null\"\nsize = \"1M\"\n\
+         [[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = \"1M\"\n",
+    );
+    assert_eq!(key, "disk[1].name");
+    assert_eq!(line, 6);
+    assert!(msg.contains("already defined"), "{msg}");
+}
+
+#[test]
+fn missing_image_file() {
+    let (key, line, msg) = invalid("\n[[disk]]\nname = \"a\"\npath = \"/nonexistent/x.img\"\n");
+    assert_eq!(key, "disk[0].path");
+    assert_eq!(line, 4);
+    assert!(msg.contains("/nonexistent/x.img"), "{msg}");
+}
+
+#[test]
+fn unknown_and_duplicate_cores() {
+    let (key, _, msg) = invalid("[appliance]\ncores = [100000]\n");
+    assert_eq!(key, "appliance.cores");
+    assert!(msg.contains("100000"), "{msg}");
+    let first = allowed_cpus()[0];
+    let (key, _, msg) = invalid(&format!("[appliance]\ncores = [{first}, {first}]\n"));
+    assert_eq!(key, "appliance.cores");
+    assert!(msg.contains("twice"), "{msg}");
+    let (key, _, _) = invalid("[appliance]\ncores = []\n");
+    assert_eq!(key, "appliance.cores");
+}
+
+#[test]
+fn clashing_and_malformed_listeners() {
+    let (key, line, msg) =
+        invalid("[nbd]\nlisten = [\"tcp:127.0.0.1:10809\",\n \"tcp:127.0.0.1:10809\"]\n");
+    assert_eq!(key, "nbd.listen");
+    assert_eq!(line, 3);
+    assert!(msg.contains("twice"), "{msg}");
+    let (_, _, msg) = invalid("[nbd]\nlisten = [\"unix:/a.sock\", \"unix:/a.sock\"]\n");
+    assert!(msg.contains("twice"), "{msg}");
+    let (_, _, msg) = invalid("[nbd]\nlisten = [\"udp:1.2.3.4:5\"]\n");
+    assert!(msg.contains("unix:") && msg.contains("tcp:"), "{msg}");
+    let (_, _, msg) = invalid("[nbd]\nlisten = [\"tcp:localhost\"]\n");
+    assert!(msg.contains("localhost"), "{msg}");
+    let (key, _, _) = invalid("[nbd]\nlisten = []\n");
+    assert_eq!(key, "nbd.listen");
+}
+
+#[test]
+fn bad_enumerations() {
+    let (key, _, msg) = invalid("[appliance]\nidle = \"sometimes\"\n");
+    assert_eq!(key, "appliance.idle");
+    assert!(msg.contains("sometimes"), "{msg}");
+    let (key, _, _) = invalid("[appliance]\nhugepages = \"maybe\"\n");
+    assert_eq!(key, "appliance.hugepages");
+    let (key, _, msg) = invalid("[[disk]]\nname = \"a\"\ndriver = \"spdk\"\nsize = 4096\n");
+    assert_eq!(key, "disk[0].driver");
+    assert!(msg.contains("spdk"), "{msg}");
+    let (key, _, _) = invalid("[[disk]]\nname = \"a\"\nformat = \"vmdk\"\ndriver = \"mem\"\nsize = 512\n");
+    assert_eq!(key, "disk[0].format");
+}
+
+#[test]
+fn memory_disks_need_a_size_and_no_path() {
+    let (key, _, _) = invalid("[[disk]]\nname = \"a\"\ndriver = \"mem\"\n");
+    assert_eq!(key, "disk[0].size");
+    let (key, _, _) = invalid("[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 1000\n");
+    assert_eq!(key, "disk[0].size");
+    let (key, _, _) =
+        invalid("[[disk]]\nname = \"a\"\ndriver = \"null\"\npath = \"/x\"\nsize = 512\n");
+    assert_eq!(key, "disk[0].path");
+    let (key, _, _) = invalid("[[disk]]\nname = \"\"\ndriver = \"null\"\nsize = 512\n");
+    assert_eq!(key, "disk[0].name");
+    let c = parse("[[disk]]\nname = \"r\"\ndriver = \"mem\"\nsize = \"64MiB\"\nread_only = true\n")
+        .unwrap();
+    assert_eq!(c.disks[0].size, Some(64 << 20));
+    assert!(c.disks[0].read_only);
+    assert!(!c.disks[0].direct);
+}
+
+#[test]
+fn byte_sizes() {
+    assert_eq!(parse_byte_size("4096"), Ok(4096));
+    assert_eq!(parse_byte_size("4k"), Ok(4096));
+    assert_eq!(parse_byte_size("64KiB"), Ok(65536));
+    assert_eq!(parse_byte_size("1.5G"), Ok(3 << 29));
+    assert_eq!(parse_byte_size("2 TiB"), Ok(2 << 40));
+    assert!(parse_byte_size("12 parsecs").is_err());
+    assert!(parse_byte_size("MiB").is_err());
+    assert!(parse_byte_size("99999999999999999999G").is_err());
+}
+
+#[test]
+fn quick_start_parses_without_files() {
+    let c = Config::quick_start(Path::new("/tmp/qs")).unwrap();
+    assert_eq!(c.disks[0].name, "demo");
+    assert_eq!(c.disks[0].path.as_deref(), Some(Path::new("/tmp/qs/appliance-data/demo.qcow2")));
+    let nbd = c.nbd.unwrap();
+    assert!(nbd.listen.contains(&ListenAddr::Unix("/tmp/qs/appliance-data/nbd.sock".into())));
+}
+
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("v.img"), [0u8; 4096]).unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(&cfg, "[nbd]\nlisten=[\"unix:n.sock\"]\n[[disk]]\nname=\"v\"\npath=\"v.img\"\n")
+        .unwrap();
+    let c = Config::load(&cfg).unwrap();
+    assert_eq!(c.disks[0].path.as_deref(), Some(dir.path().join("v.img").as_path()));
+    assert_eq!(c.nbd.unwrap().listen[0], ListenAddr::Unix(dir.path().join("n.sock")));
+    let e = Config::load(&dir.path().join("missing.toml")).unwrap_err().to_string();
+    assert!(e.contains("missing.toml"), "{e}");
+}
