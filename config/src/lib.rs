@@ -286,7 +286,11 @@ impl Validator {
                 let span = spanned.span();
                 let cores = spanned.into_inner();
                 if cores.is_empty() {
-                    return Err(self.err(span, "appliance.cores", "needs at least one core".into()));
+                    return Err(self.err(
+                        span,
+                        "appliance.cores",
+                        "needs at least one core".into(),
+                    ));
                 }
                 for (i, c) in cores.iter().enumerate() {
                     if cores[..i].contains(c) {
@@ -387,7 +391,11 @@ impl Validator {
             ));
         }
         if name.chars().any(|c| c.is_control()) {
-            return Err(self.err(name_span, &key("name"), "must not hold control characters".into()));
+            return Err(self.err(
+                name_span,
+                &key("name"),
+                "must not hold control characters".into(),
+            ));
         }
         if earlier.iter().any(|d| d.name == name) {
             return Err(self.err(
@@ -495,10 +503,10 @@ impl Validator {
             }
             allowed_backing_dirs.push(p);
         }
-        if allowed_backing_dirs.is_empty() {
-            if let Some(dir) = path.as_ref().and_then(|p| p.parent()) {
-                allowed_backing_dirs.push(dir.to_path_buf());
-            }
+        if allowed_backing_dirs.is_empty()
+            && let Some(dir) = path.as_ref().and_then(|p| p.parent())
+        {
+            allowed_backing_dirs.push(dir.to_path_buf());
         }
         let l2_cache_bytes = raw.l2_cache.map(|s| s.into_inner().bytes());
         let refcount_cache_bytes = raw.refcount_cache.map(|s| s.into_inner().bytes());
@@ -550,7 +558,8 @@ pub fn allowed_cpus() -> Vec<usize> {
     // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
         return vec![0];
     }

@@ -115,7 +115,8 @@ fn bad_enumerations() {
     let (key, _, msg) = invalid("[[disk]]\nname = \"a\"\ndriver = \"spdk\"\nsize = 4096\n");
     assert_eq!(key, "disk[0].driver");
     assert!(msg.contains("spdk"), "{msg}");
-    let (key, _, _) = invalid("[[disk]]\nname = \"a\"\nformat = \"vmdk\"\ndriver = \"mem\"\nsize = 512\n");
+    let (key, _, _) =
+        invalid("[[disk]]\nname = \"a\"\nformat = \"vmdk\"\ndriver = \"mem\"\nsize = 512\n");
     assert_eq!(key, "disk[0].format");
 }
 

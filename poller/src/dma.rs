@@ -92,7 +92,9 @@ impl Drop for PoolInner {
         match self.backing {
             // SAFETY: the region came from hugepage_rs::alloc with this layout, and no
             // DmaBuf outlives the pool (each holds an Rc to it).
-            Backing::Hugepages(layout) => unsafe { hugepage_rs::dealloc(self.base.as_ptr(), layout) },
+            Backing::Hugepages(layout) => unsafe {
+                hugepage_rs::dealloc(self.base.as_ptr(), layout)
+            },
             // SAFETY: the region came from mmap with this length and is unmapped once.
             Backing::Mmap => unsafe {
                 libc::munmap(self.base.as_ptr().cast(), self.bytes);

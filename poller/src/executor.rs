@@ -158,9 +158,10 @@ impl Executor {
         debug_assert_eq!(task.reactor(), self.reactor);
         let pool = self.pools.borrow().get(task.pool() as usize).and_then(|p| p.clone());
         if let Some(pool) = pool
-            && pool.mark_queued(task.slot(), task.generation()) {
-                self.ready.borrow_mut().push_back(task);
-            }
+            && pool.mark_queued(task.slot(), task.generation())
+        {
+            self.ready.borrow_mut().push_back(task);
+        }
     }
 
     /// Polls up to `budget` ready tasks; returns how many were polled.
@@ -216,7 +217,12 @@ impl BoxedTasks {
                 i
             }
             None => {
-                slots.push(BoxedSlot { fut: Some(fut), generation: 0, queued: false, running: false });
+                slots.push(BoxedSlot {
+                    fut: Some(fut),
+                    generation: 0,
+                    queued: false,
+                    running: false,
+                });
                 assert!(slots.len() <= MAX_POOL_SLOTS as usize, "too many boxed tasks");
                 (slots.len() - 1) as u32
             }

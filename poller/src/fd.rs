@@ -99,13 +99,15 @@ impl FdTable {
         let index = (token & 0xffff_ffff) as usize;
         let mut sources = self.sources.borrow_mut();
         if let Some(s) = sources.get_mut(index)
-            && s.in_use && s.generation == (token >> 32) as u32 {
-                s.in_use = false;
-                s.generation = s.generation.wrapping_add(1);
-                s.read_waker = None;
-                s.write_waker = None;
-                self.free.borrow_mut().push(index as u32);
-            }
+            && s.in_use
+            && s.generation == (token >> 32) as u32
+        {
+            s.in_use = false;
+            s.generation = s.generation.wrapping_add(1);
+            s.read_waker = None;
+            s.write_waker = None;
+            self.free.borrow_mut().push(index as u32);
+        }
     }
 
     fn deregister(&self, fd: RawFd, token: u64) {
@@ -117,13 +119,14 @@ impl FdTable {
     fn set_waker(&self, token: u64, write: bool, waker: &Waker) {
         let mut sources = self.sources.borrow_mut();
         if let Some(s) = sources.get_mut((token & 0xffff_ffff) as usize)
-            && s.generation == (token >> 32) as u32 {
-                let slot = if write { &mut s.write_waker } else { &mut s.read_waker };
-                match slot {
-                    Some(w) if w.will_wake(waker) => {}
-                    _ => *slot = Some(waker.clone()),
-                }
+            && s.generation == (token >> 32) as u32
+        {
+            let slot = if write { &mut s.write_waker } else { &mut s.read_waker };
+            match slot {
+                Some(w) if w.will_wake(waker) => {}
+                _ => *slot = Some(waker.clone()),
             }
+        }
     }
 
     pub(crate) fn has_sources(&self) -> bool {
@@ -162,9 +165,8 @@ impl FdTable {
                             & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
                                 as u32
                             != 0;
-                        let writable = flags
-                            & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32
-                            != 0;
+                        let writable =
+                            flags & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
                         (
                             if readable { s.read_waker.take() } else { None },
                             if writable { s.write_waker.take() } else { None },

@@ -27,8 +27,8 @@ pub use executor::{LocalOneshot, TaskPool, WaitList, spawn, yield_now};
 pub use fd::Async;
 pub use mailbox::{MailSender, Mailbox, mailbox};
 pub use reactor::{
-    IdlePolicy, Phase, PollerId, ReactorHandle, ReactorOptions, Reactors, StatsSnapshot,
-    current, current_index, on_reactor, peers, register_poller, register_poller_with_pending,
+    IdlePolicy, Phase, PollerId, ReactorHandle, ReactorOptions, Reactors, StatsSnapshot, current,
+    current_index, on_reactor, peers, register_poller, register_poller_with_pending,
     register_wakeup_fd, unregister_poller, unregister_wakeup_fd,
 };
 pub use timer::{Elapsed, sleep, sleep_until, timeout};

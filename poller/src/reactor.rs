@@ -423,9 +423,10 @@ impl Core {
     ) -> io::Result<Rc<Core>> {
         if options.pin
             && let Some(core) = shared.core_id
-                && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                    tracing::warn!(reactor = shared.index, core, "could not pin reactor to core");
-                }
+            && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
+        {
+            tracing::warn!(reactor = shared.index, core, "could not pin reactor to core");
+        }
         let fds = FdTable::new()?;
         fds.add_wakeup_fd(shared.doorbell.fd.as_raw_fd())?;
         let dma = DmaPool::new(options.dma_pool_bytes, options.hugepages)?;
@@ -610,10 +611,11 @@ pub(crate) fn try_executor() -> Option<Rc<Executor>> {
 /// Schedules a task, locally or through its reactor's remote wake ring.
 pub(crate) fn wake_task(task: TaskRef) {
     if let Some(core) = try_core()
-        && core.shared.global_id == task.reactor() {
-            core.executor.schedule(task);
-            return;
-        }
+        && core.shared.global_id == task.reactor()
+    {
+        core.executor.schedule(task);
+        return;
+    }
     let target = {
         let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         reg.get(task.reactor()).and_then(|s| s.clone())
@@ -682,11 +684,12 @@ fn register(phase: Phase, poll: PollFn, pending: Option<PendingFn>) -> PollerId 
 pub fn unregister_poller(id: PollerId) {
     let _ = CORE.try_with(|c| {
         if let Some(core) = c.borrow().as_ref()
-            && let Some(p) = core.pollers.borrow_mut().get_mut(id.0) {
-                p.removed = true;
-                p.poll = None;
-                p.pending = None;
-            }
+            && let Some(p) = core.pollers.borrow_mut().get_mut(id.0)
+        {
+            p.removed = true;
+            p.poll = None;
+            p.pending = None;
+        }
     });
 }
 

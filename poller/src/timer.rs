@@ -59,24 +59,27 @@ impl Timers {
     fn update_waker(&self, k: u64, waker: &Waker) {
         let mut slots = self.slots.borrow_mut();
         if let Some(s) = slots.get_mut((k & 0xffff_ffff) as usize)
-            && s.generation == (k >> 32) as u32 && !s.fired {
-                match &s.waker {
-                    Some(w) if w.will_wake(waker) => {}
-                    _ => s.waker = Some(waker.clone()),
-                }
+            && s.generation == (k >> 32) as u32
+            && !s.fired
+        {
+            match &s.waker {
+                Some(w) if w.will_wake(waker) => {}
+                _ => s.waker = Some(waker.clone()),
             }
+        }
     }
 
     fn remove(&self, k: u64) {
         let mut slots = self.slots.borrow_mut();
         let index = (k & 0xffff_ffff) as usize;
         if let Some(s) = slots.get_mut(index)
-            && s.generation == (k >> 32) as u32 {
-                s.generation = s.generation.wrapping_add(1);
-                s.waker = None;
-                s.fired = false;
-                self.free.borrow_mut().push(index as u32);
-            }
+            && s.generation == (k >> 32) as u32
+        {
+            s.generation = s.generation.wrapping_add(1);
+            s.waker = None;
+            s.fired = false;
+            self.free.borrow_mut().push(index as u32);
+        }
     }
 
     /// Wakes every timer whose deadline has passed; returns how many fired.

@@ -1,0 +1,245 @@
+//! The consumer side of block devices: what exports see.
+//!
+//! A [`Bdev`] is the shared, immutable description of one configured disk (size, block
+//! sizes, capabilities) plus its format state; [`Bdev::channel`] opens its per-reactor
+//! handle, a [`BdevChannel`] (SPDK's io_channel), through which a reactor's tasks submit
+//! requests. Every request is checked here — range, read-only, supported operation — so
+//! format drivers and storage below only ever see valid requests. Exports never touch
+//! the layers below this one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::align::Aligned;
+use crate::error::{IoError, OpenError};
+use crate::seg::{self, IoSeg};
+use crate::storage::{Allocation, EngineKind, Storage};
+
+/// The largest request the device accepts in one piece.
+pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
+
+/// What a device is and can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BdevInfo {
+    pub size: u64,
+    /// The smallest request that needs no read-modify-write (the storage's request
+    /// alignment, at least 1).
+    pub min_block_size: u32,
+    /// The block size that performs best.
+    pub preferred_block_size: u32,
+    pub max_transfer: u32,
+    /// Buffer address alignment that avoids bounce buffers.
+    pub mem_align: u32,
+    pub read_only: bool,
+    pub can_discard: bool,
+    pub can_write_zeroes: bool,
+    /// Write-zeroes can be asked to fail rather than be slow.
+    pub can_fast_zero: bool,
+    /// Flushes on one channel make writes completed on every channel durable.
+    pub can_multi_conn: bool,
+    /// The format reports holes and zeroes in block status.
+    pub has_block_status: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Space may be released (NBD without NO_HOLE; virtio-blk's unmap flag).
+    pub may_unmap: bool,
+    /// Fail with `NotSupported` instead of writing zeros slowly (NBD FAST_ZERO).
+    pub fast_only: bool,
+    /// Durable on completion.
+    pub fua: bool,
+}
+
+/// The status of a range from its start, for NBD `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub len: u64,
+    /// Takes no space in the image (a hole or an unallocated cluster).
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+enum Format {
+    Raw(Arc<Storage>),
+}
+
+/// A configured, opened disk.
+pub struct Bdev {
+    name: String,
+    info: BdevInfo,
+    format: Format,
+}
+
+impl std::fmt::Debug for Bdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bdev").field("name", &self.name).field("info", &self.info).finish()
+    }
+}
+
+impl Bdev {
+    /// Opens the disk a config entry describes.
+    pub fn open(disk: &config::Disk) -> Result<Arc<Bdev>, OpenError> {
+        let storage = match disk.driver {
+            config::Driver::Null => Storage::null(disk.size.unwrap_or(0)),
+            config::Driver::Mem => Storage::mem(disk.size.unwrap_or(0))?,
+            config::Driver::IoUring | config::Driver::Aio => {
+                let engine = if disk.driver == config::Driver::Aio {
+                    EngineKind::Aio
+                } else {
+                    EngineKind::IoUring
+                };
+                let path = disk.path.as_deref().unwrap_or(Path::new(""));
+                Storage::open_file(path, engine, disk.direct, disk.read_only)?
+            }
+        };
+        match disk.format {
+            config::Format::Raw => Ok(Self::raw(&disk.name, storage, disk.read_only)),
+            config::Format::Qcow2 => Err(OpenError::invalid(
+                storage.path().unwrap_or(Path::new("")),
+                "qcow2 images are not supported yet",
+            )),
+        }
+    }
+
+    /// A raw-format device over `storage`.
+    pub fn raw(name: &str, storage: Arc<Storage>, read_only: bool) -> Arc<Bdev> {
+        let align = storage.alignment();
+        let file_backed = storage.path().is_some();
+        let info = BdevInfo {
+            size: storage.size(),
+            min_block_size: align.request.max(1) as u32,
+            preferred_block_size: align.request.max(4096) as u32,
+            max_transfer: MAX_TRANSFER_BYTES,
+            mem_align: align.mem.max(1) as u32,
+            read_only: read_only || storage.is_read_only(),
+            can_discard: true,
+            can_write_zeroes: true,
+            can_fast_zero: file_backed && !storage.is_block_device() || !file_backed,
+            can_multi_conn: true,
+            has_block_status: file_backed && !storage.is_block_device(),
+        };
+        Arc::new(Bdev { name: name.to_string(), info, format: Format::Raw(storage) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    /// Opens the device's handle on the current reactor.
+    pub fn channel(self: &Arc<Self>) -> Result<BdevChannel, IoError> {
+        let kind = match &self.format {
+            Format::Raw(storage) => ChannelKind::Raw(Aligned::new(storage.channel()?)),
+        };
+        Ok(BdevChannel { bdev: self.clone(), kind })
+    }
+}
+
+enum ChannelKind {
+    Raw(Aligned),
+}
+
+/// A device's handle on one reactor.
+pub struct BdevChannel {
+    bdev: Arc<Bdev>,
+    kind: ChannelKind,
+}
+
+impl BdevChannel {
+    pub fn bdev(&self) -> &Arc<Bdev> {
+        &self.bdev
+    }
+
+    pub fn info(&self) -> &BdevInfo {
+        &self.bdev.info
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<(), IoError> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.bdev.info.size => Ok(()),
+            _ => Err(IoError::OutOfRange),
+        }
+    }
+
+    fn check_write(&self, off: u64, len: u64) -> Result<(), IoError> {
+        if self.bdev.info.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        self.check_range(off, len)
+    }
+
+    pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        self.check_range(off, seg::total_len(segs) as u64)?;
+        match &self.kind {
+            ChannelKind::Raw(a) => a.read(off, segs).await,
+        }
+    }
+
+    /// Writes `segs` at `off`; with `fua` the data is durable on completion.
+    pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
+        self.check_write(off, seg::total_len(segs) as u64)?;
+        match &self.kind {
+            ChannelKind::Raw(a) => a.write(off, segs, fua).await,
+        }
+    }
+
+    /// Makes every write completed before this call durable, whichever channel or
+    /// reactor completed it.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        match &self.kind {
+            ChannelKind::Raw(a) => a.flush().await,
+        }
+    }
+
+    pub async fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {
+        self.check_write(off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.kind {
+            ChannelKind::Raw(a) => match a.zero_range(off, len, flags.may_unmap).await {
+                Ok(()) => {
+                    if flags.fua {
+                        a.flush().await?;
+                    }
+                    Ok(())
+                }
+                Err(IoError::NotSupported) if !flags.fast_only => {
+                    a.write_zero_bytes(off, len, flags.fua).await
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Releases the range if the device can; contents become unspecified.
+    pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
+        self.check_write(off, len)?;
+        match &self.kind {
+            ChannelKind::Raw(a) => a.discard(off, len).await.map(|_| ()),
+        }
+    }
+
+    /// The status of the bytes from `off`, at most `len` of them.
+    pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
+        self.check_range(off, len)?;
+        match &self.kind {
+            ChannelKind::Raw(a) => {
+                let e = a.block_status(off, len).await?;
+                let hole = e.allocation == Allocation::Hole;
+                Ok(BlockStatus { len: e.len.max(1).min(len), hole, zero: hole })
+            }
+        }
+    }
+
+    /// A hint that the range will be read soon.
+    pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
+        self.check_range(off, len)
+    }
+}

@@ -1,0 +1,243 @@
+//! I/O engines: one io_uring or one Linux AIO context per reactor, shared by every file
+//! the reactor touches.
+//!
+//! Both engines satisfy one completion contract:
+//! - an operation takes a slot from a fixed per-reactor completion table; the slot
+//!   index is the kernel's tag (io_uring `user_data`, AIO `aio_data`), so an I/O costs
+//!   no allocation;
+//! - operations are queued during the tick and submitted in one batch by the engine's
+//!   `Late` poller (`io_uring_enter` / `io_submit`); completions are reaped by its
+//!   `Early` poller without a syscall (the io_uring CQ and the AIO completion ring are
+//!   both shared memory);
+//! - out of slots or submission space is a status: the operation parks on the
+//!   engine's wait list and retries when a slot frees;
+//! - an operation future dropped while its I/O is in flight waits (reaping) for that
+//!   I/O before returning, so a borrowed buffer is never written after its borrow ends.
+//!
+//! The engines register their completion eventfds as reactor wakeup descriptors, so an
+//! adaptive reactor asleep in `epoll_wait` wakes when I/O completes.
+
+pub(crate) mod aio;
+pub(crate) mod offload;
+pub(crate) mod uring;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use poller::WaitList;
+
+/// In-flight operations per engine per reactor.
+pub const ENGINE_DEPTH: u32 = 1024;
+
+/// One kernel I/O operation. Pointers must stay valid until the operation completes;
+/// [`IoFuture`] guarantees that by borrowing them for its lifetime.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum IoOp {
+    Read {
+        fd: RawFd,
+        off: u64,
+        ptr: *mut u8,
+        len: u32,
+    },
+    Write {
+        fd: RawFd,
+        off: u64,
+        ptr: *const u8,
+        len: u32,
+        fua: bool,
+    },
+    Readv {
+        fd: RawFd,
+        off: u64,
+        iov: *const libc::iovec,
+        cnt: u32,
+    },
+    Writev {
+        fd: RawFd,
+        off: u64,
+        iov: *const libc::iovec,
+        cnt: u32,
+        fua: bool,
+    },
+    /// fdatasync.
+    Fsync {
+        fd: RawFd,
+    },
+    Fallocate {
+        fd: RawFd,
+        off: u64,
+        len: u64,
+        mode: i32,
+    },
+}
+
+/// The per-reactor table of in-flight operations.
+pub(crate) struct Slots {
+    entries: Box<[SlotEntry]>,
+    free: RefCell<Vec<u32>>,
+    waiters: WaitList,
+}
+
+struct SlotEntry {
+    result: Cell<Option<i64>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Slots {
+    pub(crate) fn new(depth: u32) -> Self {
+        Slots {
+            entries: (0..depth)
+                .map(|_| SlotEntry { result: Cell::new(None), waker: RefCell::new(None) })
+                .collect(),
+            free: RefCell::new((0..depth).rev().collect()),
+            waiters: WaitList::new(),
+        }
+    }
+
+    fn acquire(&self) -> Option<u32> {
+        self.free.borrow_mut().pop()
+    }
+
+    fn release(&self, slot: u32) {
+        let e = &self.entries[slot as usize];
+        e.result.set(None);
+        e.waker.borrow_mut().take();
+        self.free.borrow_mut().push(slot);
+        self.waiters.wake_one();
+    }
+
+    /// Records a completion and wakes the operation's task.
+    pub(crate) fn complete(&self, slot: u32, result: i64) {
+        let Some(e) = self.entries.get(slot as usize) else {
+            debug_assert!(false, "completion for unknown slot {slot}");
+            return;
+        };
+        e.result.set(Some(result));
+        let w = e.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.entries.len() - self.free.borrow().len()
+    }
+}
+
+/// What an engine does for [`IoFuture`].
+pub(crate) trait Backend {
+    fn slots(&self) -> &Slots;
+    /// Queues `op` tagged with `slot`; false when there is no submission space even
+    /// after submitting what was queued.
+    fn queue(&self, op: &IoOp, slot: u32) -> bool;
+    /// Submits queued operations and reaps completions until `slot` completes.
+    /// Only for the abnormal path (a future dropped mid-flight).
+    fn wait_for(&self, slot: u32);
+}
+
+/// The engine of the current reactor for one kind of file.
+#[derive(Clone)]
+pub(crate) enum EngineRef {
+    Uring(Rc<uring::Uring>),
+    Aio(Rc<aio::Aio>),
+}
+
+impl EngineRef {
+    fn backend(&self) -> &dyn Backend {
+        match self {
+            EngineRef::Uring(u) => &**u,
+            EngineRef::Aio(a) => &**a,
+        }
+    }
+
+    /// Starts `op`. The `'a` lifetime ties the future to the buffers `op` points at.
+    pub(crate) fn submit<'a>(&self, op: IoOp) -> IoFuture<'a> {
+        IoFuture { engine: self.clone(), op, state: State::Init, _buffers: PhantomData }
+    }
+
+    pub(crate) fn supports_fallocate(&self) -> bool {
+        matches!(self, EngineRef::Uring(_))
+    }
+}
+
+enum State {
+    Init,
+    InFlight(u32),
+    Done,
+}
+
+/// An in-progress kernel operation; resolves to the kernel's result (bytes or -errno).
+pub(crate) struct IoFuture<'a> {
+    engine: EngineRef,
+    op: IoOp,
+    state: State,
+    _buffers: PhantomData<&'a mut [u8]>,
+}
+
+impl Future for IoFuture<'_> {
+    type Output = i64;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
+        let this = &mut *self;
+        let backend = this.engine.backend();
+        let slots = backend.slots();
+        match this.state {
+            State::Init => {
+                let Some(slot) = slots.acquire() else {
+                    slots.waiters.register(cx.waker());
+                    return Poll::Pending;
+                };
+                *slots.entries[slot as usize].waker.borrow_mut() = Some(cx.waker().clone());
+                if !backend.queue(&this.op, slot) {
+                    slots.release(slot);
+                    slots.waiters.register(cx.waker());
+                    return Poll::Pending;
+                }
+                this.state = State::InFlight(slot);
+                Poll::Pending
+            }
+            State::InFlight(slot) => {
+                let e = &slots.entries[slot as usize];
+                match e.result.take() {
+                    Some(res) => {
+                        slots.release(slot);
+                        this.state = State::Done;
+                        Poll::Ready(res)
+                    }
+                    None => {
+                        let mut w = e.waker.borrow_mut();
+                        match &*w {
+                            Some(old) if old.will_wake(cx.waker()) => {}
+                            _ => *w = Some(cx.waker().clone()),
+                        }
+                        Poll::Pending
+                    }
+                }
+            }
+            State::Done => panic!("IoFuture polled after completion"),
+        }
+    }
+}
+
+impl Drop for IoFuture<'_> {
+    fn drop(&mut self) {
+        if let State::InFlight(slot) = self.state {
+            let backend = self.engine.backend();
+            if backend.slots().entries[slot as usize].result.get().is_none() {
+                backend.wait_for(slot);
+            }
+            backend.slots().release(slot);
+        }
+    }
+}
+
+/// Converts a kernel result into bytes transferred or an error.
+pub(crate) fn check(res: i64) -> io::Result<usize> {
+    if res < 0 { Err(io::Error::from_raw_os_error((-res) as i32)) } else { Ok(res as usize) }
+}

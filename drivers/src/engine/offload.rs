@@ -1,0 +1,165 @@
+//! Offload workers: a few plain threads that run the blocking file operations the
+//! engines cannot issue asynchronously (`lseek(SEEK_DATA/SEEK_HOLE)` for block status on
+//! both engines, `fallocate` under AIO), so that no reactor ever makes a blocking
+//! syscall.
+//!
+//! No allocation per operation: the job carries a pointer to a result cell inside the
+//! (pinned) [`Offload`] future and the task's waker (an integer, see `poller::executor`).
+//! The worker writes the result, sets `done` with Release ordering and wakes the task.
+//! If the future is dropped while its job is queued or running, its destructor waits for
+//! `done` before the cell goes away.
+
+use std::future::Future;
+use std::marker::PhantomPinned;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::thread::Thread;
+
+use crossbeam_queue::ArrayQueue;
+
+/// Worker threads (blocking file metadata calls are short; two cover a busy host).
+const WORKERS: usize = 2;
+/// Jobs waiting at most.
+const QUEUE_DEPTH: usize = 4096;
+
+/// A blocking operation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BlockingOp {
+    SeekData { fd: RawFd, off: u64 },
+    SeekHole { fd: RawFd, off: u64 },
+    Fallocate { fd: RawFd, off: u64, len: u64, mode: i32 },
+}
+
+struct Cell {
+    result: AtomicI64,
+    done: AtomicBool,
+}
+
+struct Job {
+    op: BlockingOp,
+    cell: *const Cell,
+    waker: Waker,
+}
+
+// SAFETY: the cell pointer targets a pinned future that waits for `done` before it is
+// dropped, so the worker thread may write through it; everything else is Send.
+unsafe impl Send for Job {}
+
+struct Pool {
+    queue: ArrayQueue<Job>,
+    workers: OnceLock<Vec<Thread>>,
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+fn pool() -> &'static Pool {
+    let pool =
+        POOL.get_or_init(|| Pool { queue: ArrayQueue::new(QUEUE_DEPTH), workers: OnceLock::new() });
+    pool.workers.get_or_init(|| {
+        (0..WORKERS)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("offload-{i}"))
+                    .spawn(move || worker(POOL.get().expect("pool initialised")))
+                    .expect("spawn offload worker")
+                    .thread()
+                    .clone()
+            })
+            .collect()
+    });
+    pool
+}
+
+fn worker(pool: &Pool) {
+    loop {
+        match pool.queue.pop() {
+            Some(job) => {
+                let res = run(job.op);
+                // SAFETY: see `Job`: the cell outlives the job.
+                let cell = unsafe { &*job.cell };
+                cell.result.store(res, Ordering::Relaxed);
+                // Release: the result is visible to whoever sees `done`.
+                cell.done.store(true, Ordering::Release);
+                job.waker.wake();
+            }
+            None => std::thread::park_timeout(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
+fn run(op: BlockingOp) -> i64 {
+    let r = match op {
+        // SAFETY: lseek and fallocate take plain integers; a bad fd is an error return.
+        BlockingOp::SeekData { fd, off } => unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) },
+        // SAFETY: as above.
+        BlockingOp::SeekHole { fd, off } => unsafe { libc::lseek(fd, off as i64, libc::SEEK_HOLE) },
+        BlockingOp::Fallocate { fd, off, len, mode } => {
+            // SAFETY: as above.
+            i64::from(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) })
+        }
+    };
+    if r < 0 {
+        -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    } else {
+        r
+    }
+}
+
+/// Runs `op` on an offload worker; resolves to its result (or -errno).
+pub(crate) struct Offload {
+    op: BlockingOp,
+    cell: Cell,
+    submitted: bool,
+    _pin: PhantomPinned,
+}
+
+impl Offload {
+    pub(crate) fn new(op: BlockingOp) -> Self {
+        Offload {
+            op,
+            cell: Cell { result: AtomicI64::new(0), done: AtomicBool::new(false) },
+            submitted: false,
+            _pin: PhantomPinned,
+        }
+    }
+}
+
+impl Future for Offload {
+    type Output = i64;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
+        // SAFETY: we never move out of the pinned future; `cell` stays in place.
+        let this = unsafe { self.get_unchecked_mut() };
+        if this.submitted {
+            // Acquire: pairs with the worker's Release store of `done`.
+            if this.cell.done.load(Ordering::Acquire) {
+                return Poll::Ready(this.cell.result.load(Ordering::Relaxed));
+            }
+            return Poll::Pending;
+        }
+        let pool = pool();
+        let job = Job { op: this.op, cell: &this.cell, waker: cx.waker().clone() };
+        match pool.queue.push(job) {
+            Ok(()) => {
+                this.submitted = true;
+                for w in pool.workers.get().into_iter().flatten() {
+                    w.unpark();
+                }
+            }
+            Err(_) => cx.waker().wake_by_ref(),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Offload {
+    fn drop(&mut self) {
+        if self.submitted {
+            while !self.cell.done.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The io_uring engine: one ring per reactor, created on first use.
+//!
+//! Submission entries are pushed as tasks issue I/O and submitted once per tick by a
+//! `Late` poller; the completion queue is reaped by an `Early` poller straight from
+//! shared memory. The ring has `ENGINE_DEPTH` submission entries and twice as many
+//! completion entries (the kernel default), and at most `ENGINE_DEPTH` operations are in
+//! flight (the slot table), so the completion queue cannot overflow.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::{Backend, ENGINE_DEPTH, IoOp, Slots};
+
+pub(crate) struct Uring {
+    ring: RefCell<IoUring>,
+    slots: Slots,
+    queued: Cell<u32>,
+    eventfd: OwnedFd,
+}
+
+thread_local! {
+    static URING: OnceCell<Rc<Uring>> = const { OnceCell::new() };
+}
+
+/// The current reactor's ring, created (and its pollers registered) on first use.
+pub(crate) fn current() -> io::Result<Rc<Uring>> {
+    if let Some(u) = URING.with(|c| c.get().cloned()) {
+        return Ok(u);
+    }
+    let u = Rc::new(Uring::new()?);
+    let reap = u.clone();
+    let submit = u.clone();
+    let pending = u.clone();
+    poller::register_poller_with_pending(
+        poller::Phase::Early,
+        move || reap.reap() > 0,
+        move || pending.has_pending(),
+    );
+    poller::register_poller(poller::Phase::Late, move || submit.submit_queued());
+    poller::register_wakeup_fd(u.eventfd.as_raw_fd())?;
+    URING.with(|c| {
+        let _ = c.set(u.clone());
+    });
+    Ok(u)
+}
+
+impl Uring {
+    fn new() -> io::Result<Self> {
+        let ring = IoUring::builder().build(ENGINE_DEPTH).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot set up an io_uring of {ENGINE_DEPTH} entries: {e}"),
+            )
+        })?;
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Uring {
+            ring: RefCell::new(ring),
+            slots: Slots::new(ENGINE_DEPTH),
+            queued: Cell::new(0),
+            eventfd,
+        })
+    }
+
+    fn entry(op: &IoOp, slot: u32) -> squeue::Entry {
+        let e = match *op {
+            IoOp::Read { fd, off, ptr, len } => {
+                opcode::Read::new(types::Fd(fd), ptr, len).offset(off).build()
+            }
+            IoOp::Write { fd, off, ptr, len, fua } => opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(off)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            IoOp::Readv { fd, off, iov, cnt } => {
+                opcode::Readv::new(types::Fd(fd), iov, cnt).offset(off).build()
+            }
+            IoOp::Writev { fd, off, iov, cnt, fua } => opcode::Writev::new(types::Fd(fd), iov, cnt)
+                .offset(off)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            IoOp::Fsync { fd } => {
+                opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build()
+            }
+            IoOp::Fallocate { fd, off, len, mode } => {
+                opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build()
+            }
+        };
+        e.user_data(u64::from(slot))
+    }
+
+    /// Reaps every available completion; returns how many.
+    fn reap(&self) -> usize {
+        let mut ring = self.ring.borrow_mut();
+        let mut cq = ring.completion();
+        cq.sync();
+        let mut n = 0;
+        for cqe in &mut cq {
+            self.slots.complete(cqe.user_data() as u32, i64::from(cqe.result()));
+            n += 1;
+        }
+        n
+    }
+
+    /// Submits what this tick queued; returns whether anything was submitted.
+    fn submit_queued(&self) -> bool {
+        if self.queued.get() == 0 {
+            return false;
+        }
+        match self.ring.borrow().submit() {
+            Ok(_) => {
+                self.queued.set(0);
+                true
+            }
+            // The kernel is short of resources or the CQ is backed up: the entries stay
+            // in the SQ and go with the next tick's submit.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) =>
+            {
+                true
+            }
+            Err(e) => panic!("io_uring_enter failed: {e}"),
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        self.queued.get() > 0 || !ring.completion().is_empty()
+    }
+}
+
+impl Backend for Uring {
+    fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
+    fn queue(&self, op: &IoOp, slot: u32) -> bool {
+        let entry = Self::entry(op, slot);
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: the entry's pointers stay valid until its completion is reaped: the
+        // IoFuture that owns `slot` borrows them and waits for the completion on drop.
+        let pushed = unsafe { ring.submission().push(&entry).is_ok() };
+        if !pushed {
+            if ring.submit().is_ok() {
+                self.queued.set(0);
+            }
+            // SAFETY: as above.
+            if unsafe { ring.submission().push(&entry).is_err() } {
+                return false;
+            }
+        }
+        self.queued.set(self.queued.get() + 1);
+        true
+    }
+
+    fn wait_for(&self, slot: u32) {
+        loop {
+            if self.slots.entries[slot as usize].result.get().is_some() {
+                return;
+            }
+            let _ = self.ring.borrow().submit_and_wait(1);
+            self.queued.set(0);
+            self.reap();
+        }
+    }
+}
