@@ -117,7 +117,7 @@ impl Bdev {
             read_only: read_only || storage.is_read_only(),
             can_discard: true,
             can_write_zeroes: true,
-            can_fast_zero: file_backed && !storage.is_block_device() || !file_backed,
+            can_fast_zero: !storage.is_block_device(),
             can_multi_conn: true,
             has_block_status: file_backed && !storage.is_block_device(),
         };

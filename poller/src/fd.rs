@@ -232,7 +232,7 @@ impl<T: AsRawFd> Async<T> {
 
     /// Reads what is available (at least one byte, or 0 at end of stream).
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_io(cx, false, |fd| sys_read(fd, buf))).await
+        std::future::poll_fn(|cx| self.poll_io(cx, false, |fd| read_fd(fd, buf))).await
     }
 
     /// Fills `buf` completely; `UnexpectedEof` if the peer closes first.
@@ -250,7 +250,7 @@ impl<T: AsRawFd> Async<T> {
 
     /// Writes some of `bufs`; returns how many bytes went out.
     pub async fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_io(cx, true, |fd| sys_writev(fd, bufs))).await
+        std::future::poll_fn(|cx| self.poll_io(cx, true, |fd| writev_fd(fd, bufs))).await
     }
 
     /// Writes all of `buf`.
@@ -313,13 +313,16 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn sys_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// One non-blocking `read`.
+pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-fn sys_writev(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+/// Writes `bufs` to a non-blocking descriptor with one `sendmsg` (MSG_NOSIGNAL), falling
+/// back to `writev` for non-sockets. `WouldBlock` when the socket is full.
+pub fn writev_fd(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let count = bufs.len().min(libc::UIO_MAXIOV as usize);
     // MSG_NOSIGNAL: a vanished peer is an EPIPE error, not a process-killing SIGPIPE.
     let msg = libc::msghdr {

@@ -1,0 +1,5 @@
+//! `appliance`: see `appliance --help`.
+
+fn main() -> std::process::ExitCode {
+    appliance::cli::main()
+}

@@ -1,0 +1,303 @@
+//! Fixed newstyle option haggling, run as a task on the connection's reactor.
+//!
+//! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS,
+//! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`). STARTTLS is refused with
+//! `NBD_REP_ERR_POLICY` (no TLS is configured); unknown options get
+//! `NBD_REP_ERR_UNSUP` and haggling continues. A client that breaks a MUST (bad magic,
+//! unknown client flags, an option too large to be honest) is disconnected. The whole
+//! handshake runs under a timeout so a silent client cannot hold a connection slot.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drivers::{Bdev, BdevInfo};
+use poller::Async;
+
+use super::Exports;
+use super::proto::{self, ReplyMode};
+
+/// How long a client may take to finish option haggling.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The outcome of a successful handshake.
+pub struct Negotiated {
+    pub bdev: Arc<Bdev>,
+    pub mode: ReplyMode,
+    /// `base:allocation` was selected for this export.
+    pub base_allocation: bool,
+    /// The largest request payload accepted.
+    pub max_block: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+#[derive(Default)]
+struct State {
+    structured: bool,
+    extended: bool,
+    /// The export `base:allocation` was selected for, if any.
+    meta_for: Option<String>,
+}
+
+impl State {
+    fn mode(&self) -> ReplyMode {
+        if self.extended {
+            ReplyMode::Extended
+        } else if self.structured {
+            ReplyMode::Structured
+        } else {
+            ReplyMode::Simple
+        }
+    }
+}
+
+/// Transmission flags for a device.
+pub fn transmission_flags(info: &BdevInfo, structured: bool) -> u16 {
+    let mut f = proto::FLAG_HAS_FLAGS
+        | proto::FLAG_SEND_FLUSH
+        | proto::FLAG_SEND_FUA
+        | proto::FLAG_SEND_CACHE;
+    if info.can_multi_conn {
+        f |= proto::FLAG_CAN_MULTI_CONN;
+    }
+    if info.read_only {
+        f |= proto::FLAG_READ_ONLY;
+    } else {
+        if info.can_discard {
+            f |= proto::FLAG_SEND_TRIM;
+        }
+        if info.can_write_zeroes {
+            f |= proto::FLAG_SEND_WRITE_ZEROES;
+        }
+        if info.can_fast_zero {
+            f |= proto::FLAG_SEND_FAST_ZERO;
+        }
+    }
+    if structured {
+        f |= proto::FLAG_SEND_DF;
+    }
+    f
+}
+
+/// Block sizes to advertise: (minimum, preferred, maximum).
+pub fn block_sizes(info: &BdevInfo) -> (u32, u32, u32) {
+    let min = info.min_block_size.clamp(1, 64 << 10).next_power_of_two();
+    let pref = info.preferred_block_size.max(min).max(512).next_power_of_two();
+    let dma_max = poller::dma::max_len() as u32;
+    let max = info.max_transfer.min(dma_max).max(pref);
+    (min, pref, max - max % min)
+}
+
+async fn send_rep(sock: &Async<OwnedFd>, opt: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + payload.len());
+    b.extend_from_slice(&proto::REP_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    sock.write_all(&b).await
+}
+
+async fn send_err(sock: &Async<OwnedFd>, opt: u32, kind: u32, msg: &str) -> io::Result<()> {
+    send_rep(sock, opt, kind, msg.as_bytes()).await
+}
+
+fn export_info(bdev: &Bdev, structured: bool) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12);
+    p.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
+    p.extend_from_slice(&bdev.info().size.to_be_bytes());
+    p.extend_from_slice(&transmission_flags(bdev.info(), structured).to_be_bytes());
+    p
+}
+
+/// Runs option haggling. `Ok(None)` means the client ended the session cleanly.
+pub async fn negotiate(
+    sock: &Async<OwnedFd>,
+    exports: &Exports,
+) -> Result<Option<Negotiated>, HandshakeError> {
+    let mut greeting = [0u8; 18];
+    greeting[..8].copy_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    greeting[8..16].copy_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    greeting[16..]
+        .copy_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    sock.write_all(&greeting).await?;
+    let mut cf = [0u8; 4];
+    sock.read_exact(&mut cf).await?;
+    let client_flags = u32::from_be_bytes(cf);
+    if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
+    }
+    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut st = State::default();
+    loop {
+        let mut h = [0u8; 16];
+        sock.read_exact(&mut h).await?;
+        let magic = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+        let opt = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+        if magic != proto::IHAVEOPT {
+            return Err(HandshakeError::Protocol(format!("bad option magic {magic:#x}")));
+        }
+        if len > proto::MAX_OPTION_LEN {
+            return Err(HandshakeError::Protocol(format!("option {opt} with {len} bytes of data")));
+        }
+        let mut data = vec![0u8; len as usize];
+        sock.read_exact(&mut data).await?;
+        match opt {
+            proto::OPT_EXPORT_NAME => {
+                if st.extended {
+                    return Err(HandshakeError::Protocol(
+                        "NBD_OPT_EXPORT_NAME after extended headers".into(),
+                    ));
+                }
+                let name = String::from_utf8_lossy(&data);
+                let Some(bdev) = exports.find(&name) else {
+                    // This option cannot fail politely: the spec says to disconnect.
+                    return Err(HandshakeError::Protocol(format!("no export named {name:?}")));
+                };
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&bdev.info().size.to_be_bytes());
+                b.extend_from_slice(&transmission_flags(bdev.info(), st.structured).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                sock.write_all(&b).await?;
+                return Ok(Some(finish(bdev, &st)));
+            }
+            proto::OPT_ABORT => {
+                let _ = send_rep(sock, opt, proto::REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            proto::OPT_LIST => {
+                if len != 0 {
+                    send_err(sock, opt, proto::REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                        .await?;
+                    continue;
+                }
+                for name in exports.names() {
+                    let mut p = Vec::with_capacity(4 + name.len());
+                    p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    p.extend_from_slice(name.as_bytes());
+                    send_rep(sock, opt, proto::REP_SERVER, &p).await?;
+                }
+                send_rep(sock, opt, proto::REP_ACK, &[]).await?;
+            }
+            proto::OPT_STARTTLS => {
+                send_err(sock, opt, proto::REP_ERR_POLICY, "TLS is not configured on this server")
+                    .await?;
+            }
+            proto::OPT_INFO | proto::OPT_GO => {
+                let Some(req) = proto::parse_info_request(&data) else {
+                    send_err(sock, opt, proto::REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")
+                        .await?;
+                    continue;
+                };
+                let Some(bdev) = exports.find(req.name) else {
+                    let msg = format!("no export named {:?}", req.name);
+                    send_err(sock, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                send_rep(sock, opt, proto::REP_INFO, &export_info(&bdev, st.structured)).await?;
+                let (min, pref, max) = block_sizes(bdev.info());
+                let mut p = Vec::with_capacity(14);
+                p.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
+                p.extend_from_slice(&min.to_be_bytes());
+                p.extend_from_slice(&pref.to_be_bytes());
+                p.extend_from_slice(&max.to_be_bytes());
+                send_rep(sock, opt, proto::REP_INFO, &p).await?;
+                if req.infos.contains(&proto::INFO_NAME) {
+                    let mut p = Vec::new();
+                    p.extend_from_slice(&proto::INFO_NAME.to_be_bytes());
+                    p.extend_from_slice(bdev.name().as_bytes());
+                    send_rep(sock, opt, proto::REP_INFO, &p).await?;
+                }
+                send_rep(sock, opt, proto::REP_ACK, &[]).await?;
+                if opt == proto::OPT_GO {
+                    return Ok(Some(finish(bdev, &st)));
+                }
+            }
+            proto::OPT_STRUCTURED_REPLY | proto::OPT_EXTENDED_HEADERS => {
+                if len != 0 {
+                    send_err(sock, opt, proto::REP_ERR_INVALID, "this option takes no data")
+                        .await?;
+                    continue;
+                }
+                if st.extended && opt == proto::OPT_STRUCTURED_REPLY {
+                    send_err(
+                        sock,
+                        opt,
+                        proto::REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    )
+                    .await?;
+                    continue;
+                }
+                st.structured = true;
+                st.extended |= opt == proto::OPT_EXTENDED_HEADERS;
+                // A change of reply framing resets the selected metadata contexts.
+                st.meta_for = None;
+                send_rep(sock, opt, proto::REP_ACK, &[]).await?;
+            }
+            proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                meta_context(sock, opt, &data, exports, &mut st).await?;
+            }
+            _ => {
+                let msg = format!("option {opt} is not supported");
+                send_err(sock, opt, proto::REP_ERR_UNSUP, &msg).await?;
+            }
+        }
+    }
+}
+
+async fn meta_context(
+    sock: &Async<OwnedFd>,
+    opt: u32,
+    data: &[u8],
+    exports: &Exports,
+    st: &mut State,
+) -> io::Result<()> {
+    let set = opt == proto::OPT_SET_META_CONTEXT;
+    if !st.structured {
+        return send_err(sock, opt, proto::REP_ERR_INVALID, "negotiate structured replies first")
+            .await;
+    }
+    let Some(req) = proto::parse_meta_request(data) else {
+        return send_err(sock, opt, proto::REP_ERR_INVALID, "malformed metadata context request")
+            .await;
+    };
+    let Some(bdev) = exports.find(req.name) else {
+        let msg = format!("no export named {:?}", req.name);
+        return send_err(sock, opt, proto::REP_ERR_UNKNOWN, &msg).await;
+    };
+    let selected = if set {
+        req.queries.iter().any(|q| proto::query_matches_base_allocation(q, false))
+    } else {
+        req.queries.is_empty()
+            || req.queries.iter().any(|q| proto::query_matches_base_allocation(q, true))
+    };
+    if set {
+        st.meta_for = selected.then(|| bdev.name().to_string());
+    }
+    if selected {
+        let mut p = Vec::with_capacity(4 + proto::BASE_ALLOCATION.len());
+        let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+        send_rep(sock, opt, proto::REP_META_CONTEXT, &p).await?;
+    }
+    send_rep(sock, opt, proto::REP_ACK, &[]).await
+}
+
+fn finish(bdev: Arc<Bdev>, st: &State) -> Negotiated {
+    let base_allocation = st.meta_for.as_deref() == Some(bdev.name());
+    let (_, _, max_block) = block_sizes(bdev.info());
+    Negotiated { bdev, mode: st.mode(), base_allocation, max_block }
+}

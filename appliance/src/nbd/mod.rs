@@ -1,0 +1,320 @@
+//! The NBD export.
+//!
+//! Listeners (unix and TCP) run on control-plane threads in blocking `accept`; each new
+//! connection is handed to a reactor, round-robin, as a control message. From then on
+//! the connection lives on that reactor only: the handshake (`handshake`) and the
+//! transmission phase (`conn`) are async tasks there, sharing the reactor's per-device
+//! channel with every other connection to the same disk on that reactor.
+//!
+//! Flushes are visible across connections (`NBD_FLAG_CAN_MULTI_CONN`) because every
+//! channel of a device flushes the same underlying storage, and a flush covers every
+//! write completed before it on any channel.
+//!
+//! Shutdown stops the listeners, then asks every reactor to close its connections
+//! gracefully: reading stops, requests in flight complete and their replies are sent,
+//! then the socket closes.
+
+mod conn;
+mod handshake;
+pub mod proto;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use config::ListenAddr;
+use drivers::{Bdev, BdevChannel, IoError};
+use poller::ReactorHandle;
+
+/// The disks served, by export name, in configuration order (the first is the default
+/// export for clients that ask for the empty name).
+#[derive(Default)]
+pub struct Exports {
+    list: RwLock<Vec<Arc<Bdev>>>,
+}
+
+impl Exports {
+    pub fn new(bdevs: Vec<Arc<Bdev>>) -> Arc<Self> {
+        Arc::new(Exports { list: RwLock::new(bdevs) })
+    }
+
+    /// Looks an export up; the empty name selects the default (first) export.
+    pub fn find(&self, name: &str) -> Option<Arc<Bdev>> {
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        if name.is_empty() {
+            return list.first().cloned();
+        }
+        list.iter().find(|b| b.name() == name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        list.iter().map(|b| b.name().to_string()).collect()
+    }
+
+    pub fn add(&self, bdev: Arc<Bdev>) {
+        self.list.write().unwrap_or_else(|p| p.into_inner()).push(bdev);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Bdev>> {
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        let i = list.iter().position(|b| b.name() == name)?;
+        Some(list.remove(i))
+    }
+}
+
+struct ServerShared {
+    exports: Arc<Exports>,
+    reactors: Vec<ReactorHandle>,
+    next: AtomicUsize,
+    stopping: AtomicBool,
+    connections: AtomicUsize,
+}
+
+/// A running NBD export.
+pub struct NbdServer {
+    shared: Arc<ServerShared>,
+    listeners: Vec<Listener>,
+}
+
+struct Listener {
+    addr: ListenAddr,
+    fd: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NbdServer {
+    /// Binds every address and starts accepting. Fails (naming the address) if any
+    /// address cannot be bound.
+    pub fn start(
+        addrs: &[ListenAddr],
+        exports: Arc<Exports>,
+        reactors: Vec<ReactorHandle>,
+    ) -> io::Result<NbdServer> {
+        let shared = Arc::new(ServerShared {
+            exports,
+            reactors,
+            next: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+        });
+        let mut listeners = Vec::new();
+        for addr in addrs {
+            let l = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+            listeners.push(l);
+        }
+        for l in &mut listeners {
+            let fd = l.fd.clone();
+            let shared = shared.clone();
+            let tcp = matches!(l.addr, ListenAddr::Tcp(_));
+            l.thread = Some(
+                std::thread::Builder::new()
+                    .name(format!("nbd-accept {}", l.addr))
+                    .spawn(move || accept_loop(&fd, tcp, &shared))?,
+            );
+        }
+        Ok(NbdServer { shared, listeners })
+    }
+
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.shared.exports
+    }
+
+    /// Connections currently open.
+    pub fn connection_count(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, then closes every connection after its requests in flight are
+    /// answered. Returns once all connections are closed.
+    pub fn shutdown(mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for l in &mut self.listeners {
+            // SAFETY: shutdown on a listening socket we own wakes its blocked accept().
+            unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+            if let ListenAddr::Unix(p) = &l.addr {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        for r in &self.shared.reactors {
+            r.block_on(|| async { close_all_local().await });
+        }
+    }
+}
+
+fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+    let fd: OwnedFd = match addr {
+        ListenAddr::Tcp(a) => TcpListener::bind(a)?.into(),
+        ListenAddr::Unix(p) => {
+            remove_stale_socket(p)?;
+            UnixListener::bind(p)?.into()
+        }
+    };
+    Ok(Listener { addr: addr.clone(), fd: Arc::new(fd), thread: None })
+}
+
+/// A socket file left by an earlier run is replaced; any other file is an error.
+fn remove_stale_socket(p: &PathBuf) -> io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(p),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a socket; refusing to replace it",
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+fn accept_loop(fd: &OwnedFd, tcp: bool, shared: &Arc<ServerShared>) {
+    loop {
+        // SAFETY: accept4 on our listening socket; we pass no address buffer.
+        let c = unsafe {
+            libc::accept4(
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            if c >= 0 {
+                // SAFETY: closing the descriptor accept4 just returned.
+                unsafe { libc::close(c) };
+            }
+            return;
+        }
+        if c < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => continue,
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    tracing::warn!("accept failed: {e}; retrying shortly");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                _ => {
+                    tracing::error!("accept failed: {e}; listener stops");
+                    return;
+                }
+            }
+        }
+        // SAFETY: `c` is a fresh descriptor that nothing else owns.
+        let stream = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) };
+        if tcp {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid int option value.
+            unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+        }
+        let i = shared.next.fetch_add(1, Ordering::Relaxed) % shared.reactors.len();
+        let shared2 = shared.clone();
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        shared.reactors[i].spawn(move || async move {
+            let exports = shared2.exports.clone();
+            serve(stream, exports).await;
+            shared2.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// The NBD state of one reactor: device channels shared by its connections, and its
+/// live connections (for shutdown).
+#[derive(Default)]
+struct Local {
+    channels: HashMap<String, Rc<BdevChannel>>,
+    conns: Vec<Weak<conn::Conn>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = RefCell::new(Local::default());
+}
+
+/// The current reactor's channel to `bdev`, opened on first use.
+fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> {
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        if let Some(ch) = l.channels.get(bdev.name())
+            && Arc::ptr_eq(ch.bdev(), bdev)
+        {
+            return Ok(ch.clone());
+        }
+        let ch = Rc::new(bdev.channel()?);
+        l.channels.insert(bdev.name().to_string(), ch.clone());
+        Ok(ch)
+    })
+}
+
+async fn serve(stream: OwnedFd, exports: Arc<Exports>) {
+    let sock = match poller::Async::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot register an NBD connection: {e}");
+            return;
+        }
+    };
+    let negotiated =
+        match poller::timeout(handshake::HANDSHAKE_TIMEOUT, handshake::negotiate(&sock, &exports))
+            .await
+        {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!("NBD handshake ended: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("NBD client did not finish its handshake in time; disconnecting");
+                return;
+            }
+        };
+    let ch = match channel_for(&negotiated.bdev) {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::error!(export = negotiated.bdev.name(), "cannot open device channel: {e}");
+            return;
+        }
+    };
+    let c = Rc::new(conn::Conn::new(sock, ch, &negotiated));
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        l.conns.retain(|w| w.strong_count() > 0);
+        l.conns.push(Rc::downgrade(&c));
+    });
+    conn::run(c).await;
+}
+
+/// Closes every connection of this reactor gracefully and waits for them to go.
+async fn close_all_local() {
+    loop {
+        let live: Vec<Rc<conn::Conn>> =
+            LOCAL.with(|l| l.borrow().conns.iter().filter_map(|w| w.upgrade()).collect());
+        if live.is_empty() {
+            break;
+        }
+        for c in &live {
+            c.stop_reading();
+        }
+        drop(live);
+        poller::sleep(Duration::from_millis(2)).await;
+    }
+}

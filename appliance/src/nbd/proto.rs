@@ -1,0 +1,378 @@
+//! NBD wire format (NetworkBlockDevice doc/proto.md): constants, request parsing and
+//! reply encoding. Pure functions over byte slices, so the parsers can be fuzzed and
+//! benchmarked without sockets. Everything is big-endian on the wire.
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+pub const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+
+/// Bytes of a compact request header and of an extended one.
+pub const REQUEST_LEN: usize = 28;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+
+// Handshake flags (server) and client flags.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// Transmission flags.
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+
+// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
+
+// Option replies.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
+pub const REP_ERR_POLICY: u32 = (1 << 31) | 2;
+pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) | 7;
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) | 9;
+
+// Info types.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// Commands.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
+
+// Structured reply flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+// base:allocation flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+// Errors on the wire.
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+/// The one metadata context this server offers.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// The id it gets when selected.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// The longest string (export name, query) the protocol allows.
+pub const MAX_STRING: usize = 4096;
+/// The largest option payload we read; larger ones are a hostile client.
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+
+/// A transmission request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    /// Effect length (and payload length for writes).
+    pub length: u64,
+}
+
+/// Why a request header could not be parsed: the stream is out of sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadMagic(pub u32);
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// The header length in the negotiated mode.
+pub fn request_len(extended: bool) -> usize {
+    if extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN }
+}
+
+/// Parses one request header from `b` (which holds at least `request_len` bytes).
+pub fn parse_request(b: &[u8], extended: bool) -> Result<Request, BadMagic> {
+    let magic = be32(b);
+    let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    if magic != want {
+        return Err(BadMagic(magic));
+    }
+    let length = if extended { be64(&b[24..32]) } else { u64::from(be32(&b[24..28])) };
+    Ok(Request {
+        flags: be16(&b[4..6]),
+        kind: be16(&b[6..8]),
+        cookie: be64(&b[8..16]),
+        offset: be64(&b[16..24]),
+        length,
+    })
+}
+
+/// Encodes a request header (for tests and benchmarks of the parser).
+pub fn encode_request(r: &Request, extended: bool, out: &mut [u8]) -> usize {
+    let magic = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    out[0..4].copy_from_slice(&magic.to_be_bytes());
+    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
+    out[8..16].copy_from_slice(&r.cookie.to_be_bytes());
+    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    if extended {
+        out[24..32].copy_from_slice(&r.length.to_be_bytes());
+        32
+    } else {
+        out[24..28].copy_from_slice(&(r.length as u32).to_be_bytes());
+        28
+    }
+}
+
+/// How replies are framed on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    Simple,
+    Structured,
+    Extended,
+}
+
+/// Writes a simple reply header (16 bytes).
+pub fn encode_simple(out: &mut [u8], error: u32, cookie: u64) -> usize {
+    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out[4..8].copy_from_slice(&error.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    16
+}
+
+/// Writes a structured (20 bytes) or extended (32 bytes) chunk header.
+pub fn encode_chunk(
+    out: &mut [u8],
+    mode: ReplyMode,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    payload_len: u64,
+) -> usize {
+    match mode {
+        ReplyMode::Extended => {
+            out[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+            out[4..6].copy_from_slice(&flags.to_be_bytes());
+            out[6..8].copy_from_slice(&kind.to_be_bytes());
+            out[8..16].copy_from_slice(&cookie.to_be_bytes());
+            out[16..24].copy_from_slice(&offset.to_be_bytes());
+            out[24..32].copy_from_slice(&payload_len.to_be_bytes());
+            32
+        }
+        _ => {
+            out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            out[4..6].copy_from_slice(&flags.to_be_bytes());
+            out[6..8].copy_from_slice(&kind.to_be_bytes());
+            out[8..16].copy_from_slice(&cookie.to_be_bytes());
+            out[16..20].copy_from_slice(&(payload_len as u32).to_be_bytes());
+            20
+        }
+    }
+}
+
+/// Maps an errno to the NBD error set, in this one place for the whole export.
+pub fn errno_to_nbd(errno: i32) -> u32 {
+    match errno {
+        libc::EPERM | libc::EROFS | libc::EACCES => EPERM,
+        libc::EIO | libc::ENXIO | libc::EBADF | libc::ENODEV => EIO,
+        libc::ENOMEM => ENOMEM,
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
+        libc::EOVERFLOW => EOVERFLOW,
+        libc::EOPNOTSUPP => ENOTSUP,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        _ => EINVAL,
+    }
+}
+
+/// A simple cursor over option payloads.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+    pub fn u16(&mut self) -> Option<u16> {
+        let v = self.buf.get(..2).map(be16)?;
+        self.buf = &self.buf[2..];
+        Some(v)
+    }
+    pub fn u32(&mut self) -> Option<u32> {
+        let v = self.buf.get(..4).map(be32)?;
+        self.buf = &self.buf[4..];
+        Some(v)
+    }
+    pub fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let v = self.buf.get(..n)?;
+        self.buf = &self.buf[n..];
+        Some(v)
+    }
+    /// A u32-length-prefixed string of at most MAX_STRING bytes.
+    pub fn string(&mut self) -> Option<&'a str> {
+        let n = self.u32()? as usize;
+        if n > MAX_STRING {
+            return None;
+        }
+        std::str::from_utf8(self.bytes(n)?).ok().filter(|s| !s.contains('\0'))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// `NBD_OPT_INFO`/`NBD_OPT_GO` data: the export name and the info types asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InfoRequest<'a> {
+    pub name: &'a str,
+    pub infos: Vec<u16>,
+}
+
+pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
+    let mut r = Reader::new(data);
+    let name = r.string()?;
+    let n = r.u16()? as usize;
+    let mut infos = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        infos.push(r.u16()?);
+    }
+    r.is_empty().then_some(InfoRequest { name, infos })
+}
+
+/// `NBD_OPT_{LIST,SET}_META_CONTEXT` data: export name and queries.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MetaRequest<'a> {
+    pub name: &'a str,
+    pub queries: Vec<&'a str>,
+}
+
+pub fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
+    let mut r = Reader::new(data);
+    let name = r.string()?;
+    let n = r.u32()? as usize;
+    if n > 1024 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(n);
+    for _ in 0..n {
+        queries.push(r.string()?);
+    }
+    r.is_empty().then_some(MetaRequest { name, queries })
+}
+
+/// Whether a meta-context query selects `base:allocation`. `list` queries may name the
+/// namespace only (`base:`) or be absent (all contexts).
+pub fn query_matches_base_allocation(query: &str, list: bool) -> bool {
+    query == BASE_ALLOCATION || (list && query == "base:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_both_modes() {
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 7,
+            offset: 1 << 40,
+            length: 4096,
+        };
+        for ext in [false, true] {
+            let mut b = [0u8; 32];
+            let n = encode_request(&r, ext, &mut b);
+            assert_eq!(n, request_len(ext));
+            assert_eq!(parse_request(&b, ext), Ok(r));
+            assert!(parse_request(&b, !ext).is_err(), "magic differs between modes");
+        }
+    }
+
+    #[test]
+    fn bad_magic_is_reported() {
+        let b = [0xffu8; 32];
+        assert_eq!(parse_request(&b, false), Err(BadMagic(0xffff_ffff)));
+    }
+
+    #[test]
+    fn info_and_meta_requests() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"vm1");
+        d.extend_from_slice(&2u16.to_be_bytes());
+        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        d.extend_from_slice(&INFO_NAME.to_be_bytes());
+        let r = parse_info_request(&d).unwrap();
+        assert_eq!(r.name, "vm1");
+        assert_eq!(r.infos, vec![INFO_BLOCK_SIZE, INFO_NAME]);
+        assert!(parse_info_request(&d[..d.len() - 1]).is_none(), "truncated");
+        let mut extra = d.clone();
+        extra.push(0);
+        assert!(parse_info_request(&extra).is_none(), "trailing bytes");
+        let mut m = Vec::new();
+        m.extend_from_slice(&0u32.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&15u32.to_be_bytes());
+        m.extend_from_slice(b"base:allocation");
+        let q = parse_meta_request(&m).unwrap();
+        assert_eq!(q.queries, vec!["base:allocation"]);
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(u32::MAX).to_be_bytes());
+        assert!(parse_meta_request(&huge).is_none());
+    }
+}

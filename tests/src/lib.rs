@@ -1,0 +1,259 @@
+//! Helpers for the appliance's integration tests: build and start the real binary with
+//! a config in a temporary directory, wait until it listens, run real client tools
+//! (qemu-img, qemu-io, fio, nbdcopy, nbdinfo) with timeouts, and stop it with SIGTERM.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub mod nbd_client;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Path of the `appliance` binary of the same profile as this test, built (once per test
+/// process) so it is never stale.
+pub fn bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace()).args(["build", "--quiet", "--bin", "appliance"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the appliance binary failed");
+    });
+    profile_dir.join("appliance")
+}
+
+/// Fails the test with an install hint when a client tool is missing.
+pub fn require_tool(name: &str, package: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "`{name}` is required by this test: apt-get install -y {package}");
+}
+
+/// A free TCP port on 127.0.0.1 (racy by nature, but the window is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs a command with a timeout; panics with its output if it fails or hangs.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = run_unchecked(cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "command failed: {cmd:?}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command with a timeout and returns its output whatever the status.
+pub fn run_unchecked(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command timed out after {timeout:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running appliance process.
+pub struct Appliance {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub tcp: SocketAddr,
+    log: PathBuf,
+}
+
+/// What to serve: disks as TOML `[[disk]]` tables, with `{dir}` replaced by the
+/// appliance's temporary directory.
+pub struct Setup {
+    pub cores: &'static str,
+    pub idle: &'static str,
+    pub disks: String,
+    pub extra: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup { cores: "[0]", idle: "adaptive", disks: String::new(), extra: String::new() }
+    }
+}
+
+impl Appliance {
+    /// Starts an appliance in a new temporary directory. `prepare` runs first, with the
+    /// directory, to create images.
+    pub fn start(setup: Setup, prepare: impl FnOnce(&Path)) -> Appliance {
+        let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
+        Self::start_in(dir, setup)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, setup: Setup) -> Appliance {
+        let sock = dir.path().join("nbd.sock");
+        let port = free_port();
+        let tcp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let disks = setup.disks.replace("{dir}", &dir.path().display().to_string());
+        let extra = setup.extra.replace("{dir}", &dir.path().display().to_string());
+        let config = format!(
+            "[appliance]\ncores = {}\nidle = \"{}\"\nbuffer_pool = \"64MiB\"\n{extra}\n[nbd]\nlisten = [\"unix:{}\", \"tcp:{tcp}\"]\n\n{disks}",
+            setup.cores,
+            setup.idle,
+            sock.display()
+        );
+        let cfg = dir.path().join("appliance.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.path().join("appliance.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("APPLIANCE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start appliance");
+        let mut a = Appliance { child: Some(child), dir, sock, tcp, log };
+        a.wait_listening();
+        a
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
+                return;
+            }
+            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("appliance exited early ({s}):\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "appliance did not listen in time:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The NBD URI of an export over the unix socket.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// The NBD URI of an export over TCP.
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("appliance already stopped");
+        // SAFETY: kill(2) with a pid we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("appliance did not stop within 60 s of SIGTERM:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A deterministic pseudo-random byte pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Creates a sparse raw file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}

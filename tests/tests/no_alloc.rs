@@ -1,0 +1,109 @@
+//! The steady-state data path allocates nothing: a counting global allocator watches the
+//! reactor thread while a client drives a burst of pipelined NBD reads and writes
+//! through an in-process appliance, over a RAM disk and over a file with each engine.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use appliance_tests::nbd_client::{CMD_FLUSH, CMD_READ, CMD_WRITE, Client};
+use appliance_tests::pattern;
+
+struct Counting;
+
+static COUNT: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static TRACK: Cell<bool> = const { Cell::new(false) };
+}
+
+// SAFETY: forwards to the system allocator; the bookkeeping allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if TRACK.with(Cell::get) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if TRACK.with(Cell::get) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// A burst of 4000 pipelined requests at queue depth 32: writes, reads and a flush.
+fn burst(c: &mut Client, seed: u64) {
+    let data = pattern(seed, 4096);
+    for round in 0..125u64 {
+        for i in 0..32u64 {
+            let cookie = round * 32 + i + 1;
+            let off = ((round * 32 + i) % 2048) * 4096;
+            if cookie % 2 == 1 {
+                c.request(CMD_WRITE, 0, cookie, off, 4096, &data).unwrap();
+            } else {
+                c.request(CMD_READ, 0, cookie, off, 4096, &[]).unwrap();
+            }
+        }
+        for _ in 0..32 {
+            // Odd cookies are writes (no data), even ones reads.
+            let r = c.reply_for(|k| if k % 2 == 1 { 0 } else { 4096 }).unwrap();
+            assert_eq!(r.error, 0);
+        }
+    }
+    c.request(CMD_FLUSH, 0, 0, 0, 0, &[]).unwrap();
+    assert_eq!(c.reply(0).unwrap().error, 0);
+}
+
+fn check(disk_toml: &str, prepare: impl FnOnce(&Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path());
+    let sock = dir.path().join("nbd.sock");
+    let text = format!(
+        "[appliance]\ncores = [0]\nidle = \"busy\"\nbuffer_pool = \"32MiB\"\n[nbd]\nlisten = [\"unix:{}\"]\n{}",
+        sock.display(),
+        disk_toml.replace("{dir}", &dir.path().display().to_string())
+    );
+    let config = config::Config::parse(&text, "no_alloc.toml", dir.path()).unwrap();
+    let app = appliance::serve::Appliance::start(config).unwrap();
+    let reactor = app.reactor_handles()[0].clone();
+    for structured in [false, true] {
+        // The counter does see the reactor: a handshake allocates (per connection).
+        COUNT.store(0, Ordering::SeqCst);
+        reactor.call(|| TRACK.with(|t| t.set(true)));
+        let mut c = Client::connect(&sock, "d", structured, false).unwrap();
+        reactor.call(|| TRACK.with(|t| t.set(false)));
+        assert!(COUNT.load(Ordering::SeqCst) > 0, "the counting allocator sees the reactor thread");
+        burst(&mut c, 1);
+        COUNT.store(0, Ordering::SeqCst);
+        reactor.call(|| TRACK.with(|t| t.set(true)));
+        burst(&mut c, 2);
+        reactor.call(|| TRACK.with(|t| t.set(false)));
+        let n = COUNT.load(Ordering::SeqCst);
+        assert_eq!(n, 0, "{disk_toml}: {n} heap allocations on the reactor during 4000 requests");
+        c.disconnect();
+    }
+    app.shutdown();
+}
+
+#[test]
+fn steady_state_data_path_does_not_allocate() {
+    check("[[disk]]\nname = \"d\"\ndriver = \"mem\"\nsize = \"16MiB\"\n", |_| {});
+    for driver in ["io_uring", "aio"] {
+        check(
+            &format!("[[disk]]\nname = \"d\"\npath = \"{{dir}}/d.img\"\ndriver = \"{driver}\"\n"),
+            |dir| appliance_tests::sparse_file(&dir.join("d.img"), 16 << 20),
+        );
+    }
+}
