@@ -32,6 +32,51 @@ pub enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
+    /// Create a qcow2 image (v3 by default).
+    Create {
+        /// Options: cluster_size, refcount_bits, compat (0.10 or 1.1), lazy_refcounts,
+        /// preallocation (off or metadata), compression_type (zlib or zstd),
+        /// backing_file, backing_fmt.
+        #[arg(short = 'o', long)]
+        options: Option<String>,
+        /// Backing file (name stored as given; relative names are relative to the image).
+        #[arg(short = 'b', long)]
+        backing: Option<String>,
+        /// Backing file format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'F', long)]
+        backing_format: Option<String>,
+        /// Format of the new image (only qcow2).
+        #[arg(short = 'f', long, default_value = "qcow2")]
+        format: String,
+        /// The image to create.
+        file: PathBuf,
+        /// Virtual size (such as 10G); defaults to the backing file's size.
+        size: Option<String>,
+    },
+    /// Describe an image.
+    Info {
+        #[arg(long)]
+        json: bool,
+        file: PathBuf,
+    },
+    /// Check a qcow2 image's consistency (exit 0 clean, 2 corrupt, 3 leaks).
+    Check {
+        /// Repair leaked clusters, or everything.
+        #[arg(short = 'r', long, value_parser = ["leaks", "all"])]
+        repair: Option<String>,
+        #[arg(long)]
+        json: bool,
+        file: PathBuf,
+    },
+    /// Show where each range of an image lives, through its backing chain.
+    Map {
+        #[arg(long)]
+        json: bool,
+        /// Directories backing files may be in (default: the image's directory).
+        #[arg(long = "allowed-backing-dir")]
+        allowed_backing_dirs: Vec<PathBuf>,
+        file: PathBuf,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +108,27 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Create { options, backing, backing_format, format, file, size } => {
+            if format != "qcow2" {
+                eprintln!("appliance: create makes qcow2 images (use truncate for raw ones)");
+                return ExitCode::FAILURE;
+            }
+            let r = crate::tools::create_image(
+                &file,
+                size.as_deref(),
+                options.as_deref(),
+                backing.as_deref(),
+                backing_format.as_deref(),
+            );
+            report(r.map(|()| 0), &file)
+        }
+        Command::Info { json, file } => report(crate::tools::info(&file, json).map(|()| 0), &file),
+        Command::Check { repair, json, file } => {
+            report(crate::tools::check(&file, repair.as_deref(), json), &file)
+        }
+        Command::Map { json, allowed_backing_dirs, file } => {
+            report(crate::tools::map(&file, &allowed_backing_dirs, json).map(|()| 0), &file)
+        }
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(c) => {
                 println!("{c:#?}");
@@ -73,5 +139,20 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn report(r: Result<i32, String>, file: &std::path::Path) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let f = file.display().to_string();
+            if e.contains(&f) {
+                eprintln!("appliance: {e}");
+            } else {
+                eprintln!("appliance: {f}: {e}");
+            }
+            ExitCode::FAILURE
+        }
     }
 }

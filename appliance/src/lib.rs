@@ -7,3 +7,4 @@
 pub mod cli;
 pub mod nbd;
 pub mod serve;
+pub mod tools;

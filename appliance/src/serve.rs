@@ -40,12 +40,6 @@ pub struct Appliance {
 impl Appliance {
     /// Opens the disks and starts reactors and exports.
     pub fn start(config: Config) -> Result<Appliance, ServeError> {
-        let mut bdevs = Vec::new();
-        for d in &config.disks {
-            let b = Bdev::open(d)
-                .map_err(|source| ServeError::Disk { disk: d.name.clone(), source })?;
-            bdevs.push(b);
-        }
         let a = &config.appliance;
         let reactors = Reactors::start(ReactorOptions {
             cores: a.cores.clone(),
@@ -61,12 +55,31 @@ impl Appliance {
             dma_pool_bytes: a.buffer_pool_bytes as usize,
             pin: true,
         })?;
+        // Images are spread over the reactors: each qcow2 image's metadata is served by
+        // one of them (its shard's owner).
+        let mut bdevs = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            let owner = &reactors.handles()[i % reactors.len()];
+            match Bdev::open(d, owner) {
+                Ok(b) => bdevs.push(b),
+                Err(source) => {
+                    for b in &bdevs {
+                        let _ = b.close();
+                    }
+                    reactors.stop();
+                    return Err(ServeError::Disk { disk: d.name.clone(), source });
+                }
+            }
+        }
         let nbd = match &config.nbd {
             Some(n) => {
                 let exports = Exports::new(bdevs.clone());
                 match NbdServer::start(&n.listen, exports, reactors.handles().to_vec()) {
                     Ok(s) => Some(s),
                     Err(e) => {
+                        for b in &bdevs {
+                            let _ = b.close();
+                        }
                         reactors.stop();
                         return Err(e.into());
                     }
@@ -103,6 +116,9 @@ impl Appliance {
                 });
                 if let Err(e) = res {
                     tracing::error!(disk = b.name(), "flush at shutdown failed: {e}");
+                }
+                if let Err(e) = b.close() {
+                    tracing::error!(disk = b.name(), "closing the image failed: {e}");
                 }
             }
             r.stop();
@@ -147,9 +163,13 @@ fn quick_start(cwd: &Path) -> Result<Config, ServeError> {
     for d in &config.disks {
         let path = d.path.clone().unwrap_or_default();
         if !path.exists() {
-            let f = std::fs::File::create(&path)?;
-            f.set_len(QUICK_START_IMAGE_BYTES)?;
-            tracing::info!("created the demo image {} (1 GiB, sparse)", path.display());
+            let opts = drivers::qcow2::create::CreateOptions {
+                size: QUICK_START_IMAGE_BYTES,
+                ..Default::default()
+            };
+            drivers::qcow2::create::create(&path, &opts)
+                .map_err(|e| std::io::Error::other(format!("creating the demo image: {e}")))?;
+            tracing::info!("created the demo image {} (qcow2, 1 GiB virtual)", path.display());
         }
     }
     Ok(config)
@@ -173,6 +193,7 @@ fn print_connect_help(config: &Config) {
         };
         println!("try:  qemu-img info '{uri}'");
         println!("      qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{uri}'");
+        println!("      (the export is the disk's guest view: use -f raw even for qcow2 images)");
         println!(
             "      fio --name=t --ioengine=nbd --uri='{uri}' --rw=randread --bs=4k --iodepth=32 --runtime=10 --time_based"
         );

@@ -198,8 +198,8 @@ listen = ["unix:appliance-data/nbd.sock", "tcp:127.0.0.1:10809"]
 
 [[disk]]
 name = "demo"
-path = "appliance-data/demo.img"
-format = "raw"
+path = "appliance-data/demo.qcow2"
+format = "qcow2"
 "#;
 
 impl Config {

@@ -154,7 +154,7 @@ fn byte_sizes() {
 fn quick_start_parses_without_files() {
     let c = Config::quick_start(Path::new("/tmp/qs")).unwrap();
     assert_eq!(c.disks[0].name, "demo");
-    assert_eq!(c.disks[0].path.as_deref(), Some(Path::new("/tmp/qs/appliance-data/demo.img")));
+    assert_eq!(c.disks[0].path.as_deref(), Some(Path::new("/tmp/qs/appliance-data/demo.qcow2")));
     let nbd = c.nbd.unwrap();
     assert!(nbd.listen.contains(&ListenAddr::Unix("/tmp/qs/appliance-data/nbd.sock".into())));
 }

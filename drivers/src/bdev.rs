@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::align::Aligned;
 use crate::error::{IoError, OpenError};
+use crate::qcow2::{Qcow2Channel, Qcow2Device};
 use crate::seg::{self, IoSeg};
 use crate::storage::{Allocation, EngineKind, Storage};
 
@@ -64,6 +65,7 @@ pub struct BlockStatus {
 
 enum Format {
     Raw(Arc<Storage>),
+    Qcow2(Arc<Qcow2Device>),
 }
 
 /// A configured, opened disk.
@@ -80,8 +82,15 @@ impl std::fmt::Debug for Bdev {
 }
 
 impl Bdev {
-    /// Opens the disk a config entry describes.
-    pub fn open(disk: &config::Disk) -> Result<Arc<Bdev>, OpenError> {
+    /// Opens the disk a config entry describes. A qcow2 image's shard is set up on
+    /// `owner` (the reactor that will serve its metadata).
+    pub fn open(
+        disk: &config::Disk,
+        owner: &poller::ReactorHandle,
+    ) -> Result<Arc<Bdev>, OpenError> {
+        if disk.format == config::Format::Qcow2 {
+            return Self::open_qcow2(disk, owner);
+        }
         let storage = match disk.driver {
             config::Driver::Null => Storage::null(disk.size.unwrap_or(0)),
             config::Driver::Mem => Storage::mem(disk.size.unwrap_or(0))?,
@@ -95,12 +104,56 @@ impl Bdev {
                 Storage::open_file(path, engine, disk.direct, disk.read_only)?
             }
         };
-        match disk.format {
-            config::Format::Raw => Ok(Self::raw(&disk.name, storage, disk.read_only)),
-            config::Format::Qcow2 => Err(OpenError::invalid(
-                storage.path().unwrap_or(Path::new("")),
-                "qcow2 images are not supported yet",
-            )),
+        Ok(Self::raw(&disk.name, storage, disk.read_only))
+    }
+
+    fn open_qcow2(
+        disk: &config::Disk,
+        owner: &poller::ReactorHandle,
+    ) -> Result<Arc<Bdev>, OpenError> {
+        let path = disk.path.as_deref().unwrap_or(Path::new(""));
+        let engine =
+            if disk.driver == config::Driver::Aio { EngineKind::Aio } else { EngineKind::IoUring };
+        let opts = crate::qcow2::OpenOptions {
+            engine,
+            direct: disk.direct,
+            read_only: disk.read_only,
+            allowed_backing_dirs: disk.allowed_backing_dirs.clone(),
+            l2_cache_bytes: disk.l2_cache_bytes,
+            refcount_cache_bytes: disk.refcount_cache_bytes,
+        };
+        let dev = Qcow2Device::open(path, opts, owner.clone())?;
+        let align = dev.alignment();
+        let info = BdevInfo {
+            size: dev.header().size,
+            min_block_size: align.request.max(1) as u32,
+            preferred_block_size: align.request.max(4096) as u32,
+            max_transfer: MAX_TRANSFER_BYTES,
+            mem_align: align.mem.max(1) as u32,
+            read_only: disk.read_only,
+            can_discard: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_multi_conn: true,
+            has_block_status: true,
+        };
+        Ok(Arc::new(Bdev { name: disk.name.clone(), info, format: Format::Qcow2(dev) }))
+    }
+
+    /// The qcow2 image behind this device, if it is one.
+    pub fn qcow2(&self) -> Option<&Arc<Qcow2Device>> {
+        match &self.format {
+            Format::Qcow2(d) => Some(d),
+            Format::Raw(_) => None,
+        }
+    }
+
+    /// Releases the device's per-reactor state (writing qcow2 metadata back and
+    /// clearing its dirty bit). Control plane, after the last request.
+    pub fn close(&self) -> Result<(), IoError> {
+        match &self.format {
+            Format::Qcow2(d) => d.close(),
+            Format::Raw(_) => Ok(()),
         }
     }
 
@@ -136,6 +189,7 @@ impl Bdev {
     pub fn channel(self: &Arc<Self>) -> Result<BdevChannel, IoError> {
         let kind = match &self.format {
             Format::Raw(storage) => ChannelKind::Raw(Aligned::new(storage.channel()?)),
+            Format::Qcow2(dev) => ChannelKind::Qcow2(dev.channel()?),
         };
         Ok(BdevChannel { bdev: self.clone(), kind })
     }
@@ -143,6 +197,7 @@ impl Bdev {
 
 enum ChannelKind {
     Raw(Aligned),
+    Qcow2(Qcow2Channel),
 }
 
 /// A device's handle on one reactor.
@@ -178,6 +233,7 @@ impl BdevChannel {
         self.check_range(off, seg::total_len(segs) as u64)?;
         match &self.kind {
             ChannelKind::Raw(a) => a.read(off, segs).await,
+            ChannelKind::Qcow2(q) => q.read(off, segs).await,
         }
     }
 
@@ -186,6 +242,7 @@ impl BdevChannel {
         self.check_write(off, seg::total_len(segs) as u64)?;
         match &self.kind {
             ChannelKind::Raw(a) => a.write(off, segs, fua).await,
+            ChannelKind::Qcow2(q) => q.write(off, segs, fua).await,
         }
     }
 
@@ -194,6 +251,7 @@ impl BdevChannel {
     pub async fn flush(&self) -> Result<(), IoError> {
         match &self.kind {
             ChannelKind::Raw(a) => a.flush().await,
+            ChannelKind::Qcow2(q) => q.flush().await,
         }
     }
 
@@ -215,6 +273,13 @@ impl BdevChannel {
                 }
                 Err(e) => Err(e),
             },
+            ChannelKind::Qcow2(q) => {
+                q.write_zeroes(off, len, flags.may_unmap, flags.fast_only).await?;
+                if flags.fua {
+                    q.flush().await?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -223,6 +288,7 @@ impl BdevChannel {
         self.check_write(off, len)?;
         match &self.kind {
             ChannelKind::Raw(a) => a.discard(off, len).await.map(|_| ()),
+            ChannelKind::Qcow2(q) => q.discard(off, len).await,
         }
     }
 
@@ -234,6 +300,10 @@ impl BdevChannel {
                 let e = a.block_status(off, len).await?;
                 let hole = e.allocation == Allocation::Hole;
                 Ok(BlockStatus { len: e.len.max(1).min(len), hole, zero: hole })
+            }
+            ChannelKind::Qcow2(q) => {
+                let (l, data, zero) = q.block_status(off, len).await?;
+                Ok(BlockStatus { len: l.max(1).min(len), hole: !data, zero })
             }
         }
     }

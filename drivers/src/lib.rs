@@ -4,7 +4,7 @@
 //! - [`bdev`]: the consumer API exports use: a shared [`Bdev`] describing a device and a
 //!   per-reactor [`BdevChannel`] with async read, write, flush, write-zeroes, discard
 //!   and block status; bounds and read-only checks happen here;
-//! - format drivers: `raw` (inside `bdev`) and, later, `qcow2`;
+//! - format drivers: `raw` (inside `bdev`) and [`qcow2`];
 //! - [`align`]: byte-granular I/O over storage that needs aligned I/O
 //!   (bounce buffers, serialised read-modify-write);
 //! - [`storage`]: pure, pre-aligned I/O to a file through an engine, a RAM disk or a
@@ -16,6 +16,7 @@ pub mod bdev;
 mod engine;
 pub mod error;
 pub mod probe;
+pub mod qcow2;
 pub mod seg;
 pub mod storage;
 

@@ -313,8 +313,9 @@ fn bdev_checks_ranges_and_read_only() {
         l2_cache_bytes: None,
         refcount_cache_bytes: None,
     };
-    let rw = Bdev::open(&disk(false)).unwrap();
-    let ro = Bdev::open(&disk(true)).unwrap();
+    let owner = r.handles()[0].clone();
+    let rw = Bdev::open(&disk(false), &owner).unwrap();
+    let ro = Bdev::open(&disk(true), &owner).unwrap();
     assert_eq!(rw.info().size, 1 << 20);
     assert!(ro.info().read_only);
     r.handles()[0].block_on(move || async move {

@@ -1,0 +1,406 @@
+//! A fixed-capacity cache of metadata slices (L2 table slices, refcount block slices).
+//!
+//! - Memory: one anonymous mapping of `capacity × slice_bytes`, page-aligned, so slices
+//!   are read straight into place with O_DIRECT; pages are touched only when used.
+//! - Lookup: a direct index from key (the slice number in the structure's own address
+//!   space) to slot, so a hit is two array reads: no hashing, no allocation.
+//! - Replacement: the clock algorithm over clean, unpinned slots. Dirty slots are never
+//!   evicted: they are written back only by the shard's ordered flush, which is what
+//!   enforces the qcow2 ordering rules; a cache with no clean victim reports `Full`
+//!   and the caller flushes and retries.
+//! - Pins: a [`Pin`] keeps its slot resident across awaits; it is released on drop.
+//! - Writeback takes a *snapshot* of a dirty slot (a copy, with the slot's modification
+//!   count); the slot is marked clean only if nothing changed it since the snapshot, so
+//!   concurrent updates are never lost or written half-done.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::ptr::NonNull;
+
+use poller::{DmaBuf, WaitList};
+
+use crate::align::Aligned;
+use crate::error::IoError;
+use crate::seg::IoSeg;
+
+const NONE: u32 = u32::MAX;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Free,
+    Loading,
+    Ready,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    key: u64,
+    /// Where the slice lives in the image file.
+    host: u64,
+    state: State,
+    pins: u32,
+    dirty: bool,
+    referenced: bool,
+    /// Bumped on every modification.
+    mods: u64,
+}
+
+/// Why a lookup failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GetError {
+    Io(IoError),
+    /// Every slot is pinned, loading or dirty: flush, then retry.
+    Full,
+}
+
+impl From<IoError> for GetError {
+    fn from(e: IoError) -> Self {
+        GetError::Io(e)
+    }
+}
+
+pub(crate) struct MetaCache {
+    slice_bytes: usize,
+    base: NonNull<u8>,
+    map_len: usize,
+    slots: RefCell<Box<[Slot]>>,
+    index: RefCell<Vec<u32>>,
+    hand: Cell<usize>,
+    dirty_count: Cell<usize>,
+    changed: WaitList,
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+}
+
+/// A pinned, resident slot.
+pub(crate) struct Pin<'a> {
+    cache: &'a MetaCache,
+    slot: u32,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.cache.slots.borrow_mut();
+        let s = &mut slots[self.slot as usize];
+        debug_assert!(s.pins > 0);
+        s.pins -= 1;
+        let unpinned = s.pins == 0;
+        drop(slots);
+        if unpinned {
+            self.cache.changed.wake_all();
+        }
+    }
+}
+
+impl Pin<'_> {
+    /// Entry `i` as a big-endian u64.
+    pub(crate) fn get_u64(&self, i: usize) -> u64 {
+        u64::from_be_bytes(self.bytes()[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+    }
+
+    pub(crate) fn set_u64(&self, i: usize, v: u64) {
+        self.modify(|b| b[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()));
+    }
+
+    /// The slice's bytes. Valid while the pin lives; callers must not hold the slice
+    /// across an await that could modify it (the shard never does).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the slot is pinned, so its memory is not reused; it lies inside the
+        // mapping; all access happens on this reactor thread.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.cache.base.as_ptr().add(self.slot as usize * self.cache.slice_bytes),
+                self.cache.slice_bytes,
+            )
+        }
+    }
+
+    /// Modifies the slice in place and marks it dirty.
+    pub(crate) fn modify<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        // SAFETY: as in `bytes`; the closure gets exclusive access for its duration
+        // (single thread, no re-entrancy into the cache from inside `f`).
+        let b = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.cache.base.as_ptr().add(self.slot as usize * self.cache.slice_bytes),
+                self.cache.slice_bytes,
+            )
+        };
+        let r = f(b);
+        let mut slots = self.cache.slots.borrow_mut();
+        let s = &mut slots[self.slot as usize];
+        if !s.dirty {
+            s.dirty = true;
+            self.cache.dirty_count.set(self.cache.dirty_count.get() + 1);
+        }
+        s.mods += 1;
+        r
+    }
+}
+
+/// A copy of a dirty slot, ready to be written.
+pub(crate) struct Snapshot {
+    pub slot: u32,
+    pub host: u64,
+    pub mods: u64,
+    pub buf: DmaBuf,
+}
+
+impl MetaCache {
+    pub(crate) fn new(slice_bytes: usize, capacity: usize, key_space: u64) -> io::Result<Self> {
+        assert!(slice_bytes.is_power_of_two() && slice_bytes >= 512 && capacity > 0);
+        let map_len = slice_bytes * capacity;
+        // SAFETY: an anonymous private mapping with no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let free = Slot {
+            key: u64::MAX,
+            host: 0,
+            state: State::Free,
+            pins: 0,
+            dirty: false,
+            referenced: false,
+            mods: 0,
+        };
+        Ok(MetaCache {
+            slice_bytes,
+            base: NonNull::new(p.cast()).expect("mmap returned null"),
+            map_len,
+            slots: RefCell::new(vec![free; capacity].into_boxed_slice()),
+            index: RefCell::new(vec![NONE; key_space as usize]),
+            hand: Cell::new(0),
+            dirty_count: Cell::new(0),
+            changed: WaitList::new(),
+            hits: Cell::new(0),
+            misses: Cell::new(0),
+        })
+    }
+
+    pub(crate) fn slice_bytes(&self) -> usize {
+        self.slice_bytes
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.borrow().len()
+    }
+
+    pub(crate) fn dirty_count(&self) -> usize {
+        self.dirty_count.get()
+    }
+
+    pub(crate) fn stats(&self) -> (u64, u64) {
+        (self.hits.get(), self.misses.get())
+    }
+
+    /// Extends the key space (refcount table growth).
+    pub(crate) fn grow_keys(&self, key_space: u64) {
+        let mut index = self.index.borrow_mut();
+        if (index.len() as u64) < key_space {
+            index.resize(key_space as usize, NONE);
+        }
+    }
+
+    /// The slot of a resident, ready key (no I/O).
+    fn resident(&self, key: u64) -> Option<(u32, State)> {
+        let index = self.index.borrow();
+        let slot = *index.get(key as usize)?;
+        if slot == NONE {
+            return None;
+        }
+        Some((slot, self.slots.borrow()[slot as usize].state))
+    }
+
+    fn pick_victim(&self) -> Option<u32> {
+        let mut slots = self.slots.borrow_mut();
+        let n = slots.len();
+        let mut hand = self.hand.get();
+        for _ in 0..2 * n {
+            let i = hand;
+            hand = (hand + 1) % n;
+            let s = &mut slots[i];
+            match s.state {
+                State::Free => {
+                    self.hand.set(hand);
+                    return Some(i as u32);
+                }
+                State::Loading => continue,
+                State::Ready => {
+                    if s.pins > 0 || s.dirty {
+                        continue;
+                    }
+                    if s.referenced {
+                        s.referenced = false;
+                        continue;
+                    }
+                    self.hand.set(hand);
+                    return Some(i as u32);
+                }
+            }
+        }
+        self.hand.set(hand);
+        None
+    }
+
+    /// The slice `key`, stored at `host`, loaded if needed. With `fresh`, a missing
+    /// slice is not read but zero-filled (a newly allocated table) and marked dirty.
+    pub(crate) async fn get<'a>(
+        &'a self,
+        io: &Aligned,
+        key: u64,
+        host: u64,
+        fresh: bool,
+    ) -> Result<Pin<'a>, GetError> {
+        loop {
+            match self.resident(key) {
+                Some((slot, State::Ready)) => {
+                    let mut slots = self.slots.borrow_mut();
+                    let s = &mut slots[slot as usize];
+                    s.pins += 1;
+                    s.referenced = true;
+                    debug_assert_eq!(s.host, host, "slice {key} moved without rehost");
+                    self.hits.set(self.hits.get() + 1);
+                    return Ok(Pin { cache: self, slot });
+                }
+                Some((_, _)) => {
+                    self.changed.wait().await;
+                    continue;
+                }
+                None => {}
+            }
+            let Some(slot) = self.pick_victim() else {
+                return Err(GetError::Full);
+            };
+            self.misses.set(self.misses.get() + 1);
+            {
+                let mut slots = self.slots.borrow_mut();
+                let s = &mut slots[slot as usize];
+                let mut index = self.index.borrow_mut();
+                if s.state == State::Ready {
+                    index[s.key as usize] = NONE;
+                }
+                *s = Slot {
+                    key,
+                    host,
+                    state: State::Loading,
+                    pins: 1,
+                    dirty: false,
+                    referenced: true,
+                    mods: s.mods,
+                };
+                index[key as usize] = slot;
+            }
+            let pin = Pin { cache: self, slot };
+            if fresh {
+                pin.modify(|b| b.fill(0));
+            } else {
+                // SAFETY: the slot's memory is exclusively ours while it is Loading and
+                // pinned; it stays mapped for the cache's life, beyond this read.
+                let seg = unsafe {
+                    IoSeg::from_raw(
+                        self.base.as_ptr().add(slot as usize * self.slice_bytes),
+                        self.slice_bytes,
+                    )
+                };
+                if let Err(e) = io.read(host, &[seg]).await {
+                    self.discard_slot(slot);
+                    std::mem::forget(pin);
+                    self.changed.wake_all();
+                    return Err(GetError::Io(e));
+                }
+            }
+            self.slots.borrow_mut()[slot as usize].state = State::Ready;
+            self.changed.wake_all();
+            return Ok(pin);
+        }
+    }
+
+    fn discard_slot(&self, slot: u32) {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[slot as usize];
+        let mut index = self.index.borrow_mut();
+        if (s.key as usize) < index.len() && index[s.key as usize] == slot {
+            index[s.key as usize] = NONE;
+        }
+        if s.dirty {
+            self.dirty_count.set(self.dirty_count.get() - 1);
+        }
+        s.state = State::Free;
+        s.pins = 0;
+        s.dirty = false;
+        s.key = u64::MAX;
+    }
+
+    /// Records that slice `key` now lives at `host` (its table was copied on write).
+    pub(crate) fn rehost(&self, key: u64, host: u64) {
+        if let Some((slot, _)) = self.resident(key) {
+            self.slots.borrow_mut()[slot as usize].host = host;
+        }
+    }
+
+    /// Dirty slots, up to `max`, into `out` (cleared first).
+    pub(crate) fn dirty_slots(&self, out: &mut Vec<u32>, max: usize) {
+        out.clear();
+        for (i, s) in self.slots.borrow().iter().enumerate() {
+            if s.dirty && s.state == State::Ready {
+                out.push(i as u32);
+                if out.len() == max {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Copies a dirty slot for writeback.
+    pub(crate) async fn snapshot(&self, slot: u32) -> Result<Snapshot, IoError> {
+        let mut buf =
+            poller::dma::alloc_wait(self.slice_bytes).await.map_err(|_| IoError::TooLarge)?;
+        let (host, mods) = {
+            let s = self.slots.borrow()[slot as usize];
+            (s.host, s.mods)
+        };
+        // SAFETY: the slot lies inside the mapping; copying on the owning thread.
+        let src = unsafe {
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(slot as usize * self.slice_bytes),
+                self.slice_bytes,
+            )
+        };
+        buf.as_mut_slice().copy_from_slice(src);
+        Ok(Snapshot { slot, host, mods, buf })
+    }
+
+    /// Marks a slot clean after its snapshot was written, unless it changed since (or
+    /// moved: then the snapshot went to the old place and the slot stays dirty).
+    pub(crate) fn written(&self, snap: &Snapshot) {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[snap.slot as usize];
+        if s.dirty && s.mods == snap.mods && s.host == snap.host {
+            s.dirty = false;
+            self.dirty_count.set(self.dirty_count.get() - 1);
+        }
+        drop(slots);
+        self.changed.wake_all();
+    }
+
+    /// Waits until some slot may have become evictable.
+    pub(crate) async fn wait_change(&self) {
+        self.changed.wait().await
+    }
+}
+
+impl Drop for MetaCache {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, once; no Pin outlives the cache.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.map_len) };
+    }
+}

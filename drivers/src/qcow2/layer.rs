@@ -1,0 +1,364 @@
+//! The read side of an image and its backing chain.
+//!
+//! A [`Layer`] is one file of the chain: a qcow2 image (with its L1 table and its own L2
+//! cache) or a raw file. [`Qcow2Layer::map`] answers "where does this guest range
+//! live?" with a [`Run`]: a range that never crosses an L2 slice, over which every
+//! cluster has the same kind — host-contiguous data, zeros, unallocated, or one
+//! compressed cluster — so a run is at most one I/O.
+//!
+//! [`read_chain`] reads a guest range through the chain without recursion: an explicit
+//! stack of frames (layer, range) of fixed depth sends unallocated runs down to the
+//! next layer, and ranges beyond a (shorter) backing file read as zeros.
+
+use std::cell::RefCell;
+
+use crate::align::Aligned;
+use crate::error::IoError;
+use crate::seg::{self, IoSeg};
+
+use super::cache::{GetError, MetaCache};
+use super::compress::Decompressor;
+use super::types::*;
+
+/// The deepest backing chain accepted.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Segments a request may carry (virtqueue chains are bounded by seg_max).
+pub const MAX_SEGS: usize = 260;
+
+/// What a run of guest clusters is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunKind {
+    Data { host: u64, copied: bool },
+    Zero { host: Option<u64>, copied: bool },
+    Unallocated,
+    Compressed { host: u64, max_len: u64 },
+}
+
+/// A guest range of one kind; `host` of data runs is the host offset of the run's
+/// first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub len: u64,
+    pub kind: RunKind,
+}
+
+/// One qcow2 file of a chain, on its owner reactor.
+pub(crate) struct Qcow2Layer {
+    pub name: String,
+    pub g: Geometry,
+    pub io: Aligned,
+    pub l1: RefCell<Vec<u64>>,
+    pub l2: MetaCache,
+    /// log2 of L2 entries per cache slice.
+    pub slice_bits: u32,
+    pub decompressor: RefCell<Decompressor>,
+}
+
+/// One file of a backing chain.
+#[allow(clippy::large_enum_variant)] // A handful per image, never moved after set-up.
+pub(crate) enum Layer {
+    Qcow2(Qcow2Layer),
+    Raw { io: Aligned, size: u64 },
+}
+
+impl Layer {
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(q) => q.g.size,
+            Layer::Raw { size, .. } => *size,
+        }
+    }
+}
+
+/// A metadata problem found while serving I/O.
+pub(crate) fn corrupt(name: &str, what: std::fmt::Arguments<'_>) -> IoError {
+    tracing::error!(image = name, "qcow2 image is corrupt: {what}");
+    IoError::Corrupt
+}
+
+impl Qcow2Layer {
+    /// The cache key and host offset of the L2 slice holding `guest_off`, or `None`
+    /// when its L2 table is unallocated.
+    pub(crate) fn slice_of(&self, guest_off: u64) -> Result<Option<(u64, u64)>, IoError> {
+        let g = &self.g;
+        let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
+        let raw = match self.l1.borrow().get(l1i) {
+            Some(&r) => r,
+            None => {
+                return Err(corrupt(
+                    &self.name,
+                    format_args!("offset {guest_off} beyond the L1 table"),
+                ));
+            }
+        };
+        let (l2_off, _) = decode_l1(raw, g).map_err(|e| {
+            corrupt(&self.name, format_args!("L1 entry {l1i} ({raw:#x}) is invalid: {e:?}"))
+        })?;
+        if l2_off == 0 {
+            return Ok(None);
+        }
+        let key = guest_off >> (g.cluster_bits + self.slice_bits);
+        let slices_per_table = 1u64 << (g.l2_bits() - self.slice_bits);
+        let slice_bytes = 8u64 << self.slice_bits;
+        Ok(Some((key, l2_off + (key % slices_per_table) * slice_bytes)))
+    }
+
+    /// Guest bytes one cache slice covers.
+    pub(crate) fn slice_coverage(&self) -> u64 {
+        1 << (self.g.cluster_bits + self.slice_bits)
+    }
+
+    /// Maps `guest_off..guest_off+max` (at least one byte) to its first run.
+    /// `Full` means the cache needs a flush (only the writable top layer has dirty
+    /// slices; for the others the caller just waits).
+    pub(crate) async fn map(&self, guest_off: u64, max: u64) -> Result<Run, GetError> {
+        let g = self.g;
+        let cs = g.cluster_size();
+        let slice_end = (guest_off | (self.slice_coverage() - 1)) + 1;
+        let max = max.min(slice_end - guest_off).min(g.size.saturating_sub(guest_off)).max(1);
+        let Some((key, host)) = self.slice_of(guest_off)? else {
+            return Ok(Run { len: max, kind: RunKind::Unallocated });
+        };
+        let pin = self.l2.get(&self.io, key, host, false).await?;
+        let mask = (1u64 << self.slice_bits) - 1;
+        let first = ((guest_off >> g.cluster_bits) & mask) as usize;
+        let in_cluster = g.offset_in_cluster(guest_off);
+        let decode = |i: usize| -> Result<L2Entry, IoError> {
+            let raw = pin.get_u64(i);
+            L2Entry::decode(raw, &g).map_err(|e| {
+                corrupt(
+                    &self.name,
+                    format_args!(
+                        "L2 entry for guest cluster {} ({raw:#x}) is invalid: {e:?}",
+                        (guest_off >> g.cluster_bits) + (i - first) as u64
+                    ),
+                )
+            })
+        };
+        let e0 = decode(first)?;
+        let kind = match e0 {
+            L2Entry::Unallocated => RunKind::Unallocated,
+            L2Entry::Zero { host, copied } => RunKind::Zero { host, copied },
+            L2Entry::Normal { host, copied } => RunKind::Data { host: host + in_cluster, copied },
+            L2Entry::Compressed { host, max_len } => {
+                return Ok(Run {
+                    len: (cs - in_cluster).min(max),
+                    kind: RunKind::Compressed { host, max_len },
+                });
+            }
+        };
+        let mut len = cs - in_cluster;
+        let mut i = first + 1;
+        while len < max && i <= mask as usize {
+            let e = decode(i)?;
+            let same = match (e0, e) {
+                (L2Entry::Unallocated, L2Entry::Unallocated) => true,
+                (L2Entry::Zero { copied: a, host: h0 }, L2Entry::Zero { copied: b, host: h1 }) => {
+                    a == b && h0.is_some() == h1.is_some()
+                }
+                (
+                    L2Entry::Normal { host: h0, copied: a },
+                    L2Entry::Normal { host: h1, copied: b },
+                ) => a == b && h1 == h0 + (i - first) as u64 * cs,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len += cs;
+            i += 1;
+        }
+        let len = len.min(max);
+        // Zero runs keep the first cluster's preallocation only when one cluster long.
+        let kind = match kind {
+            RunKind::Zero { host, copied } if len > cs - in_cluster => {
+                RunKind::Zero { host: host.filter(|_| false), copied }
+            }
+            k => k,
+        };
+        Ok(Run { len, kind })
+    }
+
+    /// Like [`Self::map`], for read-only use: waits out a full cache instead of failing.
+    pub(crate) async fn map_ro(&self, guest_off: u64, max: u64) -> Result<Run, IoError> {
+        loop {
+            match self.map(guest_off, max).await {
+                Ok(r) => return Ok(r),
+                Err(GetError::Io(e)) => return Err(e),
+                Err(GetError::Full) => self.l2.wait_change().await,
+            }
+        }
+    }
+
+    /// Reads and decompresses the compressed cluster at `host` into `out` (one cluster).
+    pub(crate) async fn read_compressed(
+        &self,
+        host: u64,
+        max_len: u64,
+        out: &mut [u8],
+    ) -> Result<(), IoError> {
+        let mut buf =
+            poller::dma::alloc_wait(max_len as usize).await.map_err(|_| IoError::TooLarge)?;
+        self.io.read(host, &[IoSeg::from_dma(&mut buf)]).await?;
+        if self.decompressor.borrow_mut().decompress(buf.as_slice(), out) {
+            Ok(())
+        } else {
+            Err(corrupt(
+                &self.name,
+                format_args!("compressed cluster at host offset {host:#x} does not decompress"),
+            ))
+        }
+    }
+}
+
+/// Selects `len` bytes starting `skip` bytes into `segs`, into `out`.
+pub(crate) fn window<'a, 'o>(
+    segs: &[IoSeg<'a>],
+    mut skip: usize,
+    len: usize,
+    out: &'o mut [IoSeg<'a>; MAX_SEGS],
+) -> Result<&'o [IoSeg<'a>], IoError> {
+    let mut n = 0;
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len() {
+            skip -= s.len();
+            continue;
+        }
+        let take = (s.len() - skip).min(left);
+        if n == MAX_SEGS {
+            return Err(IoError::TooLarge);
+        }
+        out[n] = s.slice(skip, take);
+        n += 1;
+        left -= take;
+        skip = 0;
+    }
+    debug_assert_eq!(left, 0, "window beyond the segments");
+    Ok(&out[..n])
+}
+
+struct Frame {
+    layer: usize,
+    pos: u64,
+    end: u64,
+}
+
+/// Reads guest range `off..off+len` of layer `start` (and below) into `segs`, which
+/// hold exactly `len` bytes.
+pub(crate) async fn read_chain(
+    chain: &[Layer],
+    start: usize,
+    off: u64,
+    segs: &[IoSeg<'_>],
+) -> Result<(), IoError> {
+    let len = seg::total_len(segs) as u64;
+    let mut stack: [Option<Frame>; MAX_CHAIN_DEPTH] = [const { None }; MAX_CHAIN_DEPTH];
+    stack[0] = Some(Frame { layer: start, pos: off, end: off + len });
+    let mut depth = 1;
+    let mut win = [segs.first().copied().unwrap_or_else(empty_seg); MAX_SEGS];
+    while depth > 0 {
+        let f = stack[depth - 1].as_mut().expect("frame");
+        if f.pos >= f.end {
+            stack[depth - 1] = None;
+            depth -= 1;
+            continue;
+        }
+        let (layer_i, pos, end) = (f.layer, f.pos, f.end);
+        let out_skip = (pos - off) as usize;
+        let layer = &chain[layer_i];
+        // Beyond this layer's size: zeros.
+        if pos >= layer.size() {
+            seg::zero_segs(segs, out_skip, (end - pos) as usize);
+            f.pos = end;
+            continue;
+        }
+        match layer {
+            Layer::Raw { io, size } => {
+                let n = (end.min(*size) - pos) as usize;
+                let w = window(segs, out_skip, n, &mut win)?;
+                io.read(pos, w).await?;
+                f.pos += n as u64;
+            }
+            Layer::Qcow2(q) => {
+                let run = q.map_ro(pos, end - pos).await?;
+                let n = run.len;
+                f.pos += n;
+                match run.kind {
+                    RunKind::Data { host, .. } => {
+                        let w = window(segs, out_skip, n as usize, &mut win)?;
+                        q.io.read(host, w).await?;
+                    }
+                    RunKind::Zero { .. } => seg::zero_segs(segs, out_skip, n as usize),
+                    RunKind::Unallocated => {
+                        if layer_i + 1 < chain.len() {
+                            if depth == MAX_CHAIN_DEPTH {
+                                return Err(IoError::TooLarge);
+                            }
+                            stack[depth] = Some(Frame { layer: layer_i + 1, pos, end: pos + n });
+                            depth += 1;
+                        } else {
+                            seg::zero_segs(segs, out_skip, n as usize);
+                        }
+                    }
+                    RunKind::Compressed { host, max_len } => {
+                        let cs = q.g.cluster_size() as usize;
+                        let mut cluster =
+                            poller::dma::alloc_wait(cs).await.map_err(|_| IoError::TooLarge)?;
+                        q.read_compressed(host, max_len, cluster.as_mut_slice()).await?;
+                        let in_cluster = q.g.offset_in_cluster(pos) as usize;
+                        // SAFETY: `cluster` holds `cs >= in_cluster + n` bytes.
+                        unsafe {
+                            seg::copy_into_segs(
+                                segs,
+                                out_skip,
+                                cluster.as_ptr().add(in_cluster),
+                                n as usize,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn empty_seg<'a>() -> IoSeg<'a> {
+    // SAFETY: a zero-length segment is never dereferenced.
+    unsafe { IoSeg::from_raw(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0) }
+}
+
+/// The allocation status of `off..off+max` through the chain from layer `start`:
+/// (length, data?, zero?). Unallocated everywhere reads as zeros.
+pub(crate) async fn status_chain(
+    chain: &[Layer],
+    start: usize,
+    off: u64,
+    max: u64,
+) -> Result<(u64, bool, bool), IoError> {
+    let mut len = max;
+    for layer in &chain[start..] {
+        if off >= layer.size() {
+            return Ok((len, false, true));
+        }
+        match layer {
+            Layer::Raw { size, .. } => return Ok((len.min(size - off), true, false)),
+            Layer::Qcow2(q) => {
+                let run = q.map_ro(off, len).await?;
+                len = run.len;
+                match run.kind {
+                    RunKind::Data { .. } | RunKind::Compressed { .. } => {
+                        return Ok((len, true, false));
+                    }
+                    RunKind::Zero { .. } => return Ok((len, false, true)),
+                    RunKind::Unallocated => continue,
+                }
+            }
+        }
+    }
+    Ok((len, false, true))
+}

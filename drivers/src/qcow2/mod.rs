@@ -1,0 +1,399 @@
+//! The qcow2 format driver.
+//!
+//! Layout, by concern:
+//! - [`types`] and [`header`]: on-disk encodings and header validation;
+//! - `open` and [`snapshot`]: opening and validating an image and its backing chain on
+//!   the control plane;
+//! - `cache`: fixed-capacity metadata caches (L2 slices, refcount-block slices);
+//! - `layer`: mapping lookups and reads through the backing chain;
+//! - `refcount`: refcounts of every width;
+//! - `shard`: the owner reactor's state and the write, zero, discard and flush
+//!   algorithms, with the crash-consistency ordering rules;
+//! - `remote`: forwarding requests from other reactors to the owner;
+//! - [`create`], [`check`] and [`tools`]: the image tools (create, check/repair, info,
+//!   map), synchronous, for the command line.
+//!
+//! The image state is one read-mostly description ([`Qcow2Device`], shared) plus a
+//! shard that one reactor owns. Today each image has one shard, on the reactor chosen
+//! at open; requests arriving on other reactors are forwarded to it (zero copy).
+//! Splitting the guest space over several shards changes where a request goes, not
+//! how the shard serves it.
+
+mod cache;
+pub mod check;
+mod compress;
+pub mod create;
+pub mod header;
+mod layer;
+pub(crate) mod open;
+mod refcount;
+mod remote;
+mod shard;
+pub mod snapshot;
+pub mod tools;
+pub mod types;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Poll, Waker};
+
+use poller::{MailSender, Mailbox, ReactorHandle, TaskPool};
+
+use crate::align::Aligned;
+use crate::error::{IoError, OpenError};
+use crate::probe::Alignment;
+use crate::seg::IoSeg;
+
+pub use open::OpenOptions;
+
+use self::cache::MetaCache;
+use self::compress::Decompressor;
+use self::header::Header;
+use self::layer::{Layer, Qcow2Layer};
+use self::open::{OpenedImage, OpenedLayer, OpenedQcow2};
+use self::refcount::Refcounts;
+use self::remote::{CallPtr, Forward, Op};
+use self::shard::Shard;
+
+/// Default budget of an image's L2 cache (QEMU's default cliff is far lower: the
+/// cache covers 8 GiB of a 64 KiB-cluster image there).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Budget of a backing file's L2 cache.
+const BACKING_L2_CACHE_BYTES: u64 = 4 << 20;
+/// Forwarded requests in flight per image.
+const REMOTE_POOL: u32 = 512;
+/// Capacity of an image's forwarding mailbox.
+const REMOTE_RING: usize = 1024;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An open qcow2 image (the shared description).
+pub struct Qcow2Device {
+    id: u64,
+    path: PathBuf,
+    header: Header,
+    align: Alignment,
+    owner: ReactorHandle,
+    tx: MailSender<CallPtr>,
+    read_only: bool,
+    chain_len: usize,
+}
+
+impl std::fmt::Debug for Qcow2Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Device").field("path", &self.path).field("owner", &self.owner).finish()
+    }
+}
+
+/// What an owner reactor keeps per image.
+struct Host {
+    shard: Rc<Shard>,
+    queue: Rc<Queue>,
+    _mailbox: Mailbox,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: RefCell<VecDeque<Option<CallPtr>>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Queue {
+    fn push(&self, p: Option<CallPtr>) {
+        self.items.borrow_mut().push_back(p);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+    async fn pop(&self) -> Option<CallPtr> {
+        std::future::poll_fn(|cx| match self.items.borrow_mut().pop_front() {
+            Some(p) => Poll::Ready(p),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+thread_local! {
+    static HOSTS: RefCell<HashMap<u64, Host>> = RefCell::new(HashMap::new());
+}
+
+fn slice_bits_for(cluster_bits: u32) -> u32 {
+    // Slices of at most 4 KiB (512 entries): small misses, aligned writebacks.
+    (cluster_bits.min(12)) - 3
+}
+
+fn build_layer(q: &OpenedQcow2, cache_bytes: u64) -> Result<Qcow2Layer, IoError> {
+    let g = q.header.geometry();
+    let slice_bits = slice_bits_for(g.cluster_bits);
+    let slice_bytes = 8usize << slice_bits;
+    let slices_per_table = 1u64 << (g.l2_bits() - slice_bits);
+    let keys = u64::from(q.header.l1_size) * slices_per_table;
+    let coverage = 1u64 << (g.cluster_bits + slice_bits);
+    let needed = g.size.div_ceil(coverage).max(1);
+    let capacity = needed.min((cache_bytes / slice_bytes as u64).max(16)).max(16) as usize;
+    Ok(Qcow2Layer {
+        name: q.path.display().to_string(),
+        g,
+        io: Aligned::new(q.storage.channel()?),
+        l1: RefCell::new(q.l1.clone()),
+        l2: MetaCache::new(slice_bytes, capacity, keys)?,
+        slice_bits,
+        decompressor: RefCell::new(Decompressor::new(q.header.compression())?),
+    })
+}
+
+fn build_shard(img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
+    let top = &img.top;
+    let g = top.header.geometry();
+    let l2_bytes = opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_BYTES);
+    let mut chain = vec![Layer::Qcow2(build_layer(top, l2_bytes)?)];
+    for b in &img.backing {
+        chain.push(match b {
+            OpenedLayer::Qcow2(q) => Layer::Qcow2(build_layer(q, BACKING_L2_CACHE_BYTES)?),
+            OpenedLayer::Raw { storage, .. } => {
+                Layer::Raw { io: Aligned::new(storage.channel()?), size: storage.size() }
+            }
+        });
+    }
+    let rc_bytes = opts.refcount_cache_bytes.unwrap_or((l2_bytes / 4).max(256 << 10));
+    let rc = Refcounts::new(
+        g,
+        img.reftable,
+        top.header.refcount_table_offset,
+        top.header.refcount_table_clusters,
+        rc_bytes,
+    )?;
+    let shard = Shard::new(
+        top.path.display().to_string(),
+        chain,
+        rc,
+        opts.read_only,
+        top.header.lazy_refcounts(),
+        top.header.incompatible,
+        top.file_size,
+    );
+    shard.set_l1_offset(top.header.l1_table_offset);
+    Ok(shard)
+}
+
+async fn execute(shard: Rc<Shard>, p: CallPtr) {
+    // SAFETY: see `CallPtr`: valid until we complete it.
+    let call = unsafe { &*p.0 };
+    // SAFETY: as above.
+    let segs = unsafe { call.segs() };
+    let mut status = 0u64;
+    let r = match call.op {
+        Op::Read => shard.read(call.off, segs).await,
+        Op::Write { fua } => shard.write(call.off, segs, fua).await,
+        Op::Flush => shard.flush().await,
+        Op::Zero { len, unmap, fast } => shard.write_zeroes(call.off, len, unmap, fast).await,
+        Op::Discard { len } => shard.discard(call.off, len).await,
+        Op::Status { len } => match shard.block_status(call.off, len).await {
+            Ok((l, data, zero)) => {
+                status = encode_status(l, data, zero);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    call.complete(r, status);
+}
+
+fn encode_status(len: u64, data: bool, zero: bool) -> u64 {
+    (len << 2) | u64::from(data) << 1 | u64::from(zero)
+}
+
+fn decode_status(v: u64) -> (u64, bool, bool) {
+    (v >> 2, v & 2 != 0, v & 1 != 0)
+}
+
+async fn dispatch(shard: Rc<Shard>, queue: Rc<Queue>) {
+    let pool = TaskPool::new(REMOTE_POOL);
+    while let Some(p) = queue.pop().await {
+        while pool.is_full() {
+            pool.finished().await;
+        }
+        if pool.spawn(execute(shard.clone(), p)).is_err() {
+            unreachable!("the pool had room");
+        }
+    }
+    pool.drain().await;
+}
+
+impl Qcow2Device {
+    /// Opens an image on the control plane and sets up its shard on `owner`.
+    pub fn open(
+        path: &Path,
+        opts: OpenOptions,
+        owner: ReactorHandle,
+    ) -> Result<Arc<Qcow2Device>, OpenError> {
+        if !opts.read_only {
+            check::repair_if_dirty(path)?;
+        }
+        let img = open::open_image(path, &opts)?;
+        let header = img.top.header.clone();
+        let align = img.top.storage.alignment();
+        let chain_len = 1 + img.backing.len();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let read_only = opts.read_only;
+        let p = path.to_path_buf();
+        let tx = owner
+            .call(move || -> Result<MailSender<CallPtr>, String> {
+                let shard = Rc::new(build_shard(img, &opts).map_err(|e| e.to_string())?);
+                let queue = Rc::new(Queue::default());
+                let q = queue.clone();
+                let (mailbox, tx) = poller::mailbox(REMOTE_RING, move |p: CallPtr| q.push(Some(p)));
+                poller::spawn(dispatch(shard.clone(), queue.clone()));
+                HOSTS.with(|h| h.borrow_mut().insert(id, Host { shard, queue, _mailbox: mailbox }));
+                Ok(tx)
+            })
+            .map_err(|m| OpenError::invalid(&p, format!("cannot set up the image: {m}")))?;
+        Ok(Arc::new(Qcow2Device {
+            id,
+            path: path.to_path_buf(),
+            header,
+            align,
+            owner,
+            tx,
+            read_only,
+            chain_len,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn alignment(&self) -> Alignment {
+        self.align
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn backing_depth(&self) -> usize {
+        self.chain_len - 1
+    }
+
+    pub fn owner(&self) -> &ReactorHandle {
+        &self.owner
+    }
+
+    /// The handle for the current reactor: direct on the owner, forwarding elsewhere.
+    pub fn channel(self: &Arc<Self>) -> Result<Qcow2Channel, IoError> {
+        let local = HOSTS.with(|h| h.borrow().get(&self.id).map(|h| h.shard.clone()));
+        Ok(Qcow2Channel(match local {
+            Some(shard) => ChannelInner::Local(shard),
+            None => ChannelInner::Remote(self.tx.clone()),
+        }))
+    }
+
+    /// Cache statistics: (L2 hits, L2 misses, refcount hits, refcount misses,
+    /// clusters allocated). Control plane.
+    pub fn stats(&self) -> (u64, u64, u64, u64, u64) {
+        let id = self.id;
+        self.owner.call(move || {
+            HOSTS.with(|h| h.borrow().get(&id).map(|h| h.shard.stats()).unwrap_or_default())
+        })
+    }
+
+    /// Writes everything back, clears the dirty bit, and releases the shard.
+    /// Control plane; no request may be in flight.
+    pub fn close(&self) -> Result<(), IoError> {
+        let id = self.id;
+        self.owner.block_on(move || async move {
+            let host = HOSTS.with(|h| h.borrow_mut().remove(&id));
+            let Some(host) = host else { return Ok(()) };
+            host.queue.push(None);
+            let r = host.shard.close().await;
+            drop(host);
+            r
+        })
+    }
+}
+
+/// An image's handle on one reactor.
+pub struct Qcow2Channel(ChannelInner);
+
+enum ChannelInner {
+    Local(Rc<Shard>),
+    Remote(MailSender<CallPtr>),
+}
+
+impl Qcow2Channel {
+    async fn forward(
+        tx: &MailSender<CallPtr>,
+        op: Op,
+        off: u64,
+        segs: &[IoSeg<'_>],
+    ) -> (Result<(), IoError>, u64) {
+        Forward::new(tx, op, off, segs).await
+    }
+
+    pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.read(off, segs).await,
+            ChannelInner::Remote(tx) => Self::forward(tx, Op::Read, off, segs).await.0,
+        }
+    }
+
+    pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.write(off, segs, fua).await,
+            ChannelInner::Remote(tx) => Self::forward(tx, Op::Write { fua }, off, segs).await.0,
+        }
+    }
+
+    pub async fn flush(&self) -> Result<(), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.flush().await,
+            ChannelInner::Remote(tx) => Self::forward(tx, Op::Flush, 0, &[]).await.0,
+        }
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        unmap: bool,
+        fast: bool,
+    ) -> Result<(), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.write_zeroes(off, len, unmap, fast).await,
+            ChannelInner::Remote(tx) => {
+                Self::forward(tx, Op::Zero { len, unmap, fast }, off, &[]).await.0
+            }
+        }
+    }
+
+    pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.discard(off, len).await,
+            ChannelInner::Remote(tx) => Self::forward(tx, Op::Discard { len }, off, &[]).await.0,
+        }
+    }
+
+    /// (length, data?, zero?) of the range from `off`.
+    pub async fn block_status(&self, off: u64, len: u64) -> Result<(u64, bool, bool), IoError> {
+        match &self.0 {
+            ChannelInner::Local(s) => s.block_status(off, len).await,
+            ChannelInner::Remote(tx) => {
+                let (r, st) = Self::forward(tx, Op::Status { len }, off, &[]).await;
+                r.map(|()| decode_status(st))
+            }
+        }
+    }
+}

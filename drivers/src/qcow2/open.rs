@@ -1,0 +1,256 @@
+//! Opening an image on the control plane: header, tables, snapshot table and backing
+//! chain are read and validated synchronously, before any reactor sees the image.
+//!
+//! An image is untrusted input. Every table offset is checked against the file, every
+//! L1 and refcount-table entry is checked for reserved bits and alignment, and a
+//! backing file is opened only if its resolved, canonical path lies inside one of the
+//! disk's `allowed_backing_dirs` — an image cannot make the appliance open arbitrary
+//! host files — and only if it does not appear twice in the chain (a loop).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::OpenError;
+use crate::storage::{EngineKind, Storage};
+
+use super::header::Header;
+use super::layer::MAX_CHAIN_DEPTH;
+use super::types::*;
+
+/// How to open an image and its backing files.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub engine: EngineKind,
+    pub direct: bool,
+    pub read_only: bool,
+    /// Directories backing files may live in (canonicalised by the opener).
+    pub allowed_backing_dirs: Vec<PathBuf>,
+    pub l2_cache_bytes: Option<u64>,
+    pub refcount_cache_bytes: Option<u64>,
+}
+
+/// A qcow2 file's validated metadata.
+pub(crate) struct OpenedQcow2 {
+    pub path: PathBuf,
+    pub storage: Arc<Storage>,
+    pub header: Header,
+    pub l1: Vec<u64>,
+    pub file_size: u64,
+}
+
+/// One file of a chain, opened.
+#[allow(clippy::large_enum_variant)] // A handful per image, on the control plane.
+pub(crate) enum OpenedLayer {
+    Qcow2(OpenedQcow2),
+    Raw { storage: Arc<Storage> },
+}
+
+/// The image with its chain, ready to become a shard.
+pub(crate) struct OpenedImage {
+    pub top: OpenedQcow2,
+    pub reftable: Vec<u64>,
+    pub backing: Vec<OpenedLayer>,
+}
+
+/// Reads `len` bytes at `off` from a plain (buffered) handle; bytes past the end of
+/// the file read as zeros.
+pub(crate) fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(buf)
+}
+
+/// Reads and validates a header from a file.
+pub(crate) fn read_header(path: &Path, f: &File) -> Result<(Header, u64), OpenError> {
+    let file_size = f.metadata().map_err(|e| OpenError::io(path, e))?.len();
+    let first = read_at(f, 0, (2u64 << 20).min(file_size.max(512)) as usize)
+        .map_err(|e| OpenError::io(path, e))?;
+    let header = Header::parse(&first, file_size)
+        .map_err(|e| OpenError::invalid(path, format!("invalid qcow2 image: {e}")))?;
+    Ok((header, file_size))
+}
+
+/// Reads a table of big-endian u64 entries.
+pub(crate) fn read_table(
+    path: &Path,
+    f: &File,
+    off: u64,
+    entries: u64,
+) -> Result<Vec<u64>, OpenError> {
+    let raw = read_at(f, off, (entries * 8) as usize).map_err(|e| OpenError::io(path, e))?;
+    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// Checks L1 entries: reserved bits, alignment, inside the file.
+pub(crate) fn validate_l1(
+    path: &Path,
+    l1: &[u64],
+    g: &Geometry,
+    file_size: u64,
+    what: &str,
+) -> Result<(), OpenError> {
+    let end = file_size.div_ceil(g.cluster_size()) * g.cluster_size();
+    for (i, &raw) in l1.iter().enumerate() {
+        let (off, _) = decode_l1(raw, g).map_err(|e| {
+            OpenError::invalid(path, format!("{what} entry {i} ({raw:#x}) is invalid: {e:?}"))
+        })?;
+        if off != 0 && off + g.cluster_size() > end {
+            return Err(OpenError::invalid(
+                path,
+                format!(
+                    "{what} entry {i} points at an L2 table at {off:#x}, beyond the end of the file ({file_size} bytes)"
+                ),
+            ));
+        }
+        if off == 0 && raw & OFLAG_COPIED != 0 {
+            return Err(OpenError::invalid(
+                path,
+                format!("{what} entry {i} is COPIED with no table"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn open_qcow2(path: &Path, opts: &OpenOptions, read_only: bool) -> Result<OpenedQcow2, OpenError> {
+    let storage = Storage::open_file(path, opts.engine, opts.direct, read_only)?;
+    let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
+    let (header, file_size) = read_header(path, &f)?;
+    if header.is_corrupt() && !read_only {
+        return Err(OpenError::invalid(
+            path,
+            "the image is marked corrupt: serve it read-only (read_only = true) or repair it \
+             with `appliance check --repair all`",
+        ));
+    }
+    let g = header.geometry();
+    let l1 = read_table(path, &f, header.l1_table_offset, u64::from(header.l1_size))?;
+    validate_l1(path, &l1, &g, file_size, "L1 table")?;
+    Ok(OpenedQcow2 { path: path.to_path_buf(), storage, header, l1, file_size })
+}
+
+/// Resolves a backing file name against the image's directory and the allowed
+/// directories.
+pub(crate) fn resolve_backing(
+    image: &Path,
+    name: &str,
+    allowed: &[PathBuf],
+) -> Result<PathBuf, OpenError> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(OpenError::invalid(
+            image,
+            format!("backing file {name:?} is not a plain file path"),
+        ));
+    }
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let candidate =
+        if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
+    let canon = candidate.canonicalize().map_err(|e| {
+        OpenError::invalid(image, format!("backing file {name:?} ({}): {e}", candidate.display()))
+    })?;
+    let inside = allowed.iter().any(|d| d.canonicalize().is_ok_and(|d| canon.starts_with(d)));
+    if !inside {
+        let dirs: Vec<String> = allowed.iter().map(|d| d.display().to_string()).collect();
+        return Err(OpenError::invalid(
+            image,
+            format!(
+                "backing file {name:?} resolves to {}, outside the allowed backing directories [{}]; \
+                 add its directory to `allowed_backing_dirs` if it is trusted",
+                canon.display(),
+                dirs.join(", ")
+            ),
+        ));
+    }
+    Ok(canon)
+}
+
+fn probe_format(path: &Path) -> Result<&'static str, OpenError> {
+    let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
+    let m = read_at(&f, 0, 4).map_err(|e| OpenError::io(path, e))?;
+    Ok(if m == MAGIC.to_be_bytes() { "qcow2" } else { "raw" })
+}
+
+/// Opens an image and its backing chain.
+pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, OpenError> {
+    let top = open_qcow2(path, opts, opts.read_only)?;
+    let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
+    let h = &top.header;
+    let reftable = read_table(
+        path,
+        &f,
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * h.cluster_size() / 8,
+    )?;
+    let end = top.file_size.div_ceil(h.cluster_size()) * h.cluster_size();
+    for (i, &e) in reftable.iter().enumerate() {
+        let off = e & !REFT_RESERVED;
+        if e & REFT_RESERVED != 0 || !off.is_multiple_of(h.cluster_size()) {
+            return Err(OpenError::invalid(
+                path,
+                format!("refcount table entry {i} ({e:#x}) is invalid"),
+            ));
+        }
+        if off != 0 && off + h.cluster_size() > end {
+            return Err(OpenError::invalid(
+                path,
+                format!(
+                    "refcount table entry {i} points beyond the end of the file (truncated image?)"
+                ),
+            ));
+        }
+    }
+    super::snapshot::read_snapshots(path, &f, h, top.file_size)?;
+    let canon_top = path.canonicalize().map_err(|e| OpenError::io(path, e))?;
+    let mut seen = vec![canon_top];
+    let mut backing = Vec::new();
+    let mut next = h.backing_file.clone().map(|n| (n, h.backing_format(), path.to_path_buf()));
+    while let Some((name, fmt, from)) = next.take() {
+        if seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(OpenError::invalid(
+                path,
+                format!("backing chain deeper than {MAX_CHAIN_DEPTH}"),
+            ));
+        }
+        let bpath = resolve_backing(&from, &name, &opts.allowed_backing_dirs)?;
+        if seen.contains(&bpath) {
+            return Err(OpenError::invalid(
+                &from,
+                format!("backing file {} makes a loop in the backing chain", bpath.display()),
+            ));
+        }
+        seen.push(bpath.clone());
+        let fmt = match fmt.as_deref() {
+            Some("qcow2") => "qcow2",
+            Some("raw") => "raw",
+            Some(other) => {
+                return Err(OpenError::invalid(
+                    &from,
+                    format!("backing format {other:?} is not supported"),
+                ));
+            }
+            None => probe_format(&bpath)?,
+        };
+        if fmt == "qcow2" {
+            let layer = open_qcow2(&bpath, opts, true)?;
+            next = layer
+                .header
+                .backing_file
+                .clone()
+                .map(|n| (n, layer.header.backing_format(), bpath.clone()));
+            backing.push(OpenedLayer::Qcow2(layer));
+        } else {
+            let storage = Storage::open_file(&bpath, opts.engine, opts.direct, true)?;
+            backing.push(OpenedLayer::Raw { storage });
+        }
+    }
+    Ok(OpenedImage { top, reftable, backing })
+}
