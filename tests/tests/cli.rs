@@ -84,7 +84,7 @@ fn quick_start_creates_and_serves_a_demo_disk() {
         assert!(std::time::Instant::now() < deadline, "quick-start did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let img = dir.path().join("appliance-data/demo.img");
+    let img = dir.path().join("appliance-data/demo.qcow2");
     assert!(std::fs::metadata(&img).is_ok(), "demo image created");
     let uri = format!("nbd+unix:///demo?socket={}", sock.display());
     let out = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
@@ -98,8 +98,11 @@ fn quick_start_creates_and_serves_a_demo_disk() {
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     assert!(out.contains("nbd+unix:///demo?socket="), "prints how to connect: {out}");
-    let data = std::fs::read(&img).unwrap();
-    assert!(data[..65536].iter().all(|&b| b == 0x42));
+    let out =
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -P 0x42 0 64k"]).arg(&img));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("failed"), "data is in the qcow2 image");
+    let check = run(Command::new("qemu-img").args(["check"]).arg(&img));
+    assert!(check.status.success(), "the demo image is clean after shutdown");
 }
 
 #[test]

@@ -901,7 +901,13 @@ impl Shard {
         while pos < end {
             let run = self.map_top(pos, end - pos).await?;
             let n = run.len;
-            let skip = matches!(run.kind, RunKind::Unallocated | RunKind::Zero { host: None, .. });
+            // As QEMU: a discarded range reads as zeros on v3 images, so unallocated
+            // clusters over a backing file become zero clusters too.
+            let skip = match run.kind {
+                RunKind::Zero { host: None, .. } => true,
+                RunKind::Unallocated => !has_backing || g.version < 3,
+                _ => false,
+            };
             if !skip {
                 if has_backing && g.version < 3 {
                     // Nothing can hide the backing file here; discard is advisory.
