@@ -121,6 +121,7 @@ impl Bdev {
             allowed_backing_dirs: disk.allowed_backing_dirs.clone(),
             l2_cache_bytes: disk.l2_cache_bytes,
             refcount_cache_bytes: disk.refcount_cache_bytes,
+            storage: None,
         };
         let dev = Qcow2Device::open(path, opts, owner.clone())?;
         let align = dev.alignment();

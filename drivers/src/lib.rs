@@ -18,6 +18,7 @@ pub mod error;
 pub mod probe;
 pub mod qcow2;
 pub mod seg;
+pub mod sim;
 pub mod storage;
 
 pub use bdev::{Bdev, BdevChannel, BdevInfo, BlockStatus, ZeroFlags};

@@ -23,6 +23,7 @@ use crate::engine::{self, EngineRef, IoOp, check};
 use crate::error::{IoError, OpenError};
 use crate::probe::{self, Alignment};
 use crate::seg::{self, IoSeg};
+use crate::sim::SimDisk;
 
 /// Which kernel interface drives a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,7 @@ enum Backend {
     File { file: File, engine: EngineKind, block_device: bool },
     Mem(MemDisk),
     Null,
+    Sim(Arc<SimDisk>),
 }
 
 /// A shared, opened store of bytes.
@@ -150,6 +152,45 @@ impl Storage {
         })
     }
 
+    /// A simulated disk (fault injection for tests), with 512-byte request alignment so
+    /// the read-modify-write paths run as on a real disk.
+    pub fn sim(disk: Arc<SimDisk>) -> Arc<Storage> {
+        let size = disk.len();
+        Arc::new(Storage {
+            path: None,
+            backend: Backend::Sim(disk),
+            align: Alignment { mem: 1, request: 512 },
+            read_only: false,
+            direct: false,
+            size: AtomicU64::new(size),
+            rmw: StripeLocks::new(),
+        })
+    }
+
+    /// Synchronous positional write for control-plane repairs.
+    pub fn write_sync(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.note_end(off + buf.len() as u64);
+        match &self.backend {
+            Backend::File { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(buf, off)
+            }
+            Backend::Sim(d) => d
+                .write_bytes(off, buf.to_vec())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno())),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
+    }
+
+    /// Synchronous flush for control-plane repairs.
+    pub fn sync_all(&self) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File { file, .. } => file.sync_all(),
+            Backend::Sim(d) => d.flush().map_err(|e| std::io::Error::from_raw_os_error(e.errno())),
+            _ => Ok(()),
+        }
+    }
+
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
@@ -159,6 +200,7 @@ impl Storage {
         match (&self.path, &self.backend) {
             (Some(p), _) => p.display().to_string(),
             (None, Backend::Mem(_)) => "<mem>".into(),
+            (None, Backend::Sim(_)) => "<sim>".into(),
             (None, _) => "<null>".into(),
         }
     }
@@ -232,6 +274,7 @@ impl Storage {
                 Ok(buf.len())
             }
             Backend::Null => Ok(buf.len()),
+            Backend::Sim(d) => Ok(d.read_sync(buf, off)),
         }
     }
 }
@@ -272,6 +315,12 @@ impl StorageChannel {
             Backend::Mem(m) => {
                 m.read_segs(off, segs);
                 Ok(())
+            }
+            Backend::Sim(d) => {
+                if d.should_yield() {
+                    poller::yield_now().await;
+                }
+                d.read(off, segs)
             }
             Backend::File { .. } => {
                 let engine = self.engine.as_ref().expect("file storage has an engine");
@@ -362,6 +411,14 @@ impl StorageChannel {
                 m.write_segs(off, segs);
                 Ok(())
             }
+            Backend::Sim(d) => {
+                if d.should_yield() {
+                    poller::yield_now().await;
+                }
+                d.write(off, segs)?;
+                self.storage.note_end(off + total as u64);
+                Ok(())
+            }
             Backend::File { .. } => {
                 let engine = self.engine.as_ref().expect("file storage has an engine");
                 let res = if segs.len() == 1 {
@@ -436,6 +493,12 @@ impl StorageChannel {
                 check(engine.submit(IoOp::Fsync { fd: self.fd() }).await)?;
                 Ok(())
             }
+            Backend::Sim(d) => {
+                if d.should_yield() {
+                    poller::yield_now().await;
+                }
+                d.flush()
+            }
             _ => Ok(()),
         }
     }
@@ -462,6 +525,11 @@ impl StorageChannel {
             Backend::Null => Ok(()),
             Backend::Mem(m) => {
                 m.zero(off, len as usize);
+                Ok(())
+            }
+            Backend::Sim(d) => {
+                d.write_bytes(off, vec![0u8; len as usize])?;
+                self.storage.note_end(off + len);
                 Ok(())
             }
             Backend::File { block_device, .. } => {
@@ -506,6 +574,13 @@ impl StorageChannel {
             Backend::Null => Ok(false),
             Backend::Mem(m) => {
                 m.zero(off, len as usize);
+                Ok(true)
+            }
+            Backend::Sim(d) => {
+                let end = (off + len).min(self.storage.size());
+                if end > off {
+                    d.write_bytes(off, vec![0u8; (end - off) as usize])?;
+                }
                 Ok(true)
             }
             Backend::File { .. } => {

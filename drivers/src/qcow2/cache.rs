@@ -43,6 +43,9 @@ struct Slot {
     referenced: bool,
     /// Bumped on every modification.
     mods: u64,
+    /// A snapshot of this slot is being written: the next one waits, so writes of one
+    /// slice never overtake each other on disk.
+    writing: bool,
 }
 
 /// Why a lookup failed.
@@ -70,6 +73,19 @@ pub(crate) struct MetaCache {
     changed: WaitList,
     hits: Cell<u64>,
     misses: Cell<u64>,
+    /// One writer of snapshots at a time: two writebacks of one slice must not race.
+    writeback_held: Cell<bool>,
+    writeback_waiters: WaitList,
+}
+
+/// Holds a cache's writeback lock.
+pub(crate) struct WritebackGuard<'a>(&'a MetaCache);
+
+impl Drop for WritebackGuard<'_> {
+    fn drop(&mut self) {
+        self.0.writeback_held.set(false);
+        self.0.writeback_waiters.wake_all();
+    }
 }
 
 /// A pinned, resident slot.
@@ -171,6 +187,7 @@ impl MetaCache {
             dirty: false,
             referenced: false,
             mods: 0,
+            writing: false,
         };
         Ok(MetaCache {
             slice_bytes,
@@ -183,6 +200,8 @@ impl MetaCache {
             changed: WaitList::new(),
             hits: Cell::new(0),
             misses: Cell::new(0),
+            writeback_held: Cell::new(false),
+            writeback_waiters: WaitList::new(),
         })
     }
 
@@ -296,6 +315,7 @@ impl MetaCache {
                     dirty: false,
                     referenced: true,
                     mods: s.mods,
+                    writing: false,
                 };
                 index[key as usize] = slot;
             }
@@ -347,6 +367,16 @@ impl MetaCache {
         }
     }
 
+    /// Takes the writeback lock: snapshots are taken and written under it, so writes
+    /// of one slice never overtake each other on disk.
+    pub(crate) async fn lock_writeback(&self) -> WritebackGuard<'_> {
+        while self.writeback_held.get() {
+            self.writeback_waiters.wait().await;
+        }
+        self.writeback_held.set(true);
+        WritebackGuard(self)
+    }
+
     /// Dirty slots, up to `max`, into `out` (cleared first).
     pub(crate) fn dirty_slots(&self, out: &mut Vec<u32>, max: usize) {
         out.clear();
@@ -364,8 +394,14 @@ impl MetaCache {
     pub(crate) async fn snapshot(&self, slot: u32) -> Result<Snapshot, IoError> {
         let mut buf =
             poller::dma::alloc_wait(self.slice_bytes).await.map_err(|_| IoError::TooLarge)?;
+        debug_assert!(self.writeback_held.get(), "snapshot outside the writeback lock");
         let (host, mods) = {
-            let s = self.slots.borrow()[slot as usize];
+            let mut slots = self.slots.borrow_mut();
+            let s = &mut slots[slot as usize];
+            debug_assert!(!s.writing, "two snapshots of one slot in flight");
+            s.writing = true;
+            // Pinned until written: the slot cannot be evicted and reused meanwhile.
+            s.pins += 1;
             (s.host, s.mods)
         };
         // SAFETY: the slot lies inside the mapping; copying on the owning thread.
@@ -379,12 +415,15 @@ impl MetaCache {
         Ok(Snapshot { slot, host, mods, buf })
     }
 
-    /// Marks a slot clean after its snapshot was written, unless it changed since (or
-    /// moved: then the snapshot went to the old place and the slot stays dirty).
-    pub(crate) fn written(&self, snap: &Snapshot) {
+    /// Ends a snapshot's writeback. If it reached the disk (`ok`), the slot is clean
+    /// unless it changed since (or moved: then the snapshot went to the old place).
+    pub(crate) fn written(&self, snap: &Snapshot, ok: bool) {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[snap.slot as usize];
-        if s.dirty && s.mods == snap.mods && s.host == snap.host {
+        debug_assert!(s.writing && s.pins > 0);
+        s.writing = false;
+        s.pins -= 1;
+        if ok && s.dirty && s.mods == snap.mods && s.host == snap.host {
             s.dirty = false;
             self.dirty_count.set(self.dirty_count.get() - 1);
         }

@@ -16,13 +16,12 @@
 //! it, in one write). The same rebuild repairs a dirty lazy-refcounts image at open.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::OpenError;
 
 use super::header::Header;
-use super::open::{read_at, read_header, read_table};
+use super::open::{MetaIo, read_at, read_header, read_table};
 use super::snapshot::read_snapshots;
 use super::types::*;
 
@@ -67,7 +66,7 @@ impl CheckReport {
 }
 
 struct Walk<'a> {
-    f: &'a File,
+    f: &'a dyn MetaIo,
     h: &'a Header,
     g: Geometry,
     file_clusters: u64,
@@ -178,7 +177,7 @@ impl Walk<'_> {
 /// The stored refcount of every cluster (0 where no block covers it), reading blocks
 /// from `table`; invalid table entries are reported.
 fn stored_refcounts(
-    f: &File,
+    f: &dyn MetaIo,
     g: &Geometry,
     table: &[u64],
     n: u64,
@@ -223,13 +222,23 @@ pub fn check(
         .write(repair != Repair::None)
         .open(path)
         .map_err(|e| OpenError::io(path, e))?;
-    let (h, file_size) = read_header(path, &f)?;
-    let mut report = walk_and_compare(path, &f, &h, file_size, repair, progress)?;
+    check_io(path, &f, repair, progress)
+}
+
+/// [`check`] over any [`MetaIo`]; `path` names the image in messages.
+pub fn check_io(
+    path: &Path,
+    f: &dyn MetaIo,
+    repair: Repair,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckReport, OpenError> {
+    let (h, file_size) = read_header(path, f)?;
+    let mut report = walk_and_compare(path, f, &h, file_size, repair, progress)?;
     if repair != Repair::None && (report.corruptions_fixed > 0 || report.leaks_fixed > 0) {
         // Report what is left after the repair.
-        f.sync_all().map_err(|e| OpenError::io(path, e))?;
-        let (h, file_size) = read_header(path, &f)?;
-        let after = walk_and_compare(path, &f, &h, file_size, Repair::None, &mut |_, _| {})?;
+        f.meta_sync().map_err(|e| OpenError::io(path, e))?;
+        let (h, file_size) = read_header(path, f)?;
+        let after = walk_and_compare(path, f, &h, file_size, Repair::None, &mut |_, _| {})?;
         report = CheckReport {
             corruptions_fixed: report.corruptions_fixed,
             leaks_fixed: report.leaks_fixed,
@@ -241,7 +250,7 @@ pub fn check(
 
 fn walk_and_compare(
     path: &Path,
-    f: &File,
+    f: &dyn MetaIo,
     h: &Header,
     file_size: u64,
     repair: Repair,
@@ -354,14 +363,14 @@ fn walk_and_compare(
             let had = report.corruptions + report.leaks;
             if had > 0 {
                 for &(l2, j) in &w.bad_entries {
-                    f.write_all_at(&0u64.to_be_bytes(), l2 + j as u64 * 8).map_err(io)?;
+                    f.meta_write(&0u64.to_be_bytes(), l2 + j as u64 * 8).map_err(io)?;
                 }
                 for &(l1, table, j, v) in &w.copied_fixes {
                     let _ = l1;
-                    f.write_all_at(&v.to_be_bytes(), table + j as u64 * 8).map_err(io)?;
+                    f.meta_write(&v.to_be_bytes(), table + j as u64 * 8).map_err(io)?;
                 }
                 // Recount without the invalid entries, then rebuild refcounts.
-                f.sync_all().map_err(io)?;
+                f.meta_sync().map_err(io)?;
                 let fixed = recount(path, f, h, file_size)?;
                 rebuild_refcounts(f, h, &fixed).map_err(io)?;
                 report.corruptions_fixed = report.corruptions;
@@ -374,7 +383,7 @@ fn walk_and_compare(
 }
 
 /// Recomputes references (without the refcount structure) after in-place fixes.
-fn recount(path: &Path, f: &File, h: &Header, file_size: u64) -> Result<Vec<u64>, OpenError> {
+fn recount(path: &Path, f: &dyn MetaIo, h: &Header, file_size: u64) -> Result<Vec<u64>, OpenError> {
     let g = h.geometry();
     let file_clusters = file_size.div_ceil(g.cluster_size());
     let mut w = Walk {
@@ -443,7 +452,7 @@ fn count_bitmaps(w: &mut Walk<'_>) -> std::io::Result<()> {
 }
 
 fn fix_leaks(
-    f: &File,
+    f: &dyn MetaIo,
     g: &Geometry,
     table: &[u64],
     counts: &[u64],
@@ -456,7 +465,7 @@ fn fix_leaks(
         let block = table[ti as usize] & !REFT_RESERVED;
         if current.as_ref().is_none_or(|(b, _)| *b != block) {
             if let Some((b, data)) = current.take() {
-                f.write_all_at(&data, b)?;
+                f.meta_write(&data, b)?;
             }
             current = Some((block, read_at(f, block, g.cluster_size() as usize)?));
         }
@@ -464,15 +473,15 @@ fn fix_leaks(
         set_refcount(data, (c as u64 % per) as usize, g.refcount_order, counts[c]);
     }
     if let Some((b, data)) = current {
-        f.write_all_at(&data, b)?;
+        f.meta_write(&data, b)?;
     }
-    f.sync_all()
+    f.meta_sync()
 }
 
 /// Writes a new refcount table and blocks after the end of the image from `counts`
 /// (references excluding any refcount structure), syncs, switches the header to them in
 /// one write, and syncs again. The old structure's clusters become free.
-pub(crate) fn rebuild_refcounts(f: &File, h: &Header, counts: &[u64]) -> std::io::Result<()> {
+pub(crate) fn rebuild_refcounts(f: &dyn MetaIo, h: &Header, counts: &[u64]) -> std::io::Result<()> {
     let g = h.geometry();
     let cs = g.cluster_size();
     let per = g.refblock_entries();
@@ -514,17 +523,17 @@ pub(crate) fn rebuild_refcounts(f: &File, h: &Header, counts: &[u64]) -> std::io
             }
             set_refcount(&mut data, j as usize, g.refcount_order, all[c as usize]);
         }
-        f.write_all_at(&data, block_cluster * cs)?;
+        f.meta_write(&data, block_cluster * cs)?;
         table[(bi * 8) as usize..(bi * 8 + 8) as usize]
             .copy_from_slice(&(block_cluster * cs).to_be_bytes());
     }
-    f.write_all_at(&table, start * cs)?;
-    f.sync_all()?;
+    f.meta_write(&table, start * cs)?;
+    f.meta_sync()?;
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
     hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-    f.write_all_at(&hdr, OFF_REFCOUNT_TABLE)?;
-    f.sync_all()
+    f.meta_write(&hdr, OFF_REFCOUNT_TABLE)?;
+    f.meta_sync()
 }
 
 /// Repairs a read-write open of an image whose dirty bit is set (lazy refcounts after
@@ -534,7 +543,12 @@ pub fn repair_if_dirty(path: &Path) -> Result<(), OpenError> {
         Ok(f) => f,
         Err(e) => return Err(OpenError::io(path, e)),
     };
-    let (h, file_size) = match read_header(path, &f) {
+    repair_if_dirty_io(path, &f)
+}
+
+/// [`repair_if_dirty`] over any [`MetaIo`].
+pub fn repair_if_dirty_io(path: &Path, f: &dyn MetaIo) -> Result<(), OpenError> {
+    let (h, file_size) = match read_header(path, f) {
         Ok(v) => v,
         // The real open reports header problems.
         Err(_) => return Ok(()),
@@ -543,12 +557,11 @@ pub fn repair_if_dirty(path: &Path) -> Result<(), OpenError> {
         return Ok(());
     }
     tracing::warn!(image = %path.display(), "image has the dirty bit set (lazy refcounts, unclean shutdown): rebuilding refcounts");
-    let counts = recount(path, &f, &h, file_size)?;
-    rebuild_refcounts(&f, &h, &counts).map_err(|e| OpenError::io(path, e))?;
+    let counts = recount(path, f, &h, file_size)?;
+    rebuild_refcounts(f, &h, &counts).map_err(|e| OpenError::io(path, e))?;
     let v = h.incompatible & !INCOMPAT_DIRTY;
-    f.write_all_at(&v.to_be_bytes(), OFF_INCOMPATIBLE).map_err(|e| OpenError::io(path, e))?;
-    f.sync_all().map_err(|e| OpenError::io(path, e))?;
-    let _ = Header::parse;
+    f.meta_write(&v.to_be_bytes(), OFF_INCOMPATIBLE).map_err(|e| OpenError::io(path, e))?;
+    f.meta_sync().map_err(|e| OpenError::io(path, e))?;
     Ok(())
 }
 

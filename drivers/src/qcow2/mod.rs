@@ -236,7 +236,10 @@ impl Qcow2Device {
         owner: ReactorHandle,
     ) -> Result<Arc<Qcow2Device>, OpenError> {
         if !opts.read_only {
-            check::repair_if_dirty(path)?;
+            match &opts.storage {
+                Some(s) => check::repair_if_dirty_io(path, &**s)?,
+                None => check::repair_if_dirty(path)?,
+            }
         }
         let img = open::open_image(path, &opts)?;
         let header = img.top.header.clone();

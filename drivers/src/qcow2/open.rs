@@ -19,6 +19,47 @@ use super::header::Header;
 use super::layer::MAX_CHAIN_DEPTH;
 use super::types::*;
 
+/// Synchronous access to an image's bytes for the control plane (opening, tools,
+/// repair): a plain file, or a [`Storage`] (the simulated disk of the crash tests).
+pub trait MetaIo {
+    fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize>;
+    fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()>;
+    fn meta_sync(&self) -> std::io::Result<()>;
+    fn meta_len(&self) -> std::io::Result<u64>;
+}
+
+impl MetaIo for File {
+    fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        FileExt::read_at(self, buf, off)
+    }
+    fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        FileExt::write_all_at(self, buf, off)
+    }
+    fn meta_sync(&self) -> std::io::Result<()> {
+        File::sync_all(self)
+    }
+    fn meta_len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl MetaIo for Storage {
+    fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        let n = self.read_sync(buf, off)?;
+        // A short tail reads as end of file.
+        Ok(n.min(self.size().saturating_sub(off) as usize))
+    }
+    fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.write_sync(buf, off)
+    }
+    fn meta_sync(&self) -> std::io::Result<()> {
+        self.sync_all()
+    }
+    fn meta_len(&self) -> std::io::Result<u64> {
+        Ok(self.size())
+    }
+}
+
 /// How to open an image and its backing files.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -29,6 +70,9 @@ pub struct OpenOptions {
     pub allowed_backing_dirs: Vec<PathBuf>,
     pub l2_cache_bytes: Option<u64>,
     pub refcount_cache_bytes: Option<u64>,
+    /// Serve this storage instead of opening the path (the simulated disk of the crash
+    /// tests; the image may then have no backing file).
+    pub storage: Option<Arc<Storage>>,
 }
 
 /// A qcow2 file's validated metadata.
@@ -56,11 +100,11 @@ pub(crate) struct OpenedImage {
 
 /// Reads `len` bytes at `off` from a plain (buffered) handle; bytes past the end of
 /// the file read as zeros.
-pub(crate) fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_at(f: &dyn MetaIo, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let mut done = 0;
     while done < len {
-        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        let n = f.meta_read(&mut buf[done..], off + done as u64)?;
         if n == 0 {
             break;
         }
@@ -70,8 +114,8 @@ pub(crate) fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>
 }
 
 /// Reads and validates a header from a file.
-pub(crate) fn read_header(path: &Path, f: &File) -> Result<(Header, u64), OpenError> {
-    let file_size = f.metadata().map_err(|e| OpenError::io(path, e))?.len();
+pub(crate) fn read_header(path: &Path, f: &dyn MetaIo) -> Result<(Header, u64), OpenError> {
+    let file_size = f.meta_len().map_err(|e| OpenError::io(path, e))?;
     let first = read_at(f, 0, (2u64 << 20).min(file_size.max(512)) as usize)
         .map_err(|e| OpenError::io(path, e))?;
     let header = Header::parse(&first, file_size)
@@ -82,7 +126,7 @@ pub(crate) fn read_header(path: &Path, f: &File) -> Result<(Header, u64), OpenEr
 /// Reads a table of big-endian u64 entries.
 pub(crate) fn read_table(
     path: &Path,
-    f: &File,
+    f: &dyn MetaIo,
     off: u64,
     entries: u64,
 ) -> Result<Vec<u64>, OpenError> {
@@ -121,10 +165,21 @@ pub(crate) fn validate_l1(
     Ok(())
 }
 
-fn open_qcow2(path: &Path, opts: &OpenOptions, read_only: bool) -> Result<OpenedQcow2, OpenError> {
-    let storage = Storage::open_file(path, opts.engine, opts.direct, read_only)?;
-    let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
-    let (header, file_size) = read_header(path, &f)?;
+fn open_qcow2(
+    path: &Path,
+    opts: &OpenOptions,
+    read_only: bool,
+    top: bool,
+) -> Result<(OpenedQcow2, Box<dyn MetaIo>), OpenError> {
+    let (storage, meta): (Arc<Storage>, Box<dyn MetaIo>) = match (&opts.storage, top) {
+        (Some(s), true) => (s.clone(), Box::new(SharedStorage(s.clone()))),
+        _ => (
+            Storage::open_file(path, opts.engine, opts.direct, read_only)?,
+            Box::new(File::open(path).map_err(|e| OpenError::io(path, e))?),
+        ),
+    };
+    let f = &*meta;
+    let (header, file_size) = read_header(path, f)?;
     if header.is_corrupt() && !read_only {
         return Err(OpenError::invalid(
             path,
@@ -133,9 +188,27 @@ fn open_qcow2(path: &Path, opts: &OpenOptions, read_only: bool) -> Result<Opened
         ));
     }
     let g = header.geometry();
-    let l1 = read_table(path, &f, header.l1_table_offset, u64::from(header.l1_size))?;
+    let l1 = read_table(path, f, header.l1_table_offset, u64::from(header.l1_size))?;
     validate_l1(path, &l1, &g, file_size, "L1 table")?;
-    Ok(OpenedQcow2 { path: path.to_path_buf(), storage, header, l1, file_size })
+    Ok((OpenedQcow2 { path: path.to_path_buf(), storage, header, l1, file_size }, meta))
+}
+
+/// A storage used as [`MetaIo`] by value.
+pub(crate) struct SharedStorage(pub Arc<Storage>);
+
+impl MetaIo for SharedStorage {
+    fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        self.0.meta_read(buf, off)
+    }
+    fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.meta_write(buf, off)
+    }
+    fn meta_sync(&self) -> std::io::Result<()> {
+        self.0.meta_sync()
+    }
+    fn meta_len(&self) -> std::io::Result<u64> {
+        self.0.meta_len()
+    }
 }
 
 /// Resolves a backing file name against the image's directory and the allowed
@@ -175,18 +248,18 @@ pub(crate) fn resolve_backing(
 
 fn probe_format(path: &Path) -> Result<&'static str, OpenError> {
     let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
-    let m = read_at(&f, 0, 4).map_err(|e| OpenError::io(path, e))?;
+    let m = read_at(&f as &dyn MetaIo, 0, 4).map_err(|e| OpenError::io(path, e))?;
     Ok(if m == MAGIC.to_be_bytes() { "qcow2" } else { "raw" })
 }
 
 /// Opens an image and its backing chain.
 pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, OpenError> {
-    let top = open_qcow2(path, opts, opts.read_only)?;
-    let f = File::open(path).map_err(|e| OpenError::io(path, e))?;
+    let (top, meta) = open_qcow2(path, opts, opts.read_only, true)?;
+    let f = &*meta;
     let h = &top.header;
     let reftable = read_table(
         path,
-        &f,
+        f,
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * h.cluster_size() / 8,
     )?;
@@ -208,7 +281,13 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
             ));
         }
     }
-    super::snapshot::read_snapshots(path, &f, h, top.file_size)?;
+    super::snapshot::read_snapshots(path, f, h, top.file_size)?;
+    if opts.storage.is_some() {
+        if h.backing_file.is_some() {
+            return Err(OpenError::invalid(path, "a simulated image cannot have a backing file"));
+        }
+        return Ok(OpenedImage { top, reftable, backing: Vec::new() });
+    }
     let canon_top = path.canonicalize().map_err(|e| OpenError::io(path, e))?;
     let mut seen = vec![canon_top];
     let mut backing = Vec::new();
@@ -240,7 +319,7 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
             None => probe_format(&bpath)?,
         };
         if fmt == "qcow2" {
-            let layer = open_qcow2(&bpath, opts, true)?;
+            let (layer, _) = open_qcow2(&bpath, opts, true, false)?;
             next = layer
                 .header
                 .backing_file

@@ -170,7 +170,12 @@ pub(crate) struct Shard {
     dirty_bit_on_disk: Cell<bool>,
     incompatible: Cell<u64>,
     locks: ClusterLocks,
-    meta: MetaLock,
+    /// L1 entry changes (new or copied L2 tables). Taken before `rc_lock`.
+    l1_lock: MetaLock,
+    /// Refcount structure changes (new blocks, table growth).
+    rc_lock: MetaLock,
+    /// Header field changes (the dirty bit).
+    header_lock: MetaLock,
     cursor: Cell<u64>,
     host_end: Cell<u64>,
     pending: RefCell<Vec<PendingFree>>,
@@ -207,7 +212,9 @@ impl Shard {
                 held: RefCell::new(Vec::with_capacity(1024)),
                 waiters: WaitList::new(),
             },
-            meta: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            l1_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            rc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             cursor: Cell::new(0),
             host_end: Cell::new(file_end.div_ceil(1 << cb)),
             pending: RefCell::new(Vec::with_capacity(MAX_PENDING_FREES)),
@@ -511,7 +518,7 @@ impl Shard {
         {
             return Ok(());
         }
-        let _m = self.meta.lock().await;
+        let _m = self.l1_lock.lock().await;
         let (old, copied) = current(self)?;
         if old != 0 && copied {
             return Ok(());
@@ -662,7 +669,7 @@ impl Shard {
     /// A new refcount block for table entry `ti`, describing itself from the first
     /// cluster of the range it covers (free, since nothing counts it yet).
     async fn create_refblock(&self, ti: u64) -> Result<(), IoError> {
-        let _m = self.meta.lock().await;
+        let _m = self.rc_lock.lock().await;
         if self.rc.table.borrow()[ti as usize] != 0 {
             return Ok(());
         }
@@ -688,7 +695,7 @@ impl Shard {
     /// that describe it go at the end of the file, are written and synced, then the
     /// header switches to the new table in one write, and the old table is freed.
     async fn grow_refcount_table(&self, min_entries: u64) -> Result<(), IoError> {
-        let _m = self.meta.lock().await;
+        let _m = self.rc_lock.lock().await;
         let g = self.g();
         let top = self.top();
         let cs = g.cluster_size();
@@ -1030,34 +1037,70 @@ impl Shard {
             // Rule 2: L2 snapshots first, then refcount snapshots.
             let mut snaps = std::mem::take(&mut *self.snaps.borrow_mut());
             snaps.clear();
-            let more_l2 = self.take_snapshots(&top.l2, &mut snaps).await?;
-            let l2_count = snaps.len();
-            let more_rc = if include_refcounts {
-                self.take_snapshots(&self.rc.cache, &mut snaps).await?
-            } else {
-                false
-            };
-            let (l2_snaps, rc_snaps) = snaps.split_at_mut(l2_count);
-            write_snapshots(&top.io, rc_snaps).await?;
-            for s in rc_snaps.iter() {
-                self.rc.cache.written(s);
-            }
-            // Rule 1 and 2: data and refcounts durable before any L2 write.
-            top.io.flush().await?;
-            if !l2_snaps.is_empty() {
-                write_snapshots(&top.io, l2_snaps).await?;
-                for s in l2_snaps.iter() {
-                    top.l2.written(s);
-                }
-                top.io.flush().await?;
-            }
+            let r = self.flush_batch(&mut snaps, include_refcounts).await;
             snaps.clear();
             *self.snaps.borrow_mut() = snaps;
+            let (more_l2, more_rc) = r?;
             self.apply_frees(cutoff).await?;
             if !more_l2 && !more_rc {
+                let _ = top;
                 return Ok(());
             }
         }
+    }
+
+    /// One round: snapshot, write refcounts, sync, write L2, sync. Every snapshot taken
+    /// is released (`written`) whatever happens.
+    async fn flush_batch(
+        &self,
+        snaps: &mut Vec<Snapshot>,
+        include_refcounts: bool,
+    ) -> Result<(bool, bool), IoError> {
+        let top = self.top();
+        // Lock order: L2 cache, then refcount cache.
+        let _l2_guard = top.l2.lock_writeback().await;
+        let taken = self.take_snapshots(&top.l2, snaps).await;
+        let l2_count = snaps.len();
+        let _rc_guard =
+            if include_refcounts { Some(self.rc.cache.lock_writeback().await) } else { None };
+        let taken_rc = match (&taken, include_refcounts) {
+            (Ok(_), true) => self.take_snapshots(&self.rc.cache, snaps).await,
+            _ => Ok(false),
+        };
+        let (l2_snaps, rc_snaps) = snaps.split_at_mut(l2_count);
+        let mut result = match (taken, taken_rc) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let mut rc_ok = false;
+        if result.is_ok() {
+            result = write_snapshots(&top.io, rc_snaps).await.map(|()| result.unwrap_or_default());
+            rc_ok = result.is_ok();
+        }
+        for s in rc_snaps.iter() {
+            self.rc.cache.written(s, rc_ok);
+        }
+        let mut l2_ok = false;
+        if result.is_ok() {
+            // Rules 1 and 2: data and refcounts durable before any L2 write.
+            match top.io.flush().await {
+                Err(e) => result = Err(e),
+                Ok(()) if !l2_snaps.is_empty() => match write_snapshots(&top.io, l2_snaps).await {
+                    Ok(()) => {
+                        l2_ok = true;
+                    }
+                    Err(e) => result = Err(e),
+                },
+                Ok(()) => {}
+            }
+        }
+        for s in l2_snaps.iter() {
+            top.l2.written(s, l2_ok);
+        }
+        if l2_ok {
+            top.io.flush().await?;
+        }
+        result
     }
 
     /// Snapshots up to a batch of dirty slots of `cache`; true if more remain.
@@ -1079,17 +1122,22 @@ impl Shard {
 
     /// Writes every dirty refcount slice (rule 4 before hooking in new structures).
     async fn write_back_refcounts(&self) -> Result<(), IoError> {
+        let _guard = self.rc.cache.lock_writeback().await;
         let mut snaps = Vec::new();
         loop {
-            let more = self.take_snapshots(&self.rc.cache, &mut snaps).await?;
-            write_snapshots(&self.top().io, &mut snaps).await?;
+            let taken = self.take_snapshots(&self.rc.cache, &mut snaps).await;
+            let written = match taken {
+                Ok(_) => write_snapshots(&self.top().io, &mut snaps).await,
+                Err(e) => Err(e),
+            };
             for s in &snaps {
-                self.rc.cache.written(s);
+                self.rc.cache.written(s, written.is_ok());
             }
             snaps.clear();
-            if !more {
-                return Ok(());
+            if !taken? {
+                return written;
             }
+            written?;
         }
     }
 
@@ -1135,7 +1183,7 @@ impl Shard {
         if !self.lazy || self.dirty_bit_on_disk.get() {
             return Ok(());
         }
-        let _m = self.meta.lock().await;
+        let _m = self.header_lock.lock().await;
         if self.dirty_bit_on_disk.get() {
             return Ok(());
         }
@@ -1159,7 +1207,7 @@ impl Shard {
             self.flush_round(true).await?;
         }
         if self.dirty_bit_on_disk.get() && !self.corrupt.get() {
-            let _m = self.meta.lock().await;
+            let _m = self.header_lock.lock().await;
             let v = self.incompatible.get() & !INCOMPAT_DIRTY;
             self.write_u64(OFF_INCOMPATIBLE, v).await?;
             self.top().io.flush().await?;

@@ -3,13 +3,12 @@
 //! creating or deleting snapshots is not supported; writes respect the clusters the
 //! snapshots share through their refcounts (COPIED flag clear means copy on write).
 
-use std::fs::File;
 use std::path::Path;
 
 use crate::error::OpenError;
 
 use super::header::Header;
-use super::open::read_at;
+use super::open::{MetaIo, read_at};
 use super::types::*;
 
 /// One internal snapshot.
@@ -25,7 +24,7 @@ pub struct SnapshotInfo {
 /// The snapshot table's extent in bytes, and its entries.
 pub(crate) fn read_snapshots(
     path: &Path,
-    f: &File,
+    f: &dyn MetaIo,
     h: &Header,
     file_size: u64,
 ) -> Result<(u64, Vec<SnapshotInfo>), OpenError> {

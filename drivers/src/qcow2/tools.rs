@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::OpenError;
 
 use super::header::Header;
-use super::open::{read_at, read_header, read_table, resolve_backing};
+use super::open::{MetaIo, read_at, read_header, read_table, resolve_backing};
 use super::snapshot::{SnapshotInfo, read_snapshots};
 use super::types::*;
 
@@ -33,7 +33,7 @@ pub struct ImageInfo {
     pub snapshots: Vec<SnapshotInfo>,
 }
 
-fn is_qcow2(f: &File) -> bool {
+fn is_qcow2(f: &dyn MetaIo) -> bool {
     read_at(f, 0, 4).is_ok_and(|m| m == MAGIC.to_be_bytes())
 }
 
