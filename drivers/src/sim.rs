@@ -187,7 +187,7 @@ impl SimDisk {
                     let first = (*off as usize) / SECTOR;
                     let last = (*off as usize + data.len()).div_ceil(SECTOR);
                     for sector in first..last {
-                        if next(&mut rng) % 2 == 0 {
+                        if next(&mut rng).is_multiple_of(2) {
                             let lo = (sector * SECTOR).max(*off as usize);
                             let hi = ((sector + 1) * SECTOR).min(*off as usize + data.len());
                             apply(

@@ -179,8 +179,8 @@ fn trial(seed: u64, owner: &ReactorHandle, dir: &Path, have_qemu: bool) {
             let _ = pool.spawn(worker(d2.clone(), model.clone(), id, seed));
         }
         pool.drain().await;
-        let m = std::mem::take(&mut *model.borrow_mut());
-        m
+
+        std::mem::take(&mut *model.borrow_mut())
     });
     drop(model);
     let _ = dev.close();
