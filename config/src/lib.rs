@@ -163,7 +163,20 @@ pub struct Disk {
     pub l2_cache_bytes: Option<u64>,
     /// Bytes of qcow2 refcount-block cache; `None` picks a default.
     pub refcount_cache_bytes: Option<u64>,
+    /// The vhost-user-blk export of this disk, if any.
+    pub vhost_user_blk: Option<VhostUserBlk>,
 }
+
+/// `[disk.vhost_user_blk]`: a vhost-user-blk socket for a hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserBlk {
+    pub socket: PathBuf,
+    /// Virtqueues offered (spread over the reactors).
+    pub queues: u16,
+}
+
+/// The most virtqueues a vhost-user-blk export offers.
+pub const MAX_VHOST_QUEUES: u16 = 64;
 
 /// A configuration error. Every variant names the file, and, where it applies, the key,
 /// line and column.
@@ -262,6 +275,15 @@ impl Validator {
         let mut disks: Vec<Disk> = Vec::with_capacity(raw.disk.len());
         for (index, d) in raw.disk.into_iter().enumerate() {
             let disk = self.disk(index, d, &disks)?;
+            if let (Some(v), Some(n)) = (&disk.vhost_user_blk, &nbd) {
+                if n.listen.contains(&ListenAddr::Unix(v.socket.clone())) {
+                    return Err(self.err(
+                        0..0,
+                        &format!("disk[{index}].vhost_user_blk.socket"),
+                        format!("{} is also an NBD listener", v.socket.display()),
+                    ));
+                }
+            }
             disks.push(disk);
         }
         Ok(Config { source: None, appliance, nbd, disks })
@@ -510,6 +532,41 @@ impl Validator {
         }
         let l2_cache_bytes = raw.l2_cache.map(|s| s.into_inner().bytes());
         let refcount_cache_bytes = raw.refcount_cache.map(|s| s.into_inner().bytes());
+        let vhost_user_blk = match raw.vhost_user_blk {
+            None => None,
+            Some(v) => {
+                let span = v.span();
+                let v = v.into_inner();
+                let queues = match v.queues {
+                    None => 1,
+                    Some(q) => {
+                        let qspan = q.span();
+                        let q = q.into_inner();
+                        if q == 0 || q > MAX_VHOST_QUEUES {
+                            return Err(self.err(
+                                qspan,
+                                &key("vhost_user_blk.queues"),
+                                format!("{q}: must be 1 to {MAX_VHOST_QUEUES}"),
+                            ));
+                        }
+                        q
+                    }
+                };
+                let socket = self.resolve(v.socket.get_ref());
+                let clash = earlier
+                    .iter()
+                    .any(|d| d.vhost_user_blk.as_ref().is_some_and(|o| o.socket == socket));
+                if clash {
+                    return Err(self.err(
+                        v.socket.span(),
+                        &key("vhost_user_blk.socket"),
+                        format!("{} is already another disk's vhost-user socket", socket.display()),
+                    ));
+                }
+                let _ = span;
+                Some(VhostUserBlk { socket, queues })
+            }
+        };
         Ok(Disk {
             name,
             path,
@@ -521,6 +578,7 @@ impl Validator {
             allowed_backing_dirs,
             l2_cache_bytes,
             refcount_cache_bytes,
+            vhost_user_blk,
         })
     }
 

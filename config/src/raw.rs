@@ -50,4 +50,12 @@ pub(crate) struct RawDisk {
     pub allowed_backing_dirs: Option<Vec<Spanned<String>>>,
     pub l2_cache: Option<Spanned<ByteSize>>,
     pub refcount_cache: Option<Spanned<ByteSize>>,
+    pub vhost_user_blk: Option<Spanned<RawVhostUserBlk>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVhostUserBlk {
+    pub socket: Spanned<String>,
+    pub queues: Option<Spanned<u16>>,
 }

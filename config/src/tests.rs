@@ -172,3 +172,32 @@ fn relative_paths_follow_the_config_file() {
     let e = Config::load(&dir.path().join("missing.toml")).unwrap_err().to_string();
     assert!(e.contains("missing.toml"), "{e}");
 }
+
+#[test]
+fn vhost_user_blk_sockets() {
+    let c = parse(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsocket = \"/run/a.sock\"\nqueues = 4\n",
+    )
+    .unwrap();
+    let v = c.disks[0].vhost_user_blk.as_ref().unwrap();
+    assert_eq!((v.socket.as_path(), v.queues), (Path::new("/run/a.sock"), 4));
+    let (key, _, msg) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsocket = \"/s\"\nqueues = 0\n",
+    );
+    assert_eq!(key, "disk[0].vhost_user_blk.queues");
+    assert!(msg.contains("1 to 64"), "{msg}");
+    let (key, _, msg) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsocket = \"/s\"\n\
+         [[disk]]\nname = \"b\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsocket = \"/s\"\n",
+    );
+    assert_eq!(key, "disk[1].vhost_user_blk.socket");
+    assert!(msg.contains("already"), "{msg}");
+    let (key, _, _) = invalid(
+        "[nbd]\nlisten = [\"unix:/s\"]\n[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsocket = \"/s\"\n",
+    );
+    assert_eq!(key, "disk[0].vhost_user_blk.socket");
+    let e = parse("[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.vhost_user_blk]\nsockte = \"/s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sockte"), "{e}");
+}

@@ -312,6 +312,7 @@ fn bdev_checks_ranges_and_read_only() {
         allowed_backing_dirs: vec![],
         l2_cache_bytes: None,
         refcount_cache_bytes: None,
+        vhost_user_blk: None,
     };
     let owner = r.handles()[0].clone();
     let rw = Bdev::open(&disk(false), &owner).unwrap();

@@ -74,8 +74,6 @@ struct Walk<'a> {
     report: CheckReport,
     /// Invalid active L2 entries: (L2 table offset, index).
     bad_entries: Vec<(u64, usize)>,
-    /// Active entries whose COPIED flag is wrong: (table offset or 0 for L1, index, raw).
-    copied_fixes: Vec<(bool, u64, usize, u64)>,
     /// Active data clusters per entry for the COPIED check: (table, index, raw, cluster).
     active_refs: Vec<(u64, usize, u64, u64)>,
     active_l2: Vec<(usize, u64, u64)>,
@@ -274,7 +272,6 @@ fn walk_and_compare(
         counts: vec![0u64; file_clusters as usize],
         report: CheckReport::default(),
         bad_entries: Vec::new(),
-        copied_fixes: Vec::new(),
         active_refs: Vec::new(),
         active_l2: Vec::new(),
     };
@@ -323,15 +320,9 @@ fn walk_and_compare(
                 "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:#x} refcount={}",
                 stored[(l2 >> g.cluster_bits) as usize]
             ));
-            w.copied_fixes.push((
-                true,
-                h.l1_table_offset,
-                i,
-                if want { raw | OFLAG_COPIED } else { raw & !OFLAG_COPIED },
-            ));
         }
     }
-    for &(table, j, raw, c) in &w.active_refs {
+    for &(_, _, raw, c) in &w.active_refs {
         let rc = stored.get(c as usize).copied().unwrap_or(0);
         let want = rc == 1;
         if (raw & OFLAG_COPIED != 0) != want {
@@ -341,12 +332,6 @@ fn walk_and_compare(
                     "ERROR OFLAG_COPIED data cluster: l2_entry={raw:#x} refcount={rc}"
                 ));
             }
-            w.copied_fixes.push((
-                false,
-                table,
-                j,
-                if want { raw | OFLAG_COPIED } else { raw & !OFLAG_COPIED },
-            ));
         }
     }
     report.total_clusters = g.size.div_ceil(cs);
@@ -365,14 +350,33 @@ fn walk_and_compare(
                 for &(l2, j) in &w.bad_entries {
                     f.meta_write(&0u64.to_be_bytes(), l2 + j as u64 * 8).map_err(io)?;
                 }
-                for &(l1, table, j, v) in &w.copied_fixes {
-                    let _ = l1;
-                    f.meta_write(&v.to_be_bytes(), table + j as u64 * 8).map_err(io)?;
-                }
                 // Recount without the invalid entries, then rebuild refcounts.
                 f.meta_sync().map_err(io)?;
                 let fixed = recount(path, f, h, file_size)?;
                 rebuild_refcounts(f, h, &fixed).map_err(io)?;
+                // COPIED flags follow the rebuilt refcounts (which are the counts).
+                let copied = |c: u64| fixed.get(c as usize).copied() == Some(1);
+                for &(i, l2, raw) in &w.active_l2 {
+                    let want = if copied(l2 >> g.cluster_bits) {
+                        raw | OFLAG_COPIED
+                    } else {
+                        raw & !OFLAG_COPIED
+                    };
+                    if want != raw {
+                        f.meta_write(&want.to_be_bytes(), h.l1_table_offset + i as u64 * 8)
+                            .map_err(io)?;
+                    }
+                }
+                for &(table, j, raw, c) in &w.active_refs {
+                    if w.bad_entries.contains(&(table, j)) {
+                        continue;
+                    }
+                    let want = if copied(c) { raw | OFLAG_COPIED } else { raw & !OFLAG_COPIED };
+                    if want != raw {
+                        f.meta_write(&want.to_be_bytes(), table + j as u64 * 8).map_err(io)?;
+                    }
+                }
+                f.meta_sync().map_err(io)?;
                 report.corruptions_fixed = report.corruptions;
                 report.leaks_fixed = report.leaks;
             }
@@ -394,7 +398,6 @@ fn recount(path: &Path, f: &dyn MetaIo, h: &Header, file_size: u64) -> Result<Ve
         counts: vec![0u64; file_clusters as usize],
         report: CheckReport::default(),
         bad_entries: Vec::new(),
-        copied_fixes: Vec::new(),
         active_refs: Vec::new(),
         active_l2: Vec::new(),
     };

@@ -192,17 +192,21 @@ async fn execute(shard: Rc<Shard>, p: CallPtr) {
     let mut status = 0u64;
     let r = match call.op {
         Op::Read => shard.read(call.off, segs).await,
-        Op::Write { fua } => shard.write(call.off, segs, fua).await,
+        Op::Write { fua } => shard.signal_if_corrupt(shard.write(call.off, segs, fua).await).await,
         Op::Flush => shard.flush().await,
-        Op::Zero { len, unmap, fast } => shard.write_zeroes(call.off, len, unmap, fast).await,
-        Op::Discard { len } => shard.discard(call.off, len).await,
-        Op::Status { len } => match shard.block_status(call.off, len).await {
-            Ok((l, data, zero)) => {
-                status = encode_status(l, data, zero);
-                Ok(())
+        Op::Zero { len, unmap, fast } => {
+            shard.signal_if_corrupt(shard.write_zeroes(call.off, len, unmap, fast).await).await
+        }
+        Op::Discard { len } => shard.signal_if_corrupt(shard.discard(call.off, len).await).await,
+        Op::Status { len } => {
+            match shard.signal_if_corrupt(shard.block_status(call.off, len).await).await {
+                Ok((l, data, zero)) => {
+                    status = encode_status(l, data, zero);
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
     };
     call.complete(r, status);
 }
@@ -355,7 +359,7 @@ impl Qcow2Channel {
 
     pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
         match &self.0 {
-            ChannelInner::Local(s) => s.write(off, segs, fua).await,
+            ChannelInner::Local(s) => s.signal_if_corrupt(s.write(off, segs, fua).await).await,
             ChannelInner::Remote(tx) => Self::forward(tx, Op::Write { fua }, off, segs).await.0,
         }
     }
@@ -375,7 +379,9 @@ impl Qcow2Channel {
         fast: bool,
     ) -> Result<(), IoError> {
         match &self.0 {
-            ChannelInner::Local(s) => s.write_zeroes(off, len, unmap, fast).await,
+            ChannelInner::Local(s) => {
+                s.signal_if_corrupt(s.write_zeroes(off, len, unmap, fast).await).await
+            }
             ChannelInner::Remote(tx) => {
                 Self::forward(tx, Op::Zero { len, unmap, fast }, off, &[]).await.0
             }
@@ -384,7 +390,7 @@ impl Qcow2Channel {
 
     pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
         match &self.0 {
-            ChannelInner::Local(s) => s.discard(off, len).await,
+            ChannelInner::Local(s) => s.signal_if_corrupt(s.discard(off, len).await).await,
             ChannelInner::Remote(tx) => Self::forward(tx, Op::Discard { len }, off, &[]).await.0,
         }
     }
@@ -392,7 +398,7 @@ impl Qcow2Channel {
     /// (length, data?, zero?) of the range from `off`.
     pub async fn block_status(&self, off: u64, len: u64) -> Result<(u64, bool, bool), IoError> {
         match &self.0 {
-            ChannelInner::Local(s) => s.block_status(off, len).await,
+            ChannelInner::Local(s) => s.signal_if_corrupt(s.block_status(off, len).await).await,
             ChannelInner::Remote(tx) => {
                 let (r, st) = Self::forward(tx, Op::Status { len }, off, &[]).await;
                 r.map(|()| decode_status(st))

@@ -167,6 +167,7 @@ pub(crate) struct Shard {
     pub read_only: bool,
     lazy: bool,
     corrupt: Cell<bool>,
+    corrupt_marked: Cell<bool>,
     dirty_bit_on_disk: Cell<bool>,
     incompatible: Cell<u64>,
     locks: ClusterLocks,
@@ -206,6 +207,7 @@ impl Shard {
             read_only,
             lazy,
             corrupt: Cell::new(false),
+            corrupt_marked: Cell::new(false),
             dirty_bit_on_disk: Cell::new(incompatible & INCOMPAT_DIRTY != 0),
             incompatible: Cell::new(incompatible),
             locks: ClusterLocks {
@@ -291,12 +293,34 @@ impl Shard {
     // --- reads --------------------------------------------------------------------
 
     pub(crate) async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
-        loop {
+        let r = loop {
             match read_chain(&self.chain, 0, off, segs).await {
                 Err(IoError::Os(libc::EAGAIN)) => self.flush_now(false).await?,
-                r => return r,
+                r => break r,
+            }
+        };
+        self.signal_if_corrupt(r).await
+    }
+
+    /// On a corruption error: stop writing, and set the image's corrupt bit (as QEMU
+    /// does) so no tool trusts it until it is checked.
+    pub(crate) async fn signal_if_corrupt<T>(&self, r: Result<T, IoError>) -> Result<T, IoError> {
+        if r.as_ref().err() == Some(&IoError::Corrupt)
+            && !self.read_only
+            && !self.corrupt_marked.replace(true)
+        {
+            self.corrupt.set(true);
+            tracing::error!(
+                image = self.name,
+                "marking the image corrupt; it stays read-only until repaired (appliance check --repair all)"
+            );
+            let v = self.incompatible.get() | INCOMPAT_CORRUPT;
+            if self.write_u64(OFF_INCOMPATIBLE, v).await.is_ok() {
+                let _ = self.top().io.flush().await;
+                self.incompatible.set(v);
             }
         }
+        r
     }
 
     pub(crate) async fn block_status(

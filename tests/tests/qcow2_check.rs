@@ -1,0 +1,208 @@
+//! `appliance check` against `qemu-img check`: the same verdicts (clean, leaks,
+//! corruption) on the same images, the same exit codes, and repairs that qemu-img then
+//! finds clean; plus `info` and `map` against their qemu-img counterparts, and the
+//! repair of a dirty lazy-refcounts image when it is served.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use appliance_tests::{Appliance, Setup, bin, require_tool, run, run_unchecked, stdout};
+
+fn be_u64(path: &Path, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut b, off).unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn put(path: &Path, off: u64, bytes: &[u8]) {
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, off).unwrap();
+}
+
+fn qemu_check(path: &Path) -> (u64, u64, i32) {
+    let out = Command::new("qemu-img").args(["check", "--output=json"]).arg(path).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["corruptions"].as_u64().unwrap_or(0),
+        v["leaks"].as_u64().unwrap_or(0),
+        out.status.code().unwrap(),
+    )
+}
+
+fn our_check(path: &Path, repair: Option<&str>) -> (u64, u64, i32) {
+    let mut c = Command::new(bin());
+    c.args(["check", "--json"]);
+    if let Some(r) = repair {
+        c.args(["--repair", r]);
+    }
+    let out = run_unchecked(c.arg(path), Duration::from_secs(120));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("check output: {}{}", stdout(&out), String::from_utf8_lossy(&out.stderr))
+    });
+    (v["corruptions"].as_u64().unwrap(), v["leaks"].as_u64().unwrap(), out.status.code().unwrap())
+}
+
+fn image(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-o", opts]).arg(&p).arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x33 40M 64k"])
+        .arg(&p));
+    p
+}
+
+/// Sets the 16-bit refcount of host cluster `cluster` (64 KiB clusters, first block).
+fn set_refcount16(p: &Path, cluster: u64, v: u16) {
+    let table = be_u64(p, 48);
+    let block = be_u64(p, table);
+    put(p, block + cluster * 2, &v.to_be_bytes());
+}
+
+#[test]
+fn verdicts_and_exit_codes_agree_with_qemu_img() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    // Clean images of several shapes, including shared clusters and bitmaps.
+    let clean = image(dir.path(), "clean.qcow2", "cluster_size=65536");
+    assert_eq!(our_check(&clean, None), (0, 0, 0));
+    assert_eq!(qemu_check(&clean), (0, 0, 0));
+    let snap = image(dir.path(), "snap.qcow2", "cluster_size=65536");
+    run(Command::new("qemu-img").args(["snapshot", "-c", "s1"]).arg(&snap));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x44 64k 64k"]).arg(&snap));
+    assert_eq!(our_check(&snap, None), (0, 0, 0), "snapshots share clusters without leaks");
+    let bm = image(dir.path(), "bm.qcow2", "cluster_size=65536");
+    run(Command::new("qemu-img").args(["bitmap", "--add", "-g", "64k"]).arg(&bm).arg("b0"));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x45 2M 64k"]).arg(&bm));
+    assert_eq!(qemu_check(&bm).0, 0);
+    assert_eq!(our_check(&bm, None), (0, 0, 0), "bitmap clusters are counted");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, (0..8u32 << 20).map(|i| (i / 1000) as u8).collect::<Vec<u8>>()).unwrap();
+    let comp = dir.path().join("comp.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-c", "-O", "qcow2"]).arg(&src).arg(&comp));
+    assert_eq!(our_check(&comp, None), (0, 0, 0), "compressed clusters are counted");
+
+    // A leak: an appended cluster with refcount 1 that nothing uses.
+    let leak = image(dir.path(), "leak.qcow2", "cluster_size=65536");
+    let len = std::fs::metadata(&leak).unwrap().len();
+    let n = len.div_ceil(65536);
+    std::fs::OpenOptions::new().write(true).open(&leak).unwrap().set_len((n + 1) * 65536).unwrap();
+    set_refcount16(&leak, n, 1);
+    assert_eq!(qemu_check(&leak), (0, 1, 3));
+    assert_eq!(our_check(&leak, None), (0, 1, 3));
+    let (c, l, code) = our_check(&leak, Some("leaks"));
+    assert_eq!((c, l, code), (0, 0, 0), "leaks repaired");
+    assert_eq!(qemu_check(&leak), (0, 0, 0), "qemu-img agrees after the repair");
+
+    // Corruption: a used data cluster with refcount 0.
+    let bad = image(dir.path(), "bad.qcow2", "cluster_size=65536");
+    let l1 = be_u64(&bad, 40);
+    let l2 = be_u64(&bad, l1) & 0x00ff_ffff_ffff_fe00;
+    let data = be_u64(&bad, l2) & 0x00ff_ffff_ffff_fe00;
+    set_refcount16(&bad, data / 65536, 0);
+    let (qc, _, qcode) = qemu_check(&bad);
+    assert!(qc > 0 && qcode == 2, "qemu-img sees the corruption");
+    let (oc, _, ocode) = our_check(&bad, None);
+    assert!(oc > 0 && ocode == 2, "we see the corruption");
+    let (c, l, code) = our_check(&bad, Some("all"));
+    assert_eq!((c, l, code), (0, 0, 0), "everything repaired");
+    assert_eq!(qemu_check(&bad), (0, 0, 0), "qemu-img agrees after the repair");
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x5a 0 1M", "-c", "read -P 0x33 40M 64k"])
+        .arg(&bad));
+    assert!(!stdout(&out).contains("fail"), "data intact after repair");
+}
+
+#[test]
+fn info_and_map_agree_with_qemu_img() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let base = image(dir.path(), "base.qcow2", "cluster_size=65536,lazy_refcounts=on");
+    let top = dir.path().join("top.qcow2");
+    run(Command::new("qemu-img").current_dir(dir.path()).args([
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 512k 128k", "-c", "write -z 4M 1M"])
+        .arg(&top));
+    let ours: serde_json::Value = serde_json::from_str(&stdout(&run(Command::new(bin())
+        .args(["info", "--json"])
+        .arg(&base))))
+    .unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&stdout(&run(Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&base))))
+    .unwrap();
+    for k in ["virtual-size", "cluster-size", "format"] {
+        assert_eq!(ours[k], theirs[k], "info {k}");
+    }
+    assert_eq!(ours["format-specific"]["data"]["lazy-refcounts"], true);
+    assert_eq!(ours["format-specific"]["data"]["compat"], "1.1");
+    // map: the data ranges and their depths match qemu-img's.
+    let ours: serde_json::Value =
+        serde_json::from_str(&stdout(&run(Command::new(bin()).args(["map", "--json"]).arg(&top))))
+            .unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&stdout(&run(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(&top))))
+    .unwrap();
+    let data = |v: &serde_json::Value| -> Vec<(u64, u64, u64)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["depth"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(data(&ours), data(&theirs), "map data ranges and depths");
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_when_served() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), "lazy.qcow2", "cluster_size=65536,lazy_refcounts=on");
+    // Simulate a crash with lazy refcounts: the dirty bit set, refcounts stale.
+    let l1 = be_u64(&p, 40);
+    let l2 = be_u64(&p, l1) & 0x00ff_ffff_ffff_fe00;
+    let data = be_u64(&p, l2) & 0x00ff_ffff_ffff_fe00;
+    set_refcount16(&p, data / 65536, 0);
+    let inc = be_u64(&p, 72) | 1;
+    put(&p, 72, &inc.to_be_bytes());
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            disks: "[[disk]]\nname = \"l\"\npath = \"{dir}/lazy.qcow2\"\nformat = \"qcow2\"\n"
+                .into(),
+            ..Setup::default()
+        },
+    );
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "write -P 0x66 8M 1M",
+        &a.uri("l"),
+    ]));
+    assert!(!stdout(&out).contains("fail"));
+    assert!(a.logs().contains("dirty bit"), "the repair is logged: {}", a.logs());
+    assert!(a.stop().success());
+    let p = a.path("lazy.qcow2");
+    assert_eq!(be_u64(&p, 72) & 1, 0, "dirty bit cleared at clean shutdown");
+    assert_eq!(qemu_check(&p), (0, 0, 0));
+}
