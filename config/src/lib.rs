@@ -275,14 +275,14 @@ impl Validator {
         let mut disks: Vec<Disk> = Vec::with_capacity(raw.disk.len());
         for (index, d) in raw.disk.into_iter().enumerate() {
             let disk = self.disk(index, d, &disks)?;
-            if let (Some(v), Some(n)) = (&disk.vhost_user_blk, &nbd) {
-                if n.listen.contains(&ListenAddr::Unix(v.socket.clone())) {
-                    return Err(self.err(
-                        0..0,
-                        &format!("disk[{index}].vhost_user_blk.socket"),
-                        format!("{} is also an NBD listener", v.socket.display()),
-                    ));
-                }
+            if let (Some(v), Some(n)) = (&disk.vhost_user_blk, &nbd)
+                && n.listen.contains(&ListenAddr::Unix(v.socket.clone()))
+            {
+                return Err(self.err(
+                    0..0,
+                    &format!("disk[{index}].vhost_user_blk.socket"),
+                    format!("{} is also an NBD listener", v.socket.display()),
+                ));
             }
             disks.push(disk);
         }
