@@ -61,7 +61,8 @@ fn qcow2_disk(name: &str, file: &str, extra: &str) -> String {
 #[test]
 fn header_and_table_damage_is_refused_at_open() {
     require_tool("qemu-img", "qemu-utils");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "bad version",
             Box::new(|p| put(p, 4, &4u32.to_be_bytes())),
