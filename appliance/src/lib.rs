@@ -1,10 +1,11 @@
 //! The appliance: a single process that serves disk images to virtual machines.
 //!
 //! This crate is the binary's body: the command line ([`cli`]), start-up and shutdown
-//! order ([`serve`]), and the exports ([`nbd`]). The data path lives in the `poller`
+//! order ([`serve`]), the exports ([`nbd`], [`vhost`]) and the image tools ([`tools`]). The data path lives in the `poller`
 //! (reactors) and `drivers` (block devices) crates; this crate wires them to sockets.
 
 pub mod cli;
 pub mod nbd;
 pub mod serve;
 pub mod tools;
+pub mod vhost;

@@ -14,6 +14,7 @@ use drivers::Bdev;
 use poller::{HugepageMode, ReactorOptions, Reactors};
 
 use crate::nbd::{Exports, NbdServer};
+use crate::vhost::VhostServer;
 
 /// A start-up failure, with the file, disk or address concerned in its message.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,7 @@ pub struct Appliance {
     pub config: Config,
     reactors: Option<Reactors>,
     nbd: Option<NbdServer>,
+    vhost: Vec<VhostServer>,
     bdevs: Vec<Arc<Bdev>>,
 }
 
@@ -87,7 +89,28 @@ impl Appliance {
             }
             None => None,
         };
-        Ok(Appliance { config, reactors: Some(reactors), nbd, bdevs })
+        let mut vhost = Vec::new();
+        for (d, b) in config.disks.iter().zip(&bdevs) {
+            let Some(v) = &d.vhost_user_blk else { continue };
+            match VhostServer::start(&v.socket, b.clone(), v.queues, reactors.handles().to_vec()) {
+                Ok(s) => vhost.push(s),
+                Err(e) => {
+                    let app = Appliance {
+                        config: config.clone(),
+                        reactors: Some(reactors),
+                        nbd,
+                        vhost,
+                        bdevs,
+                    };
+                    app.shutdown();
+                    return Err(ServeError::Disk {
+                        disk: d.name.clone(),
+                        source: drivers::OpenError::Io { path: v.socket.clone(), source: e },
+                    });
+                }
+            }
+        }
+        Ok(Appliance { config, reactors: Some(reactors), nbd, vhost, bdevs })
     }
 
     /// The reactors, for control-plane calls.
@@ -101,6 +124,9 @@ impl Appliance {
 
     /// Stops accepting, drains connections, flushes every disk, stops the reactors.
     pub fn shutdown(mut self) {
+        for v in self.vhost.drain(..) {
+            v.shutdown();
+        }
         if let Some(n) = self.nbd.take() {
             n.shutdown();
         }

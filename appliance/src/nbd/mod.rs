@@ -249,8 +249,9 @@ thread_local! {
     static LOCAL: RefCell<Local> = RefCell::new(Local::default());
 }
 
-/// The current reactor's channel to `bdev`, opened on first use.
-fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> {
+/// The current reactor's channel to `bdev`, opened on first use (shared by every
+/// export on this reactor).
+pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
         if let Some(ch) = l.channels.get(bdev.name())

@@ -1,0 +1,135 @@
+//! The vhost-user-blk export: how hypervisors (QEMU, Cloud Hypervisor) use the
+//! appliance. The guest's virtio-blk queues are served straight out of its shared RAM.
+//!
+//! - Control plane: one thread per disk socket accepts a front-end and runs the
+//!   vhost-user protocol ([`backend`]); one front-end at a time (a second one waits in
+//!   the listen backlog until the first leaves). When a front-end leaves, its queues
+//!   are drained and stopped and the disk is flushed; a new connection starts clean
+//!   and, through the inflight region, resumes what the old one had in flight.
+//! - Data plane: each virtqueue runs on one reactor (queue `i` on reactor
+//!   `i mod n`), polled in guest memory ([`queue`]).
+
+mod backend;
+pub mod blk;
+mod inflight;
+mod queue;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use drivers::Bdev;
+use poller::ReactorHandle;
+use vhost::vhost_user::{BackendListener, Listener};
+
+use backend::VuBlk;
+
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// One disk's vhost-user-blk socket.
+pub struct VhostServer {
+    socket: PathBuf,
+    stopping: Arc<AtomicBool>,
+    listen_fd: RawFd,
+    active: Arc<Mutex<Option<RawFd>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VhostServer {
+    /// Binds the socket and starts serving front-ends.
+    pub fn start(
+        socket: &Path,
+        disk: Arc<Bdev>,
+        queues: u16,
+        reactors: Vec<ReactorHandle>,
+    ) -> std::io::Result<Self> {
+        if let Ok(m) = std::fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{}: exists and is not a socket; refusing to replace it",
+                        socket.display()
+                    ),
+                ));
+            }
+        }
+        let mut listener = Listener::new(socket, true).map_err(|e| {
+            std::io::Error::other(format!("{}: cannot listen: {e}", socket.display()))
+        })?;
+        let listen_fd = listener.as_raw_fd();
+        let id = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        let name = disk.name().to_string();
+        let device = Arc::new(Mutex::new(VuBlk::new(id, disk, queues, reactors)));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let active: Arc<Mutex<Option<RawFd>>> = Arc::new(Mutex::new(None));
+        let (stop2, active2, sock) = (stopping.clone(), active.clone(), socket.to_path_buf());
+        let thread = std::thread::Builder::new().name(format!("vhost-user {name}")).spawn(move || {
+            let mut server = match BackendListener::new(&mut listener, device.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(socket = %sock.display(), "vhost-user listener failed: {e}");
+                    return;
+                }
+            };
+            while !stop2.load(Ordering::SeqCst) {
+                let conn = match server.accept() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        if !stop2.load(Ordering::SeqCst) {
+                            tracing::warn!(socket = %sock.display(), "vhost-user accept failed: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        continue;
+                    }
+                };
+                let mut conn = conn;
+                *active2.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.as_raw_fd());
+                tracing::info!(disk = name, "vhost-user front-end connected");
+                loop {
+                    if let Err(e) = conn.handle_request() {
+                        match e {
+                            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => {
+                                tracing::info!(disk = name, "vhost-user front-end disconnected")
+                            }
+                            e => tracing::warn!(disk = name, "vhost-user front-end dropped: {e}"),
+                        }
+                        break;
+                    }
+                }
+                *active2.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                drop(conn);
+                device.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            }
+            // Final drain and flush.
+            device.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+        })?;
+        Ok(VhostServer {
+            socket: socket.to_path_buf(),
+            stopping,
+            listen_fd,
+            active,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting, disconnects the front-end (draining its queues and flushing the
+    /// disk), and removes the socket.
+    pub fn shutdown(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on descriptors owned by the server thread, to wake it.
+        unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
+        if let Some(fd) = *self.active.lock().unwrap_or_else(|p| p.into_inner()) {
+            // SAFETY: as above.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

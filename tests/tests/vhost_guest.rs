@@ -1,0 +1,146 @@
+//! End to end: a real QEMU guest whose virtio-blk disk is the appliance's
+//! vhost-user-blk socket (TCG, a small Linux with busybox, see tests/guest).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use appliance_tests::guest::{self, BootOptions};
+use appliance_tests::{Appliance, Setup, pattern, require_tool, run, stdout};
+
+const MIB: usize = 1 << 20;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn vhost_disk(name: &str, file: &str, format: &str, queues: u32, extra: &str) -> String {
+    format!(
+        "[[disk]]\nname = \"{name}\"\npath = \"{{dir}}/{file}\"\nformat = \"{format}\"\n{extra}\n\
+         [disk.vhost_user_blk]\nsocket = \"{{dir}}/{name}.vhost\"\nqueues = {queues}\n"
+    )
+}
+
+fn md5(data: &[u8], dir: &Path) -> String {
+    let f = dir.join("md5.in");
+    std::fs::write(&f, data).unwrap();
+    stdout(&run(Command::new("md5sum").arg(&f))).split_whitespace().next().unwrap().to_string()
+}
+
+/// What the guest does: geometry, the backing data, concurrent O_DIRECT writers,
+/// discard and write-zeroes, then a flush.
+const SCRIPT: &str = r#"
+set -e
+dev=/dev/vda
+echo size=$(blockdev --getsize64 $dev)
+echo queues=$(ls /sys/block/vda/mq | wc -l)
+echo ro=$(cat /sys/block/vda/ro)
+echo md5_first_mib=$(dd if=$dev bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+for i in 1 2 3 4; do
+  ( xio prand $dev $((i * 4))M 3M $i && xio check-prand $dev $((i * 4))M 3M $i && echo writer$i=ok ) &
+done
+wait
+xio fill $dev 32M 2M 0xcd
+xio discard $dev 32M 1M
+xio check $dev 32M 1M 0
+xio fill $dev 40M 1M 0xee
+xio zeroout $dev 40M 512k
+xio check $dev 40M 512k 0
+xio check $dev 41472k 512k 0xee
+xio flush $dev
+echo discard_max=$(cat /sys/block/vda/queue/discard_max_bytes)
+echo done=1
+"#;
+
+#[test]
+fn guest_on_a_qcow2_disk_with_a_backing_file_and_two_queues() {
+    for tool in ["qemu-img", "qemu-io", "md5sum", "qemu-system-x86_64"] {
+        require_tool(tool, "qemu-utils qemu-system-x86 coreutils");
+    }
+    let image = guest::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    // base.raw holds a pattern in its first MiB; the overlay is qcow2.
+    let base = dir.path().join("base.raw");
+    let head = pattern(3, MIB);
+    std::fs::write(&base, &head).unwrap();
+    std::fs::File::options().write(true).open(&base).unwrap().set_len(size as u64).unwrap();
+    run(Command::new("qemu-img").current_dir(dir.path()).args([
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "disk.qcow2",
+    ]));
+    let base_before = std::fs::read(&base).unwrap();
+
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            cores: "[0, 1]",
+            disks: vhost_disk("vm", "disk.qcow2", "qcow2", 2, ""),
+            ..Setup::default()
+        },
+    );
+    let sock = a.path("vm.vhost");
+    let opts = BootOptions { queues: 2, timeout: BOOT_TIMEOUT, ..BootOptions::default() };
+    let r = guest::boot_with(&image, &sock, SCRIPT, &opts);
+    r.assert_success();
+    assert_eq!(r.expect_value("size"), size.to_string(), "{r}");
+    assert_eq!(r.expect_value("queues"), "2", "{r}");
+    assert_eq!(r.expect_value("ro"), "0", "{r}");
+    assert_eq!(
+        r.expect_value("md5_first_mib"),
+        md5(&head, a.dir.path()),
+        "the guest reads the backing data:\n{r}"
+    );
+    for i in 1..=4 {
+        assert_eq!(r.expect_value(&format!("writer{i}")), "ok", "{r}");
+    }
+    assert_ne!(r.expect_value("discard_max"), "0", "{r}");
+    assert!(a.stop().success(), "{}", a.logs());
+
+    let img = a.path("disk.qcow2");
+    run(Command::new("qemu-img").args(["check"]).arg(&img));
+    let flat = a.path("flat.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&img).arg(&flat));
+    let bytes = std::fs::read(&flat).unwrap();
+    assert!(bytes[..MIB] == head[..], "backing data seen through the overlay");
+    for i in 1..=4usize {
+        assert!(
+            bytes[i * 4 * MIB..(i * 4 + 3) * MIB] == pattern(i as u64, 3 * MIB)[..],
+            "writer {i}'s data is in the image"
+        );
+    }
+    assert!(bytes[32 * MIB..33 * MIB].iter().all(|&b| b == 0));
+    assert!(bytes[33 * MIB..34 * MIB].iter().all(|&b| b == 0xcd));
+    assert!(bytes[40 * MIB..40 * MIB + 512 * 1024].iter().all(|&b| b == 0));
+    assert!(bytes[40 * MIB + 512 * 1024..41 * MIB].iter().all(|&b| b == 0xee));
+    assert!(std::fs::read(a.path("base.raw")).unwrap() == base_before, "backing file untouched");
+}
+
+#[test]
+fn read_only_disk_refuses_guest_writes() {
+    for tool in ["qemu-img", "qemu-system-x86_64"] {
+        require_tool(tool, "qemu-utils qemu-system-x86");
+    }
+    let image = guest::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ro.raw"), pattern(5, 8 * MIB)).unwrap();
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            disks: vhost_disk("ro", "ro.raw", "raw", 1, "read_only = true"),
+            ..Setup::default()
+        },
+    );
+    let script = "dev=/dev/vda\necho ro=$(cat /sys/block/vda/ro)\n\
+                  if xio fill $dev 0 4k 0x11 2>/dev/null; then echo write=ok; else echo write=refused; fi\n\
+                  echo done=1\n";
+    let opts = BootOptions { queues: 1, timeout: BOOT_TIMEOUT, ..BootOptions::default() };
+    let r = guest::boot_with(&image, &a.path("ro.vhost"), script, &opts);
+    assert_eq!(r.expect_value("ro"), "1", "{r}");
+    assert_eq!(r.expect_value("write"), "refused", "{r}");
+    assert!(a.stop().success());
+    assert!(std::fs::read(a.path("ro.raw")).unwrap() == pattern(5, 8 * MIB));
+}
