@@ -112,6 +112,7 @@ pub struct Appliance {
     pub sock: PathBuf,
     pub tcp: SocketAddr,
     log: PathBuf,
+    env: Vec<(&'static str, String)>,
 }
 
 /// What to serve: disks as TOML `[[disk]]` tables, with `{dir}` replaced by the
@@ -121,11 +122,19 @@ pub struct Setup {
     pub idle: &'static str,
     pub disks: String,
     pub extra: String,
+    /// Environment variables of the appliance process.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { cores: "[0]", idle: "adaptive", disks: String::new(), extra: String::new() }
+        Setup {
+            cores: "[0]",
+            idle: "adaptive",
+            disks: String::new(),
+            extra: String::new(),
+            env: Vec::new(),
+        }
     }
 }
 
@@ -158,12 +167,13 @@ impl Appliance {
             .args(["serve", "--config"])
             .arg(&cfg)
             .env("APPLIANCE_LOG", "info")
+            .envs(setup.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
             .expect("start appliance");
-        let mut a = Appliance { child: Some(child), dir, sock, tcp, log };
+        let mut a = Appliance { child: Some(child), dir, sock, tcp, log, env: setup.env };
         a.wait_listening();
         a
     }
@@ -211,6 +221,34 @@ impl Appliance {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Kills the process with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the appliance again with the same configuration (after `kill` or
+    /// `stop`), appending to the same log.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running appliance");
+        let cfg = self.dir.path().join("appliance.toml");
+        let logf = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("APPLIANCE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("restart appliance");
+        self.child = Some(child);
+        self.wait_listening();
     }
 
     /// Sends SIGTERM and waits for the exit status.

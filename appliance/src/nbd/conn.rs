@@ -434,31 +434,13 @@ async fn writer(c: Rc<Conn>) {
     }
 }
 
-/// A deliberate per-request delay, for proving that benchmarks see a slower server
-/// (`APPLIANCE_DEBUG_DELAY_US`, read once). Zero in production.
-fn debug_delay() -> std::time::Duration {
-    static DELAY: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *DELAY.get_or_init(|| {
-        let us = std::env::var("APPLIANCE_DEBUG_DELAY_US")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        if us > 0 {
-            tracing::warn!(
-                "APPLIANCE_DEBUG_DELAY_US={us}: every NBD request is delayed (benchmark self-test)"
-            );
-        }
-        std::time::Duration::from_micros(us)
-    })
-}
-
 async fn handle(
     c: Rc<Conn>,
     req: Request,
     payload: Option<DmaBuf>,
     refused: Option<(u32, &'static str)>,
 ) {
-    let delay = debug_delay();
+    let delay = crate::debug_delay();
     if !delay.is_zero() {
         poller::sleep(delay).await;
     }

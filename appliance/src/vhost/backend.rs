@@ -395,6 +395,7 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
             return Err(VuError::InvalidParam);
         }
         self.protocol = features;
+        tracing::debug!(disk = self.disk.name(), "vhost-user protocol features {features:#x}");
         Ok(())
     }
 
@@ -461,6 +462,12 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
         {
             return Err(VuError::InvalidParam);
         }
+        tracing::debug!(
+            disk = self.disk.name(),
+            queues = inflight.num_queues,
+            size = inflight.queue_size,
+            "inflight region requested"
+        );
         let (region, file, size) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
             .map_err(|_| VuError::MemFdCreateError)?;
         self.inflight = Some(Arc::new(region));

@@ -188,6 +188,15 @@ impl InflightQueue {
                 self.at::<u16>(14).write_volatile(used_idx);
                 return (Vec::new(), 0);
             }
+            let flagged = (0..self.size)
+                .filter(|&h| self.at::<u8>(self.desc(h)).read_volatile() == 1)
+                .count();
+            tracing::debug!(
+                region_used = self.at::<u16>(14).read_volatile(),
+                used_idx,
+                flagged,
+                "inflight region found"
+            );
             if self.at::<u16>(14).read_volatile() != used_idx {
                 // The last completion reached the used ring but not the region.
                 let last = self.at::<u16>(12).read_volatile();
@@ -204,5 +213,31 @@ impl InflightQueue {
             let next = heads.last().map_or(0, |(c, _)| c + 1);
             (heads.into_iter().map(|(_, h)| h).collect(), next)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_record_and_recover() {
+        let (region, file, size) = InflightRegion::create(2, 128).unwrap();
+        assert_eq!(size, 2 * queue_region_size(128));
+        let q = region.queue(1).unwrap();
+        assert_eq!(q.recover(0), (vec![], 0), "fresh region");
+        q.get(5, 0);
+        q.get(9, 1);
+        q.get(7, 2);
+        q.pre_put(9);
+        q.post_put(9, 1);
+        // A second mapping of the same file sees the state (the front-end keeps it).
+        let again = InflightRegion::open(file, size, 0, 2, 128).unwrap();
+        let q2 = again.queue(1).unwrap();
+        assert_eq!(q2.recover(1), (vec![5, 7], 3));
+        // A completion that reached the used ring (index 2) but not the region.
+        q2.pre_put(5);
+        assert_eq!(q2.recover(2), (vec![7], 3));
+        drop(region);
     }
 }

@@ -274,6 +274,10 @@ async fn execute(r: &Runner, req: &BlkReq) -> (u8, u32) {
 }
 
 async fn serve(r: Rc<Runner>, req: BlkReq) {
+    let delay = crate::debug_delay();
+    if !delay.is_zero() {
+        poller::sleep(delay).await;
+    }
     let (status, written) = execute(&r, &req).await;
     // SAFETY: the status byte is a device-writable byte of the request's chain, inside
     // mapped guest memory that outlives the queue.
@@ -305,13 +309,13 @@ pub fn start(s: QueueStart) -> Result<(), String> {
             let (heads, next) = iq.recover(used_idx.0);
             // Entries still in flight were popped after everything used: resume after them.
             q.set_next_avail(used_idx.0.wrapping_add(heads.len() as u16));
-            if !heads.is_empty() {
-                tracing::info!(
-                    queue = s.index,
-                    count = heads.len(),
-                    "resubmitting requests in flight before the restart"
-                );
-            }
+            tracing::info!(
+                queue = s.index,
+                used = used_idx.0,
+                avail_base = s.next_avail,
+                resubmitted = heads.len(),
+                "virtqueue started with inflight tracking"
+            );
             resubmit.extend(heads);
             counter = next;
             Some((region.clone(), iq))
