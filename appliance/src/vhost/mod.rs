@@ -68,14 +68,16 @@ impl VhostServer {
         let active: Arc<Mutex<Option<RawFd>>> = Arc::new(Mutex::new(None));
         let (stop2, active2, sock) = (stopping.clone(), active.clone(), socket.to_path_buf());
         let thread = std::thread::Builder::new().name(format!("vhost-user {name}")).spawn(move || {
-            let mut server = match BackendListener::new(&mut listener, device.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(socket = %sock.display(), "vhost-user listener failed: {e}");
-                    return;
-                }
-            };
             while !stop2.load(Ordering::SeqCst) {
+                // `BackendListener` hands its backend to one connection only: make one
+                // per accepted front-end.
+                let mut server = match BackendListener::new(&mut listener, device.clone()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(socket = %sock.display(), "vhost-user listener failed: {e}");
+                        return;
+                    }
+                };
                 let conn = match server.accept() {
                     Ok(Some(c)) => c,
                     Ok(None) => continue,
@@ -92,6 +94,19 @@ impl VhostServer {
                 tracing::info!(disk = name, "vhost-user front-end connected");
                 loop {
                     if let Err(e) = conn.handle_request() {
+                        // A refused request (bad index, size, features...) was answered
+                        // with a NACK when the front-end asked for one; the session goes
+                        // on. Anything else breaks the protocol: drop the front-end.
+                        if matches!(
+                            e,
+                            vhost::vhost_user::Error::InvalidParam
+                                | vhost::vhost_user::Error::InvalidOperation(_)
+                                | vhost::vhost_user::Error::BackendInternalError
+                                | vhost::vhost_user::Error::MemFdCreateError
+                        ) {
+                            tracing::warn!(disk = name, "vhost-user request refused: {e}");
+                            continue;
+                        }
                         match e {
                             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => {
                                 tracing::info!(disk = name, "vhost-user front-end disconnected")
