@@ -27,6 +27,18 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Operate a running appliance through its control socket.
+    Ctl {
+        /// The control socket (default: the `[control]` socket of --config, else
+        /// ./appliance-data/control.sock, the quick-start's).
+        #[arg(short, long, global = true)]
+        socket: Option<PathBuf>,
+        /// Read the control socket's path from this config file.
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: crate::ctl::CtlCommand,
+    },
     /// Check a config file and print the configuration it describes.
     CheckConfig {
         /// The TOML config file.
@@ -134,9 +146,20 @@ pub fn main() -> ExitCode {
         Command::Map { json, allowed_backing_dirs, file } => {
             report(crate::tools::map(&file, &allowed_backing_dirs, json).map(|()| 0), &file)
         }
+        Command::Ctl { socket, config, command } => {
+            let r = crate::ctl::socket_path(socket, config.as_deref())
+                .and_then(|s| crate::ctl::run(&s, command));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("appliance ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(c) => {
-                println!("{c:#?}");
+                print!("{}", c.to_toml());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,10 +1,14 @@
 //! The appliance: a single process that serves disk images to virtual machines.
 //!
 //! This crate is the binary's body: the command line ([`cli`]), start-up and shutdown
-//! order ([`serve`]), the exports ([`nbd`], [`vhost`]) and the image tools ([`tools`]). The data path lives in the `poller`
+//! order ([`serve`]), the exports ([`nbd`], [`vhost`]), operations ([`metrics`],
+//! [`control`]) and the image tools ([`tools`]). The data path lives in the `poller`
 //! (reactors) and `drivers` (block devices) crates; this crate wires them to sockets.
 
 pub mod cli;
+pub mod control;
+pub mod ctl;
+pub mod metrics;
 pub mod nbd;
 pub mod serve;
 pub mod tools;

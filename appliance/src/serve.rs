@@ -7,12 +7,15 @@
 //! flight, flush every disk, stop the reactors, exit 0.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use config::{Config, Hugepages, IdlePolicy, ListenAddr};
 use drivers::Bdev;
-use poller::{HugepageMode, ReactorOptions, Reactors};
+use poller::{HugepageMode, ReactorHandle, ReactorOptions, Reactors};
 
+use crate::control::ControlServer;
+use crate::metrics::MetricsServer;
 use crate::nbd::{Exports, NbdServer};
 use crate::vhost::VhostServer;
 
@@ -25,23 +28,53 @@ pub enum ServeError {
     Disk { disk: String, source: drivers::OpenError },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("disk `{0}` does not exist")]
+    NotFound(String),
+    #[error("a disk named `{0}` is already served")]
+    Exists(String),
+    #[error("disk `{0}`: its vhost-user socket is already in use")]
+    Clash(String),
+    #[error("disk `{disk}`: {} is already served by another disk", path.display())]
+    InUse { disk: String, path: PathBuf },
+    #[error("the appliance is shutting down")]
+    ShuttingDown,
+    #[error("disk `{0}`: flush failed: {1}")]
+    Flush(String, drivers::IoError),
 }
 
 /// The size of the quick-start demo image.
 pub const QUICK_START_IMAGE_BYTES: u64 = 1 << 30;
 
-/// A running appliance.
+/// A served disk.
+struct DiskEntry {
+    config: config::Disk,
+    bdev: Arc<Bdev>,
+    vhost: Option<VhostServer>,
+}
+
+/// A running appliance. Shared with the control socket and the metrics thread; disks
+/// can be added and removed while it runs.
 pub struct Appliance {
-    pub config: Config,
-    reactors: Option<Reactors>,
-    nbd: Option<NbdServer>,
-    vhost: Vec<VhostServer>,
-    bdevs: Vec<Arc<Bdev>>,
+    config: Mutex<Config>,
+    handles: Vec<ReactorHandle>,
+    reactors: Mutex<Option<Reactors>>,
+    nbd: Mutex<Option<NbdServer>>,
+    exports: Arc<Exports>,
+    disks: Mutex<Vec<DiskEntry>>,
+    metrics: Mutex<Option<MetricsServer>>,
+    control: Mutex<Option<ControlServer>>,
+    next_owner: AtomicUsize,
+    /// Serialises disk-set changes (control socket, SIGHUP); `true` once shut down.
+    changes: Mutex<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Appliance {
-    /// Opens the disks and starts reactors and exports.
-    pub fn start(config: Config) -> Result<Appliance, ServeError> {
+    /// Starts the reactors, opens the disks, then the exports, metrics and control.
+    pub fn start(config: Config) -> Result<Arc<Appliance>, ServeError> {
         let a = &config.appliance;
         let reactors = Reactors::start(ReactorOptions {
             cores: a.cores.clone(),
@@ -57,90 +90,331 @@ impl Appliance {
             dma_pool_bytes: a.buffer_pool_bytes as usize,
             pin: true,
         })?;
-        // Images are spread over the reactors: each qcow2 image's metadata is served by
-        // one of them (its shard's owner).
-        let mut bdevs = Vec::new();
-        for (i, d) in config.disks.iter().enumerate() {
-            let owner = &reactors.handles()[i % reactors.len()];
-            match Bdev::open(d, owner) {
-                Ok(b) => bdevs.push(b),
-                Err(source) => {
-                    for b in &bdevs {
-                        let _ = b.close();
-                    }
-                    reactors.stop();
-                    return Err(ServeError::Disk { disk: d.name.clone(), source });
-                }
-            }
+        let handles = reactors.handles().to_vec();
+        let disks_cfg = config.disks.clone();
+        let app = Arc::new(Appliance {
+            config: Mutex::new(Config { disks: Vec::new(), ..config.clone() }),
+            handles,
+            reactors: Mutex::new(Some(reactors)),
+            nbd: Mutex::new(None),
+            exports: Exports::new(Vec::new()),
+            disks: Mutex::new(Vec::new()),
+            metrics: Mutex::new(None),
+            control: Mutex::new(None),
+            next_owner: AtomicUsize::new(0),
+            changes: Mutex::new(false),
+        });
+        // Metrics first: exports pick up stats handles when they start.
+        if config.control.is_some() {
+            crate::metrics::enable();
         }
-        let nbd = match &config.nbd {
-            Some(n) => {
-                let exports = Exports::new(bdevs.clone());
-                match NbdServer::start(&n.listen, exports, reactors.handles().to_vec()) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        for b in &bdevs {
-                            let _ = b.close();
-                        }
-                        reactors.stop();
-                        return Err(e.into());
-                    }
-                }
-            }
-            None => None,
-        };
-        let mut vhost = Vec::new();
-        for (d, b) in config.disks.iter().zip(&bdevs) {
-            let Some(v) = &d.vhost_user_blk else { continue };
-            match VhostServer::start(&v.socket, b.clone(), v.queues, reactors.handles().to_vec()) {
-                Ok(s) => vhost.push(s),
+        if let Some(addr) = config.metrics {
+            let a2 = Arc::downgrade(&app);
+            let source: crate::metrics::DiskSource =
+                Arc::new(move || a2.upgrade().map(|a| a.bdevs()).unwrap_or_default());
+            match MetricsServer::start(addr, app.handles.clone(), source) {
+                Ok(m) => *lock(&app.metrics) = Some(m),
                 Err(e) => {
-                    let app = Appliance {
-                        config: config.clone(),
-                        reactors: Some(reactors),
-                        nbd,
-                        vhost,
-                        bdevs,
-                    };
                     app.shutdown();
-                    return Err(ServeError::Disk {
-                        disk: d.name.clone(),
-                        source: drivers::OpenError::Io { path: v.socket.clone(), source: e },
-                    });
+                    return Err(ServeError::Io(std::io::Error::other(e)));
                 }
             }
         }
-        Ok(Appliance { config, reactors: Some(reactors), nbd, vhost, bdevs })
+        for d in disks_cfg {
+            if let Err(e) = app.add_disk_inner(d.clone()) {
+                app.shutdown();
+                return Err(e);
+            }
+        }
+        if let Some(n) = &config.nbd {
+            match NbdServer::start(&n.listen, app.exports.clone(), app.handles.clone()) {
+                Ok(s) => *lock(&app.nbd) = Some(s),
+                Err(e) => {
+                    app.shutdown();
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Some(path) = &config.control {
+            match ControlServer::start(path, Arc::downgrade(&app)) {
+                Ok(c) => *lock(&app.control) = Some(c),
+                Err(e) => {
+                    app.shutdown();
+                    return Err(ServeError::Io(std::io::Error::other(format!(
+                        "{}: {e}",
+                        path.display()
+                    ))));
+                }
+            }
+        }
+        Ok(app)
     }
 
     /// The reactors, for control-plane calls.
-    pub fn reactor_handles(&self) -> &[poller::ReactorHandle] {
-        self.reactors.as_ref().map_or(&[], |r| r.handles())
+    pub fn reactor_handles(&self) -> &[ReactorHandle] {
+        &self.handles
     }
 
-    pub fn nbd(&self) -> Option<&NbdServer> {
-        self.nbd.as_ref()
+    /// The running configuration (the file's, plus changes made since).
+    pub fn config(&self) -> Config {
+        let mut c = lock(&self.config).clone();
+        c.disks = lock(&self.disks).iter().map(|d| d.config.clone()).collect();
+        c
     }
 
-    /// Stops accepting, drains connections, flushes every disk, stops the reactors.
-    pub fn shutdown(mut self) {
-        for v in self.vhost.drain(..) {
+    /// The open disks.
+    pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
+        lock(&self.disks).iter().map(|d| d.bdev.clone()).collect()
+    }
+
+    fn add_disk_inner(&self, d: config::Disk) -> Result<(), ServeError> {
+        if lock(&self.disks).iter().any(|e| e.config.name == d.name) {
+            return Err(ServeError::Exists(d.name));
+        }
+        let owner =
+            &self.handles[self.next_owner.fetch_add(1, Ordering::Relaxed) % self.handles.len()];
+        let bdev = Bdev::open(&d, owner)
+            .map_err(|source| ServeError::Disk { disk: d.name.clone(), source })?;
+        let vhost = match &d.vhost_user_blk {
+            None => None,
+            Some(v) => {
+                match VhostServer::start(&v.socket, bdev.clone(), v.queues, self.handles.clone()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = bdev.close();
+                        return Err(ServeError::Disk {
+                            disk: d.name.clone(),
+                            source: drivers::OpenError::Io { path: v.socket.clone(), source: e },
+                        });
+                    }
+                }
+            }
+        };
+        if lock(&self.config).nbd.is_some() {
+            self.exports.add(bdev.clone());
+        }
+        tracing::info!(disk = d.name, "disk added");
+        lock(&self.disks).push(DiskEntry { config: d, bdev, vhost });
+        Ok(())
+    }
+
+    /// Opens and exports a disk (control socket, reload).
+    pub fn add_disk(&self, d: config::Disk) -> Result<(), ServeError> {
+        let g = lock(&self.changes);
+        if *g {
+            return Err(ServeError::ShuttingDown);
+        }
+        let clash = {
+            let cfg = lock(&self.config);
+            let disks = lock(&self.disks);
+            d.vhost_user_blk.as_ref().is_some_and(|v| {
+                disks
+                    .iter()
+                    .any(|e| e.config.vhost_user_blk.as_ref().is_some_and(|o| o.socket == v.socket))
+                    || cfg
+                        .nbd
+                        .as_ref()
+                        .is_some_and(|n| n.listen.contains(&ListenAddr::Unix(v.socket.clone())))
+                    || cfg.control.as_ref() == Some(&v.socket)
+            })
+        };
+        if clash {
+            return Err(ServeError::Clash(d.name));
+        }
+        let path_in_use = d.path.as_ref().is_some_and(|p| {
+            lock(&self.disks)
+                .iter()
+                .any(|e| e.config.path.as_ref().is_some_and(|o| same_file(o, p)))
+        });
+        if path_in_use {
+            return Err(ServeError::InUse {
+                path: d.path.clone().unwrap_or_default(),
+                disk: d.name,
+            });
+        }
+        self.add_disk_inner(d)
+    }
+
+    /// Stops exporting a disk: new connections are refused, existing ones drain, the
+    /// disk is flushed and closed.
+    pub fn remove_disk(&self, name: &str) -> Result<(), ServeError> {
+        let g = lock(&self.changes);
+        if *g {
+            return Err(ServeError::ShuttingDown);
+        }
+        let entry = {
+            let mut disks = lock(&self.disks);
+            let i = disks
+                .iter()
+                .position(|e| e.config.name == name)
+                .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
+            disks.remove(i)
+        };
+        // No new NBD client finds it, no new channel opens; then the clients it has are
+        // drained and disconnected, and close() makes everything durable.
+        self.exports.remove(name);
+        entry.bdev.retire();
+        if let Some(n) = lock(&self.nbd).as_ref() {
+            n.close_export(name);
+        }
+        if let Some(v) = entry.vhost {
             v.shutdown();
         }
-        if let Some(n) = self.nbd.take() {
+        entry.bdev.close().map_err(|e| ServeError::Flush(name.to_string(), e))?;
+        tracing::info!(disk = name, "disk removed");
+        Ok(())
+    }
+
+    fn flush_bdev(&self, b: &Arc<Bdev>) -> Result<(), drivers::IoError> {
+        let b2 = b.clone();
+        self.handles[0].block_on(move || async move {
+            match b2.channel() {
+                Ok(ch) => ch.flush().await,
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Flushes a disk.
+    pub fn flush_disk(&self, name: &str) -> Result<(), ServeError> {
+        let b = self.find(name)?;
+        self.flush_bdev(&b).map_err(|e| ServeError::Flush(name.to_string(), e))
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Bdev>, ServeError> {
+        lock(&self.disks)
+            .iter()
+            .find(|e| e.config.name == name)
+            .map(|e| e.bdev.clone())
+            .ok_or_else(|| ServeError::NotFound(name.to_string()))
+    }
+
+    /// Changes a disk's QoS limits live.
+    pub fn set_qos(&self, name: &str, q: config::Qos) -> Result<(), ServeError> {
+        let mut disks = lock(&self.disks);
+        let e = disks
+            .iter_mut()
+            .find(|e| e.config.name == name)
+            .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
+        e.bdev.set_qos(drivers::qos::QosLimits {
+            iops: q.iops,
+            bandwidth: q.bandwidth,
+            burst: q.burst,
+        });
+        e.config.qos = (q.iops > 0 || q.bandwidth > 0).then_some(q);
+        tracing::info!(disk = name, iops = q.iops, bandwidth = q.bandwidth, "QoS limits set");
+        Ok(())
+    }
+
+    /// The disks and their state, for `disk_list`.
+    pub fn list(&self) -> serde_json::Value {
+        let disks = lock(&self.disks);
+        let nbd = lock(&self.config).nbd.is_some();
+        serde_json::Value::Array(
+            disks
+                .iter()
+                .map(|e| {
+                    let c = &e.config;
+                    let info = e.bdev.info();
+                    let mut exports = Vec::new();
+                    if nbd {
+                        exports.push(serde_json::json!({"type": "nbd", "name": c.name}));
+                    }
+                    if let Some(v) = &c.vhost_user_blk {
+                        exports.push(serde_json::json!({"type": "vhost-user-blk", "socket": v.socket, "queues": v.queues}));
+                    }
+                    let q = e.bdev.qos().limits();
+                    serde_json::json!({
+                        "name": c.name,
+                        "path": c.path,
+                        "format": if c.format == config::Format::Qcow2 { "qcow2" } else { "raw" },
+                        "driver": c.driver.name(),
+                        "read_only": info.read_only,
+                        "size": info.size,
+                        "state": "serving",
+                        "exports": exports,
+                        "qos": {"iops": q.iops, "bandwidth": q.bandwidth, "burst": q.burst},
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Applies a new configuration's disk set (SIGHUP): removed disks go, new ones
+    /// come, changed ones are re-added (QoS-only changes apply live). Changes outside
+    /// `[[disk]]` need a restart and are reported.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let mut report = Vec::new();
+        let old = self.config();
+        {
+            let cur = lock(&self.config);
+            if cur.appliance != new.appliance
+                || cur.nbd != new.nbd
+                || cur.metrics != new.metrics
+                || cur.control != new.control
+            {
+                report.push("changes outside [[disk]] take effect at the next restart".to_string());
+            }
+        }
+        for d in &old.disks {
+            match new.disk(&d.name) {
+                None => match self.remove_disk(&d.name) {
+                    Ok(()) => report.push(format!("removed {}", d.name)),
+                    Err(e) => report.push(format!("removing {}: {e}", d.name)),
+                },
+                Some(n) if n == d => {}
+                Some(n) if config::Disk { qos: d.qos, ..n.clone() } == *d => {
+                    let q = n.qos.unwrap_or_default();
+                    match self.set_qos(&n.name, q) {
+                        Ok(()) => report.push(format!("QoS of {} changed", n.name)),
+                        Err(e) => report.push(format!("QoS of {}: {e}", n.name)),
+                    }
+                }
+                Some(n) => {
+                    let r = self.remove_disk(&d.name).and_then(|()| self.add_disk(n.clone()));
+                    match r {
+                        Ok(()) => report.push(format!("re-added {} with its new settings", n.name)),
+                        Err(e) => report.push(format!("changing {}: {e}", n.name)),
+                    }
+                }
+            }
+        }
+        for n in &new.disks {
+            if old.disk(&n.name).is_none() {
+                match self.add_disk(n.clone()) {
+                    Ok(()) => report.push(format!("added {}", n.name)),
+                    Err(e) => report.push(format!("adding {}: {e}", n.name)),
+                }
+            }
+        }
+        report
+    }
+
+    /// Stops accepting, drains connections, flushes and closes every disk, stops the
+    /// reactors. Safe to call more than once.
+    pub fn shutdown(&self) {
+        if let Some(c) = lock(&self.control).take() {
+            c.shutdown();
+        }
+        // Waits for a change in progress; none starts after this.
+        *lock(&self.changes) = true;
+        let disks: Vec<DiskEntry> = lock(&self.disks).drain(..).collect();
+        let mut bdevs = Vec::new();
+        for e in disks {
+            if let Some(v) = e.vhost {
+                v.shutdown();
+            }
+            bdevs.push(e.bdev);
+        }
+        if let Some(n) = lock(&self.nbd).take() {
             n.shutdown();
         }
-        if let Some(r) = self.reactors.take() {
-            let first = r.handles()[0].clone();
-            for b in &self.bdevs {
-                let b2 = b.clone();
-                let res = first.block_on(move || async move {
-                    match b2.channel() {
-                        Ok(ch) => ch.flush().await,
-                        Err(e) => Err(e),
-                    }
-                });
-                if let Err(e) = res {
+        if let Some(m) = lock(&self.metrics).take() {
+            m.shutdown();
+        }
+        if let Some(r) = lock(&self.reactors).take() {
+            for b in &bdevs {
+                if let Err(e) = self.flush_bdev(b) {
                     tracing::error!(disk = b.name(), "flush at shutdown failed: {e}");
                 }
                 if let Err(e) = b.close() {
@@ -149,6 +423,13 @@ impl Appliance {
             }
             r.stop();
         }
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -167,16 +448,43 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the config file in between.
+fn wait_for_signal(set: &libc::sigset_t, app: &Appliance, config_path: Option<&Path>) -> i32 {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
         let rc = unsafe { libc::sigwait(set, &mut sig) };
-        if rc == 0 && sig != libc::SIGHUP {
+        if rc != 0 {
+            continue;
+        }
+        if sig != libc::SIGHUP {
             return sig;
         }
-        if rc == 0 {
-            tracing::info!("SIGHUP received; configuration reload is not supported yet, ignoring");
+        match config_path {
+            None => tracing::info!("SIGHUP: the quick-start has no config file to reload"),
+            Some(p) => {
+                reload_from(app, p);
+            }
+        }
+    }
+}
+
+/// Re-reads the config file and applies its disk set.
+pub fn reload_from(app: &Appliance, path: &Path) -> Vec<String> {
+    match Config::load(path) {
+        Err(e) => {
+            tracing::error!("reload: {e}; keeping the running configuration");
+            vec![format!("error: {e}")]
+        }
+        Ok(c) => {
+            let report = app.reload(c);
+            if report.is_empty() {
+                tracing::info!("reload: nothing changed");
+            }
+            for r in &report {
+                tracing::info!("reload: {r}");
+            }
+            report
         }
     }
 }
@@ -237,17 +545,26 @@ pub fn run(config_path: Option<&Path>) -> Result<(), ServeError> {
         }
     };
     let app = Appliance::start(config)?;
+    let config = app.config();
     let listen: Vec<String> =
-        app.config.nbd.iter().flat_map(|n| n.listen.iter().map(|l| l.to_string())).collect();
+        config.nbd.iter().flat_map(|n| n.listen.iter().map(|l| l.to_string())).collect();
+    let vhost: Vec<String> = config
+        .disks
+        .iter()
+        .filter_map(|d| {
+            d.vhost_user_blk.as_ref().map(|v| format!("{} ({})", v.socket.display(), d.name))
+        })
+        .collect();
     tracing::info!(
-        reactors = app.config.appliance.cores.len(),
-        disks = app.config.disks.len(),
-        "appliance ready; NBD listening on {}",
-        listen.join(", ")
+        reactors = config.appliance.cores.len(),
+        disks = config.disks.len(),
+        "appliance ready; NBD listening on [{}]; vhost-user-blk on [{}]",
+        listen.join(", "),
+        vhost.join(", ")
     );
-    print_connect_help(&app.config);
+    print_connect_help(&config);
     notify_ready();
-    let sig = wait_for_signal(&signals);
+    let sig = wait_for_signal(&signals, &app, config_path);
     tracing::info!("signal {sig} received; draining connections and flushing disks");
     app.shutdown();
     tracing::info!("appliance stopped");

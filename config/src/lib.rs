@@ -12,6 +12,7 @@
 //! - The validated [`Config`] is plain data; nothing downstream re-parses or re-checks it.
 
 mod raw;
+mod render;
 mod size;
 
 use std::fmt;
@@ -36,7 +37,32 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub appliance: Appliance,
     pub nbd: Option<Nbd>,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// `[control]`: the control socket.
+    pub control: Option<PathBuf>,
     pub disks: Vec<Disk>,
+}
+
+/// `[disk.qos]`: limits across all exports and connections of a disk. Zero means
+/// unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Qos {
+    pub iops: u64,
+    /// Bytes per second.
+    pub bandwidth: u64,
+    /// Seconds of unused budget a disk may save up (bucket depth).
+    pub burst: f64,
+}
+
+/// The default QoS burst: a tenth of a second.
+pub const DEFAULT_QOS_BURST: f64 = 0.1;
+
+/// Parses a bandwidth such as `"200MiB/s"` (the `/s` is optional) into bytes/second.
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").or_else(|| t.strip_suffix("ps")).unwrap_or(t);
+    parse_byte_size(t).map_err(|e| format!("bandwidth {e}"))
 }
 
 /// `[appliance]`: process-wide settings.
@@ -165,6 +191,8 @@ pub struct Disk {
     pub refcount_cache_bytes: Option<u64>,
     /// The vhost-user-blk export of this disk, if any.
     pub vhost_user_blk: Option<VhostUserBlk>,
+    /// Limits; `None` means unlimited.
+    pub qos: Option<Qos>,
 }
 
 /// `[disk.vhost_user_blk]`: a vhost-user-blk socket for a hypervisor.
@@ -208,6 +236,9 @@ idle = "adaptive"
 
 [nbd]
 listen = ["unix:appliance-data/nbd.sock", "tcp:127.0.0.1:10809"]
+
+[control]
+socket = "appliance-data/control.sock"
 
 [[disk]]
 name = "demo"
@@ -272,6 +303,37 @@ impl Validator {
             .map_err(|e| ConfigError::Parse { file: self.file.clone(), message: e.to_string() })?;
         let appliance = self.appliance(raw.appliance)?;
         let nbd = raw.nbd.map(|n| self.nbd(n)).transpose()?;
+        let metrics = match raw.metrics {
+            None => None,
+            Some(m) => {
+                let span = m.listen.span();
+                let v = m.listen.into_inner();
+                Some(v.parse::<SocketAddr>().map_err(|e| {
+                    self.err(
+                        span,
+                        "metrics.listen",
+                        format!(
+                            "`{v}` is not an IP address and port (such as 127.0.0.1:9100): {e}"
+                        ),
+                    )
+                })?)
+            }
+        };
+        let control = match raw.control {
+            None => None,
+            Some(c) => {
+                let span = c.socket.span();
+                let p = self.resolve(c.socket.get_ref());
+                if nbd.as_ref().is_some_and(|n| n.listen.contains(&ListenAddr::Unix(p.clone()))) {
+                    return Err(self.err(
+                        span,
+                        "control.socket",
+                        format!("{} is also an NBD listener", p.display()),
+                    ));
+                }
+                Some(p)
+            }
+        };
         let mut disks: Vec<Disk> = Vec::with_capacity(raw.disk.len());
         for (index, d) in raw.disk.into_iter().enumerate() {
             let disk = self.disk(index, d, &disks)?;
@@ -286,7 +348,16 @@ impl Validator {
             }
             disks.push(disk);
         }
-        Ok(Config { source: None, appliance, nbd, disks })
+        if let Some(c) = &control
+            && disks.iter().any(|d| d.vhost_user_blk.as_ref().is_some_and(|v| &v.socket == c))
+        {
+            return Err(self.err(
+                0..0,
+                "control.socket",
+                format!("{} is also a vhost-user socket", c.display()),
+            ));
+        }
+        Ok(Config { source: None, appliance, nbd, metrics, control, disks })
     }
 
     fn err(&self, span: std::ops::Range<usize>, key: &str, message: String) -> ConfigError {
@@ -567,6 +638,37 @@ impl Validator {
                 Some(VhostUserBlk { socket, queues })
             }
         };
+        let qos = match raw.qos {
+            None => None,
+            Some(q) => {
+                let q = q.into_inner();
+                let iops = q.iops.map_or(0, |v| v.into_inner());
+                let bandwidth = match q.bandwidth {
+                    None => 0,
+                    Some(b) => {
+                        let span = b.span();
+                        parse_bandwidth(b.get_ref())
+                            .map_err(|m| self.err(span, &key("qos.bandwidth"), m))?
+                    }
+                };
+                let burst = match q.burst {
+                    None => DEFAULT_QOS_BURST,
+                    Some(b) => {
+                        let span = b.span();
+                        let v = b.into_inner();
+                        if !(0.001..=60.0).contains(&v) {
+                            return Err(self.err(
+                                span,
+                                &key("qos.burst"),
+                                format!("{v}: must be 0.001 to 60 seconds"),
+                            ));
+                        }
+                        v
+                    }
+                };
+                Some(Qos { iops, bandwidth, burst })
+            }
+        };
         Ok(Disk {
             name,
             path,
@@ -579,6 +681,7 @@ impl Validator {
             l2_cache_bytes,
             refcount_cache_bytes,
             vhost_user_blk,
+            qos,
         })
     }
 

@@ -11,6 +11,8 @@ use crate::ByteSize;
 pub(crate) struct RawConfig {
     pub appliance: Option<RawAppliance>,
     pub nbd: Option<RawNbd>,
+    pub metrics: Option<RawMetrics>,
+    pub control: Option<RawControl>,
     #[serde(default)]
     pub disk: Vec<RawDisk>,
 }
@@ -33,6 +35,26 @@ pub(crate) enum RawHugepages {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControl {
+    pub socket: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQos {
+    pub iops: Option<Spanned<u64>>,
+    pub bandwidth: Option<Spanned<String>>,
+    pub burst: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawNbd {
     pub listen: Vec<Spanned<String>>,
 }
@@ -51,6 +73,7 @@ pub(crate) struct RawDisk {
     pub l2_cache: Option<Spanned<ByteSize>>,
     pub refcount_cache: Option<Spanned<ByteSize>>,
     pub vhost_user_blk: Option<Spanned<RawVhostUserBlk>>,
+    pub qos: Option<Spanned<RawQos>>,
 }
 
 #[derive(Debug, Deserialize)]

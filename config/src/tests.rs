@@ -201,3 +201,95 @@ fn vhost_user_blk_sockets() {
         .to_string();
     assert!(e.contains("sockte"), "{e}");
 }
+
+#[test]
+fn metrics_control_and_qos() {
+    let c = parse(
+        "[metrics]\nlisten = \"127.0.0.1:9100\"\n[control]\nsocket = \"/run/c.sock\"\n\
+         [[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.qos]\niops = 500\nbandwidth = \"200MiB/s\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    assert_eq!(c.control.as_deref(), Some(Path::new("/run/c.sock")));
+    assert_eq!(
+        c.disks[0].qos,
+        Some(Qos { iops: 500, bandwidth: 200 << 20, burst: DEFAULT_QOS_BURST })
+    );
+    let (key, _, _) = invalid("[metrics]\nlisten = \"localhost\"\n");
+    assert_eq!(key, "metrics.listen");
+    let (key, _, msg) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.qos]\nbandwidth = \"fast\"\n",
+    );
+    assert_eq!(key, "disk[0].qos.bandwidth");
+    assert!(msg.contains("fast"), "{msg}");
+    let (key, _, _) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.qos]\nburst = 1000.0\n",
+    );
+    assert_eq!(key, "disk[0].qos.burst");
+    let e = parse(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n[disk.qos]\niops = \"lots\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("iops"), "{e}");
+    assert_eq!(parse_bandwidth("1GiB/s"), Ok(1 << 30));
+    assert_eq!(parse_bandwidth("100M"), Ok(100 << 20));
+}
+
+#[test]
+fn rendered_config_parses_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    std::fs::write(&img, [0u8; 512]).unwrap();
+    let raw = dir.path().join("b.img");
+    std::fs::write(&raw, [0u8; 512]).unwrap();
+    let text = format!(
+        r#"
+[appliance]
+idle = "busy"
+hugepages = false
+buffer_pool = "64MiB"
+
+[nbd]
+listen = ["unix:{d}/nbd.sock", "tcp:127.0.0.1:10809"]
+
+[metrics]
+listen = "127.0.0.1:9100"
+
+[control]
+socket = "{d}/control.sock"
+
+[[disk]]
+name = "a"
+path = "{a}"
+format = "qcow2"
+l2_cache = "2MiB"
+[disk.vhost_user_blk]
+socket = "{d}/a.sock"
+queues = 2
+[disk.qos]
+iops = 1000
+bandwidth = "100MiB/s"
+burst = 0.5
+
+[[disk]]
+name = "b"
+path = "{b}"
+driver = "aio"
+direct = false
+read_only = true
+
+[[disk]]
+name = "m"
+driver = "mem"
+size = "1GiB"
+"#,
+        d = dir.path().display(),
+        a = img.display(),
+        b = raw.display()
+    );
+    let c = parse(&text).unwrap();
+    let rendered = c.to_toml();
+    let back = Config::parse(&rendered, "rendered.toml", Path::new("/elsewhere")).unwrap();
+    assert_eq!(back, c, "{rendered}");
+}

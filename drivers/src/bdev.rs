@@ -9,10 +9,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::align::Aligned;
 use crate::error::{IoError, OpenError};
 use crate::qcow2::{Qcow2Channel, Qcow2Device};
+use crate::qos::{Qos, QosLimits};
 use crate::seg::{self, IoSeg};
 use crate::storage::{Allocation, EngineKind, Storage};
 
@@ -63,6 +65,14 @@ pub struct BlockStatus {
     pub zero: bool,
 }
 
+fn qos_of(disk: &config::Disk) -> QosLimits {
+    disk.qos.map_or_else(QosLimits::default, |q| QosLimits {
+        iops: q.iops,
+        bandwidth: q.bandwidth,
+        burst: q.burst,
+    })
+}
+
 enum Format {
     Raw(Arc<Storage>),
     Qcow2(Arc<Qcow2Device>),
@@ -73,6 +83,9 @@ pub struct Bdev {
     name: String,
     info: BdevInfo,
     format: Format,
+    qos: Qos,
+    /// Set when the disk is being removed: no new channel opens.
+    retired: AtomicBool,
 }
 
 impl std::fmt::Debug for Bdev {
@@ -104,7 +117,9 @@ impl Bdev {
                 Storage::open_file(path, engine, disk.direct, disk.read_only)?
             }
         };
-        Ok(Self::raw(&disk.name, storage, disk.read_only))
+        let b = Self::raw(&disk.name, storage, disk.read_only);
+        b.set_qos(qos_of(disk));
+        Ok(b)
     }
 
     fn open_qcow2(
@@ -138,7 +153,15 @@ impl Bdev {
             can_multi_conn: true,
             has_block_status: true,
         };
-        Ok(Arc::new(Bdev { name: disk.name.clone(), info, format: Format::Qcow2(dev) }))
+        let b = Arc::new(Bdev {
+            name: disk.name.clone(),
+            info,
+            format: Format::Qcow2(dev),
+            qos: Qos::default(),
+            retired: AtomicBool::new(false),
+        });
+        b.set_qos(qos_of(disk));
+        Ok(b)
     }
 
     /// The qcow2 image behind this device, if it is one.
@@ -149,11 +172,26 @@ impl Bdev {
         }
     }
 
-    /// Releases the device's per-reactor state (writing qcow2 metadata back and
-    /// clearing its dirty bit). Control plane, after the last request.
+    /// Refuses new channels from now on (the disk is being removed); channels already
+    /// open keep working until their owners drop them.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Bdev::retire`] was called.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Makes every completed write durable and releases the device's per-reactor state
+    /// (writing qcow2 metadata back and clearing its dirty bit). Control plane, after
+    /// the last request.
     pub fn close(&self) -> Result<(), IoError> {
         match &self.format {
             Format::Qcow2(d) => d.close(),
+            Format::Raw(s) if !self.info.read_only => {
+                s.sync_all().map_err(|e| IoError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
             Format::Raw(_) => Ok(()),
         }
     }
@@ -175,11 +213,27 @@ impl Bdev {
             can_multi_conn: true,
             has_block_status: file_backed && !storage.is_block_device(),
         };
-        Arc::new(Bdev { name: name.to_string(), info, format: Format::Raw(storage) })
+        Arc::new(Bdev {
+            name: name.to_string(),
+            info,
+            format: Format::Raw(storage),
+            qos: Qos::default(),
+            retired: AtomicBool::new(false),
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The disk's QoS limits (shared by every channel; changeable live).
+    pub fn qos(&self) -> &Qos {
+        &self.qos
+    }
+
+    /// Sets the QoS limits.
+    pub fn set_qos(&self, limits: QosLimits) {
+        self.qos.set(limits);
     }
 
     pub fn info(&self) -> &BdevInfo {
@@ -188,6 +242,9 @@ impl Bdev {
 
     /// Opens the device's handle on the current reactor.
     pub fn channel(self: &Arc<Self>) -> Result<BdevChannel, IoError> {
+        if self.is_retired() {
+            return Err(IoError::Shutdown);
+        }
         let kind = match &self.format {
             Format::Raw(storage) => ChannelKind::Raw(Aligned::new(storage.channel()?)),
             Format::Qcow2(dev) => ChannelKind::Qcow2(dev.channel()?),
@@ -231,7 +288,9 @@ impl BdevChannel {
     }
 
     pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
-        self.check_range(off, seg::total_len(segs) as u64)?;
+        let len = seg::total_len(segs) as u64;
+        self.check_range(off, len)?;
+        self.bdev.qos.admit(len).await;
         match &self.kind {
             ChannelKind::Raw(a) => a.read(off, segs).await,
             ChannelKind::Qcow2(q) => q.read(off, segs).await,
@@ -240,7 +299,9 @@ impl BdevChannel {
 
     /// Writes `segs` at `off`; with `fua` the data is durable on completion.
     pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        self.check_write(off, seg::total_len(segs) as u64)?;
+        let len = seg::total_len(segs) as u64;
+        self.check_write(off, len)?;
+        self.bdev.qos.admit(len).await;
         match &self.kind {
             ChannelKind::Raw(a) => a.write(off, segs, fua).await,
             ChannelKind::Qcow2(q) => q.write(off, segs, fua).await,
@@ -261,6 +322,7 @@ impl BdevChannel {
         if len == 0 {
             return Ok(());
         }
+        self.bdev.qos.admit(0).await;
         match &self.kind {
             ChannelKind::Raw(a) => match a.zero_range(off, len, flags.may_unmap).await {
                 Ok(()) => {
@@ -287,6 +349,7 @@ impl BdevChannel {
     /// Releases the range if the device can; contents become unspecified.
     pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
         self.check_write(off, len)?;
+        self.bdev.qos.admit(0).await;
         match &self.kind {
             ChannelKind::Raw(a) => a.discard(off, len).await.map(|_| ()),
             ChannelKind::Qcow2(q) => q.discard(off, len).await,

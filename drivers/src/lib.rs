@@ -17,6 +17,7 @@ mod engine;
 pub mod error;
 pub mod probe;
 pub mod qcow2;
+pub mod qos;
 pub mod seg;
 pub mod sim;
 pub mod storage;

@@ -313,6 +313,7 @@ fn bdev_checks_ranges_and_read_only() {
         l2_cache_bytes: None,
         refcount_cache_bytes: None,
         vhost_user_blk: None,
+        qos: None,
     };
     let owner = r.handles()[0].clone();
     let rw = Bdev::open(&disk(false), &owner).unwrap();

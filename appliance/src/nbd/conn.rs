@@ -47,6 +47,7 @@ pub struct Reply {
     hdr: [u8; HDR_CAP],
     hdr_len: u16,
     data: Option<DmaBuf>,
+    failed: bool,
 }
 
 impl Reply {
@@ -74,6 +75,7 @@ pub struct Conn {
     /// No more replies will be queued; the writer exits when the queue is empty.
     closing: Cell<bool>,
     writer_done: Cell<bool>,
+    stats: Option<Rc<crate::metrics::LocalStats>>,
 }
 
 impl Conn {
@@ -92,7 +94,13 @@ impl Conn {
             reading: Cell::new(true),
             closing: Cell::new(false),
             writer_done: Cell::new(false),
+            stats: crate::metrics::local_stats(n.bdev.name(), "nbd"),
         }
+    }
+
+    /// The export this connection serves.
+    pub fn export(&self) -> &str {
+        self.ch.bdev().name()
     }
 
     /// Stops accepting requests; those in flight still complete and are answered.
@@ -122,7 +130,7 @@ impl Conn {
     // --- reply encoding -------------------------------------------------------------
 
     fn blank() -> Reply {
-        Reply { hdr: [0u8; HDR_CAP], hdr_len: 0, data: None }
+        Reply { hdr: [0u8; HDR_CAP], hdr_len: 0, data: None, failed: false }
     }
 
     fn ok(&self, req: &Request) -> Reply {
@@ -144,6 +152,7 @@ impl Conn {
 
     fn error(&self, req: &Request, nbd_errno: u32, msg: &str) -> Reply {
         let mut r = Self::blank();
+        r.failed = true;
         if self.mode == ReplyMode::Simple {
             r.hdr_len = proto::encode_simple(&mut r.hdr, nbd_errno, req.cookie) as u16;
             return r;
@@ -444,10 +453,23 @@ async fn handle(
     if !delay.is_zero() {
         poller::sleep(delay).await;
     }
+    let started = c.stats.as_ref().map(|s| s.start());
     let reply = match refused {
         Some((code, msg)) => c.error(&req, code, msg),
         None => c.execute(req, payload).await,
     };
+    if let (Some(s), Some(t)) = (&c.stats, started) {
+        use crate::metrics::Op;
+        let (op, bytes) = match req.kind {
+            proto::CMD_READ => (Op::Read, req.length),
+            proto::CMD_WRITE => (Op::Write, req.length),
+            proto::CMD_FLUSH => (Op::Flush, 0),
+            proto::CMD_TRIM => (Op::Discard, req.length),
+            proto::CMD_WRITE_ZEROES => (Op::WriteZeroes, req.length),
+            _ => (Op::Other, 0),
+        };
+        s.done(op, bytes, !reply.failed, t);
+    }
     c.push(reply);
 }
 

@@ -135,6 +135,17 @@ impl NbdServer {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// Closes every connection to one export gracefully (requests in flight are
+    /// answered) and drops the reactors' channels to it. The caller has removed the
+    /// export from [`Exports`] and retired its device first, so no new connection can
+    /// reach it. Returns once the connections are gone.
+    pub fn close_export(&self, name: &str) {
+        for r in &self.shared.reactors {
+            let name = name.to_string();
+            r.block_on(move || async move { close_local(Some(&name)).await });
+        }
+    }
+
     /// Stops accepting, then closes every connection after its requests in flight are
     /// answered. Returns once all connections are closed.
     pub fn shutdown(mut self) {
@@ -150,7 +161,7 @@ impl NbdServer {
             }
         }
         for r in &self.shared.reactors {
-            r.block_on(|| async { close_all_local().await });
+            r.block_on(|| async { close_local(None).await });
         }
     }
 }
@@ -256,6 +267,7 @@ pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> 
         let mut l = l.borrow_mut();
         if let Some(ch) = l.channels.get(bdev.name())
             && Arc::ptr_eq(ch.bdev(), bdev)
+            && !bdev.is_retired()
         {
             return Ok(ch.clone());
         }
@@ -304,11 +316,14 @@ async fn serve(stream: OwnedFd, exports: Arc<Exports>) {
     conn::run(c).await;
 }
 
-/// Closes every connection of this reactor gracefully and waits for them to go.
-async fn close_all_local() {
+/// Closes this reactor's connections gracefully (those to export `only`, or all) and
+/// waits for them to go; then drops the matching cached channels.
+async fn close_local(only: Option<&str>) {
+    let matches = |c: &conn::Conn| only.is_none_or(|n| c.export() == n);
     loop {
-        let live: Vec<Rc<conn::Conn>> =
-            LOCAL.with(|l| l.borrow().conns.iter().filter_map(|w| w.upgrade()).collect());
+        let live: Vec<Rc<conn::Conn>> = LOCAL.with(|l| {
+            l.borrow().conns.iter().filter_map(|w| w.upgrade()).filter(|c| matches(c)).collect()
+        });
         if live.is_empty() {
             break;
         }
@@ -318,4 +333,14 @@ async fn close_all_local() {
         drop(live);
         poller::sleep(Duration::from_millis(2)).await;
     }
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        l.conns.retain(|w| w.strong_count() > 0);
+        match only {
+            Some(n) => {
+                l.channels.remove(n);
+            }
+            None => l.channels.clear(),
+        }
+    });
 }

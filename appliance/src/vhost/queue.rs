@@ -68,6 +68,7 @@ struct Runner {
     notifications_on: Cell<bool>,
     serial: [u8; blk::ID_BYTES],
     broken: Cell<bool>,
+    stats: Option<Rc<crate::metrics::LocalStats>>,
 }
 
 struct Entry {
@@ -278,7 +279,25 @@ async fn serve(r: Rc<Runner>, req: BlkReq) {
     if !delay.is_zero() {
         poller::sleep(delay).await;
     }
+    let started = r.stats.as_ref().map(|s| s.start());
     let (status, written) = execute(&r, &req).await;
+    if let (Some(s), Some(t)) = (&r.stats, started) {
+        use crate::metrics::Op;
+        let op = match req.kind {
+            blk::T_IN => Op::Read,
+            blk::T_OUT => Op::Write,
+            blk::T_FLUSH => Op::Flush,
+            blk::T_DISCARD => Op::Discard,
+            blk::T_WRITE_ZEROES => Op::WriteZeroes,
+            _ => Op::Other,
+        };
+        let bytes = match req.kind {
+            blk::T_IN => drivers::seg::total_len(req.data_in()) as u64,
+            blk::T_OUT => drivers::seg::total_len(req.data_out()) as u64,
+            _ => 0,
+        };
+        s.done(op, bytes, status == blk::S_OK, t);
+    }
     // SAFETY: the status byte is a device-writable byte of the request's chain, inside
     // mapped guest memory that outlives the queue.
     unsafe { req.status.write_volatile(status) };
@@ -347,6 +366,7 @@ pub fn start(s: QueueStart) -> Result<(), String> {
         notifications_on: Cell::new(true),
         serial: s.serial,
         broken: Cell::new(false),
+        stats: crate::metrics::local_stats(s.bdev.name(), "vhost-user-blk"),
     });
     let pool = TaskPool::new(u32::from(s.size));
     let (r1, r2, r3) = (runner.clone(), runner.clone(), runner.clone());

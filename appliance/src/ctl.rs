@@ -1,0 +1,209 @@
+//! `appliance ctl`: a client for the control socket ([`crate::control`]).
+//!
+//! Sends one JSON-RPC request, prints the result (JSON, or a table for `list`), and
+//! exits non-zero with the server's message when the call fails.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+/// The socket used when neither `--socket` nor `--config` is given: the quick-start's.
+pub const DEFAULT_SOCKET: &str = "appliance-data/control.sock";
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List the disks and their exports.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add and export a disk. Keys are those of a `[[disk]]` table, nested keys
+    /// dotted: `name=vm1 path=/images/vm1.qcow2 format=qcow2
+    /// vhost_user_blk.socket=/run/vm1.sock qos.iops=5000`.
+    Add {
+        /// key=value pairs (values are TOML: numbers and true/false are typed, anything
+        /// else is a string).
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+    /// Stop exporting a disk: connections drain, the image is flushed and closed.
+    Remove { name: String },
+    /// Make every completed write of a disk durable.
+    Flush { name: String },
+    /// Request counters and latency per disk and export; reactor activity.
+    Stats { name: Option<String> },
+    /// Change a disk's QoS limits live (0 lifts a limit).
+    Qos {
+        name: String,
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes per second, or with a unit: 100MiB/s.
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Seconds of unused budget a disk may save up.
+        #[arg(long)]
+        burst: Option<f64>,
+    },
+    /// Print the running configuration as TOML.
+    Config,
+    /// Re-read the config file (as SIGHUP does) and apply its disk set.
+    Reload,
+    /// Call any method with JSON params.
+    Call { method: String, params: Option<String> },
+}
+
+/// Finds the socket: `--socket`, else the `[control]` socket of `--config`, else the
+/// quick-start's.
+pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(c) = config {
+        let cfg = config::Config::load(c).map_err(|e| e.to_string())?;
+        return cfg.control.ok_or_else(|| format!("{}: has no [control] socket", c.display()));
+    }
+    Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Parses `a.b=value` pairs into a JSON object.
+fn settings_object(settings: &[String]) -> Result<Value, String> {
+    let mut root = serde_json::Map::new();
+    for s in settings {
+        let (key, value) = s.split_once('=').ok_or_else(|| format!("`{s}` is not key=value"))?;
+        let value: Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+            Ok(t) => serde_json::to_value(&t["v"]).map_err(|e| e.to_string())?,
+            Err(_) => Value::String(value.to_string()),
+        };
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut obj = &mut root;
+        for (i, p) in parts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(format!("`{key}` is not a valid key"));
+            }
+            if i + 1 == parts.len() {
+                obj.insert(p.to_string(), value.clone());
+            } else {
+                let e = obj.entry(p.to_string()).or_insert_with(|| json!({}));
+                obj = e.as_object_mut().ok_or_else(|| format!("`{key}`: `{p}` is not a table"))?;
+            }
+        }
+    }
+    Ok(Value::Object(root))
+}
+
+/// Sends one request and returns its result, or the server's error message.
+pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value, String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("{}: cannot connect to the control socket: {e}", socket.display()))?;
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let reply: Value = serde_json::from_str(&line)
+        .map_err(|e| format!("{}: malformed reply: {e}", socket.display()))?;
+    if let Some(err) = reply.get("error") {
+        return Err(err["message"].as_str().unwrap_or("request failed").to_string());
+    }
+    Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+}
+
+/// Runs a `ctl` command; prints its result.
+pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
+    let (method, params) = match &cmd {
+        CtlCommand::List { .. } => ("disk_list", json!({})),
+        CtlCommand::Add { settings } => ("disk_add", settings_object(settings)?),
+        CtlCommand::Remove { name } => ("disk_remove", json!({"name": name})),
+        CtlCommand::Flush { name } => ("disk_flush", json!({"name": name})),
+        CtlCommand::Stats { name } => match name {
+            Some(n) => ("stats", json!({"name": n})),
+            None => ("stats", json!({})),
+        },
+        CtlCommand::Qos { name, iops, bandwidth, burst } => {
+            let mut p = json!({"name": name});
+            if let Some(v) = iops {
+                p["iops"] = json!(v);
+            }
+            if let Some(v) = bandwidth {
+                p["bandwidth"] = json!(v);
+            }
+            if let Some(v) = burst {
+                p["burst"] = json!(v);
+            }
+            ("qos_set", p)
+        }
+        CtlCommand::Config => ("config_get", json!({})),
+        CtlCommand::Reload => ("reload", json!({})),
+        CtlCommand::Call { method, params } => {
+            let p = match params {
+                Some(t) => serde_json::from_str(t).map_err(|e| format!("params: not JSON: {e}"))?,
+                None => json!({}),
+            };
+            (method.as_str(), p)
+        }
+    };
+    let result = call(socket, method, params)?;
+    match (&cmd, &result) {
+        (CtlCommand::List { json: false }, Value::Array(disks)) => print_table(disks),
+        (CtlCommand::Config, Value::String(t)) => print!("{t}"),
+        _ => println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default()),
+    }
+    Ok(())
+}
+
+fn print_table(disks: &[Value]) {
+    println!("{:<16} {:<6} {:>14} {:<3} {:<28} PATH", "NAME", "FORMAT", "SIZE", "RO", "EXPORTS");
+    for d in disks {
+        let exports: Vec<String> = d["exports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| match e["type"].as_str() {
+                        Some("vhost-user-blk") => {
+                            format!("vhost:{}", e["socket"].as_str().unwrap_or(""))
+                        }
+                        Some(t) => t.to_string(),
+                        None => String::new(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<16} {:<6} {:>14} {:<3} {:<28} {}",
+            d["name"].as_str().unwrap_or(""),
+            d["format"].as_str().unwrap_or(""),
+            d["size"].as_u64().unwrap_or(0),
+            if d["read_only"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            exports.join(","),
+            d["path"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_become_nested_typed_json() {
+        let v = settings_object(&[
+            "name=vm1".into(),
+            "path=/images/vm1.qcow2".into(),
+            "read_only=true".into(),
+            "vhost_user_blk.socket=/run/vm1.sock".into(),
+            "vhost_user_blk.queues=2".into(),
+            "qos.bandwidth=100MiB/s".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"name": "vm1", "path": "/images/vm1.qcow2", "read_only": true,
+                   "vhost_user_blk": {"socket": "/run/vm1.sock", "queues": 2},
+                   "qos": {"bandwidth": "100MiB/s"}})
+        );
+        assert!(settings_object(&["novalue".into()]).is_err());
+        assert!(settings_object(&["a=1".into(), "a.b=2".into()]).is_err());
+    }
+}

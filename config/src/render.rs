@@ -1,0 +1,123 @@
+//! Renders a [`Config`] back to TOML, for `config_get` on the control socket and
+//! `appliance ctl config`: the running configuration, with the changes made since
+//! start-up, in the same keys the file uses. Paths come out absolute (as validated),
+//! so the text parses back to the same `Config` wherever it is saved.
+
+use toml::{Table, Value};
+
+use crate::{Config, Disk, Driver, Format, Hugepages, IdlePolicy};
+
+fn int(v: u64) -> Value {
+    // TOML integers are i64; every size the appliance accepts fits.
+    Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn path(p: &std::path::Path) -> Value {
+    Value::String(p.display().to_string())
+}
+
+impl Config {
+    /// The configuration as TOML text that [`Config::parse`] reads back unchanged.
+    pub fn to_toml(&self) -> String {
+        let mut root = Table::new();
+        let a = &self.appliance;
+        let mut t = Table::new();
+        t.insert("cores".into(), Value::Array(a.cores.iter().map(|&c| int(c as u64)).collect()));
+        t.insert(
+            "idle".into(),
+            Value::String(
+                match a.idle {
+                    IdlePolicy::Busy => "busy",
+                    IdlePolicy::Adaptive => "adaptive",
+                }
+                .into(),
+            ),
+        );
+        let hugepages = match a.hugepages {
+            Hugepages::Auto => Value::String("auto".into()),
+            Hugepages::On => Value::Boolean(true),
+            Hugepages::Off => Value::Boolean(false),
+        };
+        t.insert("hugepages".into(), hugepages);
+        t.insert("buffer_pool".into(), int(a.buffer_pool_bytes));
+        root.insert("appliance".into(), Value::Table(t));
+        if let Some(n) = &self.nbd {
+            let mut t = Table::new();
+            t.insert(
+                "listen".into(),
+                Value::Array(n.listen.iter().map(|l| Value::String(l.to_string())).collect()),
+            );
+            root.insert("nbd".into(), Value::Table(t));
+        }
+        if let Some(m) = &self.metrics {
+            let mut t = Table::new();
+            t.insert("listen".into(), Value::String(m.to_string()));
+            root.insert("metrics".into(), Value::Table(t));
+        }
+        if let Some(c) = &self.control {
+            let mut t = Table::new();
+            t.insert("socket".into(), path(c));
+            root.insert("control".into(), Value::Table(t));
+        }
+        if !self.disks.is_empty() {
+            root.insert(
+                "disk".into(),
+                Value::Array(self.disks.iter().map(|d| Value::Table(disk(d))).collect()),
+            );
+        }
+        toml::to_string(&root).unwrap_or_default()
+    }
+}
+
+/// One `[[disk]]` table.
+pub fn disk(d: &Disk) -> Table {
+    let mut t = Table::new();
+    t.insert("name".into(), Value::String(d.name.clone()));
+    if let Some(p) = &d.path {
+        t.insert("path".into(), path(p));
+    }
+    t.insert(
+        "format".into(),
+        Value::String(
+            match d.format {
+                Format::Raw => "raw",
+                Format::Qcow2 => "qcow2",
+            }
+            .into(),
+        ),
+    );
+    t.insert("driver".into(), Value::String(d.driver.name().into()));
+    if matches!(d.driver, Driver::IoUring | Driver::Aio) {
+        t.insert("direct".into(), Value::Boolean(d.direct));
+    }
+    t.insert("read_only".into(), Value::Boolean(d.read_only));
+    if let Some(s) = d.size {
+        t.insert("size".into(), int(s));
+    }
+    if d.format == Format::Qcow2 {
+        t.insert(
+            "allowed_backing_dirs".into(),
+            Value::Array(d.allowed_backing_dirs.iter().map(|p| path(p)).collect()),
+        );
+    }
+    if let Some(b) = d.l2_cache_bytes {
+        t.insert("l2_cache".into(), int(b));
+    }
+    if let Some(b) = d.refcount_cache_bytes {
+        t.insert("refcount_cache".into(), int(b));
+    }
+    if let Some(v) = &d.vhost_user_blk {
+        let mut vt = Table::new();
+        vt.insert("socket".into(), path(&v.socket));
+        vt.insert("queues".into(), int(u64::from(v.queues)));
+        t.insert("vhost_user_blk".into(), Value::Table(vt));
+    }
+    if let Some(q) = &d.qos {
+        let mut qt = Table::new();
+        qt.insert("iops".into(), int(q.iops));
+        qt.insert("bandwidth".into(), Value::String(q.bandwidth.to_string()));
+        qt.insert("burst".into(), Value::Float(q.burst));
+        t.insert("qos".into(), Value::Table(qt));
+    }
+    t
+}
