@@ -361,7 +361,7 @@ fn call(app: &Appliance, method: &str, params: &Params) -> Result<Value, Fail> {
                 .zip(&config.appliance.cores)
                 .map(|(h, core)| {
                     let s = h.stats();
-                    json!({"core": core, "busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks, "sleeps": s.sleeps, "tasks_polled": s.tasks_polled})
+                    json!({"core": core, "busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks, "sleeps": s.sleeps, "tasks_polled": s.tasks_polled, "messages": s.messages})
                 })
                 .collect();
             Ok(json!({"disks": disks, "reactors": reactors}))
@@ -442,13 +442,19 @@ fn disk_from_json(app: &Appliance, params: &Params) -> Result<config::Disk, Fail
         Err(e) => {
             let msg = e.to_string();
             let msg = msg.strip_prefix("disk_add: ").unwrap_or(&msg);
-            // toml's messages quote the generated text; keep the first line.
-            let first = msg
+            // toml's messages quote the generated text and its line numbers, which mean
+            // nothing to the caller; keep the explanation.
+            let first: String = msg
                 .lines()
-                .find(|l| {
-                    !l.trim().is_empty() && !l.contains("-->") && !l.trim_start().starts_with('|')
+                .filter(|l| {
+                    !l.trim().is_empty()
+                        && !l.starts_with(' ')
+                        && !l.starts_with(|c: char| c.is_ascii_digit())
+                        && !l.starts_with("TOML parse error")
                 })
-                .unwrap_or(msg);
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = if first.is_empty() { msg } else { &first };
             Err(Fail::params(format!("disk_add: {}", first.trim())))
         }
     }

@@ -12,7 +12,9 @@
 //! - `appliance_in_flight` (gauge);
 //! - `appliance_latency_seconds_bucket{le}` / `_sum` / `_count`, cumulative, per op;
 //! - `appliance_reactor_busy_ticks_total`, `_idle_ticks_total`, `_sleeps_total`,
-//!   `_tasks_polled_total`;
+//!   `_tasks_polled_total`, `_messages_total` (control messages and cross-reactor
+//!   wakes), and ring occupancy gauges `appliance_reactor_control_ring_entries`,
+//!   `appliance_reactor_wake_ring_entries`;
 //! - `appliance_qcow2_l2_cache_hits_total` / `_misses_total`, `..._refcount_cache_...`,
 //!   `appliance_qcow2_clusters_allocated_total`.
 
@@ -302,6 +304,10 @@ fn refresh(reactors: &[ReactorHandle], disks: &[Arc<Bdev>]) {
         metrics::counter!("appliance_reactor_idle_ticks_total", &labels).absolute(s.idle_ticks);
         metrics::counter!("appliance_reactor_sleeps_total", &labels).absolute(s.sleeps);
         metrics::counter!("appliance_reactor_tasks_polled_total", &labels).absolute(s.tasks_polled);
+        metrics::counter!("appliance_reactor_messages_total", &labels).absolute(s.messages);
+        metrics::gauge!("appliance_reactor_control_ring_entries", &labels)
+            .set(s.control_ring as f64);
+        metrics::gauge!("appliance_reactor_wake_ring_entries", &labels).set(s.wake_ring as f64);
     }
     for b in disks {
         if let Some(q) = b.qcow2() {

@@ -293,3 +293,21 @@ size = "1GiB"
     let back = Config::parse(&rendered, "rendered.toml", Path::new("/elsewhere")).unwrap();
     assert_eq!(back, c, "{rendered}");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("base")).unwrap();
+    std::fs::write(images.join("vm1.qcow2"), [0u8; 512]).unwrap();
+    let example = include_str!("../../examples/appliance.toml")
+        .replace("/var/lib/images", &images.display().to_string())
+        .replace("/run/appliance", &dir.path().display().to_string());
+    let c = parse(&example).unwrap();
+    assert_eq!(c.disks.len(), 2);
+    let vm1 = &c.disks[0];
+    assert_eq!(vm1.format, Format::Qcow2);
+    assert_eq!(vm1.vhost_user_blk.as_ref().unwrap().queues, 2);
+    assert_eq!(vm1.qos.unwrap().bandwidth, 200 << 20);
+    assert!(c.metrics.is_some() && c.control.is_some());
+}

@@ -110,6 +110,8 @@ pub struct ReactorStats {
     pub idle_ticks: AtomicU64,
     pub sleeps: AtomicU64,
     pub tasks_polled: AtomicU64,
+    /// Control messages and cross-reactor wakes taken off this reactor's rings.
+    pub messages: AtomicU64,
 }
 
 /// A point-in-time copy of [`ReactorStats`].
@@ -119,6 +121,11 @@ pub struct StatsSnapshot {
     pub idle_ticks: u64,
     pub sleeps: u64,
     pub tasks_polled: u64,
+    pub messages: u64,
+    /// Entries waiting in the control ring when the snapshot was taken.
+    pub control_ring: u64,
+    /// Entries waiting in the cross-reactor wake ring when the snapshot was taken.
+    pub wake_ring: u64,
 }
 
 impl ReactorStats {
@@ -128,6 +135,9 @@ impl ReactorStats {
             idle_ticks: self.idle_ticks.load(Ordering::Relaxed),
             sleeps: self.sleeps.load(Ordering::Relaxed),
             tasks_polled: self.tasks_polled.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+            control_ring: 0,
+            wake_ring: 0,
         }
     }
 }
@@ -230,7 +240,10 @@ impl ReactorHandle {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        let mut s = self.shared.stats.snapshot();
+        s.control_ring = self.shared.control.len() as u64;
+        s.wake_ring = self.shared.remote_wakes.len() as u64;
+        s
     }
 
     /// Runs `f` on the reactor at its next tick. For the control plane: it allocates.
@@ -492,8 +505,11 @@ impl Core {
     }
 
     fn tick(&self) -> bool {
-        let mut work = self.drain_control();
-        work += self.drain_remote_wakes();
+        let messages = self.drain_control() + self.drain_remote_wakes();
+        if messages > 0 {
+            bump(&self.shared.stats.messages, messages as u64);
+        }
+        let mut work = messages;
         work += self.run_pollers(Phase::Early);
         let mut polled = self.executor.run_ready(TASK_BUDGET);
         if self.fds.has_sources() {
