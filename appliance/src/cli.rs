@@ -114,6 +114,12 @@ pub fn init_logging(format: LogFormat) {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // Tools writing to a closed pipe (`appliance map x | head`) end quietly, as
+        // command-line tools do; `serve` keeps SIGPIPE ignored for its sockets.
+        // SAFETY: restoring the default disposition of a signal, before any thread.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Serve { config, log_format } => {
             init_logging(log_format);

@@ -36,6 +36,7 @@ fn fio_random_writes_verify_crc32c() {
                 &format!("--iodepth={depth}"),
                 "--size=32M",
                 "--verify=crc32c",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--verify_fatal=1",
                 "--output-format=json",

@@ -287,6 +287,7 @@ fn disks_are_added_served_and_removed_through_ctl() {
             "--iodepth=16",
             "--size=32M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
         ],

@@ -369,6 +369,7 @@ fn concurrent_allocating_writes_from_several_connections() {
         "--size=48M",
         "--offset_increment=64M",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--verify_fatal=1",
         "--group_reporting",

@@ -72,12 +72,26 @@ struct Walk<'a> {
     file_clusters: u64,
     counts: Vec<u64>,
     report: CheckReport,
-    /// Invalid active L2 entries: (L2 table offset, index).
+    /// Invalid L2 entries, of the active table or a snapshot's: (L2 table offset,
+    /// index). A full repair zeroes them: what they point at does not exist.
     bad_entries: Vec<(u64, usize)>,
     /// Active data clusters per entry for the COPIED check: (table, index, raw, cluster).
     active_refs: Vec<(u64, usize, u64, u64)>,
     active_l2: Vec<(usize, u64, u64)>,
+    /// Byte offsets of L1 entries (active or a snapshot's) that are invalid or point past the end of the
+    /// file (zeroed by a full repair: the table they name does not exist).
+    bad_l1: Vec<u64>,
+    /// A bitmap structure is invalid or outside the file (a full repair drops the
+    /// bitmaps, clearing their autoclear bit: they are only dirty-tracking hints).
+    bad_bitmaps: bool,
+    /// Count references past the end of the file (growing `counts`) instead of
+    /// reporting them: the recount before a rebuild, whose new structures go after
+    /// everything still referenced.
+    grow: bool,
 }
+
+/// How far past the end of the file a recount follows references (in clusters).
+const MAX_GROW_CLUSTERS: u64 = 1 << 22;
 
 impl Walk<'_> {
     fn error(&mut self, m: String) {
@@ -93,10 +107,16 @@ impl Walk<'_> {
             return true;
         }
         let first = off >> self.g.cluster_bits;
-        let last = (off + len - 1) >> self.g.cluster_bits;
+        let last = off.saturating_add(len - 1) >> self.g.cluster_bits;
         if last >= self.file_clusters {
-            self.error(format!("{what} at {off:#x} is beyond the end of the image"));
-            return false;
+            if self.grow && last < self.file_clusters + MAX_GROW_CLUSTERS {
+                if last >= self.counts.len() as u64 {
+                    self.counts.resize(last as usize + 1, 0);
+                }
+            } else {
+                self.error(format!("{what} at {off:#x} is beyond the end of the image"));
+                return false;
+            }
         }
         for c in first..=last {
             self.counts[c as usize] += 1;
@@ -121,6 +141,7 @@ impl Walk<'_> {
                 Ok(v) => v,
                 Err(err) => {
                     self.error(format!("L1 entry {i} ({e:#x}) is invalid: {err:?}"));
+                    self.bad_l1.push(l1_off + i as u64 * 8);
                     continue;
                 }
             };
@@ -128,6 +149,7 @@ impl Walk<'_> {
                 continue;
             }
             if !self.add(l2, g.cluster_size(), "L2 table") {
+                self.bad_l1.push(l1_off + i as u64 * 8);
                 continue;
             }
             if active {
@@ -144,7 +166,7 @@ impl Walk<'_> {
                             if active {
                                 self.active_refs.push((l2, j, raw, host >> g.cluster_bits));
                             }
-                        } else if active {
+                        } else {
                             self.bad_entries.push((l2, j));
                         }
                     }
@@ -152,7 +174,7 @@ impl Walk<'_> {
                         if self.add(host, max_len, "compressed cluster") {
                             self.report.allocated_clusters += 1;
                             self.report.compressed_clusters += 1;
-                        } else if active {
+                        } else {
                             self.bad_entries.push((l2, j));
                         }
                     }
@@ -161,9 +183,7 @@ impl Walk<'_> {
                         self.error(format!(
                             "L2 entry {j} of the table at {l2:#x} ({raw:#x}) is invalid: {err:?}"
                         ));
-                        if active {
-                            self.bad_entries.push((l2, j));
-                        }
+                        self.bad_entries.push((l2, j));
                     }
                 }
             }
@@ -238,7 +258,7 @@ pub fn check_io(
         let (h, file_size) = read_header(path, f)?;
         let after = walk_and_compare(path, f, &h, file_size, Repair::None, &mut |_, _| {})?;
         report = CheckReport {
-            corruptions_fixed: report.corruptions_fixed,
+            corruptions_fixed: report.corruptions_fixed.saturating_sub(after.corruptions),
             leaks_fixed: report.leaks_fixed,
             ..after
         };
@@ -274,6 +294,9 @@ fn walk_and_compare(
         bad_entries: Vec::new(),
         active_refs: Vec::new(),
         active_l2: Vec::new(),
+        bad_l1: Vec::new(),
+        bad_bitmaps: false,
+        grow: false,
     };
     w.add(0, cs, "header");
     w.walk_l1(h.l1_table_offset, h.l1_size, true, progress).map_err(io)?;
@@ -350,6 +373,18 @@ fn walk_and_compare(
                 for &(l2, j) in &w.bad_entries {
                     f.meta_write(&0u64.to_be_bytes(), l2 + j as u64 * 8).map_err(io)?;
                 }
+                for &at in &w.bad_l1 {
+                    f.meta_write(&0u64.to_be_bytes(), at).map_err(io)?;
+                }
+                let mut h2 = h.clone();
+                if w.bad_bitmaps {
+                    h2.autoclear &= !AUTOCLEAR_BITMAPS;
+                    f.meta_write(&h2.autoclear.to_be_bytes(), OFF_AUTOCLEAR).map_err(io)?;
+                    report.messages.push(
+                        "Repair: the persistent bitmaps are invalid and were dropped".to_string(),
+                    );
+                }
+                let h = &h2;
                 // Recount without the invalid entries, then rebuild refcounts.
                 f.meta_sync().map_err(io)?;
                 let fixed = recount(path, f, h, file_size)?;
@@ -400,6 +435,9 @@ fn recount(path: &Path, f: &dyn MetaIo, h: &Header, file_size: u64) -> Result<Ve
         bad_entries: Vec::new(),
         active_refs: Vec::new(),
         active_l2: Vec::new(),
+        bad_l1: Vec::new(),
+        bad_bitmaps: false,
+        grow: true,
     };
     let io = |e| OpenError::io(path, e);
     w.add(0, g.cluster_size(), "header");
@@ -416,7 +454,20 @@ fn recount(path: &Path, f: &dyn MetaIo, h: &Header, file_size: u64) -> Result<Ve
 }
 
 fn count_bitmaps(w: &mut Walk<'_>) -> std::io::Result<()> {
+    // With the autoclear bit clear, the extension is stale and ignored (qcow2 spec).
+    if w.h.autoclear & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
     let Some(ext) = w.h.extension(EXT_BITMAPS) else { return Ok(()) };
+    let errors_before = w.report.corruptions;
+    let r = count_bitmap_structures(w, ext);
+    if w.report.corruptions > errors_before {
+        w.bad_bitmaps = true;
+    }
+    r
+}
+
+fn count_bitmap_structures(w: &mut Walk<'_>, ext: &[u8]) -> std::io::Result<()> {
     if ext.len() < 24 {
         w.error("bitmaps extension is too short".into());
         return Ok(());
@@ -566,6 +617,25 @@ pub fn repair_if_dirty_io(path: &Path, f: &dyn MetaIo) -> Result<(), OpenError> 
     f.meta_write(&v.to_be_bytes(), OFF_INCOMPATIBLE).map_err(|e| OpenError::io(path, e))?;
     f.meta_sync().map_err(|e| OpenError::io(path, e))?;
     Ok(())
+}
+
+/// Clears the persistent-bitmaps autoclear bit before a read-write open, as the qcow2
+/// spec asks of software that writes an image without maintaining a feature: this
+/// engine does not update dirty bitmaps, so they stop being valid (an incremental
+/// backup would otherwise miss the writes). Returns whether the bit was set.
+pub(crate) fn invalidate_bitmaps(
+    path: &Path,
+    f: &dyn MetaIo,
+    h: &Header,
+) -> Result<bool, OpenError> {
+    if h.autoclear & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(false);
+    }
+    tracing::warn!(image = %path.display(), "persistent dirty bitmaps are not maintained by this appliance: invalidating them (autoclear bit cleared)");
+    let v = h.autoclear & !AUTOCLEAR_BITMAPS;
+    f.meta_write(&v.to_be_bytes(), OFF_AUTOCLEAR).map_err(|e| OpenError::io(path, e))?;
+    f.meta_sync().map_err(|e| OpenError::io(path, e))?;
+    Ok(true)
 }
 
 /// Opens a plain handle (used by tools).

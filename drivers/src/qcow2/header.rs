@@ -218,10 +218,11 @@ impl Header {
                     "backing file name length {len} is outside 1..={MAX_BACKING_NAME}"
                 ));
             }
-            if start + len > cluster_size || (start + len) as usize > buf.len() {
-                return err("backing file name lies outside the first cluster");
-            }
-            let raw = &buf[start as usize..(start + len) as usize];
+            let end = match start.checked_add(len) {
+                Some(e) if e <= cluster_size && e <= buf.len() as u64 => e,
+                _ => return err("backing file name lies outside the first cluster"),
+            };
+            let raw = &buf[start as usize..end as usize];
             let name = std::str::from_utf8(raw)
                 .map_err(|_| HeaderError("backing file name is not UTF-8".into()))?;
             if name.contains('\0') {

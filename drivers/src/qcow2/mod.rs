@@ -23,9 +23,12 @@ mod cache;
 pub mod check;
 mod compress;
 pub mod create;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 mod layer;
 pub(crate) mod open;
+mod overlap;
 mod refcount;
 mod remote;
 mod shard;
@@ -58,6 +61,7 @@ use self::open::{OpenedImage, OpenedLayer, OpenedQcow2};
 use self::refcount::Refcounts;
 use self::remote::{CallPtr, Forward, Op};
 use self::shard::Shard;
+use self::types::{REFT_RESERVED, decode_l1};
 
 /// Default budget of an image's L2 cache (QEMU's default cliff is far lower: the
 /// cache covers 8 GiB of a 64 KiB-cluster image there).
@@ -166,7 +170,7 @@ fn build_shard(img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
     let rc_bytes = opts.refcount_cache_bytes.unwrap_or((l2_bytes / 4).max(256 << 10));
     let rc = Refcounts::new(
         g,
-        img.reftable,
+        img.reftable.clone(),
         top.header.refcount_table_offset,
         top.header.refcount_table_clusters,
         rc_bytes,
@@ -181,7 +185,58 @@ fn build_shard(img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
         top.file_size,
     );
     shard.set_l1_offset(top.header.l1_table_offset);
+    mark_metadata(&shard, &img);
     Ok(shard)
+}
+
+/// Fills the shard's metadata map (see `overlap`). Metadata structures that overlap
+/// one another make the image corrupt: reads go on, writes are refused.
+fn mark_metadata(shard: &Shard, img: &OpenedImage) {
+    let h = &img.top.header;
+    let g = h.geometry();
+    let cb = g.cluster_bits;
+    let cs = g.cluster_size();
+    let clusters = |bytes: u64| bytes.div_ceil(cs).max(1);
+    let mut overlaps: Vec<String> = Vec::new();
+    let mut mark = |what: &str, off: u64, bytes: u64| {
+        if shard.meta.any(off >> cb, clusters(bytes)) {
+            overlaps.push(format!("{what} at {off:#x}"));
+        }
+        shard.meta.mark(off >> cb, clusters(bytes));
+    };
+    mark("the header", 0, cs);
+    if h.l1_size > 0 {
+        mark("the L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8);
+    }
+    mark("the refcount table", h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
+    for &e in &img.reftable {
+        let b = e & !REFT_RESERVED;
+        if b != 0 {
+            mark("a refcount block", b, cs);
+        }
+    }
+    for &e in &img.top.l1 {
+        if let Ok((l2, _)) = decode_l1(e, &g)
+            && l2 != 0
+        {
+            mark("an L2 table", l2, cs);
+        }
+    }
+    let (snap_bytes, snaps) = &img.snapshots;
+    if *snap_bytes > 0 {
+        mark("the snapshot table", h.snapshots_offset, *snap_bytes);
+    }
+    for s in snaps {
+        if s.l1_size > 0 {
+            mark("a snapshot's L1 table", s.l1_offset, u64::from(s.l1_size) * 8);
+        }
+    }
+    if !overlaps.is_empty() {
+        shard.mark_corrupt_at_open(&format!(
+            "metadata overlaps other metadata: {}",
+            overlaps.join(", ")
+        ));
+    }
 }
 
 async fn execute(shard: Rc<Shard>, p: CallPtr) {
@@ -245,7 +300,22 @@ impl Qcow2Device {
                 None => check::repair_if_dirty(path)?,
             }
         }
-        let img = open::open_image(path, &opts)?;
+        let mut img = open::open_image(path, &opts)?;
+        if !opts.read_only && img.top.header.autoclear & types::AUTOCLEAR_BITMAPS != 0 {
+            // Through a buffered handle: the image's own may be O_DIRECT.
+            match &opts.storage {
+                Some(s) => check::invalidate_bitmaps(path, &**s, &img.top.header)?,
+                None => {
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(path)
+                        .map_err(|e| OpenError::io(path, e))?;
+                    check::invalidate_bitmaps(path, &f, &img.top.header)?
+                }
+            };
+            img.top.header.autoclear &= !types::AUTOCLEAR_BITMAPS;
+        }
         let header = img.top.header.clone();
         let align = img.top.storage.alignment();
         let chain_len = 1 + img.backing.len();

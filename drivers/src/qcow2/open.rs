@@ -95,6 +95,8 @@ pub(crate) enum OpenedLayer {
 pub(crate) struct OpenedImage {
     pub top: OpenedQcow2,
     pub reftable: Vec<u64>,
+    /// The snapshot table's size in bytes, and its entries.
+    pub snapshots: (u64, Vec<super::snapshot::SnapshotInfo>),
     pub backing: Vec<OpenedLayer>,
 }
 
@@ -272,7 +274,7 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
                 format!("refcount table entry {i} ({e:#x}) is invalid"),
             ));
         }
-        if off != 0 && off + h.cluster_size() > end {
+        if off != 0 && off.saturating_add(h.cluster_size()) > end {
             return Err(OpenError::invalid(
                 path,
                 format!(
@@ -281,12 +283,12 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
             ));
         }
     }
-    super::snapshot::read_snapshots(path, f, h, top.file_size)?;
+    let snapshots = super::snapshot::read_snapshots(path, f, h, top.file_size)?;
     if opts.storage.is_some() {
         if h.backing_file.is_some() {
             return Err(OpenError::invalid(path, "a simulated image cannot have a backing file"));
         }
-        return Ok(OpenedImage { top, reftable, backing: Vec::new() });
+        return Ok(OpenedImage { top, reftable, snapshots, backing: Vec::new() });
     }
     let canon_top = path.canonicalize().map_err(|e| OpenError::io(path, e))?;
     let mut seen = vec![canon_top];
@@ -331,5 +333,5 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
             backing.push(OpenedLayer::Raw { storage });
         }
     }
-    Ok(OpenedImage { top, reftable, backing })
+    Ok(OpenedImage { top, reftable, snapshots, backing })
 }

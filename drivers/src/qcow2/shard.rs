@@ -38,6 +38,7 @@ use super::cache::{GetError, Snapshot};
 use super::layer::{
     Layer, MAX_SEGS, Qcow2Layer, Run, RunKind, corrupt, read_chain, status_chain, window,
 };
+use super::overlap::MetaMap;
 use super::refcount::Refcounts;
 use super::types::*;
 
@@ -49,6 +50,14 @@ const WRITE_FANOUT: usize = 16;
 const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
 const SCAN_LIMIT: u64 = 1 << 16;
+
+/// A run of free clusters found by `find_free`.
+struct FreeRun {
+    start: u64,
+    len: u64,
+    /// The first free cluster the search met (the run's start, or before it).
+    first_free: u64,
+}
 
 /// A cluster to release once the L2 change that dropped it is durable.
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +184,9 @@ pub(crate) struct Shard {
     l1_lock: MetaLock,
     /// Refcount structure changes (new blocks, table growth).
     rc_lock: MetaLock,
+    /// Serialises allocations: the free-cluster search awaits refcount reads, and two
+    /// searches interleaved would hand out the same clusters.
+    alloc_lock: MetaLock,
     /// Header field changes (the dirty bit).
     header_lock: MetaLock,
     cursor: Cell<u64>,
@@ -187,6 +199,8 @@ pub(crate) struct Shard {
     snaps: RefCell<Vec<Snapshot>>,
     allocations: Cell<u64>,
     l1_table_offset: Cell<u64>,
+    /// Host clusters holding metadata (see `overlap`).
+    pub meta: MetaMap,
 }
 
 impl Shard {
@@ -216,6 +230,7 @@ impl Shard {
             },
             l1_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             rc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             cursor: Cell::new(0),
             host_end: Cell::new(file_end.div_ceil(1 << cb)),
@@ -236,6 +251,7 @@ impl Shard {
             snaps: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             allocations: Cell::new(0),
             l1_table_offset: Cell::new(0),
+            meta: MetaMap::default(),
         }
     }
 
@@ -260,6 +276,26 @@ impl Shard {
     fn fail(&self, what: std::fmt::Arguments<'_>) -> IoError {
         self.corrupt.set(true);
         corrupt(&self.name, what)
+    }
+
+    /// Marks the image corrupt before any request (an inconsistency found at open).
+    pub(crate) fn mark_corrupt_at_open(&self, what: &str) {
+        tracing::error!(
+            image = self.name,
+            "{what}; writes are refused (repair with `appliance check -r all`)"
+        );
+        self.corrupt.set(true);
+    }
+
+    /// Fails (marking the image corrupt) if host clusters `first..first + n` hold
+    /// metadata: a data write there would destroy it.
+    fn guard_data(&self, first: u64, n: u64) -> Result<(), IoError> {
+        match self.meta.first_in(first, n) {
+            None => Ok(()),
+            Some(c) => Err(self.fail(format_args!(
+                "a data write would overwrite metadata in cluster {c} (refcounts or tables are inconsistent)"
+            ))),
+        }
     }
 
     fn check_writable(&self) -> Result<(), IoError> {
@@ -371,6 +407,16 @@ impl Shard {
 
     async fn write_in_place(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
         let len = seg::total_len(w) as u64;
+        let cb = self.g().cluster_bits;
+        let (first, last) = (host >> cb, (host + len.max(1) - 1) >> cb);
+        self.guard_data(first, last - first + 1)?;
+        // A consistent image never maps a cluster it has not allocated: past the end
+        // of the file, nothing counts the cluster, and two entries may share it.
+        if last >= self.host_end.get() {
+            return Err(self.fail(format_args!(
+                "an L2 entry maps host cluster {last}, past the end of the image"
+            )));
+        }
         let t = self.inflight.begin(host, len);
         let r = self.top().io.write(host, w, false).await;
         self.inflight.end(t);
@@ -506,6 +552,14 @@ impl Shard {
     }
 
     fn queue_free(&self, cluster: u64, punch: bool) {
+        if cluster >= self.host_end.get() || cluster == 0 {
+            // Never allocated: freeing it later could free whatever the allocator
+            // puts there meanwhile.
+            let _ = self.fail(format_args!(
+                "an entry frees host cluster {cluster}, which the image never allocated"
+            ));
+            return;
+        }
         self.pending.borrow_mut().push(PendingFree {
             cluster,
             generation: self.snap_gen.get(),
@@ -566,6 +620,7 @@ impl Shard {
         self.write_back_refcounts().await?;
         top.io.flush().await?;
         let entry = new | OFLAG_COPIED;
+        self.meta.mark(new >> g.cluster_bits, 1);
         top.l1.borrow_mut()[l1i] = entry;
         let l1_off = self.l1_offset() + l1i as u64 * 8;
         self.write_u64(l1_off, entry).await?;
@@ -595,21 +650,35 @@ impl Shard {
     /// Allocates up to `n` contiguous clusters (at least one) with refcount 1; returns
     /// (host offset, count).
     pub(crate) async fn alloc(&self, n: u64) -> Result<(u64, u64), IoError> {
+        let _a = self.alloc_lock.lock().await;
         let g = self.g();
+        let cursor = self.cursor.get();
+        let mut from = cursor.max(1);
+        let mut lowest_free = u64::MAX;
         loop {
-            let (start, got) = self.find_free(n).await?;
-            if self.ensure_coverage(start, got).await? {
+            let f = self.find_free(from, n).await?;
+            lowest_free = lowest_free.min(f.first_free);
+            if self.ensure_coverage(f.start, f.len).await? {
+                // The new block may sit in the run: look again from the run's start
+                // (its first cluster is the block itself when the run began in the
+                // uncovered range, so this terminates).
+                from = f.start;
                 continue;
             }
-            for c in start..start + got {
+            // A free cluster holding metadata means the refcounts lie.
+            self.guard_data(f.start, f.len)?;
+            for c in f.start..f.start + f.len {
                 self.set_refcount(c, 1).await?;
             }
-            if self.cursor.get() >= start {
-                self.cursor.set(start + got);
+            // Everything from the cursor to the first free cluster seen is in use now
+            // (unless a free lowered the cursor meanwhile: then it stays).
+            let first_free = if lowest_free == f.start { f.start + f.len } else { lowest_free };
+            if self.cursor.get() == cursor {
+                self.cursor.set(first_free.max(cursor));
             }
-            self.host_end.set(self.host_end.get().max(start + got));
-            self.allocations.set(self.allocations.get() + got);
-            return Ok((start << g.cluster_bits, got));
+            self.host_end.set(self.host_end.get().max(f.start + f.len));
+            self.allocations.set(self.allocations.get() + f.len);
+            return Ok((f.start << g.cluster_bits, f.len));
         }
     }
 
@@ -647,18 +716,30 @@ impl Shard {
         }
     }
 
-    /// Finds a run of free clusters, at most `n` long, first-fit from the cursor.
-    async fn find_free(&self, n: u64) -> Result<(u64, u64), IoError> {
-        let mut c = self.cursor.get().max(1);
+    /// Finds a run of free clusters, at most `n` long, first-fit from `from`.
+    ///
+    /// A run ends where refcount-block coverage ends: clusters past the last block (or
+    /// under an empty table entry) are free, but their block must be placed first, and
+    /// it goes at the first cluster it covers. Ending runs there keeps the new block
+    /// at the start of a run, so placing it never splits the run the search returned
+    /// (which, with 64 clusters per block, would chain block after block).
+    async fn find_free(&self, from: u64, n: u64) -> Result<FreeRun, IoError> {
+        let per = self.rc.block_entries();
+        let mut c = from.max(1);
         let mut run_start = c;
         let mut run = 0u64;
         let mut scanned = 0u64;
+        let mut first_free = None;
         loop {
             if run == n || (run > 0 && scanned >= SCAN_LIMIT) {
-                return Ok((run_start, run));
+                break;
+            }
+            if run > 0 && c.is_multiple_of(per) && !matches!(self.rc.locate(c), Some(Ok(_))) {
+                break;
             }
             let free = self.refcount(c).await? == 0;
             if free {
+                first_free.get_or_insert(c);
                 if run == 0 {
                     run_start = c;
                 }
@@ -669,6 +750,7 @@ impl Shard {
             c += 1;
             scanned += 1;
         }
+        Ok(FreeRun { start: run_start, len: run, first_free: first_free.unwrap_or(run_start) })
     }
 
     /// Creates refcount blocks (and grows the table) so `start..start+n` is covered.
@@ -700,6 +782,7 @@ impl Shard {
         let g = self.g();
         let top = self.top();
         let block_cluster = ti * self.rc.block_entries();
+        self.guard_data(block_cluster, 1)?;
         let host = block_cluster << g.cluster_bits;
         let mut buf = poller::dma::alloc_wait(g.cluster_size() as usize)
             .await
@@ -709,6 +792,7 @@ impl Shard {
         top.io.write(host, &[IoSeg::from_dma(&mut buf)], false).await?;
         // Rule 4: written and synced before it is hooked into the table.
         top.io.flush().await?;
+        self.meta.mark(block_cluster, 1);
         self.rc.table.borrow_mut()[ti as usize] = host;
         self.write_u64(self.rc.table_offset.get() + ti * 8, host).await?;
         self.host_end.set(self.host_end.get().max(block_cluster + 1));
@@ -1191,6 +1275,7 @@ impl Shard {
             }
             self.set_refcount(p.cluster, rc - 1).await?;
             if rc == 1 {
+                self.meta.unmark(p.cluster, 1);
                 self.cursor.set(self.cursor.get().min(p.cluster));
                 if p.punch {
                     let _ = self.top().io.discard(p.cluster * cs, cs).await;

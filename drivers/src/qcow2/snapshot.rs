@@ -65,7 +65,7 @@ pub(crate) fn read_snapshots(
             return Err(bad(format!("entry {i} has a misaligned L1 table offset {l1_offset:#x}")));
         }
         if u64::from(l1_size) * 8 > MAX_L1_BYTES
-            || l1_offset + u64::from(l1_size) * 8
+            || l1_offset.saturating_add(u64::from(l1_size) * 8)
                 > file_size.div_ceil(g.cluster_size()) * g.cluster_size()
         {
             return Err(bad(format!("entry {i} has an L1 table outside the file")));

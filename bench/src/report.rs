@@ -1,0 +1,462 @@
+//! Summaries of a harness run and their renderings: `results.json`, `results.md`,
+//! `iops.svg` and `ratios.svg`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::fio::Job;
+use crate::harness::{Options, RunRecord};
+use crate::plot::{Bar, COLORS, Chart};
+use crate::servers::{Format, Kind};
+use crate::stats::{Spread, fmt_iops};
+use crate::sysinfo::Stamp;
+
+/// One server's numbers for one case, over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerSummary {
+    pub iops: Option<Spread>,
+    pub mib_s: Option<Spread>,
+    pub lat_p50_us: Option<Spread>,
+    pub lat_p99_us: Option<Spread>,
+    pub lat_p999_us: Option<Spread>,
+    /// Server CPU in cores (busy-polling servers read 1.0).
+    pub cpu_cores: Option<Spread>,
+    pub cpu_us_per_io: Option<Spread>,
+    /// IOPS of each round (`null` where the run failed).
+    pub per_round_iops: Vec<Option<f64>>,
+    pub failures: usize,
+}
+
+/// A ratio appliance/peer over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct RatioSummary {
+    pub spread: Option<Spread>,
+    pub per_round: Vec<Option<f64>>,
+}
+
+/// One job on one image format.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    pub job: String,
+    pub format: Format,
+    pub description: String,
+    /// By server name: appliance, qsd, qemu-nbd, device.
+    pub servers: BTreeMap<String, ServerSummary>,
+    /// `appliance/qsd`, `appliance/qemu-nbd`, `appliance/device`.
+    pub ratios: BTreeMap<String, RatioSummary>,
+}
+
+/// A performance aim and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Aim {
+    pub job: String,
+    pub format: Format,
+    pub ratio: String,
+    pub aim: f64,
+    pub measured: Option<f64>,
+    pub met: Option<bool>,
+}
+
+/// Everything a harness run wrote into `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub stamp: Stamp,
+    pub options: Options,
+    pub elapsed_s: f64,
+    pub jobs: Vec<Job>,
+    pub cases: Vec<Case>,
+    pub aims: Vec<Aim>,
+    pub runs: Vec<RunRecord>,
+}
+
+const PEERS: [Kind; 3] = [Kind::Qsd, Kind::QemuNbd, Kind::Device];
+
+fn ratio_key(k: Kind) -> String {
+    format!("appliance/{}", k.name())
+}
+
+impl Results {
+    pub fn new(
+        stamp: Stamp,
+        options: Options,
+        jobs: Vec<Job>,
+        runs: Vec<RunRecord>,
+        elapsed: Duration,
+    ) -> Results {
+        let rounds = options.rounds;
+        let mut cases = Vec::new();
+        for job in &jobs {
+            for &format in &options.formats {
+                let pick = |k: Kind| -> Vec<&RunRecord> {
+                    runs.iter()
+                        .filter(|r| {
+                            r.job == job.name
+                                && r.server == k
+                                && (k == Kind::Device || r.format == Some(format))
+                        })
+                        .collect()
+                };
+                let per_round = |k: Kind| -> Vec<Option<f64>> {
+                    let rs = pick(k);
+                    (0..rounds)
+                        .map(|round| {
+                            rs.iter()
+                                .find(|r| r.round == round && r.error.is_none())
+                                .map(|r| r.measure.iops)
+                        })
+                        .collect()
+                };
+                let mut servers = BTreeMap::new();
+                for &k in &options.servers {
+                    let rs = pick(k);
+                    let ok: Vec<&&RunRecord> = rs.iter().filter(|r| r.error.is_none()).collect();
+                    let sp = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
+                        Spread::of(&ok.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+                    };
+                    servers.insert(
+                        k.name().to_string(),
+                        ServerSummary {
+                            iops: sp(&|r| Some(r.measure.iops)),
+                            mib_s: sp(&|r| Some(r.measure.mib_s)),
+                            lat_p50_us: sp(&|r| Some(r.measure.lat_p50_us)),
+                            lat_p99_us: sp(&|r| Some(r.measure.lat_p99_us)),
+                            lat_p999_us: sp(&|r| Some(r.measure.lat_p999_us)),
+                            cpu_cores: sp(&|r| r.server_cpu_cores),
+                            cpu_us_per_io: sp(&|r| r.server_cpu_us_per_io),
+                            per_round_iops: per_round(k),
+                            failures: rs.len() - ok.len(),
+                        },
+                    );
+                }
+                let mut ratios = BTreeMap::new();
+                if options.servers.contains(&Kind::Appliance) {
+                    let a = per_round(Kind::Appliance);
+                    for peer in PEERS {
+                        if !options.servers.contains(&peer) {
+                            continue;
+                        }
+                        let p = per_round(peer);
+                        let per: Vec<Option<f64>> = a
+                            .iter()
+                            .zip(&p)
+                            .map(|(a, p)| match (a, p) {
+                                (Some(a), Some(p)) if *p > 0.0 => Some(a / p),
+                                _ => None,
+                            })
+                            .collect();
+                        let spread = Spread::of(&per.iter().flatten().copied().collect::<Vec<_>>());
+                        ratios.insert(ratio_key(peer), RatioSummary { spread, per_round: per });
+                    }
+                }
+                cases.push(Case {
+                    job: job.name.to_string(),
+                    format,
+                    description: job.describe(),
+                    servers,
+                    ratios,
+                });
+            }
+        }
+        let aims = aims(&cases);
+        Results { stamp, options, elapsed_s: elapsed.as_secs_f64(), jobs, cases, aims, runs }
+    }
+
+    /// The notes printed under plots and tables.
+    fn notes(&self) -> Vec<String> {
+        let o = &self.options;
+        let mut v = vec![
+            format!(
+                "{} | {} CPUs: {} | Linux {} | {} RAM",
+                self.stamp.date,
+                self.stamp.nproc,
+                self.stamp.cpu_model,
+                self.stamp.kernel,
+                self.stamp.memory
+            ),
+            format!(
+                "{} | {} | appliance {}",
+                self.stamp.fio, self.stamp.qemu, self.stamp.appliance_commit
+            ),
+            format!(
+                "{} round(s) x {} s (+{} s ramp), servers on CPU {}, fio on CPU {} (device baseline: fio on CPU {}), appliance idle={}{}",
+                o.rounds,
+                o.runtime_s,
+                o.ramp_s,
+                o.server_core,
+                o.fio_core,
+                o.device_core,
+                o.appliance_idle,
+                if o.smoke { ", SMOKE RUN (numbers meaningless)" } else { "" }
+            ),
+        ];
+        if o.slow_appliance_us > 0 {
+            v.push(format!(
+                "APPLIANCE SLOWED ON PURPOSE: APPLIANCE_DEBUG_DELAY_US={} (benchmark self-test)",
+                o.slow_appliance_us
+            ));
+        }
+        v
+    }
+
+    fn case_label(c: &Case) -> String {
+        format!("{} {}", c.job, c.format.name())
+    }
+
+    /// The markdown report.
+    pub fn markdown(&self) -> String {
+        let o = &self.options;
+        let mut s = String::new();
+        let _ = writeln!(s, "# Appliance vs qemu-storage-daemon, qemu-nbd and the raw device\n");
+        for n in self.notes() {
+            let _ = writeln!(s, "- {n}");
+        }
+        let _ = writeln!(
+            s,
+            "- images: raw {} filled with data; qcow2 (64k clusters) converted from it, fully allocated; empty images of {} for the write-to-empty job (at most {} written per run)",
+            crate::fmt_size(o.image_size),
+            crate::fmt_size(o.empty_size),
+            crate::fmt_size(o.empty_io_size)
+        );
+        let _ = writeln!(s, "- total time {:.0} s\n", self.elapsed_s);
+        let _ = writeln!(s, "## IOPS (median over rounds) and ratios\n");
+        let _ = writeln!(
+            s,
+            "Ratios are the median of the per-round ratios appliance/peer, with their range over the rounds in parentheses. `device` is fio with io_uring and O_DIRECT on the raw file, no server.\n"
+        );
+        let servers: Vec<Kind> = Kind::ALL.into_iter().filter(|k| o.servers.contains(k)).collect();
+        let ratio_cols: Vec<Kind> = if o.servers.contains(&Kind::Appliance) {
+            PEERS.into_iter().filter(|k| o.servers.contains(k)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut head = String::from("| job | format |");
+        let mut rule = String::from("|---|---|");
+        for k in &servers {
+            let _ = write!(head, " {} |", k.name());
+            rule += "---:|";
+        }
+        for k in &ratio_cols {
+            let _ = write!(head, " {} |", ratio_key(*k));
+            rule += "---:|";
+        }
+        let _ = writeln!(s, "{head}\n{rule}");
+        for c in &self.cases {
+            let mut row = format!("| {} | {} |", c.job, c.format.name());
+            for k in &servers {
+                let v = c
+                    .servers
+                    .get(k.name())
+                    .and_then(|x| x.iops)
+                    .map_or("–".into(), |x| fmt_iops(x.median));
+                let _ = write!(row, " {v} |");
+            }
+            for k in &ratio_cols {
+                let v = c
+                    .ratios
+                    .get(&ratio_key(*k))
+                    .and_then(|r| r.spread)
+                    .map_or("–".into(), |x| x.ratio_text());
+                let _ = write!(row, " {v} |");
+            }
+            let _ = writeln!(s, "{row}");
+        }
+        let _ = writeln!(s, "\n## Bandwidth, latency and server CPU (medians)\n");
+        let _ = writeln!(
+            s,
+            "Latency is fio's completion latency of reads (of writes for write-only jobs). Server CPU is the server process's CPU time over the fio run, in cores; a busy-polling appliance always reads about 1.0.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| job | format | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU (cores) | CPU µs/IO |"
+        );
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        for c in &self.cases {
+            for k in &servers {
+                let Some(x) = c.servers.get(k.name()) else { continue };
+                let m = |sp: Option<Spread>, d: usize| {
+                    sp.map_or("–".into(), |v| format!("{:.*}", d, v.median))
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    c.job,
+                    if *k == Kind::Device { "file" } else { c.format.name() },
+                    k.name(),
+                    x.iops.map_or("–".into(), |v| fmt_iops(v.median)),
+                    m(x.mib_s, 1),
+                    m(x.lat_p50_us, 1),
+                    m(x.lat_p99_us, 1),
+                    m(x.lat_p999_us, 1),
+                    m(x.cpu_cores, 2),
+                    m(x.cpu_us_per_io, 1)
+                );
+            }
+        }
+        if !self.aims.is_empty() {
+            let _ = writeln!(s, "\n## Aims\n");
+            let _ = writeln!(
+                s,
+                "At least 1.5x qemu-storage-daemon on 4k random reads, 2x on 4k random writes, and within 10% of the raw device on the 64k sequential jobs (where the device is the limit).\n"
+            );
+            let _ = writeln!(
+                s,
+                "| job | format | ratio | aim | measured | met |\n|---|---|---|---:|---:|---|"
+            );
+            for a in &self.aims {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | ≥ {:.2} | {} | {} |",
+                    a.job,
+                    a.format.name(),
+                    a.ratio,
+                    a.aim,
+                    a.measured.map_or("–".into(), |v| format!("{v:.2}")),
+                    match a.met {
+                        Some(true) => "yes",
+                        Some(false) => "**no**",
+                        None => "–",
+                    }
+                );
+            }
+        }
+        let failed: Vec<&RunRecord> = self.runs.iter().filter(|r| r.error.is_some()).collect();
+        if !failed.is_empty() {
+            let _ = writeln!(s, "\n## Failed runs\n");
+            for r in failed {
+                let _ = writeln!(
+                    s,
+                    "- round {} {} {} {}: {}",
+                    r.round + 1,
+                    r.job,
+                    r.format.map_or("file", Format::name),
+                    r.server.name(),
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nPlots: [IOPS](iops.svg), [ratios](ratios.svg). Raw fio output per run: `logs/`."
+        );
+        s
+    }
+
+    /// The IOPS chart: one group per case, one bar per server.
+    pub fn iops_chart(&self) -> String {
+        let servers: Vec<Kind> =
+            Kind::ALL.into_iter().filter(|k| self.options.servers.contains(k)).collect();
+        let chart = Chart {
+            title: &format!(
+                "IOPS per job and server (median, bars show min-max over {} rounds)",
+                self.options.rounds
+            ),
+            notes: self.notes(),
+            y_label: "IOPS",
+            categories: self.cases.iter().map(Self::case_label).collect(),
+            series: servers
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.name().to_string(), COLORS[i % COLORS.len()]))
+                .collect(),
+            values: self
+                .cases
+                .iter()
+                .map(|c| {
+                    servers
+                        .iter()
+                        .map(|k| {
+                            c.servers.get(k.name()).and_then(|x| x.iops).map(|sp| Bar {
+                                value: sp.median,
+                                min: sp.min,
+                                max: sp.max,
+                            })
+                        })
+                        .collect()
+                })
+                .collect(),
+            reference: Vec::new(),
+            label_bars: false,
+        };
+        chart.svg()
+    }
+
+    /// The ratio chart: one group per case, one bar per peer.
+    pub fn ratio_chart(&self) -> String {
+        let peers: Vec<Kind> =
+            PEERS.into_iter().filter(|k| self.options.servers.contains(k)).collect();
+        let chart = Chart {
+            title: "Appliance / peer IOPS ratio (median of per-round ratios, min-max bars)",
+            notes: self.notes(),
+            y_label: "ratio (higher: appliance faster)",
+            categories: self.cases.iter().map(Self::case_label).collect(),
+            series: peers
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (ratio_key(*k), COLORS[(i + 1) % COLORS.len()]))
+                .collect(),
+            values: self
+                .cases
+                .iter()
+                .map(|c| {
+                    peers
+                        .iter()
+                        .map(|k| {
+                            c.ratios.get(&ratio_key(*k)).and_then(|r| r.spread).map(|sp| Bar {
+                                value: sp.median,
+                                min: sp.min,
+                                max: sp.max,
+                            })
+                        })
+                        .collect()
+                })
+                .collect(),
+            reference: vec![(1.0, "1.0 (parity)".into()), (1.5, "1.5".into()), (2.0, "2.0".into())],
+            label_bars: true,
+        };
+        chart.svg()
+    }
+}
+
+fn aims(cases: &[Case]) -> Vec<Aim> {
+    let mut v = Vec::new();
+    for c in cases {
+        let want: Option<(Kind, f64)> = if c.job.starts_with("randread-4k") {
+            Some((Kind::Qsd, 1.5))
+        } else if c.job.starts_with("randwrite-4k") {
+            Some((Kind::Qsd, 2.0))
+        } else if c.job.starts_with("read-64k") || c.job.starts_with("write-64k") {
+            Some((Kind::Device, 0.9))
+        } else {
+            None
+        };
+        let Some((peer, aim)) = want else { continue };
+        let Some(r) = c.ratios.get(&ratio_key(peer)) else { continue };
+        let measured = r.spread.map(|s| s.median);
+        v.push(Aim {
+            job: c.job.clone(),
+            format: c.format,
+            ratio: ratio_key(peer),
+            aim,
+            measured,
+            met: measured.map(|m| m >= aim),
+        });
+    }
+    v
+}
+
+/// Writes `results.json`, `results.md`, `iops.svg` and `ratios.svg` into `dir`.
+pub fn write_all(r: &Results, dir: &Path) -> Result<(), String> {
+    let w = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    w("results.json", serde_json::to_string_pretty(r).map_err(|e| e.to_string())? + "\n")?;
+    w("results.md", r.markdown())?;
+    w("iops.svg", r.iops_chart())?;
+    w("ratios.svg", r.ratio_chart())?;
+    Ok(())
+}
