@@ -219,6 +219,16 @@ impl Aligned {
         self.ch.flush().await
     }
 
+    /// See [`StorageChannel::grow_to`].
+    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
+        self.ch.grow_to(len).await
+    }
+
+    /// The storage's current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.ch.storage().size()
+    }
+
     /// See [`StorageChannel::zero_range`]. Byte-granular: fallocate zeroes partial units.
     pub async fn zero_range(&self, off: u64, len: u64, unmap: bool) -> Result<(), IoError> {
         self.ch.zero_range(off, len, unmap).await

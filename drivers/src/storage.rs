@@ -514,6 +514,26 @@ impl StorageChannel {
         check(res).map(|_| ()).map_err(IoError::from)
     }
 
+    /// Grows a regular file to at least `len` bytes (a sparse extension: the new range
+    /// reads as zeros and takes no space). Formats that append call it ahead of their
+    /// writes, so those land inside the file: a direct write that extends a file
+    /// serialises on the inode in most file systems, one inside it does not. Other
+    /// storage (block devices, memory, simulated disks) is left as it is.
+    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
+        if self.storage.read_only || len <= self.storage.size() {
+            return Ok(());
+        }
+        match &self.storage.backend {
+            Backend::File { block_device: false, .. } => {
+                let r = Offload::new(BlockingOp::Ftruncate { fd: self.fd(), len }).await;
+                check(r).map_err(IoError::from)?;
+                self.storage.note_end(len);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Makes `off..off+len` read as zeros. With `unmap`, space may be released. Returns
     /// `NotSupported` when the storage cannot do it without writing zeros; the caller
     /// decides whether to fall back to writing them.

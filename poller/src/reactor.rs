@@ -551,12 +551,21 @@ impl Core {
     }
 
     fn after_idle_tick(&self) {
-        let IdlePolicy::Adaptive { spin } = self.idle else { return };
         let n = self.idle_ticks.get() + 1;
         self.idle_ticks.set(n);
         if !n.is_multiple_of(IDLE_CLOCK_EVERY) {
             return;
         }
+        let IdlePolicy::Adaptive { spin } = self.idle else {
+            // Busy: spin, but let anything else runnable on this core go first now and
+            // then — io_uring's kernel workers finishing requests that could not be
+            // issued without blocking (allocating writes), which otherwise wait for the
+            // scheduler to preempt the loop. With nothing else runnable this returns
+            // at once.
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+            return;
+        };
         let now = Instant::now();
         match self.idle_since.get() {
             None => self.idle_since.set(Some(now)),

@@ -28,9 +28,25 @@ const QUEUE_DEPTH: usize = 4096;
 /// A blocking operation.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum BlockingOp {
-    SeekData { fd: RawFd, off: u64 },
-    SeekHole { fd: RawFd, off: u64 },
-    Fallocate { fd: RawFd, off: u64, len: u64, mode: i32 },
+    SeekData {
+        fd: RawFd,
+        off: u64,
+    },
+    SeekHole {
+        fd: RawFd,
+        off: u64,
+    },
+    Fallocate {
+        fd: RawFd,
+        off: u64,
+        len: u64,
+        mode: i32,
+    },
+    /// Sets a regular file's length (growing it ahead of appends).
+    Ftruncate {
+        fd: RawFd,
+        len: u64,
+    },
 }
 
 struct Cell {
@@ -99,6 +115,10 @@ fn run(op: BlockingOp) -> i64 {
         BlockingOp::Fallocate { fd, off, len, mode } => {
             // SAFETY: as above.
             i64::from(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) })
+        }
+        BlockingOp::Ftruncate { fd, len } => {
+            // SAFETY: as above.
+            i64::from(unsafe { libc::ftruncate(fd, len as i64) })
         }
     };
     if r < 0 {

@@ -48,6 +48,41 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
     Ok(u)
 }
 
+/// Moves the ring's kernel workers off this reactor's core.
+///
+/// Requests the kernel cannot complete without blocking (an O_DIRECT write that
+/// allocates file blocks or extends the file, for example) go to io_uring's worker
+/// threads, which by default run where the submitting thread may run: on a pinned
+/// reactor's core, where they wait behind the polling loop. They are allowed the
+/// process's other CPUs instead (all of them if the reactor has the only one).
+fn steer_workers(ring: &IoUring) {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity/CPU_* only touch the sets we
+    // own, and the pid is this process (its main thread's mask: reactors narrow their
+    // own masks when they pin).
+    unsafe {
+        let mut process: libc::cpu_set_t = std::mem::zeroed();
+        let mut mine: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(libc::getpid(), size, &mut process) != 0
+            || libc::sched_getaffinity(0, size, &mut mine) != 0
+        {
+            return;
+        }
+        let mut others: libc::cpu_set_t = std::mem::zeroed();
+        let mut any = false;
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            if libc::CPU_ISSET(cpu, &process) && !libc::CPU_ISSET(cpu, &mine) {
+                libc::CPU_SET(cpu, &mut others);
+                any = true;
+            }
+        }
+        if any {
+            // Best effort: older kernels lack IORING_REGISTER_IOWQ_AFF.
+            let _ = ring.submitter().register_iowq_aff(&others);
+        }
+    }
+}
+
 impl Uring {
     fn new() -> io::Result<Self> {
         let ring = IoUring::builder().build(ENGINE_DEPTH).map_err(|e| {
@@ -64,6 +99,7 @@ impl Uring {
         // SAFETY: `efd` is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        steer_workers(&ring);
         Ok(Uring {
             ring: RefCell::new(ring),
             slots: Slots::new(ENGINE_DEPTH),

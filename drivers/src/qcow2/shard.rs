@@ -50,6 +50,10 @@ const WRITE_FANOUT: usize = 16;
 const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
 const SCAN_LIMIT: u64 = 1 << 16;
+/// The image file grows ahead of allocation by an eighth of its size, within these
+/// bounds, so allocating writes land inside the file (see `ensure_file_len`).
+const GROW_MIN: u64 = 16 << 20;
+const GROW_MAX: u64 = 1 << 30;
 
 /// A run of free clusters found by `find_free`.
 struct FreeRun {
@@ -189,6 +193,8 @@ pub(crate) struct Shard {
     alloc_lock: MetaLock,
     /// Header field changes (the dirty bit).
     header_lock: MetaLock,
+    /// One file extension at a time.
+    grow_lock: MetaLock,
     cursor: Cell<u64>,
     host_end: Cell<u64>,
     pending: RefCell<Vec<PendingFree>>,
@@ -232,6 +238,7 @@ impl Shard {
             rc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            grow_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             cursor: Cell::new(0),
             host_end: Cell::new(file_end.div_ceil(1 << cb)),
             pending: RefCell::new(Vec::with_capacity(MAX_PENDING_FREES)),
@@ -449,13 +456,30 @@ impl Shard {
         }
         let mut c1 = ((pos + len - 1) >> cb) + 1;
         self.ensure_l2(pos).await?;
-        let (host, got) = self.alloc(c1 - c0).await?;
+        let (host, got, fresh) = self.alloc_run(c1 - c0).await?;
         if got < c1 - c0 {
             c1 = c0 + got;
             len = (c1 << cb) - pos;
         }
         let head = pos - (c0 << cb);
         let tail = (c1 << cb) - (pos + len);
+        // The clusters' old content is zeros (nothing below this image, no data in
+        // it) and the new clusters already read as zeros (never written): only the
+        // request's bytes need writing, not whole clusters of padding — a 4 KiB write
+        // into a fresh 64 KiB cluster costs 4 KiB, as in QEMU.
+        let zeros_below = self.chain.len() == 1
+            && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
+        if fresh && zeros_below && (head > 0 || tail > 0) {
+            let w = window(segs, seg_off, len as usize, &mut win)?;
+            if let Err(e) = self.top().io.write(host + head, w, false).await {
+                self.release_unlinked(host, got).await;
+                return Err(e);
+            }
+            // Rule 1: the data is written; only now may an L2 entry point at it.
+            self.link(c0, c1, host).await?;
+            self.maybe_writeback().await?;
+            return Ok(len);
+        }
         let mut head_buf = None;
         let mut tail_buf = None;
         let cow = async {
@@ -650,6 +674,13 @@ impl Shard {
     /// Allocates up to `n` contiguous clusters (at least one) with refcount 1; returns
     /// (host offset, count).
     pub(crate) async fn alloc(&self, n: u64) -> Result<(u64, u64), IoError> {
+        self.alloc_run(n).await.map(|(off, got, _)| (off, got))
+    }
+
+    /// [`Shard::alloc`], also saying whether the run is fresh: past every cluster this
+    /// file ever held (its end at open and every allocation since), so never written
+    /// and reading as zeros (a hole, or past the end of the file).
+    async fn alloc_run(&self, n: u64) -> Result<(u64, u64, bool), IoError> {
         let _a = self.alloc_lock.lock().await;
         let g = self.g();
         let cursor = self.cursor.get();
@@ -676,10 +707,33 @@ impl Shard {
             if self.cursor.get() == cursor {
                 self.cursor.set(first_free.max(cursor));
             }
+            self.ensure_file_len((f.start + f.len) << g.cluster_bits).await?;
+            let fresh = f.start >= self.host_end.get();
             self.host_end.set(self.host_end.get().max(f.start + f.len));
             self.allocations.set(self.allocations.get() + f.len);
-            return Ok((f.start << g.cluster_bits, f.len));
+            return Ok((f.start << g.cluster_bits, f.len, fresh));
         }
+    }
+
+    /// Grows the image file (sparsely) so it holds `end` bytes, by a margin: writes
+    /// into newly allocated clusters then land inside the file. A direct write that
+    /// extends a file serialises on its inode (and hands the work to io_uring's kernel
+    /// workers, which then spin on the lock on a busy reactor's core); inside the file
+    /// they proceed in parallel. The margin is never counted by refcounts: a file
+    /// longer than its last cluster is valid qcow2.
+    async fn ensure_file_len(&self, end: u64) -> Result<(), IoError> {
+        let io = &self.top().io;
+        if end <= io.size() {
+            return Ok(());
+        }
+        let _g = self.grow_lock.lock().await;
+        let cur = io.size();
+        if end <= cur {
+            return Ok(());
+        }
+        let cs = self.g().cluster_size();
+        let target = end.max(cur + (cur / 8).clamp(GROW_MIN, GROW_MAX)).div_ceil(cs) * cs;
+        io.grow_to(target).await
     }
 
     /// Refcount of `cluster` (0 when no block covers it).
@@ -784,6 +838,7 @@ impl Shard {
         let block_cluster = ti * self.rc.block_entries();
         self.guard_data(block_cluster, 1)?;
         let host = block_cluster << g.cluster_bits;
+        self.ensure_file_len(host + g.cluster_size()).await?;
         let mut buf = poller::dma::alloc_wait(g.cluster_size() as usize)
             .await
             .map_err(|_| IoError::TooLarge)?;
@@ -840,6 +895,7 @@ impl Shard {
         if area_end >= new_len * per {
             return Err(IoError::NoSpace);
         }
+        self.ensure_file_len(area_end << g.cluster_bits).await?;
         // Area clusters covered by existing blocks: counted through the cache, and
         // written with the other dirty refcounts below.
         for c in start..area_end {
