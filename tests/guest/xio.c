@@ -15,6 +15,11 @@
  *   xio discard     DEV OFF LEN        ioctl BLKDISCARD  (virtio-blk DISCARD)
  *   xio zeroout     DEV OFF LEN        ioctl BLKZEROOUT  (virtio-blk WRITE_ZEROES, or zero writes)
  *   xio flush       DEV                fsync             (virtio-blk FLUSH when the cache is writeback)
+ *   xio bench       DEV MODE BS SECS JOBS
+ *                                      MODE read|write|randread|randwrite: JOBS threads of
+ *                                      O_DIRECT pread/pwrite of BS bytes (JOBS requests in
+ *                                      flight) over the whole device for SECS seconds;
+ *                                      prints bench_ios=, bench_secs=, bench_iops=, bench_mibps=
  *
  * Numbers accept 0x prefixes and k/m/g suffixes (binary). OFF and LEN must be multiples
  * of the logical block size (512) for O_DIRECT and the ioctls. Exit status: 0 ok,
@@ -31,6 +36,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <pthread.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CHUNK (1u << 20)
@@ -70,10 +77,88 @@ static void prand_fill(struct prand *p, unsigned char *b, size_t n) {
 	p->x = x;
 }
 
+struct bench {
+	int fd, write, random, id, jobs;
+	uint64_t bs, blocks, ios;
+	double deadline;
+};
+
+static double now(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void *bench_job(void *arg) {
+	struct bench *b = arg;
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, 4096, b->bs)) die("alloc");
+	memset(buf, 0x5a + b->id, b->bs);
+	uint64_t x = 0x9E3779B97F4A7C15ull * (b->id + 1) | 1;
+	/* Sequential jobs take interleaved blocks: job i does i, i+JOBS, ... */
+	uint64_t next = b->id;
+	while (now() < b->deadline) {
+		for (int k = 0; k < 16; k++) {
+			uint64_t blk;
+			if (b->random) {
+				x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+				blk = x % b->blocks;
+			} else {
+				blk = next % b->blocks;
+				next += b->jobs;
+			}
+			ssize_t r = b->write ? pwrite(b->fd, buf, b->bs, (off_t)(blk * b->bs))
+					     : pread(b->fd, buf, b->bs, (off_t)(blk * b->bs));
+			if (r != (ssize_t)b->bs) die(b->write ? "pwrite" : "pread");
+			b->ios++;
+		}
+	}
+	return NULL;
+}
+
+static int bench(const char *dev, int argc, char **argv) {
+	if (argc != 7) return 2;
+	const char *mode = argv[3];
+	struct bench proto = { 0 };
+	proto.write = !strcmp(mode, "write") || !strcmp(mode, "randwrite");
+	proto.random = !strncmp(mode, "rand", 4);
+	if (!proto.write && strcmp(mode, "read") && strcmp(mode, "randread")) return 2;
+	proto.bs = num(argv[4]);
+	double secs = (double)num(argv[5]);
+	int jobs = (int)num(argv[6]);
+	if (jobs < 1 || jobs > 64 || proto.bs == 0) return 2;
+	int fd = open(dev, (proto.write ? O_WRONLY : O_RDONLY) | O_DIRECT);
+	if (fd < 0) die(dev);
+	uint64_t size;
+	if (ioctl(fd, BLKGETSIZE64, &size)) die("BLKGETSIZE64");
+	struct bench b[64];
+	pthread_t t[64];
+	double start = now();
+	for (int i = 0; i < jobs; i++) {
+		b[i] = proto;
+		b[i].fd = fd;
+		b[i].id = i;
+		b[i].jobs = jobs;
+		b[i].blocks = size / proto.bs;
+		b[i].deadline = start + secs;
+		if (pthread_create(&t[i], NULL, bench_job, &b[i])) die("pthread_create");
+	}
+	uint64_t ios = 0;
+	for (int i = 0; i < jobs; i++) {
+		pthread_join(t[i], NULL);
+		ios += b[i].ios;
+	}
+	double el = now() - start;
+	printf("bench_ios=%llu\nbench_secs=%.3f\nbench_iops=%.0f\nbench_mibps=%.1f\n",
+	       (unsigned long long)ios, el, ios / el, ios * (double)proto.bs / el / 1048576.0);
+	return 0;
+}
+
 static int usage(void) {
 	fputs("usage: xio fill|prand|check|check-prand DEV OFF LEN BYTE|SEED\n"
 	      "       xio discard|zeroout DEV OFF LEN\n"
-	      "       xio flush DEV\n", stderr);
+	      "       xio flush DEV\n"
+	      "       xio bench DEV read|write|randread|randwrite BS SECS JOBS\n", stderr);
 	return 2;
 }
 
@@ -88,6 +173,8 @@ int main(int argc, char **argv) {
 		if (fsync(fd)) die("fsync");
 		return 0;
 	}
+	if (!strcmp(cmd, "bench"))
+		return bench(dev, argc, argv) == 2 ? usage() : 0;
 	if (argc < 5)
 		return usage();
 	uint64_t off = num(argv[3]), len = num(argv[4]);
