@@ -15,8 +15,15 @@ use io_uring::{IoUring, opcode, squeue, types};
 
 use super::{Backend, ENGINE_DEPTH, IoOp, Slots};
 
+/// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 pub(crate) struct Uring {
     ring: RefCell<IoUring>,
+    /// Set up with `COOP_TASKRUN` and `TASKRUN_FLAG`: completions become visible once the
+    /// reactor enters the kernel, which it does when the ring's `TASKRUN` flag says
+    /// completions wait.
+    coop: bool,
     slots: Slots,
     queued: Cell<u32>,
     eventfd: OwnedFd,
@@ -85,7 +92,18 @@ fn steer_workers(ring: &IoUring) {
 
 impl Uring {
     fn new() -> io::Result<Self> {
-        let ring = IoUring::builder().build(ENGINE_DEPTH).map_err(|e| {
+        // Cooperative task running: a completion interrupt raised on another core no
+        // longer sends an inter-processor interrupt to kick the polling reactor (a VM
+        // exit on both sides under a hypervisor); the kernel raises the ring's TASKRUN
+        // flag instead, and `reap` enters the kernel once for every completion waiting.
+        // A sleeping reactor is still woken (the wakeup does not need the kick). Kernels
+        // before 5.19 refuse the flags; the ring is then set up without them.
+        let coop = IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(ENGINE_DEPTH);
+        let (ring, coop) = match coop {
+            Ok(ring) => (Ok(ring), true),
+            Err(_) => (IoUring::builder().build(ENGINE_DEPTH), false),
+        };
+        let ring = ring.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot set up an io_uring of {ENGINE_DEPTH} entries: {e}"),
@@ -102,6 +120,7 @@ impl Uring {
         steer_workers(&ring);
         Ok(Uring {
             ring: RefCell::new(ring),
+            coop,
             slots: Slots::new(ENGINE_DEPTH),
             queued: Cell::new(0),
             eventfd,
@@ -137,6 +156,13 @@ impl Uring {
     /// Reaps every available completion; returns how many.
     fn reap(&self) -> usize {
         let mut ring = self.ring.borrow_mut();
+        if self.coop && ring.submission().taskrun() {
+            // SAFETY: no submission entries and no argument are passed; GETEVENTS with
+            // min_complete 0 only runs the pending completion work and returns.
+            let _ = unsafe {
+                ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+        }
         let mut cq = ring.completion();
         cq.sync();
         let mut n = 0;
@@ -170,7 +196,9 @@ impl Uring {
 
     fn has_pending(&self) -> bool {
         let mut ring = self.ring.borrow_mut();
-        self.queued.get() > 0 || !ring.completion().is_empty()
+        self.queued.get() > 0
+            || !ring.completion().is_empty()
+            || (self.coop && ring.submission().taskrun())
     }
 }
 
