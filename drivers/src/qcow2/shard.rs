@@ -3,7 +3,7 @@
 //! With one reactor (or one shard per image, as now) it owns the whole image; the
 //! request code does not change when the guest space is split over several shards.
 //!
-//! # Ordering rules (ARCHITECTURE.md), and where they are enforced
+//! # Ordering rules, and where they are enforced
 //! 1. *Data and COW before the L2 entry that points at them*: L2 slices reach the disk
 //!    only in [`Shard::flush`], after an fdatasync that follows the snapshot of the
 //!    dirty L2 slices; an entry is linked into a slice only after its data write
