@@ -80,6 +80,14 @@ pub enum Command {
         json: bool,
         file: PathBuf,
     },
+    /// Grow an image that is not in use (qcow2: the L1 table grows as needed; shrinking
+    /// and qcow2 images with a backing file are refused).
+    Resize {
+        file: PathBuf,
+        /// New virtual size (such as 20G), or `+10G` to add to it.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// Show where each range of an image lives, through its backing chain.
     Map {
         #[arg(long)]
@@ -148,6 +156,9 @@ pub fn main() -> ExitCode {
         Command::Info { json, file } => report(crate::tools::info(&file, json).map(|()| 0), &file),
         Command::Check { repair, json, file } => {
             report(crate::tools::check(&file, repair.as_deref(), json), &file)
+        }
+        Command::Resize { file, size } => {
+            report(crate::tools::resize(&file, &size).map(|()| 0), &file)
         }
         Command::Map { json, allowed_backing_dirs, file } => {
             report(crate::tools::map(&file, &allowed_backing_dirs, json).map(|()| 0), &file)

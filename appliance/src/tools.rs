@@ -101,6 +101,43 @@ pub fn create_image(
     create::create(path, &o).map_err(|e| e.to_string())
 }
 
+/// `appliance resize`: grows an image (qcow2 or raw) that is not in use. `size` is
+/// absolute (`20G`) or relative (`+10G`).
+pub fn resize(path: &Path, size: &str) -> Result<(), String> {
+    let current = tools::info(path).map_err(|e| e.to_string())?;
+    let new_size = match size.strip_prefix('+') {
+        Some(delta) => {
+            let d = config::parse_byte_size(delta).map_err(|e| format!("size: {e}"))?;
+            current
+                .virtual_size
+                .checked_add(d)
+                .ok_or_else(|| format!("size: {} + {d} overflows", current.virtual_size))?
+        }
+        None => config::parse_byte_size(size).map_err(|e| format!("size: {e}"))?,
+    };
+    if current.format == "qcow2" {
+        let r = drivers::qcow2::resize::resize(path, new_size).map_err(|e| e.to_string())?;
+        if r.new_l1_entries != r.old_l1_entries {
+            tracing::info!(
+                old = r.old_l1_entries,
+                new = r.new_l1_entries,
+                "L1 table grown (entries)"
+            );
+        }
+    } else {
+        if new_size < current.virtual_size {
+            return Err(format!(
+                "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
+                current.virtual_size
+            ));
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| e.to_string())?;
+        f.set_len(new_size).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
+    }
+    println!("Image resized.");
+    Ok(())
+}
+
 /// `appliance info`.
 pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
     let i = tools::info(path).map_err(|e| e.to_string())?;

@@ -206,3 +206,105 @@ fn a_dirty_lazy_refcounts_image_is_repaired_when_served() {
     assert_eq!(be_u64(&p, 72) & 1, 0, "dirty bit cleared at clean shutdown");
     assert_eq!(qemu_check(&p), (0, 0, 0));
 }
+
+/// `appliance resize` against `qemu-img resize`: the same growth of images made by
+/// qemu-img (the L1 table grows for small clusters; only the size for large ones), the
+/// same content afterwards (old data, zeros in the new area, a write at the new end),
+/// clean checks, and the grown image served over NBD; bad requests are refused.
+#[test]
+fn resize_grows_images_like_qemu_img() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("c512.qcow2", "cluster_size=512"),
+        ("v2.qcow2", "compat=0.10,cluster_size=1024"),
+        ("r1.qcow2", "cluster_size=4096,refcount_bits=1"),
+        ("c64k.qcow2", "cluster_size=65536,lazy_refcounts=on"),
+    ];
+    for (name, opts) in cases {
+        let ours = image(dir.path(), name, opts);
+        let theirs = dir.path().join(format!("qemu-{name}"));
+        std::fs::copy(&ours, &theirs).unwrap();
+        let l1_before = be_u64(&ours, 40);
+        let out = run(Command::new(bin()).arg("resize").arg(&ours).arg("+448M"));
+        assert!(stdout(&out).contains("Image resized."), "{name}");
+        run(Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(&theirs)
+            .arg("512M"));
+        if opts.contains("cluster_size=512") {
+            assert_ne!(be_u64(&ours, 40), l1_before, "{name}: the L1 table had to grow");
+        }
+        for p in [&ours, &theirs] {
+            run(Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x77 511M 1M"])
+                .arg(p));
+        }
+        let out = run(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "read -P 0x5a 0 1M", "-c", "read -P 0x33 40M 64k"])
+            .args([
+                "-c",
+                "read -P 0 64M 8M",
+                "-c",
+                "read -P 0 500M 11M",
+                "-c",
+                "read -P 0x77 511M 1M",
+            ])
+            .arg(&ours));
+        assert!(!stdout(&out).contains("fail"), "{name}: {}", stdout(&out));
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&ours)
+            .arg(&theirs));
+        assert_eq!(qemu_check(&ours), (0, 0, 0), "{name}");
+        assert_eq!(our_check(&ours, None), (0, 0, 0), "{name}");
+    }
+
+    // Refused, with the reason: shrinking, unaligned sizes, a backing file.
+    let p = dir.path().join("c512.qcow2");
+    for (size, why) in [("1M", "shrinking"), ("536871000", "multiple of 512")] {
+        let out = run_unchecked(
+            Command::new(bin()).arg("resize").arg(&p).arg(size),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{size}: {out:?}");
+    }
+    let overlay = dir.path().join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-F", "qcow2", "-b", "c512.qcow2"])
+        .arg(&overlay));
+    let out = run_unchecked(
+        Command::new(bin()).arg("resize").arg(&overlay).arg("1G"),
+        Duration::from_secs(60),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backing file"), "{out:?}");
+
+    // The grown image serves its new size over NBD.
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            disks: "[[disk]]\nname = \"g\"\npath = \"{dir}/c512.qcow2\"\nformat = \"qcow2\"\n"
+                .into(),
+            ..Setup::default()
+        },
+    );
+    let info =
+        run(Command::new("qemu-img").args(["info", "--output=json", "-f", "raw"]).arg(a.uri("g")));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(v["virtual-size"].as_u64(), Some(512 << 20));
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x77 511M 1M",
+        "-c",
+        "write -P 0x12 300M 4M",
+        "-c",
+        "read -P 0x12 300M 4M",
+        &a.uri("g"),
+    ]));
+    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
+    assert!(a.stop().success());
+    assert_eq!(qemu_check(&a.path("c512.qcow2")), (0, 0, 0));
+}

@@ -387,7 +387,7 @@ fn walk_and_compare(
                 let h = &h2;
                 // Recount without the invalid entries, then rebuild refcounts.
                 f.meta_sync().map_err(io)?;
-                let fixed = recount(path, f, h, file_size)?;
+                let fixed = recount_refs(path, f, h, file_size)?;
                 rebuild_refcounts(f, h, &fixed).map_err(io)?;
                 // COPIED flags follow the rebuilt refcounts (which are the counts).
                 let copied = |c: u64| fixed.get(c as usize).copied() == Some(1);
@@ -422,7 +422,12 @@ fn walk_and_compare(
 }
 
 /// Recomputes references (without the refcount structure) after in-place fixes.
-fn recount(path: &Path, f: &dyn MetaIo, h: &Header, file_size: u64) -> Result<Vec<u64>, OpenError> {
+pub(crate) fn recount_refs(
+    path: &Path,
+    f: &dyn MetaIo,
+    h: &Header,
+    file_size: u64,
+) -> Result<Vec<u64>, OpenError> {
     let g = h.geometry();
     let file_clusters = file_size.div_ceil(g.cluster_size());
     let mut w = Walk {
@@ -611,7 +616,7 @@ pub fn repair_if_dirty_io(path: &Path, f: &dyn MetaIo) -> Result<(), OpenError> 
         return Ok(());
     }
     tracing::warn!(image = %path.display(), "image has the dirty bit set (lazy refcounts, unclean shutdown): rebuilding refcounts");
-    let counts = recount(path, f, &h, file_size)?;
+    let counts = recount_refs(path, f, &h, file_size)?;
     rebuild_refcounts(f, &h, &counts).map_err(|e| OpenError::io(path, e))?;
     let v = h.incompatible & !INCOMPAT_DIRTY;
     f.meta_write(&v.to_be_bytes(), OFF_INCOMPATIBLE).map_err(|e| OpenError::io(path, e))?;

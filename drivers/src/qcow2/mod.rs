@@ -31,6 +31,7 @@ pub(crate) mod open;
 mod overlap;
 mod refcount;
 mod remote;
+pub mod resize;
 mod shard;
 pub mod snapshot;
 pub mod tools;

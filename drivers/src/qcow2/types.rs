@@ -47,6 +47,7 @@ pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 // Header field offsets rewritten in place.
+pub const OFF_SIZE: u64 = 24;
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
 pub const OFF_INCOMPATIBLE: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;

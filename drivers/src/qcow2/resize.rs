@@ -1,0 +1,283 @@
+//! `resize`: grows an image that is not in use (offline, like `qemu-img resize`).
+//!
+//! Growing within what the L1 table already covers only rewrites the size field. Beyond
+//! that the L1 table grows, and that needs a new, larger L1 table somewhere free and
+//! refcounts that account for it. The steps keep the image consistent at every point a
+//! crash can interrupt (at worst leaked clusters, which `check -r leaks` frees):
+//!
+//! 1. The new L1 table (the old entries, then zeros) is written after the end of the
+//!    file and synced. Nothing refers to it and no refcount covers it: a crash leaves
+//!    only bytes past the image's end.
+//! 2. The refcount structure is rebuilt after it from the counted references plus one
+//!    for each cluster of the new table, written and synced, and the header switches to
+//!    it in one write (the rebuild of `check -r all`). A crash leaves the new table
+//!    leaked and the old refcount structure leaked.
+//! 3. Size, L1 size and L1 offset change in one 24-byte header write (bytes 24..48, one
+//!    sector), then sync. From here the old table is leaked.
+//! 4. A leak repair frees the old L1 table and the old refcount structure.
+//!
+//! Refused: shrinking (data would be lost), sizes that are not a multiple of 512 bytes,
+//! images with a backing file (the new area would show the backing file's data, where a
+//! guest expects zeros), corrupt images and images with refcount errors (`check -r all`
+//! first). A dirty lazy-refcounts image is repaired first. Persistent bitmaps are
+//! invalidated, as by every read-write open of this engine.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use crate::error::OpenError;
+
+use super::check::{
+    Repair, check_io, invalidate_bitmaps, rebuild_refcounts, recount_refs, repair_if_dirty_io,
+};
+use super::open::{MetaIo, read_header, read_table};
+use super::types::*;
+
+/// What [`resize`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    pub old_size: u64,
+    pub new_size: u64,
+    /// L1 entries before and after (equal when the table did not have to grow).
+    pub old_l1_entries: u32,
+    pub new_l1_entries: u32,
+}
+
+/// Grows the qcow2 image at `path` to `new_size` bytes. The image must not be in use.
+pub fn resize(path: &Path, new_size: u64) -> Result<Resized, OpenError> {
+    let f =
+        OpenOptions::new().read(true).write(true).open(path).map_err(|e| OpenError::io(path, e))?;
+    resize_io(path, &f, new_size)
+}
+
+/// [`resize`] over any [`MetaIo`]; `path` names the image in messages.
+pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, OpenError> {
+    let invalid = |m: String| OpenError::invalid(path, m);
+    let io = |e| OpenError::io(path, e);
+    if !new_size.is_multiple_of(512) {
+        return Err(invalid(format!("the new size {new_size} is not a multiple of 512 bytes")));
+    }
+    repair_if_dirty_io(path, f)?;
+    let (h, _) = read_header(path, f)?;
+    if h.is_corrupt() {
+        return Err(invalid(
+            "the image is marked corrupt; repair it (check -r all) before resizing".into(),
+        ));
+    }
+    if new_size < h.size {
+        return Err(invalid(format!(
+            "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
+            h.size
+        )));
+    }
+    if h.backing_file.is_some() {
+        return Err(invalid(
+            "images with a backing file are not resized: the new area would show the backing \
+             file's data instead of zeros"
+                .into(),
+        ));
+    }
+    let mut g = h.geometry();
+    g.size = new_size;
+    let needed = g.l1_entries_needed();
+    if needed * 8 > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "a size of {new_size} bytes needs an L1 table larger than {MAX_L1_BYTES} bytes \
+             with {}-byte clusters",
+            g.cluster_size()
+        )));
+    }
+    let mut done = Resized {
+        old_size: h.size,
+        new_size,
+        old_l1_entries: h.l1_size,
+        new_l1_entries: h.l1_size,
+    };
+    if new_size == h.size {
+        return Ok(done);
+    }
+    let report = check_io(path, f, Repair::None, &mut |_, _| {})?;
+    if report.corruptions > 0 || report.check_errors > 0 {
+        return Err(invalid(format!(
+            "the image has {} corruption(s); repair it (check -r all) before resizing",
+            report.corruptions + report.check_errors
+        )));
+    }
+    invalidate_bitmaps(path, f, &h)?;
+
+    if needed > u64::from(h.l1_size) {
+        let cs = g.cluster_size();
+        // 1. The new table after the end of the file.
+        let (_, file_size) = read_header(path, f)?;
+        let mut counts = recount_refs(path, f, &h, file_size)?;
+        let start = (counts.len() as u64).max(file_size.div_ceil(cs));
+        counts.resize(start as usize, 0);
+        let clusters = (needed * 8).div_ceil(cs);
+        let old = read_table(path, f, h.l1_table_offset, u64::from(h.l1_size))?;
+        let mut table = vec![0u8; (clusters * cs) as usize];
+        for (i, e) in old.iter().enumerate() {
+            table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        f.meta_write(&table, start * cs).map_err(io)?;
+        f.meta_sync().map_err(io)?;
+        // 2. Refcounts that include it.
+        counts.resize((start + clusters) as usize, 1);
+        rebuild_refcounts(f, &h, &counts).map_err(io)?;
+        // 3. The header switch.
+        let mut hdr = [0u8; 24];
+        hdr[..8].copy_from_slice(&new_size.to_be_bytes());
+        hdr[8..12].copy_from_slice(&h.crypt_method.to_be_bytes());
+        hdr[12..16].copy_from_slice(&(needed as u32).to_be_bytes());
+        hdr[16..].copy_from_slice(&(start * cs).to_be_bytes());
+        f.meta_write(&hdr, OFF_SIZE).map_err(io)?;
+        f.meta_sync().map_err(io)?;
+        // 4. Free the old table and refcount structure.
+        check_io(path, f, Repair::Leaks, &mut |_, _| {})?;
+        done.new_l1_entries = needed as u32;
+    } else {
+        f.meta_write(&new_size.to_be_bytes(), OFF_SIZE).map_err(io)?;
+        f.meta_sync().map_err(io)?;
+    }
+    // The result must open as a valid image.
+    read_header(path, f)?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Crash consistency of a growing resize: the writes and syncs of one resize are
+    //! recorded, then every prefix is replayed as a power cut, both with everything up to
+    //! the cut on disk and with only what the last sync before it made durable. Every
+    //! such image must check without corruption, at the old or the new size.
+
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::qcow2::create::{CreateOptions, create};
+
+    enum Op {
+        Write(u64, Vec<u8>),
+        Sync,
+    }
+
+    #[derive(Default)]
+    struct Mem {
+        data: RefCell<Vec<u8>>,
+        log: RefCell<Vec<Op>>,
+    }
+
+    impl Mem {
+        fn with(data: Vec<u8>) -> Self {
+            Mem { data: RefCell::new(data), log: RefCell::default() }
+        }
+        fn apply(data: &mut Vec<u8>, off: u64, buf: &[u8]) {
+            let end = off as usize + buf.len();
+            if data.len() < end {
+                data.resize(end, 0);
+            }
+            data[off as usize..end].copy_from_slice(buf);
+        }
+    }
+
+    impl MetaIo for Mem {
+        fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+            let d = self.data.borrow();
+            let start = (off as usize).min(d.len());
+            let n = buf.len().min(d.len() - start);
+            buf[..n].copy_from_slice(&d[start..start + n]);
+            Ok(n)
+        }
+        fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            Self::apply(&mut self.data.borrow_mut(), off, buf);
+            self.log.borrow_mut().push(Op::Write(off, buf.to_vec()));
+            Ok(())
+        }
+        fn meta_sync(&self) -> std::io::Result<()> {
+            self.log.borrow_mut().push(Op::Sync);
+            Ok(())
+        }
+        fn meta_len(&self) -> std::io::Result<u64> {
+            Ok(self.data.borrow().len() as u64)
+        }
+    }
+
+    fn image(version: u32, cluster_size: u64, refcount_bits: u32) -> (tempfile::TempDir, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img.qcow2");
+        let o = CreateOptions {
+            size: 256 << 10,
+            cluster_size,
+            refcount_bits,
+            version,
+            preallocate_metadata: true,
+            ..CreateOptions::default()
+        };
+        create(&p, &o).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        (dir, data)
+    }
+
+    fn verify(path: &Path, data: Vec<u8>, sizes: [u64; 2], what: &str) {
+        let m = Mem::with(data);
+        let (h, _) = read_header(path, &m).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(sizes.contains(&h.size), "{what}: size {}", h.size);
+        let r = check_io(path, &m, Repair::None, &mut |_, _| {}).unwrap();
+        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{what}: {:?}", r.messages);
+    }
+
+    #[test]
+    fn every_power_cut_during_l1_growth_leaves_a_consistent_image() {
+        for (version, cs, bits) in [(3, 512, 16), (2, 512, 16), (3, 4096, 1), (3, 1024, 64)] {
+            let (dir, initial) = image(version, cs, bits);
+            let path = dir.path().join("img.qcow2");
+            let new_size = 64 << 20;
+            let m = Mem::with(initial.clone());
+            let (old, _) = read_header(&path, &m).unwrap();
+            let r = resize_io(&path, &m, new_size).unwrap();
+            assert!(r.new_l1_entries > r.old_l1_entries);
+            let (new, _) = read_header(&path, &m).unwrap();
+            assert_ne!(old.l1_table_offset, new.l1_table_offset, "the L1 table moved");
+            assert_eq!(u64::from(new.l1_size), new.geometry().l1_entries_needed());
+            let done = check_io(&path, &m, Repair::None, &mut |_, _| {}).unwrap();
+            assert_eq!((done.corruptions, done.leaks), (0, 0), "{:?}", done.messages);
+            let log = m.log.into_inner();
+            let sizes = [256 << 10, new_size];
+            for cut in 0..=log.len() {
+                let mut all = initial.clone();
+                let mut synced = initial.clone();
+                let mut pending: Vec<(u64, &[u8])> = Vec::new();
+                for op in &log[..cut] {
+                    match op {
+                        Op::Write(off, buf) => {
+                            Mem::apply(&mut all, *off, buf);
+                            pending.push((*off, buf));
+                        }
+                        Op::Sync => {
+                            for (off, buf) in pending.drain(..) {
+                                Mem::apply(&mut synced, off, buf);
+                            }
+                        }
+                    }
+                }
+                let what = format!("v{version} cluster {cs} refcount {bits}, cut at op {cut}");
+                verify(&path, all, sizes, &format!("{what} (all written)"));
+                verify(&path, synced, sizes, &format!("{what} (synced only)"));
+            }
+        }
+    }
+
+    #[test]
+    fn growth_within_the_l1_table_only_changes_the_size() {
+        let (dir, initial) = image(3, 65536, 16);
+        let path = dir.path().join("img.qcow2");
+        let m = Mem::with(initial);
+        // One L1 entry maps 512 MiB of 64 KiB clusters.
+        let r = resize_io(&path, &m, 256 << 20).unwrap();
+        assert_eq!((r.old_l1_entries, r.new_l1_entries), (1, 1));
+        let (h, _) = read_header(&path, &m).unwrap();
+        assert_eq!(h.size, 256 << 20);
+        assert!(m.log.borrow().len() <= 3, "only the size field is rewritten");
+        assert!(resize_io(&path, &m, 1 << 20).is_err(), "shrinking must be refused");
+        assert!(resize_io(&path, &m, (256 << 20) + 1).is_err(), "unaligned sizes are refused");
+    }
+}
