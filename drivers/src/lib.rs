@@ -9,12 +9,14 @@
 //!   (bounce buffers, serialised read-modify-write);
 //! - [`storage`]: pure, pre-aligned I/O to a file through an engine, a RAM disk or a
 //!   null device, with [`probe`] finding a file's O_DIRECT alignment;
-//! - `engine`: the per-reactor io_uring and Linux AIO engines and the offload workers.
+//! - `engine`: the per-reactor io_uring and Linux AIO engines and the offload workers;
+//! - [`lock`]: image file locks that QEMU honours (and that honour QEMU's).
 
 pub mod align;
 pub mod bdev;
 mod engine;
 pub mod error;
+pub mod lock;
 pub mod probe;
 pub mod qcow2;
 pub mod qos;

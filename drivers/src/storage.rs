@@ -113,6 +113,7 @@ impl Storage {
         } else {
             meta.len()
         };
+        crate::lock::lock_image(&file, path, !read_only)?;
         let align = probe::probe(&file, path, direct)?;
         Ok(Arc::new(Storage {
             path: Some(path.to_path_buf()),

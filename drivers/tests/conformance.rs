@@ -97,6 +97,10 @@ fn direct_io_alignment_is_probed() {
     let a = s.alignment();
     assert!(a.request.is_power_of_two() && (512..=4096).contains(&a.request), "{a:?}");
     assert!(a.mem.is_power_of_two() && a.mem <= 4096, "{a:?}");
+    // The image lock: a second user of the same file is refused while the first lives.
+    let e = Storage::open_file(&path, EngineKind::IoUring, false, false).unwrap_err();
+    assert!(e.to_string().contains("in use"), "{e}");
+    drop(s);
     let s = Storage::open_file(&path, EngineKind::IoUring, false, false).unwrap();
     assert_eq!(s.alignment(), Alignment::NONE);
 }
@@ -300,10 +304,12 @@ fn bdev_checks_ranges_and_read_only() {
     let r = reactors();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.img");
+    let ro_path = dir.path().join("b-ro.img");
     std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&ro_path).unwrap().set_len(1 << 20).unwrap();
     let disk = |ro: bool| config::Disk {
         name: "b".into(),
-        path: Some(path.clone()),
+        path: Some(if ro { ro_path.clone() } else { path.clone() }),
         format: config::Format::Raw,
         driver: config::Driver::IoUring,
         direct: true,

@@ -308,3 +308,84 @@ fn resize_grows_images_like_qemu_img() {
     assert!(a.stop().success());
     assert_eq!(qemu_check(&a.path("c512.qcow2")), (0, 0, 0));
 }
+
+/// Image locks interoperate with QEMU's: while the appliance serves an image, qemu-io
+/// cannot open it for writing, qemu-img needs `-U` to read it, and the appliance's own
+/// repair and resize refuse it; while qemu-storage-daemon writes an image, the
+/// appliance refuses to serve it, naming the file.
+#[test]
+fn images_in_use_are_locked_like_qemu() {
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("qemu-storage-daemon", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), "busy.qcow2", "cluster_size=65536");
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            disks: "[[disk]]\nname = \"b\"\npath = \"{dir}/busy.qcow2\"\nformat = \"qcow2\"\n"
+                .into(),
+            ..Setup::default()
+        },
+    );
+    let p = a.path(p.file_name().unwrap().to_str().unwrap());
+    let io = run_unchecked(
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", "write 0 4k"]).arg(&p),
+        Duration::from_secs(60),
+    );
+    assert!(!io.status.success());
+    assert!(String::from_utf8_lossy(&io.stderr).contains("\"write\" lock"), "{io:?}");
+    let info = run_unchecked(Command::new("qemu-img").arg("info").arg(&p), Duration::from_secs(60));
+    assert!(!info.status.success(), "qemu-img info without -U must see the lock");
+    run(Command::new("qemu-img").args(["info", "-U"]).arg(&p));
+    for args in [vec!["resize", "+1M"], vec!["check", "-r", "leaks"]] {
+        let out = run_unchecked(
+            Command::new(bin()).arg(args[0]).arg(&p).args(&args[1..]),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success(), "{args:?} on a served image");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{args:?}: {out:?}");
+    }
+    // The export itself writes as usual.
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x42 0 64k"])
+        .arg(a.uri("b")));
+    assert!(stdout(&out).contains("wrote"));
+    assert!(a.stop().success());
+    // Released at shutdown.
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -P 0x42 0 64k"]).arg(&p));
+
+    // The other way round: qemu-storage-daemon writes the image.
+    let sock = p.with_file_name("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={}", p.display()))
+        .args(["--blockdev", "driver=qcow2,node-name=q,file=f"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+        .args(["--export", "type=nbd,id=e,node-name=q,writable=on"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cfg = p.with_file_name("busy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[nbd]\nlisten = [\"unix:{}\"]\n[[disk]]\nname = \"b\"\npath = \"{}\"\nformat = \"qcow2\"\n",
+            p.with_file_name("nbd2.sock").display(),
+            p.display()
+        ),
+    )
+    .unwrap();
+    let out = run_unchecked(
+        Command::new(bin()).args(["serve", "--config"]).arg(&cfg),
+        Duration::from_secs(30),
+    );
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    assert!(!out.status.success(), "served an image qemu-storage-daemon writes");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("busy.qcow2") && err.contains("in use"), "{err}");
+}

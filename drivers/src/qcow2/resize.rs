@@ -16,7 +16,8 @@
 //!    sector), then sync. From here the old table is leaked.
 //! 4. A leak repair frees the old L1 table and the old refcount structure.
 //!
-//! Refused: shrinking (data would be lost), sizes that are not a multiple of 512 bytes,
+//! The image is locked as QEMU locks it, so an image in use (served, or open in QEMU)
+//! is refused. Also refused: shrinking (data would be lost), sizes that are not a multiple of 512 bytes,
 //! images with a backing file (the new area would show the backing file's data, where a
 //! guest expects zeros), corrupt images and images with refcount errors (`check -r all`
 //! first). A dirty lazy-refcounts image is repaired first. Persistent bitmaps are
@@ -47,6 +48,7 @@ pub struct Resized {
 pub fn resize(path: &Path, new_size: u64) -> Result<Resized, OpenError> {
     let f =
         OpenOptions::new().read(true).write(true).open(path).map_err(|e| OpenError::io(path, e))?;
+    crate::lock::lock_image(&f, path, true)?;
     resize_io(path, &f, new_size)
 }
 
