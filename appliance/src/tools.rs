@@ -116,14 +116,7 @@ pub fn resize(path: &Path, size: &str) -> Result<(), String> {
         None => config::parse_byte_size(size).map_err(|e| format!("size: {e}"))?,
     };
     if current.format == "qcow2" {
-        let r = drivers::qcow2::resize::resize(path, new_size).map_err(|e| e.to_string())?;
-        if r.new_l1_entries != r.old_l1_entries {
-            tracing::info!(
-                old = r.old_l1_entries,
-                new = r.new_l1_entries,
-                "L1 table grown (entries)"
-            );
-        }
+        drivers::qcow2::resize::resize(path, new_size).map_err(|e| e.to_string())?;
     } else {
         if new_size < current.virtual_size {
             return Err(format!(
@@ -131,7 +124,13 @@ pub fn resize(path: &Path, size: &str) -> Result<(), String> {
                 current.virtual_size
             ));
         }
-        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| e.to_string())?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| e.to_string())?;
+        // Not under a running user: the appliance or QEMU serving it would not see the size.
+        drivers::lock::lock_image(&f, path, true).map_err(|e| e.to_string())?;
         f.set_len(new_size).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
     }
     println!("Image resized.");

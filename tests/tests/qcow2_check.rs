@@ -319,10 +319,12 @@ fn images_in_use_are_locked_like_qemu() {
     require_tool("qemu-storage-daemon", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let p = image(dir.path(), "busy.qcow2", "cluster_size=65536");
+    std::fs::File::create(dir.path().join("busy.raw")).unwrap().set_len(1 << 20).unwrap();
     let mut a = Appliance::start_in(
         dir,
         Setup {
-            disks: "[[disk]]\nname = \"b\"\npath = \"{dir}/busy.qcow2\"\nformat = \"qcow2\"\n"
+            disks: "[[disk]]\nname = \"b\"\npath = \"{dir}/busy.qcow2\"\nformat = \"qcow2\"\n\
+                    [[disk]]\nname = \"r\"\npath = \"{dir}/busy.raw\"\n"
                 .into(),
             ..Setup::default()
         },
@@ -345,6 +347,14 @@ fn images_in_use_are_locked_like_qemu() {
         assert!(!out.status.success(), "{args:?} on a served image");
         assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{args:?}: {out:?}");
     }
+    // A served raw image is locked too.
+    let raw = a.path("busy.raw");
+    let out = run_unchecked(
+        Command::new(bin()).arg("resize").arg(&raw).arg("2M"),
+        Duration::from_secs(60),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{out:?}");
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 20);
     // The export itself writes as usual.
     let out = run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x42 0 64k"])
