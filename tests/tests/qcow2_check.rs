@@ -399,3 +399,51 @@ fn images_in_use_are_locked_like_qemu() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("busy.qcow2") && err.contains("in use"), "{err}");
 }
+
+fn corrupt_bit(path: &Path) -> bool {
+    be_u64(path, 72) & 2 != 0
+}
+
+/// An image QEMU marked corrupt (its overlap check caught a write aimed at the
+/// refcount table): `check -r leaks` repairs the leak but keeps the corrupt bit; `check
+/// -r all` repairs the rest and only then clears it, so the image can be served
+/// read-write again, as the refusal message promises.
+#[test]
+fn full_repair_clears_the_corrupt_bit_leaks_repair_does_not() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "marked.qcow2", "cluster_size=65536");
+    // Point the first L2 entry at the refcount table; QEMU refuses the next write there
+    // and sets the corrupt bit.
+    let l2 = be_u64(&img, be_u64(&img, 40)) & 0x00ff_ffff_ffff_fe00;
+    put(&img, l2, &(be_u64(&img, 48) | 1 << 63).to_be_bytes());
+    let out = run_unchecked(
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 4k"]).arg(&img),
+        Duration::from_secs(60),
+    );
+    assert!(stdout(&out).contains("write failed"), "QEMU refuses the write: {}", stdout(&out));
+    assert!(corrupt_bit(&img), "QEMU marked the image corrupt");
+    assert_eq!(qemu_check(&img).2, 2);
+
+    let (c, _, code) = our_check(&img, Some("leaks"));
+    assert!(c > 0 && code == 2, "the corruption is still there after -r leaks");
+    assert!(corrupt_bit(&img), "a leaks-only repair keeps the corrupt bit");
+
+    assert_eq!(our_check(&img, Some("all")), (0, 0, 0), "a full repair leaves nothing");
+    assert!(!corrupt_bit(&img), "a clean full repair clears the corrupt bit");
+    assert_eq!(qemu_check(&img), (0, 0, 0), "qemu-img agrees");
+    // Read-write use works again, and the data outside the damaged cluster is intact.
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x5a 64k 960k", "-c", "write -P 0x22 2M 64k"])
+        .arg(&img));
+    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
+
+    // A clean image with the bit set (marked by a bug, say): a full check clears it.
+    let clean = image(dir.path(), "flagged.qcow2", "cluster_size=65536");
+    let v = be_u64(&clean, 72) | 2;
+    put(&clean, 72, &v.to_be_bytes());
+    assert_eq!(our_check(&clean, Some("leaks")), (0, 0, 0));
+    assert!(corrupt_bit(&clean), "-r leaks never clears the bit");
+    assert_eq!(our_check(&clean, Some("all")), (0, 0, 0));
+    assert!(!corrupt_bit(&clean));
+}

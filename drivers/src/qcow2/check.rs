@@ -267,7 +267,30 @@ pub fn check_io(
             ..after
         };
     }
+    if repair == Repair::All {
+        clear_corrupt_if_clean(path, f, &mut report)?;
+    }
     Ok(report)
+}
+
+/// After a full repair that left nothing corrupt (and no check errors), the image's
+/// corrupt bit is cleared, so it can be served read-write again; `qemu-img check -r
+/// all` does the same. A leaks-only repair never clears it: the bit records that
+/// something was found inconsistent, which only a full check and repair may settle.
+fn clear_corrupt_if_clean(
+    path: &Path,
+    f: &dyn MetaIo,
+    report: &mut CheckReport,
+) -> Result<(), OpenError> {
+    let (h, _) = read_header(path, f)?;
+    if !h.is_corrupt() || report.corruptions > 0 || report.check_errors > 0 {
+        return Ok(());
+    }
+    let v = h.incompatible & !INCOMPAT_CORRUPT;
+    f.meta_write(&v.to_be_bytes(), OFF_INCOMPATIBLE).map_err(|e| OpenError::io(path, e))?;
+    f.meta_sync().map_err(|e| OpenError::io(path, e))?;
+    report.messages.push("Repair: the image is consistent; its corrupt flag was cleared".into());
+    Ok(())
 }
 
 fn walk_and_compare(
