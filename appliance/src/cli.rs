@@ -26,6 +26,10 @@ pub enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Refuse to start if any disk fails to open (by default such a disk is
+        /// reported, listed as `failed`, and every other disk is served).
+        #[arg(long)]
+        strict: bool,
     },
     /// Operate a running appliance through its control socket.
     Ctl {
@@ -120,7 +124,27 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// A panic is a bug, wherever it happens: it must not leave a process that serves some
+/// disks while a dead reactor hangs others. The hook prints the message (and location)
+/// as Rust's default hook does, logs it, then aborts the whole process at once, so the
+/// exit status is non-zero (SIGABRT), systemd restarts the appliance, and
+/// vhost-user-blk guests reconnect and resubmit what was in flight from the inflight
+/// region. Nothing unwinds: no destructor runs half-way through a request.
+pub fn install_panic_policy() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("?"),
+            "panic: {info}; aborting the process (a panic is a bug: please report it)"
+        );
+        std::process::abort();
+    }));
+}
+
 pub fn main() -> ExitCode {
+    install_panic_policy();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve { .. }) {
         // Tools writing to a closed pipe (`appliance map x | head`) end quietly, as
@@ -129,9 +153,10 @@ pub fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     match cli.command {
-        Command::Serve { config, log_format } => {
+        Command::Serve { config, log_format, strict } => {
             init_logging(log_format);
-            match crate::serve::run(config.as_deref()) {
+            crate::debug::init();
+            match crate::serve::run(config.as_deref(), strict) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("appliance: {e}");

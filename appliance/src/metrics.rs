@@ -7,7 +7,9 @@
 //! serves over HTTP. Metrics cost nothing when `[metrics]` is absent: exports then get
 //! no stats handle at all.
 //!
-//! Exported (labels `disk`, `export`, `op`, `reactor`):
+//! Exported (labels `disk`, `export`, `op`, `reactor`, `state`):
+//! - `appliance_disks{state="serving"|"failed"}` and `appliance_disk_up` (1 serving, 0
+//!   failed to open) per disk;
 //! - `appliance_ops_total`, `appliance_bytes_total`, `appliance_errors_total` by op;
 //! - `appliance_in_flight` (gauge);
 //! - `appliance_latency_seconds_bucket{le}` / `_sum` / `_count`, cumulative, per op;
@@ -26,7 +28,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drivers::Bdev;
 use poller::ReactorHandle;
 
 /// Request kinds counted separately.
@@ -233,7 +234,7 @@ pub struct MetricsServer {
 }
 
 /// What the exporter thread reads besides the registry.
-pub type DiskSource = Arc<dyn Fn() -> Vec<Arc<Bdev>> + Send + Sync>;
+pub type DiskSource = Arc<dyn Fn() -> crate::serve::DiskView + Send + Sync>;
 
 impl MetricsServer {
     /// Turns counting on and starts serving on `addr`. Must run before exports start.
@@ -269,7 +270,16 @@ impl MetricsServer {
     }
 }
 
-fn refresh(reactors: &[ReactorHandle], disks: &[Arc<Bdev>]) {
+fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
+    let disks = &view.serving;
+    for b in disks {
+        metrics::gauge!("appliance_disk_up", &[("disk", b.name().to_string())]).set(1.0);
+    }
+    for name in &view.failed {
+        metrics::gauge!("appliance_disk_up", &[("disk", name.clone())]).set(0.0);
+    }
+    metrics::gauge!("appliance_disks", &[("state", "serving")]).set(disks.len() as f64);
+    metrics::gauge!("appliance_disks", &[("state", "failed")]).set(view.failed.len() as f64);
     for ((disk, export), t) in totals() {
         for (i, op) in OP_NAMES.iter().enumerate() {
             let labels =

@@ -1,8 +1,14 @@
 //! Start-up and shutdown order of `appliance serve`.
 //!
-//! Start-up: load and validate the config (or build the quick-start one), open every
-//! disk (probing alignment, reading image metadata) on the control thread, start the
-//! reactors, then the exports; report readiness once every listener is bound.
+//! Start-up: load and validate the config (or build the quick-start one), start the
+//! reactors, open every disk (probing alignment, reading image metadata) on the control
+//! thread, then the exports; report readiness once every listener is bound.
+//!
+//! One disk's failure never takes the others down: a disk that cannot be opened at
+//! start-up or on reload (missing, corrupt, locked by another process) is logged with
+//! the file and the reason, listed by `disk_list` in state `failed` with its error,
+//! counted in the metrics, and every other disk is served; `disk_add` with its name
+//! (or a reload) retries it. `serve --strict` refuses to start instead.
 //! Shutdown (SIGTERM or SIGINT): stop accepting, let connections finish what is in
 //! flight, flush every disk, stop the reactors, exit 0.
 
@@ -40,16 +46,43 @@ pub enum ServeError {
     ShuttingDown,
     #[error("disk `{0}`: flush failed: {1}")]
     Flush(String, drivers::IoError),
+    #[error("disk `{0}` failed to open and is not served (see `disk_list`)")]
+    Failed(String),
 }
 
 /// The size of the quick-start demo image.
 pub const QUICK_START_IMAGE_BYTES: u64 = 1 << 30;
 
-/// A served disk.
+/// A configured disk: served, or failed to open.
 struct DiskEntry {
     config: config::Disk,
-    bdev: Arc<Bdev>,
-    vhost: Option<VhostServer>,
+    state: DiskState,
+}
+
+enum DiskState {
+    Serving {
+        bdev: Arc<Bdev>,
+        vhost: Option<VhostServer>,
+    },
+    /// The disk could not be opened; the error names the file and the reason.
+    Failed {
+        error: String,
+    },
+}
+
+impl DiskEntry {
+    fn bdev(&self) -> Option<&Arc<Bdev>> {
+        match &self.state {
+            DiskState::Serving { bdev, .. } => Some(bdev),
+            DiskState::Failed { .. } => None,
+        }
+    }
+}
+
+/// What the metrics exporter reads of the disk set.
+pub struct DiskView {
+    pub serving: Vec<Arc<Bdev>>,
+    pub failed: Vec<String>,
 }
 
 /// A running appliance. Shared with the control socket and the metrics thread; disks
@@ -73,8 +106,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Appliance {
-    /// Starts the reactors, opens the disks, then the exports, metrics and control.
-    pub fn start(config: Config) -> Result<Arc<Appliance>, ServeError> {
+    /// Starts the reactors, opens the disks, then the exports, metrics and control. A
+    /// disk that fails to open is recorded as failed and the others are served, unless
+    /// `strict`, which makes it a start-up error.
+    pub fn start(config: Config, strict: bool) -> Result<Arc<Appliance>, ServeError> {
         let a = &config.appliance;
         let reactors = Reactors::start(ReactorOptions {
             cores: a.cores.clone(),
@@ -110,8 +145,11 @@ impl Appliance {
         }
         if let Some(addr) = config.metrics {
             let a2 = Arc::downgrade(&app);
-            let source: crate::metrics::DiskSource =
-                Arc::new(move || a2.upgrade().map(|a| a.bdevs()).unwrap_or_default());
+            let source: crate::metrics::DiskSource = Arc::new(move || {
+                a2.upgrade()
+                    .map(|a| a.disk_view())
+                    .unwrap_or(DiskView { serving: Vec::new(), failed: Vec::new() })
+            });
             match MetricsServer::start(addr, app.handles.clone(), source) {
                 Ok(m) => *lock(&app.metrics) = Some(m),
                 Err(e) => {
@@ -121,9 +159,13 @@ impl Appliance {
             }
         }
         for d in disks_cfg {
-            if let Err(e) = app.add_disk_inner(d.clone()) {
-                app.shutdown();
-                return Err(e);
+            match app.add_disk_inner(d.clone()) {
+                Ok(()) => {}
+                Err(e) if strict => {
+                    app.shutdown();
+                    return Err(e);
+                }
+                Err(e) => app.record_failed(d, &e),
             }
         }
         if let Some(n) = &config.nbd {
@@ -155,7 +197,8 @@ impl Appliance {
         &self.handles
     }
 
-    /// The running configuration (the file's, plus changes made since).
+    /// The running configuration (the file's, plus changes made since), failed disks
+    /// included.
     pub fn config(&self) -> Config {
         let mut c = lock(&self.config).clone();
         c.disks = lock(&self.disks).iter().map(|d| d.config.clone()).collect();
@@ -164,7 +207,30 @@ impl Appliance {
 
     /// The open disks.
     pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
-        lock(&self.disks).iter().map(|d| d.bdev.clone()).collect()
+        lock(&self.disks).iter().filter_map(|d| d.bdev().cloned()).collect()
+    }
+
+    fn disk_view(&self) -> DiskView {
+        let disks = lock(&self.disks);
+        DiskView {
+            serving: disks.iter().filter_map(|d| d.bdev().cloned()).collect(),
+            failed: disks
+                .iter()
+                .filter(|d| d.bdev().is_none())
+                .map(|d| d.config.name.clone())
+                .collect(),
+        }
+    }
+
+    /// Keeps a disk that failed to open in the disk set, with its error, so it is
+    /// listed, counted and can be retried.
+    fn record_failed(&self, d: config::Disk, e: &ServeError) {
+        tracing::error!(
+            disk = d.name,
+            "disk not served: {e}; the other disks are (retry with `appliance ctl add` or a reload)"
+        );
+        let entry = DiskEntry { config: d, state: DiskState::Failed { error: e.to_string() } };
+        lock(&self.disks).push(entry);
     }
 
     fn add_disk_inner(&self, d: config::Disk) -> Result<(), ServeError> {
@@ -194,16 +260,46 @@ impl Appliance {
             self.exports.add(bdev.clone());
         }
         tracing::info!(disk = d.name, "disk added");
-        lock(&self.disks).push(DiskEntry { config: d, bdev, vhost });
+        lock(&self.disks).push(DiskEntry { config: d, state: DiskState::Serving { bdev, vhost } });
         Ok(())
     }
 
-    /// Opens and exports a disk (control socket, reload).
+    /// Opens and exports a disk (control socket, reload). A disk of the same name that
+    /// failed to open is retried with this configuration; if it fails again it stays
+    /// listed as failed, with the new error.
     pub fn add_disk(&self, d: config::Disk) -> Result<(), ServeError> {
         let g = lock(&self.changes);
         if *g {
             return Err(ServeError::ShuttingDown);
         }
+        let retry = {
+            let mut disks = lock(&self.disks);
+            let failed = disks.iter().position(|e| e.config.name == d.name && e.bdev().is_none());
+            failed.map(|i| disks.remove(i))
+        };
+        let r = self.add_disk_checked(d.clone());
+        if let (Some(_), Err(e)) = (&retry, &r) {
+            self.record_failed(d, e);
+        }
+        r
+    }
+
+    /// [`Appliance::add_disk`] for a reload: a disk that fails to open stays listed as
+    /// failed, as at start-up.
+    fn add_or_record(&self, d: config::Disk) -> Result<(), ServeError> {
+        match self.add_disk(d.clone()) {
+            Err(e @ (ServeError::Exists(_) | ServeError::ShuttingDown)) => Err(e),
+            Err(e) => {
+                if !self.disk_view().failed.contains(&d.name) {
+                    self.record_failed(d, &e);
+                }
+                Err(e)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn add_disk_checked(&self, d: config::Disk) -> Result<(), ServeError> {
         let clash = {
             let cfg = lock(&self.config);
             let disks = lock(&self.disks);
@@ -222,9 +318,9 @@ impl Appliance {
             return Err(ServeError::Clash(d.name));
         }
         let path_in_use = d.path.as_ref().is_some_and(|p| {
-            lock(&self.disks)
-                .iter()
-                .any(|e| e.config.path.as_ref().is_some_and(|o| same_file(o, p)))
+            lock(&self.disks).iter().any(|e| {
+                e.bdev().is_some() && e.config.path.as_ref().is_some_and(|o| same_file(o, p))
+            })
         });
         if path_in_use {
             return Err(ServeError::InUse {
@@ -250,17 +346,21 @@ impl Appliance {
                 .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
             disks.remove(i)
         };
+        let DiskState::Serving { bdev, vhost } = entry.state else {
+            tracing::info!(disk = name, "failed disk removed");
+            return Ok(());
+        };
         // No new NBD client finds it, no new channel opens; then the clients it has are
         // drained and disconnected, and close() makes everything durable.
         self.exports.remove(name);
-        entry.bdev.retire();
+        bdev.retire();
         if let Some(n) = lock(&self.nbd).as_ref() {
             n.close_export(name);
         }
-        if let Some(v) = entry.vhost {
+        if let Some(v) = vhost {
             v.shutdown();
         }
-        entry.bdev.close().map_err(|e| ServeError::Flush(name.to_string(), e))?;
+        bdev.close().map_err(|e| ServeError::Flush(name.to_string(), e))?;
         tracing::info!(disk = name, "disk removed");
         Ok(())
     }
@@ -282,11 +382,12 @@ impl Appliance {
     }
 
     fn find(&self, name: &str) -> Result<Arc<Bdev>, ServeError> {
-        lock(&self.disks)
+        let disks = lock(&self.disks);
+        let e = disks
             .iter()
             .find(|e| e.config.name == name)
-            .map(|e| e.bdev.clone())
-            .ok_or_else(|| ServeError::NotFound(name.to_string()))
+            .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
+        e.bdev().cloned().ok_or_else(|| ServeError::Failed(name.to_string()))
     }
 
     /// Changes a disk's QoS limits live.
@@ -296,11 +397,13 @@ impl Appliance {
             .iter_mut()
             .find(|e| e.config.name == name)
             .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
-        e.bdev.set_qos(drivers::qos::QosLimits {
-            iops: q.iops,
-            bandwidth: q.bandwidth,
-            burst: q.burst,
-        });
+        if let Some(b) = e.bdev() {
+            b.set_qos(drivers::qos::QosLimits {
+                iops: q.iops,
+                bandwidth: q.bandwidth,
+                burst: q.burst,
+            });
+        }
         e.config.qos = (q.iops > 0 || q.bandwidth > 0).then_some(q);
         tracing::info!(disk = name, iops = q.iops, bandwidth = q.bandwidth, "QoS limits set");
         Ok(())
@@ -310,34 +413,7 @@ impl Appliance {
     pub fn list(&self) -> serde_json::Value {
         let disks = lock(&self.disks);
         let nbd = lock(&self.config).nbd.is_some();
-        serde_json::Value::Array(
-            disks
-                .iter()
-                .map(|e| {
-                    let c = &e.config;
-                    let info = e.bdev.info();
-                    let mut exports = Vec::new();
-                    if nbd {
-                        exports.push(serde_json::json!({"type": "nbd", "name": c.name}));
-                    }
-                    if let Some(v) = &c.vhost_user_blk {
-                        exports.push(serde_json::json!({"type": "vhost-user-blk", "socket": v.socket, "queues": v.queues}));
-                    }
-                    let q = e.bdev.qos().limits();
-                    serde_json::json!({
-                        "name": c.name,
-                        "path": c.path,
-                        "format": if c.format == config::Format::Qcow2 { "qcow2" } else { "raw" },
-                        "driver": c.driver.name(),
-                        "read_only": info.read_only,
-                        "size": info.size,
-                        "state": "serving",
-                        "exports": exports,
-                        "qos": {"iops": q.iops, "bandwidth": q.bandwidth, "burst": q.burst},
-                    })
-                })
-                .collect(),
-        )
+        serde_json::Value::Array(disks.iter().map(|e| disk_json(e, nbd)).collect())
     }
 
     /// Applies a new configuration's disk set (SIGHUP): removed disks go, new ones
@@ -346,6 +422,7 @@ impl Appliance {
     pub fn reload(&self, new: Config) -> Vec<String> {
         let mut report = Vec::new();
         let old = self.config();
+        let failed: Vec<String> = self.disk_view().failed;
         {
             let cur = lock(&self.config);
             if cur.appliance != new.appliance
@@ -362,8 +439,17 @@ impl Appliance {
                     Ok(()) => report.push(format!("removed {}", d.name)),
                     Err(e) => report.push(format!("removing {}: {e}", d.name)),
                 },
+                Some(n) if n == d && failed.contains(&n.name) => {
+                    match self.add_or_record(n.clone()) {
+                        Ok(()) => report.push(format!("{} opened on retry", n.name)),
+                        Err(e) => report.push(format!("{} still failed: {e}", n.name)),
+                    }
+                }
                 Some(n) if n == d => {}
-                Some(n) if config::Disk { qos: d.qos, ..n.clone() } == *d => {
+                Some(n)
+                    if config::Disk { qos: d.qos, ..n.clone() } == *d
+                        && !failed.contains(&n.name) =>
+                {
                     let q = n.qos.unwrap_or_default();
                     match self.set_qos(&n.name, q) {
                         Ok(()) => report.push(format!("QoS of {} changed", n.name)),
@@ -371,7 +457,7 @@ impl Appliance {
                     }
                 }
                 Some(n) => {
-                    let r = self.remove_disk(&d.name).and_then(|()| self.add_disk(n.clone()));
+                    let r = self.remove_disk(&d.name).and_then(|()| self.add_or_record(n.clone()));
                     match r {
                         Ok(()) => report.push(format!("re-added {} with its new settings", n.name)),
                         Err(e) => report.push(format!("changing {}: {e}", n.name)),
@@ -381,7 +467,7 @@ impl Appliance {
         }
         for n in &new.disks {
             if old.disk(&n.name).is_none() {
-                match self.add_disk(n.clone()) {
+                match self.add_or_record(n.clone()) {
                     Ok(()) => report.push(format!("added {}", n.name)),
                     Err(e) => report.push(format!("adding {}: {e}", n.name)),
                 }
@@ -401,10 +487,12 @@ impl Appliance {
         let disks: Vec<DiskEntry> = lock(&self.disks).drain(..).collect();
         let mut bdevs = Vec::new();
         for e in disks {
-            if let Some(v) = e.vhost {
-                v.shutdown();
+            if let DiskState::Serving { bdev, vhost } = e.state {
+                if let Some(v) = vhost {
+                    v.shutdown();
+                }
+                bdevs.push(bdev);
             }
-            bdevs.push(e.bdev);
         }
         if let Some(n) = lock(&self.nbd).take() {
             n.shutdown();
@@ -424,6 +512,41 @@ impl Appliance {
             r.stop();
         }
     }
+}
+
+fn disk_json(e: &DiskEntry, nbd: bool) -> serde_json::Value {
+    let c = &e.config;
+    let mut v = serde_json::json!({
+        "name": c.name,
+        "path": c.path,
+        "format": if c.format == config::Format::Qcow2 { "qcow2" } else { "raw" },
+        "driver": c.driver.name(),
+    });
+    match &e.state {
+        DiskState::Failed { error } => {
+            v["state"] = "failed".into();
+            v["error"] = error.clone().into();
+            v["read_only"] = c.read_only.into();
+        }
+        DiskState::Serving { bdev, .. } => {
+            let info = bdev.info();
+            let mut exports = Vec::new();
+            if nbd {
+                exports.push(serde_json::json!({"type": "nbd", "name": c.name}));
+            }
+            if let Some(v) = &c.vhost_user_blk {
+                exports.push(serde_json::json!({"type": "vhost-user-blk", "socket": v.socket, "queues": v.queues}));
+            }
+            let q = bdev.qos().limits();
+            v["state"] = "serving".into();
+            v["read_only"] = info.read_only.into();
+            v["size"] = info.size.into();
+            v["exports"] = exports.into();
+            v["qos"] =
+                serde_json::json!({"iops": q.iops, "bandwidth": q.bandwidth, "burst": q.burst});
+        }
+    }
+    v
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -534,8 +657,8 @@ fn print_connect_help(config: &Config) {
     }
 }
 
-/// `appliance serve`.
-pub fn run(config_path: Option<&Path>) -> Result<(), ServeError> {
+/// `appliance serve`; with `strict`, a disk that fails to open stops the start-up.
+pub fn run(config_path: Option<&Path>, strict: bool) -> Result<(), ServeError> {
     let signals = block_signals();
     let config = match config_path {
         Some(p) => Config::load(p)?,
@@ -544,7 +667,7 @@ pub fn run(config_path: Option<&Path>) -> Result<(), ServeError> {
             quick_start(&cwd)?
         }
     };
-    let app = Appliance::start(config)?;
+    let app = Appliance::start(config, strict)?;
     let config = app.config();
     let listen: Vec<String> =
         config.nbd.iter().flat_map(|n| n.listen.iter().map(|l| l.to_string())).collect();

@@ -3,9 +3,11 @@
 //! A [`Bdev`] is the shared, immutable description of one configured disk (size, block
 //! sizes, capabilities) plus its format state; [`Bdev::channel`] opens its per-reactor
 //! handle, a [`BdevChannel`] (SPDK's io_channel), through which a reactor's tasks submit
-//! requests. Every request is checked here — range, read-only, supported operation — so
-//! format drivers and storage below only ever see valid requests. Exports never touch
-//! the layers below this one.
+//! requests. Every request passes one validation step here ([`BdevInfo::admit`]: range,
+//! read-only, transfer size, zero length) before it reaches a driver, so format drivers
+//! and storage below only ever see valid, non-empty requests; exports call the same
+//! function when they must decide before touching the device (to size a buffer, say).
+//! Exports never touch the layers below this one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +44,68 @@ pub struct BdevInfo {
     pub can_multi_conn: bool,
     /// The format reports holes and zeroes in block status.
     pub has_block_status: bool,
+}
+
+/// What a request asks of a device, for the shared validation step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqKind {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    Discard,
+    BlockStatus,
+    Cache,
+}
+
+impl ReqKind {
+    /// Changes the device's contents (refused on a read-only device).
+    pub fn modifies(self) -> bool {
+        matches!(self, ReqKind::Write | ReqKind::WriteZeroes | ReqKind::Discard)
+    }
+
+    /// Moves `len` bytes through memory (bounded by `max_transfer`, charged by QoS).
+    pub fn moves_data(self) -> bool {
+        matches!(self, ReqKind::Read | ReqKind::Write)
+    }
+}
+
+/// What the shared validation step lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A request for the driver.
+    Go,
+    /// A request of no bytes: done, successfully, without reaching a driver.
+    Nothing,
+}
+
+impl BdevInfo {
+    /// The one validation every request passes before it reaches a driver, whichever
+    /// export sent it: read-only devices refuse changes, ranges must lie inside the
+    /// device, data transfers are at most `max_transfer` bytes, zero-length requests
+    /// complete at once (NBD and virtio leave them unspecified; both servers in QEMU
+    /// answer success), and a block-status query must cover at least one byte (its
+    /// reply describes a non-empty extent). Exports map the error to their wire status.
+    pub fn admit(&self, kind: ReqKind, off: u64, len: u64) -> Result<Admit, IoError> {
+        if kind.modifies() && self.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        if kind == ReqKind::Flush {
+            return Ok(Admit::Go);
+        }
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => {}
+            _ => return Err(IoError::OutOfRange),
+        }
+        if kind.moves_data() && len > u64::from(self.max_transfer) {
+            return Err(IoError::TooLarge);
+        }
+        match (len, kind) {
+            (0, ReqKind::BlockStatus) => Err(IoError::Invalid),
+            (0, _) => Ok(Admit::Nothing),
+            _ => Ok(Admit::Go),
+        }
+    }
 }
 
 /// Flags of a write-zeroes request.
@@ -273,24 +337,20 @@ impl BdevChannel {
         &self.bdev.info
     }
 
-    fn check_range(&self, off: u64, len: u64) -> Result<(), IoError> {
-        match off.checked_add(len) {
-            Some(end) if end <= self.bdev.info.size => Ok(()),
-            _ => Err(IoError::OutOfRange),
+    /// The shared validation step, then QoS admission; `false` means there is nothing
+    /// to do (a zero-length request) and the caller answers success.
+    async fn enter(&self, kind: ReqKind, off: u64, len: u64) -> Result<bool, IoError> {
+        if self.bdev.info.admit(kind, off, len)? == Admit::Nothing {
+            return Ok(false);
         }
-    }
-
-    fn check_write(&self, off: u64, len: u64) -> Result<(), IoError> {
-        if self.bdev.info.read_only {
-            return Err(IoError::ReadOnly);
-        }
-        self.check_range(off, len)
+        self.bdev.qos.admit(if kind.moves_data() { len } else { 0 }).await;
+        Ok(true)
     }
 
     pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
-        let len = seg::total_len(segs) as u64;
-        self.check_range(off, len)?;
-        self.bdev.qos.admit(len).await;
+        if !self.enter(ReqKind::Read, off, seg::total_len(segs) as u64).await? {
+            return Ok(());
+        }
         match &self.kind {
             ChannelKind::Raw(a) => a.read(off, segs).await,
             ChannelKind::Qcow2(q) => q.read(off, segs).await,
@@ -299,9 +359,9 @@ impl BdevChannel {
 
     /// Writes `segs` at `off`; with `fua` the data is durable on completion.
     pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        let len = seg::total_len(segs) as u64;
-        self.check_write(off, len)?;
-        self.bdev.qos.admit(len).await;
+        if !self.enter(ReqKind::Write, off, seg::total_len(segs) as u64).await? {
+            return Ok(());
+        }
         match &self.kind {
             ChannelKind::Raw(a) => a.write(off, segs, fua).await,
             ChannelKind::Qcow2(q) => q.write(off, segs, fua).await,
@@ -318,11 +378,9 @@ impl BdevChannel {
     }
 
     pub async fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {
-        self.check_write(off, len)?;
-        if len == 0 {
+        if !self.enter(ReqKind::WriteZeroes, off, len).await? {
             return Ok(());
         }
-        self.bdev.qos.admit(0).await;
         match &self.kind {
             ChannelKind::Raw(a) => match a.zero_range(off, len, flags.may_unmap).await {
                 Ok(()) => {
@@ -348,17 +406,18 @@ impl BdevChannel {
 
     /// Releases the range if the device can; contents become unspecified.
     pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
-        self.check_write(off, len)?;
-        self.bdev.qos.admit(0).await;
+        if !self.enter(ReqKind::Discard, off, len).await? {
+            return Ok(());
+        }
         match &self.kind {
             ChannelKind::Raw(a) => a.discard(off, len).await.map(|_| ()),
             ChannelKind::Qcow2(q) => q.discard(off, len).await,
         }
     }
 
-    /// The status of the bytes from `off`, at most `len` of them.
+    /// The status of the bytes from `off`, at most `len` (> 0) of them.
     pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
-        self.check_range(off, len)?;
+        self.bdev.info.admit(ReqKind::BlockStatus, off, len)?;
         match &self.kind {
             ChannelKind::Raw(a) => {
                 let e = a.block_status(off, len).await?;
@@ -374,6 +433,6 @@ impl BdevChannel {
 
     /// A hint that the range will be read soon.
     pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
-        self.check_range(off, len)
+        self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())
     }
 }

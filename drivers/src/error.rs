@@ -26,6 +26,8 @@ pub enum IoError {
     TooLarge,
     /// The device is shutting down or was removed.
     Shutdown,
+    /// The request itself is malformed (a block-status query of no bytes, say).
+    Invalid,
 }
 
 impl IoError {
@@ -40,6 +42,7 @@ impl IoError {
             IoError::Corrupt => libc::EIO,
             IoError::TooLarge => libc::EOVERFLOW,
             IoError::Shutdown => libc::ESHUTDOWN,
+            IoError::Invalid => libc::EINVAL,
         }
     }
 
@@ -64,6 +67,7 @@ impl fmt::Display for IoError {
             IoError::Corrupt => f.write_str("image metadata is corrupt"),
             IoError::TooLarge => f.write_str("request too large"),
             IoError::Shutdown => f.write_str("device is shutting down"),
+            IoError::Invalid => f.write_str("malformed request"),
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod seg;
 pub mod sim;
 pub mod storage;
 
-pub use bdev::{Bdev, BdevChannel, BdevInfo, BlockStatus, ZeroFlags};
+pub use bdev::{Admit, Bdev, BdevChannel, BdevInfo, BlockStatus, ReqKind, ZeroFlags};
 pub use engine::ENGINE_DEPTH;
 pub use error::{IoError, OpenError};
 pub use seg::IoSeg;

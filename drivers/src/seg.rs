@@ -24,6 +24,10 @@ const _: () =
     assert!(std::mem::align_of::<IoSeg<'static>>() == std::mem::align_of::<libc::iovec>());
 
 impl<'a> IoSeg<'a> {
+    /// A segment of no bytes (a placeholder in fixed arrays; never dereferenced).
+    pub const EMPTY: IoSeg<'a> =
+        IoSeg { base: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0, _mem: PhantomData };
+
     pub fn new(buf: &'a mut [u8]) -> Self {
         IoSeg { base: buf.as_mut_ptr(), len: buf.len(), _mem: PhantomData }
     }
@@ -58,6 +62,37 @@ impl<'a> IoSeg<'a> {
         // SAFETY: a sub-range of memory this segment already covers, with its lifetime.
         IoSeg { base: unsafe { self.base.add(off) }, len, _mem: PhantomData }
     }
+}
+
+/// Selects `len` bytes starting `skip` bytes into `segs`, into `out`; fails with
+/// `TooLarge` if that takes more than `N` segments.
+pub fn window<'a, 'o, const N: usize>(
+    segs: &[IoSeg<'a>],
+    mut skip: usize,
+    len: usize,
+    out: &'o mut [IoSeg<'a>; N],
+) -> Result<&'o [IoSeg<'a>], crate::IoError> {
+    let mut n = 0;
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let take = (s.len - skip).min(left);
+        if n == N {
+            return Err(crate::IoError::TooLarge);
+        }
+        out[n] = s.slice(skip, take);
+        n += 1;
+        left -= take;
+        skip = 0;
+    }
+    debug_assert_eq!(left, 0, "window beyond the segments");
+    Ok(&out[..n])
 }
 
 /// Total bytes of `segs`.

@@ -24,6 +24,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -39,6 +40,8 @@ pub struct Reply {
     pub error: u32,
     /// Read data (concatenated OFFSET_DATA payloads) or other payload.
     pub data: Vec<u8>,
+    /// A simple reply (not structured chunks).
+    pub simple: bool,
 }
 
 /// An NBD client connection.
@@ -200,10 +203,10 @@ impl Client {
                     data = vec![0u8; read_len];
                     self.s.read_exact(&mut data)?;
                 }
-                Ok(Reply { cookie: be64(&h[4..12]), error, data })
+                Ok(Reply { cookie: be64(&h[4..12]), error, data, simple: true })
             }
             magic @ (STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC) => {
-                let mut reply = Reply { cookie: 0, error: 0, data: Vec::new() };
+                let mut reply = Reply { cookie: 0, error: 0, data: Vec::new(), simple: false };
                 let mut magic = magic;
                 loop {
                     let ext = magic == EXTENDED_REPLY_MAGIC;

@@ -8,12 +8,16 @@ use std::time::Duration;
 use appliance_tests::{Appliance, Setup, bin, require_tool, run, run_unchecked, sparse_file};
 
 fn serve_fails(config: &str) -> String {
+    serve_fails_with(config, &[])
+}
+
+fn serve_fails_with(config: &str, args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, config.replace("{dir}", &dir.path().display().to_string())).unwrap();
     std::fs::write(dir.path().join("ok.img"), [0u8; 4096]).unwrap();
     let out = run_unchecked(
-        Command::new(bin()).args(["serve", "--config"]).arg(&path),
+        Command::new(bin()).args(["serve"]).args(args).arg("--config").arg(&path),
         Duration::from_secs(30),
     );
     assert!(!out.status.success(), "serve accepted a bad config:\n{config}");
@@ -57,8 +61,9 @@ fn start_up_failures_name_the_address_or_disk() {
         "[nbd]\nlisten = [\"tcp:127.0.0.1:{port}\"]\n[[disk]]\nname = \"a\"\npath = \"{{dir}}/ok.img\"\n"
     ));
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
-    // A disk that exists but cannot be opened read-write.
-    let e = serve_fails("[[disk]]\nname = \"a\"\npath = \"/proc/version\"\n");
+    // A disk that exists but cannot be opened read-write, with --strict (without it,
+    // the disk is reported and the others are served: tests/tests/isolation.rs).
+    let e = serve_fails_with("[[disk]]\nname = \"a\"\npath = \"/proc/version\"\n", &["--strict"]);
     assert!(e.contains("disk `a`") || e.contains("disk[0].path"), "{e}");
     // A unix socket path where a regular file already lives.
     let e = serve_fails(

@@ -338,3 +338,103 @@ fn flush_is_visible_across_connections() {
     f.disconnect();
     assert!(a.stop().success());
 }
+
+/// Zero-length and degenerate requests of every command, in every reply mode, through
+/// a hand-made client (real clients refuse to send most of them): each is answered as
+/// the protocol says, by the shared validation step, and the connection carries on.
+#[test]
+fn degenerate_requests_get_protocol_answers() {
+    let mut a = start();
+    for export in ["d", "m"] {
+        for (structured, extended) in [(false, false), (true, false), (true, true)] {
+            let mode = format!("{export}: structured={structured} extended={extended}");
+            let mut c = Client::connect(&a.sock, export, structured, extended).unwrap();
+            // Zero-length read: success and no data; a structured reply when negotiated.
+            c.request(CMD_READ, 0, 1, 4096, 0, &[]).unwrap();
+            let r = c.reply(0).unwrap();
+            assert_eq!((r.cookie, r.error, r.data.len()), (1, 0, 0), "{mode}");
+            assert_eq!(r.simple, !structured, "{mode}: read reply kind");
+            // Zero-length write (no payload), with and without FUA.
+            for (cookie, flags) in [(2, 0), (3, 1)] {
+                c.request(CMD_WRITE, flags, cookie, 8192, 0, &[]).unwrap();
+                assert_eq!(c.reply(0).unwrap().error, 0, "{mode}: empty write");
+            }
+            // Zero-length trim, write-zeroes, cache: nothing to do, success.
+            for (cookie, kind) in [(4, CMD_TRIM), (5, CMD_WRITE_ZEROES), (6, CMD_CACHE)] {
+                c.request(kind, 0, cookie, 4096, 0, &[]).unwrap();
+                let r = c.reply(0).unwrap();
+                assert_eq!((r.cookie, r.error), (cookie, 0), "{mode}: empty command {kind}");
+            }
+            // Zero length exactly at the end is fine; past the end it is not.
+            c.request(CMD_READ, 0, 7, SIZE, 0, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, 0, "{mode}");
+            c.request(CMD_READ, 0, 8, SIZE + 512, 0, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, EINVAL, "{mode}");
+            c.request(CMD_WRITE, 0, 9, SIZE + 512, 0, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, ENOSPC, "{mode}");
+            c.request(CMD_TRIM, 0, 10, u64::MAX, 0, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, EINVAL, "{mode}");
+            // Block status of no bytes: EINVAL (a reply needs a non-empty extent).
+            c.request(CMD_BLOCK_STATUS, 0, 11, 0, 0, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, EINVAL, "{mode}");
+            // Effect lengths beyond the export, and huge ones inside it.
+            c.request(CMD_WRITE_ZEROES, 0, 12, SIZE - 4096, 8192, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, ENOSPC, "{mode}");
+            c.request(CMD_WRITE_ZEROES, 0, 13, 0, SIZE, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, 0, "{mode}: zeroing the whole export");
+            c.request(CMD_TRIM, 0, 14, 0, SIZE, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, 0, "{mode}: trimming the whole export");
+            // One-byte and odd-sized requests at odd offsets.
+            assert_eq!(c.write(15, SIZE - 1, &[0xab]).unwrap().error, 0, "{mode}");
+            let r = c.read(16, SIZE - 1, 1).unwrap();
+            assert_eq!((r.error, r.data), (0, vec![0xab]), "{mode}");
+            // Flush with a range (reserved fields): still a flush.
+            c.request(CMD_FLUSH, 0, 17, 12345, 678, &[]).unwrap();
+            assert_eq!(c.reply(0).unwrap().error, 0, "{mode}");
+            // The connection is intact.
+            let data = pattern(7, 4096);
+            assert_eq!(c.write(18, 0, &data).unwrap().error, 0, "{mode}");
+            assert_eq!(c.read(19, 0, 4096).unwrap().data, data, "{mode}");
+            c.disconnect();
+        }
+    }
+    healthy(&a);
+    assert!(a.stop().success(), "{}", a.logs());
+    assert!(!a.logs().contains("panicked"), "{}", a.logs());
+}
+
+/// The same through libnbd (nbdsh) with its client-side checks switched off: a real
+/// client's view of zero-length requests.
+#[test]
+fn zero_length_requests_through_libnbd() {
+    // nbdsh is `python3 -m nbd`; the module is Debian's python3-libnbd, for Debian's
+    // python3 (which an interpreter earlier in PATH may not be).
+    appliance_tests::require_tool("/usr/bin/python3", "python3-libnbd");
+    let mut a = start();
+    let script = r#"
+h.set_strict_mode(0)
+assert h.pread(0, 4096) == b""
+h.pwrite(b"", 4096)
+h.pwrite(b"", 4096, nbd.CMD_FLAG_FUA)
+h.trim(0, 4096)
+h.zero(0, 4096)
+h.cache(0, 4096)
+try:
+    h.block_status(0, 0, lambda *a: 0)
+    raise SystemExit("empty block status accepted")
+except nbd.Error as e:
+    assert e.errno in ("EINVAL", errno.EINVAL), e
+h.pwrite(b"x" * 512, 0)
+assert h.pread(512, 0) == b"x" * 512
+print("ok")
+"#;
+    for export in ["d", "m"] {
+        let out = appliance_tests::run(
+            std::process::Command::new("/usr/bin/python3")
+                .args(["-m", "nbd", "-u", &a.uri(export), "-c", "import errno"])
+                .args(["-c", script]),
+        );
+        assert!(appliance_tests::stdout(&out).contains("ok"), "{export}: {out:?}");
+    }
+    assert!(a.stop().success(), "{}", a.logs());
+}

@@ -76,7 +76,7 @@ fn check(disk_toml: &str, prepare: impl FnOnce(&Path)) {
         disk_toml.replace("{dir}", &dir.path().display().to_string())
     );
     let config = config::Config::parse(&text, "no_alloc.toml", dir.path()).unwrap();
-    let app = appliance::serve::Appliance::start(config).unwrap();
+    let app = appliance::serve::Appliance::start(config, true).unwrap();
     let reactor = app.reactor_handles()[0].clone();
     for structured in [false, true] {
         // The counter does see the reactor: a handshake allocates (per connection).

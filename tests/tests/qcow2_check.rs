@@ -390,7 +390,7 @@ fn images_in_use_are_locked_like_qemu() {
     )
     .unwrap();
     let out = run_unchecked(
-        Command::new(bin()).args(["serve", "--config"]).arg(&cfg),
+        Command::new(bin()).args(["serve", "--strict", "--config"]).arg(&cfg),
         Duration::from_secs(30),
     );
     let _ = qsd.kill();

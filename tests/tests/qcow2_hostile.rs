@@ -41,11 +41,13 @@ fn config(dir: &Path, disks: &str) -> PathBuf {
     cfg
 }
 
-/// `appliance serve` must refuse to start; returns its error output.
+/// `appliance serve --strict` must refuse to start (without `--strict` the image would
+/// be listed as failed and the other disks served: tests/tests/isolation.rs); returns
+/// its error output.
 fn refused(dir: &Path, disks: &str) -> String {
     let cfg = config(dir, disks);
     let out = run_unchecked(
-        Command::new(bin()).args(["serve", "--config"]).arg(&cfg),
+        Command::new(bin()).args(["serve", "--strict", "--config"]).arg(&cfg),
         Duration::from_secs(60),
     );
     assert!(!out.status.success(), "the appliance served a hostile image");

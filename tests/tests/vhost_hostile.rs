@@ -184,11 +184,20 @@ impl Drop for Front {
 
 fn start() -> Appliance {
     let disks = "[[disk]]\nname = \"rw\"\npath = \"{dir}/rw.img\"\n[disk.vhost_user_blk]\nsocket = \"{dir}/rw.vhost\"\n\n\
-                 [[disk]]\nname = \"ro\"\npath = \"{dir}/ro.img\"\nread_only = true\n[disk.vhost_user_blk]\nsocket = \"{dir}/ro.vhost\"\n"
+                 [[disk]]\nname = \"ro\"\npath = \"{dir}/ro.img\"\nread_only = true\n[disk.vhost_user_blk]\nsocket = \"{dir}/ro.vhost\"\n\n\
+                 [[disk]]\nname = \"q\"\npath = \"{dir}/q.qcow2\"\nformat = \"qcow2\"\n[disk.vhost_user_blk]\nsocket = \"{dir}/q.vhost\"\n"
         .to_string();
     Appliance::start(Setup { disks, ..Setup::default() }, |dir| {
         std::fs::write(dir.join("rw.img"), pattern(1, 4 << 20)).unwrap();
         std::fs::write(dir.join("ro.img"), pattern(2, 4 << 20)).unwrap();
+        let q = dir.join("q.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(dir.join("rw.img"))
+            .arg(&q)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "qemu-img convert (qemu-utils) makes the qcow2 disk");
     })
 }
 
@@ -302,4 +311,118 @@ fn malformed_messages_are_refused_and_the_socket_still_serves() {
     drop(f);
     assert!(a.alive());
     assert!(a.stop().success());
+}
+
+impl Front {
+    /// A chain of `descs` (address, length, flags) at table slots 0.., linked in order;
+    /// returns the used length and the status byte (the last byte of the last writable
+    /// descriptor).
+    fn chain(&mut self, descs: &[(u64, u32, u16)]) -> (u32, u8) {
+        let n = descs.len() as u16;
+        let mut status_at = None;
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let i = i as u16;
+            let next = if i + 1 < n { F_NEXT } else { 0 };
+            self.desc(DESC, i, addr, len, flags | next, i + 1);
+            if flags & F_WRITE != 0 && len > 0 {
+                status_at = Some(addr + u64::from(len) - 1);
+            }
+        }
+        let at = status_at.expect("a writable byte for the status");
+        self.put(at, 0xffu8);
+        let len = self.submit(0);
+        (len, self.get(at))
+    }
+}
+
+/// Degenerate requests of every type: no data segments, tiny and oversized buffers,
+/// empty ranges, zero-length segments. Each is answered as virtio-blk says (through
+/// the device's shared validation step), and the queue goes on.
+#[test]
+fn degenerate_requests_of_every_type_get_virtio_answers() {
+    let mut a = start();
+    degenerate_requests(&a, "q");
+    degenerate_requests(&a, "rw");
+    assert!(a.alive());
+    assert!(a.stop().success(), "{}", a.logs());
+    assert!(!a.logs().contains("panicked"));
+    let img = std::fs::read(a.path("rw.img")).unwrap();
+    assert!(img[24 * 512..24 * 512 + 4096].iter().all(|&b| b == 0x3c));
+    assert!(
+        img[(4 << 20) - 512..] == pattern(1, 4 << 20)[(4 << 20) - 512..],
+        "nothing zeroed past a refused range"
+    );
+    let out = appliance_tests::run(
+        std::process::Command::new("qemu-img").args(["check"]).arg(a.path("q.qcow2")),
+    );
+    assert!(out.status.success());
+}
+
+fn degenerate_requests(a: &Appliance, disk: &str) {
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const ST: u64 = 0x30000;
+    let mut f = Front::connect(&a.path(&format!("{disk}.vhost")));
+    let hdr = (HDR, 16, 0);
+    let status = (ST, 1, F_WRITE);
+    // No data segments at all.
+    for (kind, want, what) in [
+        (0u32, 0u8, "read of nothing: OK"),
+        (1, 0, "write of nothing: OK"),
+        (4, 0, "flush: OK"),
+        (8, 0, "GET_ID into no buffer: OK"),
+        (11, 2, "discard without ranges: UNSUPP"),
+        (13, 2, "write-zeroes without ranges: UNSUPP"),
+    ] {
+        f.header(HDR, kind, 0);
+        assert_eq!(f.chain(&[hdr, status]), (1, want), "{what}");
+    }
+    // GET_ID into tiny and oversized buffers: as much of the serial as fits.
+    f.header(HDR, 8, 0);
+    assert_eq!(f.chain(&[hdr, (DATA, 3, F_WRITE), status]), (4, 0), "3-byte GET_ID");
+    assert_eq!(f.chain(&[hdr, (DATA, 4096, F_WRITE), status]), (21, 0), "4 KiB GET_ID");
+    // Zero-length data segments among real ones.
+    // SAFETY: writing our own mapping.
+    unsafe { std::ptr::write_bytes(f.base.add(DATA as usize), 0x3c, 4096) };
+    f.header(HDR, 1, 24);
+    assert_eq!(f.chain(&[hdr, (DATA, 0, 0), (DATA, 4096, 0), (DATA, 0, 0), status]), (1, 0));
+    f.header(HDR, 0, 24);
+    assert_eq!(
+        f.chain(&[hdr, (DATA + 8192, 0, F_WRITE), (DATA + 8192, 4096, F_WRITE), status]).1,
+        0
+    );
+    assert_eq!(f.get::<[u8; 16]>(DATA + 8192), [0x3c; 16], "the write landed, the read saw it");
+    // Larger than the device's largest transfer (32 MiB): IOERR, nothing touched.
+    f.header(HDR, 0, 0);
+    let big = 12 << 20;
+    let r =
+        f.chain(&[hdr, (DATA, big, F_WRITE), (DATA, big, F_WRITE), (DATA, big, F_WRITE), status]);
+    assert_eq!(r.1, 1, "a 36 MiB read: IOERR");
+    // Ranges: empty, past the end, with flags the type does not take.
+    let range = |f: &Front, sector: u64, sectors: u32, flags: u32| {
+        f.put(DATA, sector.to_le());
+        f.put(DATA + 8, sectors.to_le());
+        f.put(DATA + 12, flags.to_le());
+    };
+    let ranges = (DATA, 16, 0);
+    f.header(HDR, 13, 0);
+    range(&f, 100, 0, 0);
+    assert_eq!(f.chain(&[hdr, ranges, status]).1, 0, "write-zeroes of no sectors: OK");
+    range(&f, (4 << 20) / 512 - 1, 8, 0);
+    assert_eq!(f.chain(&[hdr, ranges, status]).1, 1, "write-zeroes across the end: IOERR");
+    f.header(HDR, 11, 0);
+    range(&f, 0, 8, 1);
+    assert_eq!(f.chain(&[hdr, ranges, status]).1, 2, "discard with the unmap flag: UNSUPP");
+    range(&f, u64::MAX / 256, 8, 0);
+    assert_eq!(f.chain(&[hdr, ranges, status]).1, 1, "discard of an overflowing sector: IOERR");
+    // More segments than seg_max (through an indirect table): an empty completion.
+    for i in 0..200u16 {
+        f.desc(0x40000, i, DATA, 512, F_WRITE | if i < 199 { F_NEXT } else { 0 }, i + 1);
+    }
+    f.desc(0x40000, 0, HDR, 16, F_NEXT, 1);
+    f.header(HDR, 0, 0);
+    f.desc(DESC, 0, 0x40000, 200 * 16, F_INDIRECT, 0);
+    assert_eq!(f.submit(0), 0, "too many segments");
+    // The queue still serves.
+    assert_eq!(f.simple(0, 8, 4096, false), (4097, 0), "{disk}");
 }

@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use drivers::{BdevChannel, IoError, IoSeg, ZeroFlags};
+use drivers::{Admit, BdevChannel, IoError, IoSeg, ReqKind, ZeroFlags};
 use poller::{Async, DmaBuf, TaskPool, dma};
 
 use super::handshake::Negotiated;
@@ -133,10 +133,18 @@ impl Conn {
         Reply { hdr: [0u8; HDR_CAP], hdr_len: 0, data: None, failed: false }
     }
 
+    /// Success without data. With structured replies a read must be answered with
+    /// chunks (doc/proto.md), so an empty read gets a lone `NONE` chunk; other commands
+    /// get simple replies unless extended headers were negotiated.
     fn ok(&self, req: &Request) -> Reply {
         let mut r = Self::blank();
-        r.hdr_len = match self.mode {
-            ReplyMode::Extended => proto::encode_chunk(
+        let chunk = match self.mode {
+            ReplyMode::Extended => true,
+            ReplyMode::Structured => req.kind == proto::CMD_READ,
+            ReplyMode::Simple => false,
+        };
+        r.hdr_len = match chunk {
+            true => proto::encode_chunk(
                 &mut r.hdr,
                 self.mode,
                 proto::REPLY_FLAG_DONE,
@@ -145,7 +153,7 @@ impl Conn {
                 req.offset,
                 0,
             ),
-            _ => proto::encode_simple(&mut r.hdr, 0, req.cookie),
+            false => proto::encode_simple(&mut r.hdr, 0, req.cookie),
         } as u16;
         r
     }
@@ -174,17 +182,23 @@ impl Conn {
         r
     }
 
+    /// The one place a device error becomes an NBD error (doc/proto.md, "Error
+    /// values"): past the end is ENOSPC for writes and EINVAL otherwise.
     fn io_error(&self, req: &Request, e: IoError) -> Reply {
-        let code = proto::errno_to_nbd(e.errno());
-        let msg = match e {
-            IoError::OutOfRange => "request beyond the end of the export",
-            IoError::ReadOnly => "export is read-only",
-            IoError::NoSpace => "no space left for the image",
-            IoError::NotSupported => "operation not supported by this export",
-            IoError::Corrupt => "image is corrupt; see the server log",
-            IoError::TooLarge => "request too large",
-            IoError::Shutdown => "server is shutting down",
-            IoError::Os(_) => "I/O error on the server",
+        let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES);
+        let (code, msg) = match e {
+            IoError::OutOfRange if writes => {
+                (proto::ENOSPC, "request beyond the end of the export")
+            }
+            IoError::OutOfRange => (proto::EINVAL, "request beyond the end of the export"),
+            IoError::Invalid => (proto::EINVAL, "malformed request"),
+            IoError::TooLarge => (proto::EINVAL, "request larger than the maximum block size"),
+            IoError::ReadOnly => (proto::EPERM, "export is read-only"),
+            IoError::NoSpace => (proto::ENOSPC, "no space left for the image"),
+            IoError::NotSupported => (proto::ENOTSUP, "operation not supported by this export"),
+            IoError::Corrupt => (proto::EIO, "image is corrupt; see the server log"),
+            IoError::Shutdown => (proto::ESHUTDOWN, "server is shutting down"),
+            IoError::Os(errno) => (proto::errno_to_nbd(errno), "I/O error on the server"),
         };
         self.error(req, code, msg)
     }
@@ -227,26 +241,13 @@ impl Conn {
             return self.error(&req, proto::EINVAL, "unsupported command flags");
         }
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-        let past_end = req.offset.checked_add(req.length).is_none_or(|end| end > info.size);
-        let writes =
-            matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
-        if writes && info.read_only {
-            return self.error(&req, proto::EPERM, "export is read-only");
-        }
-        if past_end && req.kind != proto::CMD_FLUSH {
-            let code = if matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
-                proto::ENOSPC
-            } else {
-                proto::EINVAL
-            };
-            return self.error(&req, code, "request beyond the end of the export");
-        }
         let result = match req.kind {
             proto::CMD_READ => return self.read(req).await,
-            proto::CMD_WRITE => {
-                let mut buf = payload.expect("writes carry a payload");
-                self.ch.write(req.offset, &[IoSeg::from_dma(&mut buf)], fua).await
-            }
+            proto::CMD_WRITE => match payload {
+                Some(mut buf) => self.ch.write(req.offset, &[IoSeg::from_dma(&mut buf)], fua).await,
+                // A zero-length write has no payload; the device answers it.
+                None => self.ch.write(req.offset, &[], fua).await,
+            },
             proto::CMD_FLUSH => self.ch.flush().await,
             proto::CMD_TRIM => match self.ch.discard(req.offset, req.length).await {
                 Ok(()) if fua => self.ch.flush().await,
@@ -277,8 +278,10 @@ impl Conn {
         if req.length > u64::from(self.max_block) {
             return self.error(&req, proto::EINVAL, "read larger than the maximum block size");
         }
-        if req.length == 0 {
-            return self.ok(&req);
+        match self.ch.info().admit(ReqKind::Read, req.offset, req.length) {
+            Ok(Admit::Go) => {}
+            Ok(Admit::Nothing) => return self.ok(&req),
+            Err(e) => return self.io_error(&req, e),
         }
         let mut buf = match dma::alloc_wait(req.length as usize).await {
             Ok(b) => b,
@@ -294,8 +297,8 @@ impl Conn {
         if !self.base_allocation {
             return self.error(&req, proto::EINVAL, "no metadata context was negotiated");
         }
-        if req.length == 0 {
-            return self.error(&req, proto::EINVAL, "block status of an empty range");
+        if let Err(e) = self.ch.info().admit(ReqKind::BlockStatus, req.offset, req.length) {
+            return self.io_error(&req, e);
         }
         let ext = self.mode == ReplyMode::Extended;
         let desc = if ext { 16 } else { 8 };
@@ -449,10 +452,7 @@ async fn handle(
     payload: Option<DmaBuf>,
     refused: Option<(u32, &'static str)>,
 ) {
-    let delay = crate::debug_delay();
-    if !delay.is_zero() {
-        poller::sleep(delay).await;
-    }
+    crate::debug::before_request(req.offset, req.length).await;
     let started = c.stats.as_ref().map(|s| s.start());
     let reply = match refused {
         Some((code, msg)) => c.error(&req, code, msg),

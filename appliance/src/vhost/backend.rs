@@ -109,6 +109,7 @@ impl VuBlk {
             | blk::F_PROTOCOL_FEATURES
             | blk::F_RING_INDIRECT_DESC
             | blk::F_RING_EVENT_IDX
+            | blk::F_SIZE_MAX
             | blk::F_SEG_MAX
             | blk::F_BLK_SIZE
             | blk::F_TOPOLOGY

@@ -13,6 +13,7 @@ use drivers::IoSeg;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 // virtio-blk feature bits.
+pub const F_SIZE_MAX: u64 = 1 << 1;
 pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
 pub const F_BLK_SIZE: u64 = 1 << 6;
@@ -44,6 +45,11 @@ pub const S_UNSUPP: u8 = 2;
 pub const ID_BYTES: usize = 20;
 /// Data segments a request may have (advertised as seg_max).
 pub const SEG_MAX: u32 = 126;
+/// The largest data segment (advertised as size_max): seg_max of them stay within the
+/// device's largest transfer, so a driver that honours both never sends a request the
+/// shared validation step refuses as too large.
+pub const SIZE_MAX: u32 = 256 << 10;
+const _: () = assert!(SIZE_MAX as u64 * SEG_MAX as u64 <= drivers::bdev::MAX_TRANSFER_BYTES as u64);
 /// Segments per side (device-readable, device-writable) including header and status.
 pub const MAX_SIDE_SEGS: usize = SEG_MAX as usize + 2;
 /// Largest discard / write-zeroes range, in 512-byte sectors.
@@ -61,6 +67,7 @@ const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 pub fn config_space(size: u64, blk_size: u32, preferred: u32, queues: u16) -> [u8; CONFIG_BYTES] {
     let mut c = [0u8; CONFIG_BYTES];
     c[0..8].copy_from_slice(&(size / 512).to_le_bytes());
+    c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
     c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
     c[20..24].copy_from_slice(&blk_size.to_le_bytes());
     let exp = (preferred.max(blk_size) / blk_size).trailing_zeros() as u8;
@@ -114,11 +121,6 @@ impl BlkReq {
     }
 }
 
-fn empty() -> IoSeg<'static> {
-    // SAFETY: a zero-length segment is never dereferenced.
-    unsafe { IoSeg::from_raw(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0) }
-}
-
 /// A split-ring descriptor.
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
@@ -154,9 +156,9 @@ pub fn parse(
         head,
         kind: 0,
         sector: 0,
-        out: [empty(); MAX_SIDE_SEGS],
+        out: [IoSeg::EMPTY; MAX_SIDE_SEGS],
         n_out: 0,
-        inn: [empty(); MAX_SIDE_SEGS],
+        inn: [IoSeg::EMPTY; MAX_SIDE_SEGS],
         n_inn: 0,
         status: std::ptr::null_mut(),
     };
@@ -254,7 +256,7 @@ pub fn parse(
 }
 
 fn drop_front(segs: &[IoSeg<'static>], mut n: usize) -> ([IoSeg<'static>; MAX_SIDE_SEGS], usize) {
-    let mut out = [empty(); MAX_SIDE_SEGS];
+    let mut out = [IoSeg::EMPTY; MAX_SIDE_SEGS];
     let mut k = 0;
     for s in segs {
         if n >= s.len() {
@@ -269,7 +271,7 @@ fn drop_front(segs: &[IoSeg<'static>], mut n: usize) -> ([IoSeg<'static>; MAX_SI
 }
 
 fn drop_back(segs: &[IoSeg<'static>]) -> ([IoSeg<'static>; MAX_SIDE_SEGS], usize, *mut u8) {
-    let mut out = [empty(); MAX_SIDE_SEGS];
+    let mut out = [IoSeg::EMPTY; MAX_SIDE_SEGS];
     let mut k = 0;
     let mut last = segs.len();
     while last > 0 && segs[last - 1].is_empty() {

@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drivers::{Bdev, BdevChannel, ZeroFlags};
+use drivers::{Bdev, BdevChannel, IoError, ZeroFlags};
 use poller::{Phase, PollerId, TaskPool};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -196,9 +196,22 @@ impl Runner {
     }
 }
 
+/// The one place a device error becomes a virtio-blk status.
+fn status_of(r: Result<(), IoError>) -> u8 {
+    match r {
+        Ok(()) => blk::S_OK,
+        Err(IoError::NotSupported) => blk::S_UNSUPP,
+        Err(_) => blk::S_IOERR,
+    }
+}
+
+/// Runs one request; returns its status and the bytes written into the guest's
+/// buffers (before the status byte). Ranges, read-only and sizes are checked by the
+/// device's shared validation step (`BdevInfo::admit`); what is checked here is
+/// virtio-blk's own framing: sector-multiple data lengths and the discard/write-zeroes
+/// range descriptors.
 async fn execute(r: &Runner, req: &BlkReq) -> (u8, u32) {
     let ch = &r.ch;
-    let info = ch.info();
     let off = req.sector.checked_mul(512);
     match req.kind {
         blk::T_IN => {
@@ -208,77 +221,68 @@ async fn execute(r: &Runner, req: &BlkReq) -> (u8, u32) {
             };
             match ch.read(off, req.data_in()).await {
                 Ok(()) => (blk::S_OK, len as u32),
-                Err(_) => (blk::S_IOERR, 0),
+                Err(e) => (status_of(Err(e)), 0),
             }
         }
         blk::T_OUT => {
             let len = drivers::seg::total_len(req.data_out());
-            let Some(off) = off.filter(|_| len.is_multiple_of(512) && !info.read_only) else {
+            let Some(off) = off.filter(|_| len.is_multiple_of(512)) else {
                 return (blk::S_IOERR, 0);
             };
-            match ch.write(off, req.data_out(), false).await {
-                Ok(()) => (blk::S_OK, 0),
-                Err(_) => (blk::S_IOERR, 0),
-            }
+            (status_of(ch.write(off, req.data_out(), false).await), 0)
         }
-        blk::T_FLUSH => match ch.flush().await {
-            Ok(()) => (blk::S_OK, 0),
-            Err(_) => (blk::S_IOERR, 0),
-        },
+        blk::T_FLUSH => (status_of(ch.flush().await), 0),
         blk::T_GET_ID => {
+            // As QEMU: as much of the 20-byte serial as the buffer holds.
             let n = blk::write_to_segs(req.data_in(), &r.serial);
             (blk::S_OK, n as u32)
         }
-        blk::T_DISCARD | blk::T_WRITE_ZEROES => {
-            if info.read_only {
-                return (blk::S_IOERR, 0);
-            }
-            let total = drivers::seg::total_len(req.data_out());
-            let n = total / 16;
-            if !total.is_multiple_of(16) || n == 0 || n > blk::MAX_DISCARD_SEG as usize {
-                return (blk::S_UNSUPP, 0);
-            }
-            for i in 0..n {
-                let mut range = [0u8; 16];
-                if !blk::read_from_segs(req.data_out(), i * 16, &mut range) {
-                    return (blk::S_IOERR, 0);
-                }
-                let sector = u64::from_le_bytes(range[0..8].try_into().expect("8"));
-                let sectors = u32::from_le_bytes(range[8..12].try_into().expect("4"));
-                let flags = u32::from_le_bytes(range[12..16].try_into().expect("4"));
-                if sectors > blk::MAX_DISCARD_SECTORS || flags & !1 != 0 {
-                    return (blk::S_UNSUPP, 0);
-                }
-                let Some(off) = sector.checked_mul(512) else { return (blk::S_IOERR, 0) };
-                let len = u64::from(sectors) * 512;
-                let res = if req.kind == blk::T_DISCARD {
-                    if flags != 0 {
-                        return (blk::S_UNSUPP, 0);
-                    }
-                    ch.discard(off, len).await
-                } else {
-                    ch.write_zeroes(
-                        off,
-                        len,
-                        ZeroFlags { may_unmap: flags & 1 != 0, fast_only: false, fua: false },
-                    )
-                    .await
-                };
-                if res.is_err() {
-                    return (blk::S_IOERR, 0);
-                }
-            }
-            (blk::S_OK, 0)
-        }
+        blk::T_DISCARD | blk::T_WRITE_ZEROES => (ranges(ch, req).await, 0),
         _ => (blk::S_UNSUPP, 0),
     }
 }
 
-async fn serve(r: Rc<Runner>, req: BlkReq) {
-    let delay = crate::debug_delay();
-    if !delay.is_zero() {
-        poller::sleep(delay).await;
+/// Discard and write-zeroes: a list of 16-byte range descriptors (sector, sectors,
+/// flags), each validated before the device sees it.
+async fn ranges(ch: &BdevChannel, req: &BlkReq) -> u8 {
+    let total = drivers::seg::total_len(req.data_out());
+    let n = total / 16;
+    if !total.is_multiple_of(16) || n == 0 || n > blk::MAX_DISCARD_SEG as usize {
+        return blk::S_UNSUPP;
     }
+    for i in 0..n {
+        let mut range = [0u8; 16];
+        if !blk::read_from_segs(req.data_out(), i * 16, &mut range) {
+            return blk::S_IOERR;
+        }
+        let sector = u64::from_le_bytes(range[0..8].try_into().expect("8"));
+        let sectors = u32::from_le_bytes(range[8..12].try_into().expect("4"));
+        let flags = u32::from_le_bytes(range[12..16].try_into().expect("4"));
+        let unmap = flags & 1 != 0;
+        if sectors > blk::MAX_DISCARD_SECTORS
+            || flags & !1 != 0
+            || (unmap && req.kind == blk::T_DISCARD)
+        {
+            return blk::S_UNSUPP;
+        }
+        let Some(off) = sector.checked_mul(512) else { return blk::S_IOERR };
+        let len = u64::from(sectors) * 512;
+        let res = if req.kind == blk::T_DISCARD {
+            ch.discard(off, len).await
+        } else {
+            let flags = ZeroFlags { may_unmap: unmap, fast_only: false, fua: false };
+            ch.write_zeroes(off, len, flags).await
+        };
+        if res.is_err() {
+            return status_of(res);
+        }
+    }
+    blk::S_OK
+}
+
+async fn serve(r: Rc<Runner>, req: BlkReq) {
+    let len = drivers::seg::total_len(req.data_in()) + drivers::seg::total_len(req.data_out());
+    crate::debug::before_request(req.sector.saturating_mul(512), len as u64).await;
     let started = r.stats.as_ref().map(|s| s.start());
     let (status, written) = execute(&r, &req).await;
     if let (Some(s), Some(t)) = (&r.stats, started) {

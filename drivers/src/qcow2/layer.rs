@@ -14,7 +14,7 @@ use std::cell::RefCell;
 
 use crate::align::Aligned;
 use crate::error::IoError;
-use crate::seg::{self, IoSeg};
+use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, MetaCache};
 use super::compress::Decompressor;
@@ -211,36 +211,6 @@ impl Qcow2Layer {
     }
 }
 
-/// Selects `len` bytes starting `skip` bytes into `segs`, into `out`.
-pub(crate) fn window<'a, 'o>(
-    segs: &[IoSeg<'a>],
-    mut skip: usize,
-    len: usize,
-    out: &'o mut [IoSeg<'a>; MAX_SEGS],
-) -> Result<&'o [IoSeg<'a>], IoError> {
-    let mut n = 0;
-    let mut left = len;
-    for s in segs {
-        if left == 0 {
-            break;
-        }
-        if skip >= s.len() {
-            skip -= s.len();
-            continue;
-        }
-        let take = (s.len() - skip).min(left);
-        if n == MAX_SEGS {
-            return Err(IoError::TooLarge);
-        }
-        out[n] = s.slice(skip, take);
-        n += 1;
-        left -= take;
-        skip = 0;
-    }
-    debug_assert_eq!(left, 0, "window beyond the segments");
-    Ok(&out[..n])
-}
-
 struct Frame {
     layer: usize,
     pos: u64,
@@ -259,7 +229,7 @@ pub(crate) async fn read_chain(
     let mut stack: [Option<Frame>; MAX_CHAIN_DEPTH] = [const { None }; MAX_CHAIN_DEPTH];
     stack[0] = Some(Frame { layer: start, pos: off, end: off + len });
     let mut depth = 1;
-    let mut win = [segs.first().copied().unwrap_or_else(empty_seg); MAX_SEGS];
+    let mut win = [IoSeg::EMPTY; MAX_SEGS];
     while depth > 0 {
         let f = stack[depth - 1].as_mut().expect("frame");
         if f.pos >= f.end {
@@ -325,11 +295,6 @@ pub(crate) async fn read_chain(
         }
     }
     Ok(())
-}
-
-fn empty_seg<'a>() -> IoSeg<'a> {
-    // SAFETY: a zero-length segment is never dereferenced.
-    unsafe { IoSeg::from_raw(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0) }
 }
 
 /// The allocation status of `off..off+max` through the chain from layer `start`:

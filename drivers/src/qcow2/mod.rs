@@ -403,7 +403,9 @@ impl Qcow2Device {
     }
 }
 
-/// An image's handle on one reactor.
+/// An image's handle on one reactor. Requests of no bytes complete here, before the
+/// shard (the consumer API filters them too; this keeps the qcow2 engine's own
+/// callers, the crash and fuzz harnesses, inside the same contract).
 pub struct Qcow2Channel(ChannelInner);
 
 enum ChannelInner {
@@ -422,6 +424,9 @@ impl Qcow2Channel {
     }
 
     pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        if crate::seg::total_len(segs) == 0 {
+            return Ok(());
+        }
         match &self.0 {
             ChannelInner::Local(s) => s.read(off, segs).await,
             ChannelInner::Remote(tx) => Self::forward(tx, Op::Read, off, segs).await.0,
@@ -429,6 +434,9 @@ impl Qcow2Channel {
     }
 
     pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
+        if crate::seg::total_len(segs) == 0 {
+            return if fua { self.flush().await } else { Ok(()) };
+        }
         match &self.0 {
             ChannelInner::Local(s) => s.signal_if_corrupt(s.write(off, segs, fua).await).await,
             ChannelInner::Remote(tx) => Self::forward(tx, Op::Write { fua }, off, segs).await.0,
@@ -449,6 +457,9 @@ impl Qcow2Channel {
         unmap: bool,
         fast: bool,
     ) -> Result<(), IoError> {
+        if len == 0 {
+            return Ok(());
+        }
         match &self.0 {
             ChannelInner::Local(s) => {
                 s.signal_if_corrupt(s.write_zeroes(off, len, unmap, fast).await).await
@@ -460,6 +471,9 @@ impl Qcow2Channel {
     }
 
     pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
+        if len == 0 {
+            return Ok(());
+        }
         match &self.0 {
             ChannelInner::Local(s) => s.signal_if_corrupt(s.discard(off, len).await).await,
             ChannelInner::Remote(tx) => Self::forward(tx, Op::Discard { len }, off, &[]).await.0,
@@ -468,6 +482,9 @@ impl Qcow2Channel {
 
     /// (length, data?, zero?) of the range from `off`.
     pub async fn block_status(&self, off: u64, len: u64) -> Result<(u64, bool, bool), IoError> {
+        if len == 0 {
+            return Err(IoError::Invalid);
+        }
         match &self.0 {
             ChannelInner::Local(s) => s.signal_if_corrupt(s.block_status(off, len).await).await,
             ChannelInner::Remote(tx) => {

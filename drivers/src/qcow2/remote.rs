@@ -88,6 +88,7 @@ fn encode(r: Result<(), IoError>) -> i64 {
         Err(IoError::Corrupt) => -5,
         Err(IoError::TooLarge) => -6,
         Err(IoError::Shutdown) => -7,
+        Err(IoError::Invalid) => -8,
     }
 }
 
@@ -101,6 +102,7 @@ fn decode(v: i64) -> Result<(), IoError> {
         -5 => Err(IoError::Corrupt),
         -6 => Err(IoError::TooLarge),
         -7 => Err(IoError::Shutdown),
+        -8 => Err(IoError::Invalid),
         e => Err(IoError::Os(e as i32)),
     }
 }

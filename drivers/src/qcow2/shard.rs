@@ -32,12 +32,10 @@ use std::task::Poll;
 use poller::WaitList;
 
 use crate::error::IoError;
-use crate::seg::{self, IoSeg};
+use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, Snapshot};
-use super::layer::{
-    Layer, MAX_SEGS, Qcow2Layer, Run, RunKind, corrupt, read_chain, status_chain, window,
-};
+use super::layer::{Layer, MAX_SEGS, Qcow2Layer, Run, RunKind, corrupt, read_chain, status_chain};
 use super::overlap::MetaMap;
 use super::refcount::Refcounts;
 use super::types::*;
@@ -393,7 +391,7 @@ impl Shard {
         self.check_writable()?;
         let total = seg::total_len(segs) as u64;
         let mut done = 0u64;
-        let mut win = [segs[0]; MAX_SEGS];
+        let mut win = [IoSeg::EMPTY; MAX_SEGS];
         while done < total {
             let pos = off + done;
             let run = self.map_top(pos, total - done).await?;
@@ -448,7 +446,7 @@ impl Shard {
         self.ensure_dirty_bit().await?;
         let run = self.map_top(pos, len).await?;
         let mut len = run.len;
-        let mut win = [segs[0]; MAX_SEGS];
+        let mut win = [IoSeg::EMPTY; MAX_SEGS];
         if let RunKind::Data { host, copied: true } = run.kind {
             let w = window(segs, seg_off, len as usize, &mut win)?;
             self.write_in_place(host, w).await?;
@@ -501,7 +499,7 @@ impl Shard {
             self.release_unlinked(host, got).await;
             return Err(e);
         }
-        let mut iov = [segs[0]; MAX_SEGS];
+        let mut iov = [IoSeg::EMPTY; MAX_SEGS];
         let mut n = 0;
         if let Some(b) = head_buf.as_mut() {
             iov[n] = IoSeg::from_dma(b);
