@@ -223,6 +223,29 @@ impl Appliance {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
+    /// Changes the environment the next [`Appliance::restart`] starts with (`None`
+    /// removes the variable).
+    pub fn set_env(&mut self, key: &'static str, value: Option<String>) {
+        self.env.retain(|(k, _)| *k != key);
+        if let Some(v) = value {
+            self.env.push((key, v));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut().expect("appliance not running");
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Kills the process with SIGKILL (a crash) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -149,3 +149,39 @@ fn sigterm_drains_flushes_and_exits_zero() {
     let data = std::fs::read(a.path("d.img")).unwrap();
     assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 0x77), "acknowledged write survived");
 }
+
+/// A panic on one reactor ends the whole process at once, with the message and
+/// SIGABRT: the other reactor's clients see their connections close instead of a
+/// half-dead appliance that hangs some disks.
+#[test]
+fn a_panic_on_one_reactor_ends_the_whole_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let disks = "[[disk]]\nname = \"d\"\npath = \"{dir}/d.img\"\n".to_string();
+    let mut a = Appliance::start(
+        Setup {
+            cores: "[0, 1]",
+            disks,
+            env: vec![("APPLIANCE_DEBUG_PANIC_OFFSET", (8 << 20).to_string())],
+            ..Setup::default()
+        },
+        |dir| sparse_file(&dir.join("d.img"), 64 << 20),
+    );
+    // Two connections land on the two reactors (round robin); the first stays idle.
+    let mut idle =
+        appliance_tests::nbd_client::Client::connect(&a.sock, "d", false, false).unwrap();
+    let out = run_unchecked(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write 8M 4k", &a.uri("d")]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("wrote"));
+    let status = a.wait_exit(Duration::from_secs(20)).expect("the process ended");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status:?}");
+    assert!(a.logs().contains("deliberate panic"), "{}", a.logs());
+    idle.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut idle.s, &mut b);
+    let timed_out = r.as_ref().is_err_and(|e| {
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    });
+    assert!(matches!(r, Ok(0) | Err(_)) && !timed_out, "the other connection is closed: {r:?}");
+}

@@ -254,3 +254,78 @@ echo done=1
         );
     }
 }
+
+/// A panic anywhere is a bug, and ends the whole process at once (never a half-dead
+/// appliance whose other reactors keep serving): a debug hook panics the reactor that
+/// takes a guest write; the process exits with SIGABRT and the panic message; restarted
+/// (as systemd would), it takes the guest back through the inflight region: the write
+/// that caused the panic is resubmitted and completes, and the guest sees no error.
+#[test]
+fn a_panic_ends_the_process_and_the_guest_recovers_after_a_restart() {
+    use std::os::unix::process::ExitStatusExt;
+    for tool in ["qemu-img", "qemu-system-x86_64", "md5sum"] {
+        require_tool(tool, "qemu-utils qemu-system-x86 coreutils");
+    }
+    let image = guest::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "qcow2"])
+        .arg(dir.path().join("disk.qcow2"))
+        .arg("64M"));
+    const TRIGGER: usize = 24 * MIB;
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            cores: "[0, 1]",
+            disks: vhost_disk("vm", "disk.qcow2", "qcow2", 2, ""),
+            env: vec![("APPLIANCE_DEBUG_PANIC_OFFSET", TRIGGER.to_string())],
+            ..Setup::default()
+        },
+    );
+    let script = r#"
+set -e
+dev=/dev/vda
+xio prand $dev 8M 4M 7
+xio flush $dev
+echo before=1
+xio fill $dev 24M 64k 0x5e
+echo after=1
+xio check-prand $dev 8M 4M 7
+xio check $dev 24M 64k 0x5e
+xio prand $dev 12M 1M 8
+xio flush $dev
+echo done=1
+"#;
+    let opts = BootOptions {
+        queues: 2,
+        chardev_options: "reconnect=1".into(),
+        timeout: BOOT_TIMEOUT,
+        ..BootOptions::default()
+    };
+    let mut g = guest::Guest::spawn(&image, &a.path("vm.vhost"), script, &opts);
+    assert!(g.wait_for("before=1", Duration::from_secs(180)), "guest:\n{}", g.output());
+    let status = a.wait_exit(Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!("the panic did not end the process:\n{}", a.logs());
+    });
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "aborted: {status:?}\n{}", a.logs());
+    let logs = a.logs();
+    assert!(logs.contains("panicked at"), "the panic message is printed:\n{logs}");
+    assert!(logs.contains("deliberate panic on a request at byte"), "{logs}");
+    assert!(!g.output().contains("after=1"), "the guest's write did not complete before the panic");
+    // Restarted without the hook, the appliance takes the guest back.
+    a.set_env("APPLIANCE_DEBUG_PANIC_OFFSET", None);
+    a.restart();
+    let r = g.wait();
+    r.assert_success();
+    assert_eq!(r.expect_value("after"), "1", "{r}");
+    assert_eq!(r.expect_value("done"), "1", "{r}");
+    assert!(a.stop().success(), "{}", a.logs());
+    let img = a.path("disk.qcow2");
+    run(Command::new("qemu-img").args(["check"]).arg(&img));
+    let flat = a.path("flat.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&img).arg(&flat));
+    let bytes = std::fs::read(&flat).unwrap();
+    assert!(bytes[8 * MIB..12 * MIB] == pattern(7, 4 * MIB)[..]);
+    assert!(bytes[12 * MIB..13 * MIB] == pattern(8, MIB)[..]);
+    assert!(bytes[TRIGGER..TRIGGER + 65536].iter().all(|&b| b == 0x5e), "the resubmitted write");
+}
