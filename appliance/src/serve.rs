@@ -594,7 +594,7 @@ fn wait_for_signal(set: &libc::sigset_t, app: &Appliance, config_path: Option<&P
 
 /// Re-reads the config file and applies its disk set.
 pub fn reload_from(app: &Appliance, path: &Path) -> Vec<String> {
-    match Config::load(path) {
+    match Config::load_for_serving(path) {
         Err(e) => {
             tracing::error!("reload: {e}; keeping the running configuration");
             vec![format!("error: {e}")]
@@ -661,7 +661,7 @@ fn print_connect_help(config: &Config) {
 pub fn run(config_path: Option<&Path>, strict: bool) -> Result<(), ServeError> {
     let signals = block_signals();
     let config = match config_path {
-        Some(p) => Config::load(p)?,
+        Some(p) => Config::load_for_serving(p)?,
         None => {
             let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
             quick_start(&cwd)?

@@ -247,14 +247,27 @@ format = "qcow2"
 "#;
 
 impl Config {
-    /// Loads and validates a config file.
+    /// Loads and validates a config file, including that every image file and
+    /// allowed backing directory exists (`check-config`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, true)
+    }
+
+    /// Loads and validates a config file for `serve`: whether image files exist is
+    /// left to opening each disk, so a missing image fails only its own disk (which is
+    /// then reported and listed as failed) instead of the whole appliance.
+    pub fn load_for_serving(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, require_files: bool) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        let mut config = Self::parse(&text, &file, &base)?;
+        let ctx = Validator { file, text, base, require_files };
+        let mut config = ctx.run()?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }

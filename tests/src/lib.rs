@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod nbd_client;
+pub mod ops;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -7,6 +7,16 @@ use std::time::Duration;
 
 use appliance_tests::{Appliance, Setup, bin, require_tool, run, run_unchecked, sparse_file};
 
+fn check_config_fails(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config.replace("{dir}", &dir.path().display().to_string())).unwrap();
+    let out =
+        run_unchecked(Command::new(bin()).arg("check-config").arg(&path), Duration::from_secs(30));
+    assert!(!out.status.success(), "check-config accepted a bad config:\n{config}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn serve_fails(config: &str) -> String {
     serve_fails_with(config, &[])
 }
@@ -28,11 +38,16 @@ fn serve_fails_with(config: &str, args: &[&str]) -> String {
 fn config_errors_name_the_key_and_position() {
     let e = serve_fails("[appliance]\nidle = \"busy\"\nturbo = true\n");
     assert!(e.contains("bad.toml") && e.contains("turbo") && e.contains("line 3"), "{e}");
-    let e = serve_fails("[[disk]]\nname = \"a\"\npath = \"{dir}/missing.img\"\n");
+    // A missing image is a config error for check-config; `serve` opens the other disks
+    // (tests/tests/isolation.rs) unless --strict.
+    let e = check_config_fails("[[disk]]\nname = \"a\"\npath = \"{dir}/missing.img\"\n");
     assert!(
         e.contains("bad.toml:3:") && e.contains("disk[0].path") && e.contains("missing.img"),
         "{e}"
     );
+    let e =
+        serve_fails_with("[[disk]]\nname = \"a\"\npath = \"{dir}/missing.img\"\n", &["--strict"]);
+    assert!(e.contains("disk `a`") && e.contains("missing.img"), "{e}");
     let e = serve_fails(
         "[[disk]]\nname = \"a\"\npath = \"{dir}/ok.img\"\n[[disk]]\nname = \"a\"\npath = \"{dir}/ok.img\"\n",
     );

@@ -2,8 +2,7 @@
 //! `appliance ctl` (add, serve, remove idle and busy, flush, QoS, config), QoS limits
 //! measured by fio, SIGHUP reloads, readiness notification, and hostile control input.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appliance_tests::nbd_client::{CMD_WRITE, Client};
+use appliance_tests::ops::{
+    control_extra, ctl, ctl_ok, rpc, rpc_error, rpc_raw, sample, scrape, scrape_until,
+};
 use appliance_tests::{
     Appliance, Setup, bin, free_port, require_tool, run, run_unchecked, sparse_file, stdout,
 };
@@ -20,59 +22,8 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
-fn control_extra(metrics_port: Option<u16>) -> String {
-    let mut s = "[control]\nsocket = \"{dir}/control.sock\"\n".to_string();
-    if let Some(p) = metrics_port {
-        s.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{p}\"\n"));
-    }
-    s
-}
-
 fn raw_disk(name: &str, extra: &str) -> String {
     format!("[[disk]]\nname = \"{name}\"\npath = \"{{dir}}/{name}.img\"\n{extra}\n")
-}
-
-/// Runs `appliance ctl` against the appliance's control socket.
-fn ctl(a: &Appliance, args: &[&str]) -> Output {
-    let sock = a.path("control.sock");
-    run_unchecked(
-        Command::new(bin()).arg("ctl").arg("--socket").arg(&sock).args(args),
-        Duration::from_secs(120),
-    )
-}
-
-fn ctl_ok(a: &Appliance, args: &[&str]) -> String {
-    let out = ctl(a, args);
-    assert!(
-        out.status.success(),
-        "appliance ctl {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        a.logs()
-    );
-    stdout(&out)
-}
-
-/// One raw JSON-RPC exchange: sends `line`, returns the parsed reply.
-fn rpc_raw(a: &Appliance, line: &str) -> Value {
-    let mut s = UnixStream::connect(a.path("control.sock")).expect("control socket");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply)
-        .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
-}
-
-fn rpc(a: &Appliance, method: &str, params: Value) -> Value {
-    rpc_raw(a, &json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string())
-}
-
-fn rpc_error(a: &Appliance, method: &str, params: Value) -> (i64, String) {
-    let r = rpc(a, method, params.clone());
-    assert_eq!(r["id"], 7, "{r}");
-    let e = &r["error"];
-    assert!(e.is_object(), "{method} {params} should fail: {r}");
-    (e["code"].as_i64().unwrap(), e["message"].as_str().unwrap().to_string())
 }
 
 fn fio_json(out: &Output) -> Value {
@@ -89,57 +40,6 @@ fn fio(uri: &str, args: &[&str]) -> Value {
     let j = fio_json(&out);
     assert_eq!(j["jobs"][0]["error"], 0, "fio reported an error: {}", stdout(&out));
     j
-}
-
-/// GET /metrics.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
-/// The value of a sample whose labels include all of `labels`, summed over the rest.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
-        let (lab, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once("} ") {
-                Some((l, v)) => (l, v),
-                None => continue,
-            },
-            None => match rest.strip_prefix(' ') {
-                Some(v) => ("", v),
-                None => continue,
-            },
-        };
-        let have: HashMap<&str, &str> = lab
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
-            total += value.trim().parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    total
-}
-
-/// Scrapes until `ok` holds (publication is periodic), or fails with the last scrape.
-fn scrape_until(port: u16, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(port);
-        if ok(&text) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "metrics never showed {what}:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn qemu_img_check(path: &Path) {
