@@ -55,7 +55,7 @@ fn nbd_write_read(a: &Appliance, export: &str, byte: u8) {
 
 /// Holds an image's QEMU write lock for a minute (qemu-io sleeping with it open).
 fn hold_lock(path: &Path) -> Child {
-    let child = Command::new("qemu-io")
+    let mut child = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "sleep 60000"])
         .arg(path)
         .stdout(Stdio::null())
@@ -68,7 +68,11 @@ fn hold_lock(path: &Path) -> Child {
         if !probe.status.success() {
             return child;
         }
-        assert!(Instant::now() < deadline, "qemu-io never took the lock");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qemu-io never took the lock");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
