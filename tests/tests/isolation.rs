@@ -53,7 +53,9 @@ fn nbd_write_read(a: &Appliance, export: &str, byte: u8) {
     assert!(!stdout(&out).contains("fail"), "{export}: {}", stdout(&out));
 }
 
-/// Holds an image's QEMU write lock for a minute (qemu-io sleeping with it open).
+/// Holds an image's QEMU write lock for a minute (qemu-io sleeping with it open). The
+/// caller kills and waits for the returned child.
+#[allow(clippy::zombie_processes)]
 fn hold_lock(path: &Path) -> Child {
     let mut child = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "sleep 60000"])
