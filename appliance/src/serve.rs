@@ -169,7 +169,7 @@ impl Appliance {
             }
         }
         if let Some(n) = &config.nbd {
-            match NbdServer::start(&n.listen, app.exports.clone(), app.handles.clone()) {
+            match NbdServer::start(n, app.exports.clone(), app.handles.clone()) {
                 Ok(s) => *lock(&app.nbd) = Some(s),
                 Err(e) => {
                     app.shutdown();

@@ -18,6 +18,7 @@ mod size;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use size::{ByteSize, parse_byte_size};
 
@@ -99,7 +100,19 @@ pub enum Hugepages {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nbd {
     pub listen: Vec<ListenAddr>,
+    /// Connections each listener accepts at once; more are refused politely.
+    pub max_connections: u32,
+    /// A connection with no request for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// A connection that makes no progress for this long while the server waits on
+    /// the client (a partial request, replies it does not read) is closed.
+    pub stall_timeout: Duration,
 }
+
+/// Default of `nbd.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Default of `nbd.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A socket the appliance listens on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -482,7 +495,35 @@ impl Validator {
         if listen.is_empty() {
             return Err(self.err(0..0, "nbd.listen", "needs at least one address".into()));
         }
-        Ok(Nbd { listen })
+        let max_connections = match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(v) => {
+                let span = v.span();
+                match u32::try_from(v.into_inner()) {
+                    Ok(n) if (1..=65536).contains(&n) => n,
+                    _ => {
+                        let m = "must be 1 to 65536".to_string();
+                        return Err(self.err(span, "nbd.max_connections", m));
+                    }
+                }
+            }
+        };
+        let seconds = |v: Option<toml::Spanned<f64>>,
+                       key: &str,
+                       min: f64|
+         -> Result<Option<Duration>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let span = v.span();
+            let s = v.into_inner();
+            if !(min..=86400.0).contains(&s) {
+                return Err(self.err(span, key, format!("{s}: must be {min} to 86400 seconds")));
+            }
+            Ok((s > 0.0).then(|| Duration::from_secs_f64(s)))
+        };
+        let idle_timeout = seconds(raw.idle_timeout, "nbd.idle_timeout", 0.0)?;
+        let stall_timeout =
+            seconds(raw.stall_timeout, "nbd.stall_timeout", 0.1)?.unwrap_or(DEFAULT_STALL_TIMEOUT);
+        Ok(Nbd { listen, max_connections, idle_timeout, stall_timeout })
     }
 
     fn disk(&self, index: usize, raw: raw::RawDisk, earlier: &[Disk]) -> Result<Disk, ConfigError> {

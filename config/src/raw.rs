@@ -57,6 +57,9 @@ pub(crate) struct RawQos {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawNbd {
     pub listen: Vec<Spanned<String>>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub idle_timeout: Option<Spanned<f64>>,
+    pub stall_timeout: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

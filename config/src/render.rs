@@ -47,6 +47,11 @@ impl Config {
                 "listen".into(),
                 Value::Array(n.listen.iter().map(|l| Value::String(l.to_string())).collect()),
             );
+            t.insert("max_connections".into(), int(u64::from(n.max_connections)));
+            let secs =
+                |d: Option<std::time::Duration>| Value::Float(d.map_or(0.0, |d| d.as_secs_f64()));
+            t.insert("idle_timeout".into(), secs(n.idle_timeout));
+            t.insert("stall_timeout".into(), secs(Some(n.stall_timeout)));
             root.insert("nbd".into(), Value::Table(t));
         }
         if let Some(m) = &self.metrics {

@@ -123,6 +123,8 @@ pub struct Setup {
     pub idle: &'static str,
     pub disks: String,
     pub extra: String,
+    /// Lines added to the `[nbd]` table (`max_connections = 4`, say).
+    pub nbd: String,
     /// Environment variables of the appliance process.
     pub env: Vec<(&'static str, String)>,
 }
@@ -134,6 +136,7 @@ impl Default for Setup {
             idle: "adaptive",
             disks: String::new(),
             extra: String::new(),
+            nbd: String::new(),
             env: Vec::new(),
         }
     }
@@ -155,10 +158,11 @@ impl Appliance {
         let disks = setup.disks.replace("{dir}", &dir.path().display().to_string());
         let extra = setup.extra.replace("{dir}", &dir.path().display().to_string());
         let config = format!(
-            "[appliance]\ncores = {}\nidle = \"{}\"\nbuffer_pool = \"64MiB\"\n{extra}\n[nbd]\nlisten = [\"unix:{}\", \"tcp:{tcp}\"]\n\n{disks}",
+            "[appliance]\ncores = {}\nidle = \"{}\"\nbuffer_pool = \"64MiB\"\n{extra}\n[nbd]\nlisten = [\"unix:{}\", \"tcp:{tcp}\"]\n{}\n\n{disks}",
             setup.cores,
             setup.idle,
-            sock.display()
+            sock.display(),
+            setup.nbd
         );
         let cfg = dir.path().join("appliance.toml");
         std::fs::write(&cfg, config).unwrap();

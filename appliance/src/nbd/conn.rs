@@ -1,14 +1,21 @@
 //! The transmission phase of one NBD connection, on its reactor.
 //!
-//! Three kinds of task cooperate through the [`Conn`]:
-//! - the reader (the connection's own task) parses request headers out of a 64 KiB
-//!   receive buffer, receives write payloads straight into DMA buffers, and spawns one
-//!   request task per request into a fixed [`TaskPool`] (no allocation per request);
-//!   when the pool is full it stops reading, which is the backpressure the client sees;
+//! Four tasks cooperate through the [`Conn`]:
+//! - the reader (the connection's own task, `reader`) parses request headers out of a
+//!   64 KiB receive buffer, admits each request against the connection's and the
+//!   reactor's budgets (`budget`), receives write payloads straight into DMA buffers,
+//!   and spawns one request task per request into a fixed [`TaskPool`] (no allocation
+//!   per request); a request that does not fit its budget stops the reader, which is
+//!   the backpressure the client sees;
 //! - request tasks run the operation on the reactor's device channel and queue their
-//!   reply; they finish in any order, so replies go out of order;
+//!   reply with its admission ticket; they finish in any order, so replies go out of
+//!   order;
 //! - the writer drains the reply queue with one `sendmsg` of up to 64 iovecs per
-//!   attempt, so replies completed in the same tick share a syscall.
+//!   attempt, so replies completed in the same tick share a syscall; a reply's ticket
+//!   is released once it is sent;
+//! - the watchdog closes a connection that makes no progress for `stall_timeout`
+//!   while the server waits on the client (a partial request, replies it does not
+//!   read), and one idle for `idle_timeout` when that is configured.
 //!
 //! Bad requests get the protocol's error reply (`EINVAL`, `EPERM`, `ENOSPC`, ...). A
 //! request that desynchronises the stream (bad magic, a payload too large to skip) ends
@@ -18,60 +25,58 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
-use drivers::{Admit, BdevChannel, IoError, IoSeg, ReqKind, ZeroFlags};
+use drivers::{Admit, BdevChannel, IoSeg, ReqKind, ZeroFlags};
 use poller::{Async, DmaBuf, TaskPool, dma};
 
+use super::budget::{Budget, MAX_IN_FLIGHT, Ticket};
 use super::handshake::Negotiated;
 use super::proto::{self, ReplyMode, Request};
+use super::reader;
+use super::reply::Reply;
 
-/// Requests in flight per connection.
-pub const MAX_IN_FLIGHT: u32 = 128;
-/// The receive buffer for request headers (and small payload fragments).
-const RX_BUF: usize = 64 << 10;
-/// Payloads of refused writes up to this size are read and dropped so the connection
-/// stays usable; larger ones end the connection.
-const MAX_DRAIN: u64 = 1 << 30;
 /// Extents per block-status reply.
 const MAX_EXTENTS: usize = 128;
-/// Room for the largest reply header: an extended chunk header, an error payload and
-/// its message.
-const HDR_CAP: usize = 128;
+/// The buffer a block-status reply needs (context id, count, descriptors).
+pub const BLOCK_STATUS_BYTES: usize = 8 + MAX_EXTENTS * 16;
 /// iovecs per sendmsg.
 const IOV_BATCH: usize = 64;
 
-/// One queued reply: header bytes and an optional data buffer.
-pub struct Reply {
-    hdr: [u8; HDR_CAP],
-    hdr_len: u16,
-    data: Option<DmaBuf>,
-    failed: bool,
-}
-
-impl Reply {
-    fn len(&self) -> usize {
-        self.hdr_len as usize + self.data.as_ref().map_or(0, DmaBuf::len)
-    }
+/// How long the server waits on a client before giving up on the connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// No progress while the client owes us bytes or we owe it replies.
+    pub stall: Duration,
+    /// No request at all (`None`: never).
+    pub idle: Option<Duration>,
 }
 
 /// A connection in the transmission phase.
 pub struct Conn {
-    sock: Async<OwnedFd>,
+    pub(super) sock: Async<OwnedFd>,
     ch: Rc<BdevChannel>,
-    mode: ReplyMode,
+    pub(super) mode: ReplyMode,
     base_allocation: bool,
-    max_block: u32,
+    pub(super) max_block: u32,
+    pub(super) budget: Rc<Budget>,
     out: RefCell<VecDeque<Reply>>,
     /// Bytes of the front reply already sent.
     out_sent: Cell<usize>,
+    /// Bytes queued and not yet sent.
+    unsent: Cell<usize>,
+    /// Bumped by every successful receive and send (read by the watchdog).
+    pub(super) progress: Cell<u64>,
+    /// The reader waits for the rest of a request the client has started.
+    pub(super) mid_request: Cell<bool>,
     writer_waker: RefCell<Option<Waker>>,
     owner_waker: RefCell<Option<Waker>>,
-    /// The socket failed: drop replies, stop.
-    dead: Cell<bool>,
+    /// The socket failed or the connection was killed: drop replies, stop.
+    pub(super) dead: Cell<bool>,
     /// Still accepting requests.
-    reading: Cell<bool>,
+    pub(super) reading: Cell<bool>,
     /// No more replies will be queued; the writer exits when the queue is empty.
     closing: Cell<bool>,
     writer_done: Cell<bool>,
@@ -86,8 +91,12 @@ impl Conn {
             mode: n.mode,
             base_allocation: n.base_allocation,
             max_block: n.max_block,
-            out: RefCell::new(VecDeque::with_capacity(2 * MAX_IN_FLIGHT as usize)),
+            budget: Budget::new(),
+            out: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT as usize)),
             out_sent: Cell::new(0),
+            unsent: Cell::new(0),
+            progress: Cell::new(0),
+            mid_request: Cell::new(false),
             writer_waker: RefCell::new(None),
             owner_waker: RefCell::new(None),
             dead: Cell::new(false),
@@ -111,14 +120,34 @@ impl Conn {
         }
     }
 
+    /// Ends the connection now: replies are dropped, both directions shut down.
+    fn kill(&self) {
+        self.dead.set(true);
+        self.reading.set(false);
+        // SAFETY: shutdown on our own socket wakes its reader and writer.
+        unsafe { libc::shutdown(self.sock.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+        self.drop_replies();
+        self.wake_writer();
+    }
+
+    fn drop_replies(&self) {
+        // Tickets are released here: the budgets' waiters wake.
+        let dropped: VecDeque<Reply> = std::mem::take(&mut *self.out.borrow_mut());
+        drop(dropped);
+        self.unsent.set(0);
+        self.out_sent.set(0);
+    }
+
     fn push(&self, r: Reply) {
         if self.dead.get() {
             return;
         }
-        self.out.borrow_mut().push_back(r);
-        if let Some(w) = self.writer_waker.borrow_mut().take() {
-            w.wake();
-        }
+        self.unsent.set(self.unsent.get() + r.len());
+        let mut out = self.out.borrow_mut();
+        debug_assert!(out.len() < MAX_IN_FLIGHT as usize, "the budget bounds the reply queue");
+        out.push_back(r);
+        drop(out);
+        self.wake_writer();
     }
 
     fn wake_writer(&self) {
@@ -127,105 +156,16 @@ impl Conn {
         }
     }
 
-    // --- reply encoding -------------------------------------------------------------
-
-    fn blank() -> Reply {
-        Reply { hdr: [0u8; HDR_CAP], hdr_len: 0, data: None, failed: false }
-    }
-
-    /// Success without data. With structured replies a read must be answered with
-    /// chunks (doc/proto.md), so an empty read gets a lone `NONE` chunk; other commands
-    /// get simple replies unless extended headers were negotiated.
-    fn ok(&self, req: &Request) -> Reply {
-        let mut r = Self::blank();
-        let chunk = match self.mode {
-            ReplyMode::Extended => true,
-            ReplyMode::Structured => req.kind == proto::CMD_READ,
-            ReplyMode::Simple => false,
-        };
-        r.hdr_len = match chunk {
-            true => proto::encode_chunk(
-                &mut r.hdr,
-                self.mode,
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_NONE,
-                req.cookie,
-                req.offset,
-                0,
-            ),
-            false => proto::encode_simple(&mut r.hdr, 0, req.cookie),
-        } as u16;
-        r
-    }
-
-    fn error(&self, req: &Request, nbd_errno: u32, msg: &str) -> Reply {
-        let mut r = Self::blank();
-        r.failed = true;
-        if self.mode == ReplyMode::Simple {
-            r.hdr_len = proto::encode_simple(&mut r.hdr, nbd_errno, req.cookie) as u16;
-            return r;
-        }
-        let msg = &msg.as_bytes()[..msg.len().min(HDR_CAP - 32 - 6)];
-        let n = proto::encode_chunk(
-            &mut r.hdr,
-            self.mode,
-            proto::REPLY_FLAG_DONE,
-            proto::REPLY_TYPE_ERROR,
-            req.cookie,
-            req.offset,
-            6 + msg.len() as u64,
-        );
-        r.hdr[n..n + 4].copy_from_slice(&nbd_errno.to_be_bytes());
-        r.hdr[n + 4..n + 6].copy_from_slice(&(msg.len() as u16).to_be_bytes());
-        r.hdr[n + 6..n + 6 + msg.len()].copy_from_slice(msg);
-        r.hdr_len = (n + 6 + msg.len()) as u16;
-        r
-    }
-
-    /// The one place a device error becomes an NBD error (doc/proto.md, "Error
-    /// values"): past the end is ENOSPC for writes and EINVAL otherwise.
-    fn io_error(&self, req: &Request, e: IoError) -> Reply {
-        let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES);
-        let (code, msg) = match e {
-            IoError::OutOfRange if writes => {
-                (proto::ENOSPC, "request beyond the end of the export")
-            }
-            IoError::OutOfRange => (proto::EINVAL, "request beyond the end of the export"),
-            IoError::Invalid => (proto::EINVAL, "malformed request"),
-            IoError::TooLarge => (proto::EINVAL, "request larger than the maximum block size"),
-            IoError::ReadOnly => (proto::EPERM, "export is read-only"),
-            IoError::NoSpace => (proto::ENOSPC, "no space left for the image"),
-            IoError::NotSupported => (proto::ENOTSUP, "operation not supported by this export"),
-            IoError::Corrupt => (proto::EIO, "image is corrupt; see the server log"),
-            IoError::Shutdown => (proto::ESHUTDOWN, "server is shutting down"),
-            IoError::Os(errno) => (proto::errno_to_nbd(errno), "I/O error on the server"),
-        };
-        self.error(req, code, msg)
-    }
-
-    fn read_data(&self, req: &Request, buf: DmaBuf) -> Reply {
-        let mut r = Self::blank();
-        r.hdr_len = match self.mode {
-            ReplyMode::Simple => proto::encode_simple(&mut r.hdr, 0, req.cookie),
-            mode => {
-                let n = proto::encode_chunk(
-                    &mut r.hdr,
-                    mode,
-                    proto::REPLY_FLAG_DONE,
-                    proto::REPLY_TYPE_OFFSET_DATA,
-                    req.cookie,
-                    req.offset,
-                    8 + buf.len() as u64,
-                );
-                r.hdr[n..n + 8].copy_from_slice(&req.offset.to_be_bytes());
-                n + 8
-            }
-        } as u16;
-        r.data = Some(buf);
-        r
+    /// The server waits on the client: for the rest of a request, or for it to read.
+    fn waiting_on_client(&self) -> bool {
+        self.mid_request.get() || self.unsent.get() > 0
     }
 
     // --- request execution ----------------------------------------------------------
+
+    fn error(&self, req: &Request, code: u32, msg: &str) -> Reply {
+        Reply::error(self.mode, req, code, msg)
+    }
 
     async fn execute(&self, req: Request, payload: Option<DmaBuf>) -> Reply {
         let info = self.ch.info();
@@ -269,8 +209,8 @@ impl Conn {
             _ => return self.error(&req, proto::EINVAL, "unknown command"),
         };
         match result {
-            Ok(()) => self.ok(&req),
-            Err(e) => self.io_error(&req, e),
+            Ok(()) => Reply::ok(self.mode, &req),
+            Err(e) => Reply::io_error(self.mode, &req, e),
         }
     }
 
@@ -280,16 +220,16 @@ impl Conn {
         }
         match self.ch.info().admit(ReqKind::Read, req.offset, req.length) {
             Ok(Admit::Go) => {}
-            Ok(Admit::Nothing) => return self.ok(&req),
-            Err(e) => return self.io_error(&req, e),
+            Ok(Admit::Nothing) => return Reply::ok(self.mode, &req),
+            Err(e) => return Reply::io_error(self.mode, &req, e),
         }
         let mut buf = match dma::alloc_wait(req.length as usize).await {
             Ok(b) => b,
             Err(_) => return self.error(&req, proto::ENOMEM, "no buffer for this read"),
         };
         match self.ch.read(req.offset, &[IoSeg::from_dma(&mut buf)]).await {
-            Ok(()) => self.read_data(&req, buf),
-            Err(e) => self.io_error(&req, e),
+            Ok(()) => Reply::read_data(self.mode, &req, buf),
+            Err(e) => Reply::io_error(self.mode, &req, e),
         }
     }
 
@@ -298,78 +238,29 @@ impl Conn {
             return self.error(&req, proto::EINVAL, "no metadata context was negotiated");
         }
         if let Err(e) = self.ch.info().admit(ReqKind::BlockStatus, req.offset, req.length) {
-            return self.io_error(&req, e);
+            return Reply::io_error(self.mode, &req, e);
         }
-        let ext = self.mode == ReplyMode::Extended;
-        let desc = if ext { 16 } else { 8 };
-        let limit = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
-        let mut buf = match dma::alloc_wait(8 + MAX_EXTENTS * 16).await {
+        let mut buf = match dma::alloc_wait(BLOCK_STATUS_BYTES).await {
             Ok(b) => b,
             Err(_) => return self.error(&req, proto::ENOMEM, "no buffer for block status"),
         };
-        let head = if ext { 8 } else { 4 };
+        let one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let mut extents = Extents::new(&mut buf, self.mode == ReplyMode::Extended, one);
         let end = req.offset + req.length;
         let mut off = req.offset;
-        let mut count = 0usize;
-        let mut last: Option<(u64, u32)> = None;
-        let emit = |buf: &mut DmaBuf, count: &mut usize, len: u64, flags: u32| {
-            let p = head + *count * desc;
-            let b = buf.as_mut_slice();
-            if ext {
-                b[p..p + 8].copy_from_slice(&len.to_be_bytes());
-                b[p + 8..p + 16].copy_from_slice(&u64::from(flags).to_be_bytes());
-            } else {
-                b[p..p + 4].copy_from_slice(&(len as u32).to_be_bytes());
-                b[p + 4..p + 8].copy_from_slice(&flags.to_be_bytes());
-            }
-            *count += 1;
-        };
-        buf.set_len(buf.capacity());
-        while off < end {
+        while off < end && !extents.full() {
             let st = match self.ch.block_status(off, end - off).await {
                 Ok(s) => s,
-                Err(e) => return self.io_error(&req, e),
+                Err(e) => return Reply::io_error(self.mode, &req, e),
             };
             let flags = if st.hole { proto::STATE_HOLE } else { 0 }
                 | if st.zero { proto::STATE_ZERO } else { 0 };
             let len = st.len.clamp(1, end - off);
-            last = match last {
-                Some((l, f)) if f == flags => Some((l + len, f)),
-                Some((l, f)) => {
-                    emit(&mut buf, &mut count, l, f);
-                    if count == limit { None } else { Some((len, flags)) }
-                }
-                None => Some((len, flags)),
-            };
+            extents.add(len, flags);
             off += len;
-            if count == limit {
-                break;
-            }
         }
-        if let Some((l, f)) = last
-            && count < limit
-        {
-            emit(&mut buf, &mut count, l, f);
-        }
-        let b = buf.as_mut_slice();
-        b[0..4].copy_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
-        if ext {
-            b[4..8].copy_from_slice(&(count as u32).to_be_bytes());
-        }
-        let payload = head + count * desc;
-        buf.set_len(payload);
-        let mut r = Self::blank();
-        r.hdr_len = proto::encode_chunk(
-            &mut r.hdr,
-            self.mode,
-            proto::REPLY_FLAG_DONE,
-            if ext { proto::REPLY_TYPE_BLOCK_STATUS_EXT } else { proto::REPLY_TYPE_BLOCK_STATUS },
-            req.cookie,
-            req.offset,
-            payload as u64,
-        ) as u16;
-        r.data = Some(buf);
-        r
+        extents.finish();
+        Reply::block_status(self.mode, &req, buf)
     }
 
     // --- sending --------------------------------------------------------------------
@@ -404,6 +295,8 @@ impl Conn {
             }
             poller::fd::writev_fd(fd, &iov[..k])?
         };
+        self.progress.set(self.progress.get() + 1);
+        self.unsent.set(self.unsent.get() - n);
         let mut left = n + self.out_sent.get();
         while let Some(front) = q.front() {
             let len = front.len();
@@ -411,10 +304,75 @@ impl Conn {
                 break;
             }
             left -= len;
+            // Its ticket goes with it: the budgets have room again.
             q.pop_front();
         }
         self.out_sent.set(left);
         Ok(())
+    }
+}
+
+/// Builds the descriptors of a block-status reply in place, merging neighbours with
+/// the same flags.
+struct Extents<'a> {
+    buf: &'a mut DmaBuf,
+    ext: bool,
+    limit: usize,
+    count: usize,
+    pending: Option<(u64, u32)>,
+}
+
+impl<'a> Extents<'a> {
+    fn new(buf: &'a mut DmaBuf, ext: bool, one: bool) -> Self {
+        buf.set_len(buf.capacity());
+        Extents { buf, ext, limit: if one { 1 } else { MAX_EXTENTS }, count: 0, pending: None }
+    }
+
+    fn head(&self) -> usize {
+        if self.ext { 8 } else { 4 }
+    }
+
+    fn full(&self) -> bool {
+        self.count == self.limit
+    }
+
+    fn emit(&mut self, len: u64, flags: u32) {
+        let p = self.head() + self.count * if self.ext { 16 } else { 8 };
+        let b = self.buf.as_mut_slice();
+        if self.ext {
+            b[p..p + 8].copy_from_slice(&len.to_be_bytes());
+            b[p + 8..p + 16].copy_from_slice(&u64::from(flags).to_be_bytes());
+        } else {
+            b[p..p + 4].copy_from_slice(&(len as u32).to_be_bytes());
+            b[p + 4..p + 8].copy_from_slice(&flags.to_be_bytes());
+        }
+        self.count += 1;
+    }
+
+    fn add(&mut self, len: u64, flags: u32) {
+        self.pending = match self.pending {
+            Some((l, f)) if f == flags => Some((l + len, f)),
+            Some((l, f)) => {
+                self.emit(l, f);
+                if self.full() { None } else { Some((len, flags)) }
+            }
+            None => Some((len, flags)),
+        };
+    }
+
+    fn finish(mut self) {
+        if let Some((l, f)) = self.pending.take()
+            && !self.full()
+        {
+            self.emit(l, f);
+        }
+        let (ext, count, head) = (self.ext, self.count, self.head());
+        let b = self.buf.as_mut_slice();
+        b[0..4].copy_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
+        if ext {
+            b[4..8].copy_from_slice(&(count as u32).to_be_bytes());
+        }
+        self.buf.set_len(head + count * if ext { 16 } else { 8 });
     }
 }
 
@@ -437,7 +395,7 @@ async fn writer(c: Rc<Conn>) {
             tracing::debug!("NBD connection lost while replying: {e}");
             c.dead.set(true);
             c.stop_reading();
-            c.out.borrow_mut().clear();
+            c.drop_replies();
         }
     }
     c.writer_done.set(true);
@@ -446,15 +404,19 @@ async fn writer(c: Rc<Conn>) {
     }
 }
 
-async fn handle(
-    c: Rc<Conn>,
-    req: Request,
-    payload: Option<DmaBuf>,
-    refused: Option<(u32, &'static str)>,
-) {
+/// What the reader hands a request task.
+pub(super) struct Admitted {
+    pub req: Request,
+    pub payload: Option<DmaBuf>,
+    pub refused: Option<(u32, &'static str)>,
+    pub ticket: Ticket,
+}
+
+pub(super) async fn handle(c: Rc<Conn>, a: Admitted) {
+    let Admitted { req, payload, refused, ticket } = a;
     crate::debug::before_request(req.offset, req.length).await;
     let started = c.stats.as_ref().map(|s| s.start());
-    let reply = match refused {
+    let mut reply = match refused {
         Some((code, msg)) => c.error(&req, code, msg),
         None => c.execute(req, payload).await,
     };
@@ -470,15 +432,59 @@ async fn handle(
         };
         s.done(op, bytes, !reply.failed, t);
     }
+    reply.ticket = Some(ticket);
     c.push(reply);
+}
+
+/// Closes the connection when it stalls (no progress for `stall` while the server
+/// waits on the client) or idles (no request for `idle`). Holds only a weak reference,
+/// so a finished connection is released at once, not at the watchdog's next check.
+async fn watchdog(c: Weak<Conn>, t: Timeouts) {
+    let shortest = t.idle.map_or(t.stall, |i| i.min(t.stall));
+    let period = (shortest / 4).max(Duration::from_millis(50));
+    let mut seen = u64::MAX;
+    let mut quiet = Duration::ZERO;
+    loop {
+        poller::sleep(period).await;
+        let Some(c) = c.upgrade() else { return };
+        if c.dead.get() || c.writer_done.get() {
+            return;
+        }
+        let p = c.progress.get();
+        if p != seen {
+            seen = p;
+            quiet = Duration::ZERO;
+            continue;
+        }
+        quiet += period;
+        if c.waiting_on_client() && quiet >= t.stall {
+            tracing::info!(
+                export = c.export(),
+                "NBD client made no progress for {:?} (a partial request or unread replies); disconnecting",
+                t.stall
+            );
+            c.kill();
+            return;
+        }
+        if let Some(idle) = t.idle
+            && quiet >= idle
+            && !c.waiting_on_client()
+            && c.budget.outstanding() == 0
+        {
+            tracing::info!(export = c.export(), "NBD client idle for {idle:?}; disconnecting");
+            c.stop_reading();
+            return;
+        }
+    }
 }
 
 /// Serves the connection until the client disconnects, the socket fails, or
 /// [`Conn::stop_reading`] is called; then answers what is in flight and returns.
-pub async fn run(c: Rc<Conn>) {
+pub async fn run(c: Rc<Conn>, timeouts: Timeouts) {
     poller::spawn(writer(c.clone()));
+    poller::spawn(watchdog(Rc::downgrade(&c), timeouts));
     let pool = TaskPool::new(MAX_IN_FLIGHT);
-    read_requests(&c, &pool, handle).await;
+    reader::read_requests(&c, &pool, handle).await;
     pool.drain().await;
     c.closing.set(true);
     c.wake_writer();
@@ -491,129 +497,4 @@ pub async fn run(c: Rc<Conn>) {
         }
     })
     .await;
-}
-
-/// The receive side: a buffer of bytes read but not yet parsed.
-struct Rx {
-    buf: Box<[u8]>,
-    lo: usize,
-    hi: usize,
-}
-
-impl Rx {
-    fn available(&self) -> usize {
-        self.hi - self.lo
-    }
-
-    /// Reads more bytes; false at end of stream or on error.
-    async fn fill(&mut self, sock: &Async<OwnedFd>) -> bool {
-        if self.lo == self.hi {
-            self.lo = 0;
-            self.hi = 0;
-        } else if self.buf.len() - self.hi < proto::EXTENDED_REQUEST_LEN {
-            self.buf.copy_within(self.lo..self.hi, 0);
-            self.hi -= self.lo;
-            self.lo = 0;
-        }
-        match sock.read(&mut self.buf[self.hi..]).await {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.hi += n;
-                true
-            }
-        }
-    }
-
-    /// Moves up to `dst.len()` buffered bytes into `dst`; returns how many.
-    fn take(&mut self, dst: &mut [u8]) -> usize {
-        let n = dst.len().min(self.available());
-        dst[..n].copy_from_slice(&self.buf[self.lo..self.lo + n]);
-        self.lo += n;
-        n
-    }
-
-    /// Discards `len` payload bytes; false if the stream ends first.
-    async fn skip(&mut self, sock: &Async<OwnedFd>, mut len: u64) -> bool {
-        loop {
-            let n = (len.min(self.available() as u64)) as usize;
-            self.lo += n;
-            len -= n as u64;
-            if len == 0 {
-                return true;
-            }
-            if !self.fill(sock).await {
-                return false;
-            }
-        }
-    }
-}
-
-async fn read_requests<F, Fut>(c: &Rc<Conn>, pool: &TaskPool<Fut>, handler: F)
-where
-    F: Fn(Rc<Conn>, Request, Option<DmaBuf>, Option<(u32, &'static str)>) -> Fut,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    let extended = c.mode == ReplyMode::Extended;
-    let hlen = proto::request_len(extended);
-    let mut rx = Rx { buf: vec![0u8; RX_BUF].into_boxed_slice(), lo: 0, hi: 0 };
-    while c.reading.get() && !c.dead.get() {
-        while rx.available() < hlen {
-            if !rx.fill(&c.sock).await {
-                return;
-            }
-        }
-        let req = match proto::parse_request(&rx.buf[rx.lo..rx.lo + hlen], extended) {
-            Ok(r) => r,
-            Err(proto::BadMagic(m)) => {
-                tracing::info!("NBD request with bad magic {m:#x}; disconnecting the client");
-                return;
-            }
-        };
-        rx.lo += hlen;
-        let payload_len = if req.kind == proto::CMD_WRITE
-            || (extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
-        {
-            req.length
-        } else {
-            0
-        };
-        let mut payload = None;
-        let mut refused = None;
-        if payload_len > 0 {
-            if req.kind == proto::CMD_WRITE && payload_len <= u64::from(c.max_block) {
-                let Ok(mut buf) = dma::alloc_wait(payload_len as usize).await else {
-                    return;
-                };
-                let have = rx.take(buf.as_mut_slice());
-                if c.sock.read_exact(&mut buf.as_mut_slice()[have..]).await.is_err() {
-                    return;
-                }
-                payload = Some(buf);
-            } else if payload_len <= MAX_DRAIN {
-                if !rx.skip(&c.sock, payload_len).await {
-                    return;
-                }
-                refused = Some(if req.kind == proto::CMD_WRITE {
-                    (proto::EINVAL, "write larger than the maximum block size")
-                } else {
-                    (proto::EINVAL, "this command takes no payload")
-                });
-            } else {
-                tracing::info!(
-                    "NBD request with a {payload_len}-byte payload; disconnecting the client"
-                );
-                return;
-            }
-        }
-        if req.kind == proto::CMD_DISC {
-            c.reading.set(false);
-            return;
-        }
-        while pool.is_full() {
-            pool.finished().await;
-        }
-        if pool.spawn(handler(c.clone(), req, payload, refused)).is_err() {
-            unreachable!("the pool had a free slot");
-        }
-    }
 }

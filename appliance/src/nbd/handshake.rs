@@ -20,6 +20,10 @@ use super::proto::{self, ReplyMode};
 
 /// How long a client may take to finish option haggling.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused client is answered before the connection closes.
+pub const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Options a refused client may send.
+const REFUSE_OPTIONS: usize = 16;
 
 /// The outcome of a successful handshake.
 pub struct Negotiated {
@@ -118,11 +122,7 @@ fn export_info(bdev: &Bdev, structured: bool) -> Vec<u8> {
     p
 }
 
-/// Runs option haggling. `Ok(None)` means the client ended the session cleanly.
-pub async fn negotiate(
-    sock: &Async<OwnedFd>,
-    exports: &Exports,
-) -> Result<Option<Negotiated>, HandshakeError> {
+async fn send_greeting(sock: &Async<OwnedFd>) -> Result<u32, HandshakeError> {
     let mut greeting = [0u8; 18];
     greeting[..8].copy_from_slice(&proto::NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -135,22 +135,57 @@ pub async fn negotiate(
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
+    Ok(client_flags)
+}
+
+/// Reads one option header and its data (bounded by `MAX_OPTION_LEN`).
+async fn read_option(sock: &Async<OwnedFd>) -> Result<(u32, Vec<u8>), HandshakeError> {
+    let mut h = [0u8; 16];
+    sock.read_exact(&mut h).await?;
+    let magic = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+    let opt = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes"));
+    let len = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+    if magic != proto::IHAVEOPT {
+        return Err(HandshakeError::Protocol(format!("bad option magic {magic:#x}")));
+    }
+    if len > proto::MAX_OPTION_LEN {
+        return Err(HandshakeError::Protocol(format!("option {opt} with {len} bytes of data")));
+    }
+    let mut data = vec![0u8; len as usize];
+    sock.read_exact(&mut data).await?;
+    Ok((opt, data))
+}
+
+/// Haggling with a client the server will not serve (over `max_connections`): every
+/// option gets `NBD_REP_ERR_POLICY` with `why`, until the client aborts or gives up.
+/// `NBD_OPT_EXPORT_NAME` cannot be answered with an error; it ends the connection.
+pub async fn refuse(sock: &Async<OwnedFd>, why: &str) -> Result<(), HandshakeError> {
+    send_greeting(sock).await?;
+    for _ in 0..REFUSE_OPTIONS {
+        let (opt, _) = read_option(sock).await?;
+        match opt {
+            proto::OPT_EXPORT_NAME => return Ok(()),
+            proto::OPT_ABORT => {
+                let _ = send_rep(sock, opt, proto::REP_ACK, &[]).await;
+                return Ok(());
+            }
+            _ => send_err(sock, opt, proto::REP_ERR_POLICY, why).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Runs option haggling. `Ok(None)` means the client ended the session cleanly.
+pub async fn negotiate(
+    sock: &Async<OwnedFd>,
+    exports: &Exports,
+) -> Result<Option<Negotiated>, HandshakeError> {
+    let client_flags = send_greeting(sock).await?;
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut st = State::default();
     loop {
-        let mut h = [0u8; 16];
-        sock.read_exact(&mut h).await?;
-        let magic = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
-        let opt = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes"));
-        let len = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
-        if magic != proto::IHAVEOPT {
-            return Err(HandshakeError::Protocol(format!("bad option magic {magic:#x}")));
-        }
-        if len > proto::MAX_OPTION_LEN {
-            return Err(HandshakeError::Protocol(format!("option {opt} with {len} bytes of data")));
-        }
-        let mut data = vec![0u8; len as usize];
-        sock.read_exact(&mut data).await?;
+        let (opt, data) = read_option(sock).await?;
+        let len = data.len();
         match opt {
             proto::OPT_EXPORT_NAME => {
                 if st.extended {

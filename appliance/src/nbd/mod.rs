@@ -10,13 +10,20 @@
 //! channel of a device flushes the same underlying storage, and a flush covers every
 //! write completed before it on any channel.
 //!
+//! Each listener accepts at most `max_connections` at once; a client past that gets the
+//! greeting and `NBD_REP_ERR_POLICY` ("too many connections") for its options, then the
+//! connection closes, so it sees a reason rather than a reset.
+//!
 //! Shutdown stops the listeners, then asks every reactor to close its connections
 //! gracefully: reading stops, requests in flight complete and their replies are sent,
 //! then the socket closes.
 
+mod budget;
 mod conn;
 mod handshake;
 pub mod proto;
+mod reader;
+mod reply;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -79,7 +86,14 @@ struct ServerShared {
     next: AtomicUsize,
     stopping: AtomicBool,
     connections: AtomicUsize,
+    /// Refusals being answered (bounded: past it, extra clients are just closed).
+    refusing: AtomicUsize,
+    max_connections: usize,
+    timeouts: conn::Timeouts,
 }
+
+/// Refused clients answered at once; more are closed without a word.
+const MAX_REFUSING: usize = 64;
 
 /// A running NBD export.
 pub struct NbdServer {
@@ -90,6 +104,8 @@ pub struct NbdServer {
 struct Listener {
     addr: ListenAddr,
     fd: Arc<OwnedFd>,
+    /// Connections of this listener currently open.
+    live: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -97,7 +113,7 @@ impl NbdServer {
     /// Binds every address and starts accepting. Fails (naming the address) if any
     /// address cannot be bound.
     pub fn start(
-        addrs: &[ListenAddr],
+        config: &config::Nbd,
         exports: Arc<Exports>,
         reactors: Vec<ReactorHandle>,
     ) -> io::Result<NbdServer> {
@@ -107,20 +123,24 @@ impl NbdServer {
             next: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
+            max_connections: config.max_connections as usize,
+            timeouts: conn::Timeouts { stall: config.stall_timeout, idle: config.idle_timeout },
         });
         let mut listeners = Vec::new();
-        for addr in addrs {
+        for addr in &config.listen {
             let l = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
             listeners.push(l);
         }
         for l in &mut listeners {
             let fd = l.fd.clone();
+            let live = l.live.clone();
             let shared = shared.clone();
             let tcp = matches!(l.addr, ListenAddr::Tcp(_));
             l.thread = Some(
                 std::thread::Builder::new()
                     .name(format!("nbd-accept {}", l.addr))
-                    .spawn(move || accept_loop(&fd, tcp, &shared))?,
+                    .spawn(move || accept_loop(&fd, tcp, &live, &shared))?,
             );
         }
         Ok(NbdServer { shared, listeners })
@@ -174,7 +194,12 @@ fn bind(addr: &ListenAddr) -> io::Result<Listener> {
             UnixListener::bind(p)?.into()
         }
     };
-    Ok(Listener { addr: addr.clone(), fd: Arc::new(fd), thread: None })
+    Ok(Listener {
+        addr: addr.clone(),
+        fd: Arc::new(fd),
+        live: Arc::new(AtomicUsize::new(0)),
+        thread: None,
+    })
 }
 
 /// A socket file left by an earlier run is replaced; any other file is an error.
@@ -189,7 +214,7 @@ fn remove_stale_socket(p: &PathBuf) -> io::Result<()> {
     }
 }
 
-fn accept_loop(fd: &OwnedFd, tcp: bool, shared: &Arc<ServerShared>) {
+fn accept_loop(fd: &OwnedFd, tcp: bool, live: &Arc<AtomicUsize>, shared: &Arc<ServerShared>) {
     loop {
         // SAFETY: accept4 on our listening socket; we pass no address buffer.
         let c = unsafe {
@@ -238,14 +263,41 @@ fn accept_loop(fd: &OwnedFd, tcp: bool, shared: &Arc<ServerShared>) {
             };
         }
         let i = shared.next.fetch_add(1, Ordering::Relaxed) % shared.reactors.len();
+        if live.load(Ordering::SeqCst) >= shared.max_connections {
+            refuse(stream, &shared.reactors[i], shared);
+            continue;
+        }
         let shared2 = shared.clone();
+        let live = live.clone();
+        live.fetch_add(1, Ordering::SeqCst);
         shared.connections.fetch_add(1, Ordering::SeqCst);
         shared.reactors[i].spawn(move || async move {
             let exports = shared2.exports.clone();
-            serve(stream, exports).await;
+            serve(stream, exports, shared2.timeouts).await;
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
+            live.fetch_sub(1, Ordering::SeqCst);
         });
     }
+}
+
+/// A client past `max_connections`: told why on a reactor (bounded), or just closed.
+fn refuse(stream: OwnedFd, reactor: &ReactorHandle, shared: &Arc<ServerShared>) {
+    let max = shared.max_connections;
+    if shared.refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+        shared.refusing.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!("NBD listener at max_connections ({max}); closing a new connection");
+        return;
+    }
+    tracing::warn!("NBD listener at max_connections ({max}); refusing a new client");
+    let shared = shared.clone();
+    reactor.spawn(move || async move {
+        if let Ok(sock) = poller::Async::new(stream) {
+            let why = format!("too many connections (this server's max_connections is {max})");
+            let _ =
+                poller::timeout(handshake::REFUSE_TIMEOUT, handshake::refuse(&sock, &why)).await;
+        }
+        shared.refusing.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 /// The NBD state of one reactor: device channels shared by its connections, and its
@@ -277,7 +329,7 @@ pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> 
     })
 }
 
-async fn serve(stream: OwnedFd, exports: Arc<Exports>) {
+async fn serve(stream: OwnedFd, exports: Arc<Exports>, timeouts: conn::Timeouts) {
     let sock = match poller::Async::new(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -313,7 +365,7 @@ async fn serve(stream: OwnedFd, exports: Arc<Exports>) {
         l.conns.retain(|w| w.strong_count() > 0);
         l.conns.push(Rc::downgrade(&c));
     });
-    conn::run(c).await;
+    conn::run(c, timeouts).await;
 }
 
 /// Closes this reactor's connections gracefully (those to export `only`, or all) and
