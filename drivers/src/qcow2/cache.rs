@@ -2,8 +2,10 @@
 //!
 //! - Memory: one anonymous mapping of `capacity × slice_bytes`, page-aligned, so slices
 //!   are read straight into place with O_DIRECT; pages are touched only when used.
-//! - Lookup: a direct index from key (the slice number in the structure's own address
-//!   space) to slot, so a hit is two array reads: no hashing, no allocation.
+//! - Lookup: a hash index from key (the slice number in the structure's own address
+//!   space) to slot, sized by the cache's capacity — never by the key space, which an
+//!   image header controls (a petabyte of virtual size must not cost a direct index).
+//!   A hit is a multiply, usually one probe, and an array read; no allocation.
 //! - Replacement: the clock algorithm over clean, unpinned slots. Dirty slots are never
 //!   evicted: they are written back only by the shard's ordered flush, which is what
 //!   enforces the qcow2 ordering rules; a cache with no clean victim reports `Full`
@@ -23,7 +25,7 @@ use crate::align::Aligned;
 use crate::error::IoError;
 use crate::seg::IoSeg;
 
-const NONE: u32 = u32::MAX;
+use super::hash::HashIndex;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
@@ -67,7 +69,7 @@ pub(crate) struct MetaCache {
     base: NonNull<u8>,
     map_len: usize,
     slots: RefCell<Box<[Slot]>>,
-    index: RefCell<Vec<u32>>,
+    index: RefCell<HashIndex>,
     hand: Cell<usize>,
     dirty_count: Cell<usize>,
     changed: WaitList,
@@ -162,7 +164,7 @@ pub(crate) struct Snapshot {
 }
 
 impl MetaCache {
-    pub(crate) fn new(slice_bytes: usize, capacity: usize, key_space: u64) -> io::Result<Self> {
+    pub(crate) fn new(slice_bytes: usize, capacity: usize) -> io::Result<Self> {
         assert!(slice_bytes.is_power_of_two() && slice_bytes >= 512 && capacity > 0);
         let map_len = slice_bytes * capacity;
         // SAFETY: an anonymous private mapping with no address hint.
@@ -194,7 +196,7 @@ impl MetaCache {
             base: NonNull::new(p.cast()).expect("mmap returned null"),
             map_len,
             slots: RefCell::new(vec![free; capacity].into_boxed_slice()),
-            index: RefCell::new(vec![NONE; key_space as usize]),
+            index: RefCell::new(HashIndex::new(capacity)),
             hand: Cell::new(0),
             dirty_count: Cell::new(0),
             changed: WaitList::new(),
@@ -221,21 +223,9 @@ impl MetaCache {
         (self.hits.get(), self.misses.get())
     }
 
-    /// Extends the key space (refcount table growth).
-    pub(crate) fn grow_keys(&self, key_space: u64) {
-        let mut index = self.index.borrow_mut();
-        if (index.len() as u64) < key_space {
-            index.resize(key_space as usize, NONE);
-        }
-    }
-
     /// The slot of a resident, ready key (no I/O).
     fn resident(&self, key: u64) -> Option<(u32, State)> {
-        let index = self.index.borrow();
-        let slot = *index.get(key as usize)?;
-        if slot == NONE {
-            return None;
-        }
+        let slot = self.index.borrow().get(key)?;
         Some((slot, self.slots.borrow()[slot as usize].state))
     }
 
@@ -305,7 +295,7 @@ impl MetaCache {
                 let s = &mut slots[slot as usize];
                 let mut index = self.index.borrow_mut();
                 if s.state == State::Ready {
-                    index[s.key as usize] = NONE;
+                    index.remove(s.key);
                 }
                 *s = Slot {
                     key,
@@ -317,7 +307,7 @@ impl MetaCache {
                     mods: s.mods,
                     writing: false,
                 };
-                index[key as usize] = slot;
+                index.insert(key, slot);
             }
             let pin = Pin { cache: self, slot };
             if fresh {
@@ -348,8 +338,8 @@ impl MetaCache {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[slot as usize];
         let mut index = self.index.borrow_mut();
-        if (s.key as usize) < index.len() && index[s.key as usize] == slot {
-            index[s.key as usize] = NONE;
+        if index.get(s.key) == Some(slot) {
+            index.remove(s.key);
         }
         if s.dirty {
             self.dirty_count.set(self.dirty_count.get() - 1);

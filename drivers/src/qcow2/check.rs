@@ -92,6 +92,27 @@ struct Walk<'a> {
 
 /// How far past the end of the file a recount follows references (in clusters).
 const MAX_GROW_CLUSTERS: u64 = 1 << 22;
+/// The most host clusters a check (or the repair of a dirty image at open) counts:
+/// it keeps 16 bytes per cluster of the file (computed and stored refcounts), so this
+/// bounds it at 4 GiB — a 16 TiB file of 64 KiB clusters. Larger files, real or
+/// sparse and hostile, get an error instead of an allocation that follows them.
+pub const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+
+/// Refuses files with more clusters than [`MAX_CHECK_CLUSTERS`].
+fn check_size(path: &Path, file_size: u64, g: &Geometry) -> Result<u64, OpenError> {
+    let clusters = file_size.div_ceil(g.cluster_size());
+    if clusters > MAX_CHECK_CLUSTERS {
+        return Err(OpenError::invalid(
+            path,
+            format!(
+                "the file has {clusters} clusters of {} bytes; counting refcounts is limited to {MAX_CHECK_CLUSTERS} clusters ({} GiB of memory)",
+                g.cluster_size(),
+                (MAX_CHECK_CLUSTERS * 16) >> 30
+            ),
+        ));
+    }
+    Ok(clusters)
+}
 
 impl Walk<'_> {
     fn error(&mut self, m: String) {
@@ -304,7 +325,7 @@ fn walk_and_compare(
     let io = |e| OpenError::io(path, e);
     let g = h.geometry();
     let cs = g.cluster_size();
-    let file_clusters = file_size.div_ceil(cs);
+    let file_clusters = check_size(path, file_size, &g)?;
     let reftable = read_table(
         path,
         f,
@@ -336,7 +357,6 @@ fn walk_and_compare(
     }
     count_bitmaps(&mut w).map_err(io)?;
     // The refcount structure itself.
-    let meta_counts = w.counts.clone();
     w.add(h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
     for (ti, &e) in reftable.iter().enumerate() {
         let b = e & !REFT_RESERVED;
@@ -444,7 +464,6 @@ fn walk_and_compare(
             }
         }
     }
-    let _ = meta_counts;
     Ok(report)
 }
 
@@ -456,7 +475,7 @@ pub(crate) fn recount_refs(
     file_size: u64,
 ) -> Result<Vec<u64>, OpenError> {
     let g = h.geometry();
-    let file_clusters = file_size.div_ceil(g.cluster_size());
+    let file_clusters = check_size(path, file_size, &g)?;
     let mut w = Walk {
         f,
         h,

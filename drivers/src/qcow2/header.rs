@@ -288,7 +288,10 @@ impl Header {
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return err(format!("L1 table of {l1_bytes} bytes exceeds {MAX_L1_BYTES}"));
+            return err(format!(
+                "l1_size {} (an L1 table of {l1_bytes} bytes) exceeds the limit of {MAX_L1_BYTES} bytes (32 MiB, as QEMU)",
+                self.l1_size
+            ));
         }
         check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_size, self.l1_size > 0)?;
         if self.refcount_table_clusters == 0 {
@@ -296,7 +299,10 @@ impl Header {
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return err(format!("refcount table of {rt_bytes} bytes exceeds {MAX_REFTABLE_BYTES}"));
+            return err(format!(
+                "refcount_table_clusters {} (a refcount table of {rt_bytes} bytes) exceeds the limit of {MAX_REFTABLE_BYTES} bytes (8 MiB, as QEMU)",
+                self.refcount_table_clusters
+            ));
         }
         check_table("refcount table", self.refcount_table_offset, rt_bytes, cs, file_size, true)?;
         if self.nb_snapshots > MAX_SNAPSHOTS {

@@ -25,6 +25,7 @@ mod compress;
 pub mod create;
 #[doc(hidden)]
 pub mod fuzzing;
+mod hash;
 pub mod header;
 mod layer;
 pub(crate) mod open;
@@ -135,12 +136,13 @@ fn slice_bits_for(cluster_bits: u32) -> u32 {
     (cluster_bits.min(12)) - 3
 }
 
-fn build_layer(q: &OpenedQcow2, cache_bytes: u64) -> Result<Qcow2Layer, IoError> {
+/// A qcow2 layer's state: its L1 table (moved in, not copied: a copy would make every
+/// page of a large, mostly empty table resident) and an L2 cache of at most
+/// `cache_bytes`, smaller when the image needs less.
+fn build_layer(q: &mut OpenedQcow2, cache_bytes: u64) -> Result<Qcow2Layer, IoError> {
     let g = q.header.geometry();
     let slice_bits = slice_bits_for(g.cluster_bits);
     let slice_bytes = 8usize << slice_bits;
-    let slices_per_table = 1u64 << (g.l2_bits() - slice_bits);
-    let keys = u64::from(q.header.l1_size) * slices_per_table;
     let coverage = 1u64 << (g.cluster_bits + slice_bits);
     let needed = g.size.div_ceil(coverage).max(1);
     let capacity = needed.min((cache_bytes / slice_bytes as u64).max(16)).max(16) as usize;
@@ -148,19 +150,19 @@ fn build_layer(q: &OpenedQcow2, cache_bytes: u64) -> Result<Qcow2Layer, IoError>
         name: q.path.display().to_string(),
         g,
         io: Aligned::new(q.storage.channel()?),
-        l1: RefCell::new(q.l1.clone()),
-        l2: MetaCache::new(slice_bytes, capacity, keys)?,
+        l1: RefCell::new(std::mem::take(&mut q.l1)),
+        l2: MetaCache::new(slice_bytes, capacity)?,
         slice_bits,
         decompressor: RefCell::new(Decompressor::new(q.header.compression())?),
     })
 }
 
-fn build_shard(img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
-    let top = &img.top;
-    let g = top.header.geometry();
+fn build_shard(mut img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
+    let g = img.top.header.geometry();
     let l2_bytes = opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_BYTES);
-    let mut chain = vec![Layer::Qcow2(build_layer(top, l2_bytes)?)];
-    for b in &img.backing {
+    let mut chain = vec![Layer::Qcow2(build_layer(&mut img.top, l2_bytes)?)];
+    let top = &img.top;
+    for b in &mut img.backing {
         chain.push(match b {
             OpenedLayer::Qcow2(q) => Layer::Qcow2(build_layer(q, BACKING_L2_CACHE_BYTES)?),
             OpenedLayer::Raw { storage, .. } => {
@@ -171,7 +173,7 @@ fn build_shard(img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
     let rc_bytes = opts.refcount_cache_bytes.unwrap_or((l2_bytes / 4).max(256 << 10));
     let rc = Refcounts::new(
         g,
-        img.reftable.clone(),
+        std::mem::take(&mut img.reftable),
         top.header.refcount_table_offset,
         top.header.refcount_table_clusters,
         rc_bytes,
@@ -199,37 +201,42 @@ fn mark_metadata(shard: &Shard, img: &OpenedImage) {
     let cs = g.cluster_size();
     let clusters = |bytes: u64| bytes.div_ceil(cs).max(1);
     let mut overlaps: Vec<String> = Vec::new();
-    let mut mark = |what: &str, off: u64, bytes: u64| {
+    let mut mark = |what: &str, off: u64, bytes: u64, fixed: bool| {
         if shard.meta.any(off >> cb, clusters(bytes)) {
             overlaps.push(format!("{what} at {off:#x}"));
         }
-        shard.meta.mark(off >> cb, clusters(bytes));
+        if fixed {
+            shard.meta.mark_fixed(off >> cb, clusters(bytes));
+        } else {
+            shard.meta.mark(off >> cb, clusters(bytes));
+        }
     };
-    mark("the header", 0, cs);
+    mark("the header", 0, cs, false);
     if h.l1_size > 0 {
-        mark("the L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8);
+        mark("the L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8, false);
     }
-    mark("the refcount table", h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
-    for &e in &img.reftable {
+    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+    mark("the refcount table", h.refcount_table_offset, rt_bytes, false);
+    for &e in shard.rc.table.borrow().iter() {
         let b = e & !REFT_RESERVED;
         if b != 0 {
-            mark("a refcount block", b, cs);
+            mark("a refcount block", b, cs, false);
         }
     }
-    for &e in &img.top.l1 {
+    for &e in shard.top().l1.borrow().iter() {
         if let Ok((l2, _)) = decode_l1(e, &g)
             && l2 != 0
         {
-            mark("an L2 table", l2, cs);
+            mark("an L2 table", l2, cs, false);
         }
     }
     let (snap_bytes, snaps) = &img.snapshots;
     if *snap_bytes > 0 {
-        mark("the snapshot table", h.snapshots_offset, *snap_bytes);
+        mark("the snapshot table", h.snapshots_offset, *snap_bytes, true);
     }
     for s in snaps {
         if s.l1_size > 0 {
-            mark("a snapshot's L1 table", s.l1_offset, u64::from(s.l1_size) * 8);
+            mark("a snapshot's L1 table", s.l1_offset, u64::from(s.l1_size) * 8, true);
         }
     }
     if !overlaps.is_empty() {

@@ -125,15 +125,46 @@ pub(crate) fn read_header(path: &Path, f: &dyn MetaIo) -> Result<(Header, u64), 
     Ok((header, file_size))
 }
 
-/// Reads a table of big-endian u64 entries.
+/// Reads a table of big-endian u64 entries (an L1 or refcount table), a chunk at a
+/// time. The table starts out zeroed by the allocator (fresh pages from the OS for a
+/// large one), and chunks that hold only zero entries are never written, so the pages
+/// of a mostly empty table — a huge virtual size with little data — stay unbacked:
+/// resident memory follows the entries in use, not the header's table size.
 pub(crate) fn read_table(
     path: &Path,
     f: &dyn MetaIo,
     off: u64,
     entries: u64,
 ) -> Result<Vec<u64>, OpenError> {
-    let raw = read_at(f, off, (entries * 8) as usize).map_err(|e| OpenError::io(path, e))?;
-    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect())
+    const CHUNK_ENTRIES: usize = 8192;
+    let mut table = vec![0u64; entries as usize];
+    let mut buf = vec![0u8; CHUNK_ENTRIES.min(table.len()) * 8];
+    for (i, part) in table.chunks_mut(CHUNK_ENTRIES).enumerate() {
+        let bytes = &mut buf[..part.len() * 8];
+        let at = off + (i * CHUNK_ENTRIES * 8) as u64;
+        read_exact_or_zero(f, bytes, at).map_err(|e| OpenError::io(path, e))?;
+        if bytes.iter().all(|&b| b == 0) {
+            continue;
+        }
+        for (e, raw) in part.iter_mut().zip(bytes.chunks_exact(8)) {
+            *e = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+        }
+    }
+    Ok(table)
+}
+
+/// Fills `buf` from `off`; bytes past the end of the file read as zeros.
+fn read_exact_or_zero(f: &dyn MetaIo, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.meta_read(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// Checks L1 entries: reserved bits, alignment, inside the file.

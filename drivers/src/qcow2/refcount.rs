@@ -51,13 +51,12 @@ impl Refcounts {
         let slice_entry_bits = ((slice_bytes as u64 * 8) >> g.refcount_order).trailing_zeros();
         let slices_per_block_bits = (g.cluster_size() / slice_bytes as u64).trailing_zeros();
         let capacity = (cache_bytes / slice_bytes as u64).max(16) as usize;
-        let keys = (table.len() as u64) << slices_per_block_bits;
         Ok(Refcounts {
             g,
             table: RefCell::new(table),
             table_offset: Cell::new(table_offset),
             table_clusters: Cell::new(table_clusters),
-            cache: MetaCache::new(slice_bytes, capacity, keys)?,
+            cache: MetaCache::new(slice_bytes, capacity)?,
             slice_entry_bits,
             slices_per_block_bits,
         })
@@ -108,11 +107,5 @@ impl Refcounts {
         let order = self.g.refcount_order;
         pin.modify(|b| set_refcount(b, loc.entry, order, v));
         true
-    }
-
-    /// Grows the cache's key space after the table grew.
-    pub(crate) fn table_grew(&self) {
-        let keys = self.table_len() << self.slices_per_block_bits;
-        self.cache.grow_keys(keys);
     }
 }

@@ -939,7 +939,8 @@ impl Shard {
         *self.rc.table.borrow_mut() = new_table;
         self.rc.table_offset.set(start << g.cluster_bits);
         self.rc.table_clusters.set(table_clusters as u32);
-        self.rc.table_grew();
+        // The new table and its blocks are metadata from now on.
+        self.meta.mark(start, table_clusters + blocks.len() as u64);
         self.host_end.set(area_end);
         for k in 0..old_clusters {
             self.queue_free((old_off >> g.cluster_bits) + k, false);
@@ -1329,7 +1330,7 @@ impl Shard {
             }
             self.set_refcount(p.cluster, rc - 1).await?;
             if rc == 1 {
-                self.meta.unmark(p.cluster, 1);
+                self.meta.unmark(p.cluster);
                 self.cursor.set(self.cursor.get().min(p.cluster));
                 if p.punch {
                     let _ = self.top().io.discard(p.cluster * cs, cs).await;
