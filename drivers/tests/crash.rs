@@ -1,90 +1,128 @@
 //! Crash consistency of the qcow2 engine, by simulated power loss.
 //!
-//! Each trial, from a seed: a fresh image (cluster size, refcount width, version and
-//! lazy refcounts chosen by the seed) on a [`SimDisk`] with a volatile write cache;
-//! several concurrent workers on one reactor issue random allocating writes (unaligned,
-//! across clusters, into regions that share clusters), write-zeroes, discards and
-//! flushes; the power is cut after a seeded number of disk operations; the disk keeps
-//! its flushed contents plus a seeded subset of unflushed writes, some torn. Then:
-//! - `qemu-img check` (and our own check) finds no corruption — leaks are allowed (for
-//!   lazy-refcount images, after the repair that opening them read-write performs);
-//! - the image opens, and every byte written by a request that completed before the
-//!   start of the last completed flush reads back.
+//! Each trial, from a seed (see `crash/workload.rs`):
+//! 1. **An image**: a fresh qcow2 image whose geometry the seed picks — 512-byte
+//!    clusters in most trials (every few requests then need a new L2 table, and with
+//!    64-bit refcounts a new refcount block every 32 KiB of host space), 4 KiB and
+//!    64 KiB in the rest; refcount widths 1, 16 and 64 bits; v2 and v3; lazy refcounts.
+//!    Most images are *aged* first (prefill, no power cut): written, partly zeroed
+//!    (zero clusters keeping their host cluster) and discarded (freed clusters, reused
+//!    later), up to a seeded file size, then closed cleanly. Images with 512-byte
+//!    clusters and 64-bit refcounts are filled to just below the 2 MiB of host space
+//!    the first refcount table cluster covers, so the workers grow the refcount table
+//!    (about one trial in nine). Some aged images get an internal snapshot (`qemu-img
+//!    snapshot -c`): writes then copy shared L2 tables and clusters (with their old
+//!    bytes) and drop refcounts from 2 to 1.
+//! 2. **Workers**: four concurrent workers on one reactor, on a [`SimDisk`] (volatile
+//!    write cache, power cut on a seeded disk operation, crash image = durable contents
+//!    plus a seeded subset of unflushed writes, torn at 512 bytes). Each issues up to 40
+//!    requests in its own quarter of the disk (neighbours share clusters):
 //!
-//! The run is deterministic for a seed (one reactor, no real I/O, seeded yields); a
-//! failing trial prints its seed. `CRASH_TRIALS` sets the number of trials (default
-//! 1000), `CRASH_SEED` runs one seed.
+//!    | share | request | what it exercises |
+//!    |---|---|---|
+//!    | 33% | write anywhere | allocation of clusters, L2 tables, refcount blocks, refcount table growth; partial clusters (COW, or known zeros) |
+//!    | 20% | write inside what the prefill wrote | in-place writes to allocated clusters (COW under a snapshot) |
+//!    | 10% | write-zeroes with unmap | zero clusters / deallocation, frees |
+//!    | 10% | write-zeroes without unmap | zero clusters keeping their host cluster |
+//!    | 12% | discard | deallocation of whole clusters, frees |
+//!    | 15% | flush | the barrier |
+//!
+//!    15% of writes carry FUA. Writes are classified by block status just before they
+//!    are issued: in place, allocating whole clusters, allocating a partial cluster.
+//! 3. **Checks** after the cut: our check and `qemu-img check` find no corruption in
+//!    the crash image (leaks are allowed after a cut, none after a clean shutdown;
+//!    dirty lazy-refcount images are checked after the repair opening them performs);
+//!    the image opens, and every byte reads what the model (`crash/model.rs`) allows:
+//!    the value of the last durable request on it (completed before a flush that
+//!    completed, or completed with FUA, with no flush after it) or of a later one —
+//!    never an older value or garbage. Written bytes read back; write-zeroes (with or
+//!    without unmap) reads zeros; discarded whole clusters read zeros and the partial
+//!    clusters at the ends of a discard keep their bytes (what `Shard::discard`
+//!    promises with no backing file). After a clean close the image checks again.
+//! 4. **Resize** (a quarter of the trials, `crash/resize.rs`): the checked image is
+//!    grown offline through `resize_io` on a sim disk cut on a seeded one of the
+//!    resize's disk operations (or not at all); the result checks clean, has the old or
+//!    the new size (the new one if the resize returned), keeps its data, reads zeros in
+//!    the grown area and takes a write at its end.
+//!
+//! Coverage counts (per request kind: completed, and durable when the power went; FUA
+//! writes durable by FUA alone; trials that allocated L2 tables and refcount blocks,
+//! grew the refcount table, resized, cut a resize midway...) are printed at the end,
+//! and a run of at least [`COVERAGE_MIN_TRIALS`] trials fails if any is zero, so a
+//! change cannot silently stop covering an operation.
+//!
+//! A trial is deterministic for its seed (one reactor, no real I/O, seeded yields);
+//! trials run on two lanes (threads with a reactor each) side by side. A failing
+//! trial prints its seed.
+//! - `cargo test --release -p drivers --test crash` runs seeds 1..=2000 and the
+//!   [`REGRESSION_SEEDS`] (about 40 s on two cores), stopping at the first failure.
+//! - `CRASH_TRIALS=N` runs seeds 1..=N and the regression seeds; `CRASH_SEED=N` runs
+//!   seed N alone; `CRASH_THREADS=N` sets the lanes; `CRASH_DUMP=dir` keeps each
+//!   trial's images (initial, crash, reopened) in `dir`.
+//! - The campaign, which runs every trial even when some fail and ends with a summary
+//!   line (trials run, failures, failing seeds, time) and the coverage counts:
+//!
+//!   ```sh
+//!   CRASH_TRIALS=10000 CRASH_KEEP_GOING=1 cargo test --release -p drivers --test crash -- --nocapture
+//!   ```
 
-use std::cell::RefCell;
-use std::path::Path;
+#[path = "crash/coverage.rs"]
+mod coverage;
+#[path = "crash/model.rs"]
+mod model;
+#[path = "crash/resize.rs"]
+mod resize;
+#[path = "crash/workload.rs"]
+mod workload;
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use drivers::qcow2::check::{Repair, check_io};
-use drivers::qcow2::create::{CreateOptions, create};
 use drivers::qcow2::{OpenOptions, Qcow2Device};
 use drivers::sim::SimDisk;
 use drivers::{EngineKind, IoSeg, Storage};
 use poller::{HugepageMode, IdlePolicy, ReactorHandle, ReactorOptions, Reactors, TaskPool};
 
-const SIZE: u64 = 4 << 20;
-const WORKERS: u64 = 4;
-const OPS_PER_WORKER: u64 = 40;
+use coverage::{Coverage, Shape, shape};
+use model::{Model, Outcome};
+use workload::{Layout, Profile, SIZE, WORKERS};
 
-struct Rng(u64);
+/// Seeds run by default.
+const DEFAULT_TRIALS: u64 = 2000;
+/// Seeds that failed before a fix: always run, whatever `CRASH_TRIALS` says. They
+/// replay their scenario only while the trial's construction stays the same; a change
+/// to it should find new ones (revert the fix, run the campaign).
+const REGRESSION_SEEDS: &[u64] = &[
+    // An L2 table copied on write (shared with an internal snapshot) switched its L1
+    // entry in memory before its cached slices were told their new home, across an
+    // await: a flush in between wrote a slice over the snapshot's table.
+    28, 373, 1428, 1904, 3623, 3830, 3934, 4011, 4749, 5195, 5951, 6738, 7776, 9230, 9617,
+    // A clean shutdown left the refcount decrements of the frees its last flush round
+    // applied in the cache: leaked clusters (and, with lazy refcounts, a cleared dirty
+    // bit over stale refcounts).
+    85, 140, 163, 201,
+];
+/// Runs at least this long must cover every counted operation.
+const COVERAGE_MIN_TRIALS: usize = 500;
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// What every trial shares.
+pub struct Env {
+    pub owner: ReactorHandle,
+    /// Where image files go (tmpfs when there is one).
+    pub dir: PathBuf,
+    pub have_qemu: bool,
+    /// Image files written so far (for unique names).
+    pub files: Cell<u64>,
 }
 
-/// What the workers did, in completion order.
-#[derive(Default)]
-struct Model {
-    seq: u64,
-    /// (completion seq, offset, bytes) of completed writes (zeros for zero/discard).
-    done: Vec<(u64, u64, Vec<u8>)>,
-    /// Ranges of requests that did not complete successfully.
-    failed: Vec<(u64, u64)>,
-    /// Completed writes with a seq below this are durable.
-    durable_below: u64,
-}
-
-fn image_bytes(seed: u64, dir: &Path) -> (Vec<u8>, String) {
-    let mut r = Rng::new(seed ^ 0xabcdef);
-    let cluster = [512u64, 4096, 65536][r.below(3) as usize];
-    let refcount_bits = [1u32, 16, 64][r.below(3) as usize];
-    let v2 = r.below(5) == 0;
-    let lazy = !v2 && r.below(3) == 0;
-    let opts = CreateOptions {
-        size: SIZE,
-        cluster_size: cluster,
-        refcount_bits: if v2 { 16 } else { refcount_bits },
-        version: if v2 { 2 } else { 3 },
-        lazy_refcounts: lazy,
-        ..Default::default()
-    };
-    let path = dir.join(format!("seed{seed}.qcow2"));
-    create(&path, &opts).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let desc = format!(
-        "cluster {cluster}, refcount bits {}, v{}, lazy {lazy}",
-        opts.refcount_bits, opts.version
-    );
-    (bytes, desc)
-}
-
-fn open(disk: Arc<SimDisk>, owner: &ReactorHandle, name: &str) -> Arc<Qcow2Device> {
+/// Opens the image on `disk` as the appliance would.
+pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
     let opts = OpenOptions {
         engine: EngineKind::IoUring,
         direct: false,
@@ -94,199 +132,342 @@ fn open(disk: Arc<SimDisk>, owner: &ReactorHandle, name: &str) -> Arc<Qcow2Devic
         refcount_cache_bytes: Some(16 << 10),
         storage: Some(Storage::sim(disk)),
     };
-    Qcow2Device::open(Path::new(name), opts, owner.clone())
+    Qcow2Device::open(Path::new(name), opts, env.owner.clone())
         .unwrap_or_else(|e| panic!("{name}: open failed: {e}"))
 }
 
-async fn worker(dev: Arc<Qcow2Device>, model: Rc<RefCell<Model>>, id: u64, seed: u64) {
-    let ch = dev.channel().unwrap();
-    let mut r = Rng::new(seed * 31 + id);
-    // Each worker owns a region; regions meet inside clusters.
-    let region = SIZE / WORKERS;
-    let base = id * region;
-    for _ in 0..OPS_PER_WORKER {
-        let kind = r.below(20);
-        let len = 1 + r.below(3 * 4096 + 700);
-        let off = base + r.below(region - len);
-        let result = match kind {
-            0..=12 => {
-                let mut data: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
-                let res = ch.write(off, &[IoSeg::new(&mut data)], r.below(10) == 0).await;
-                res.map(|()| data)
-            }
-            13..=14 => ch
-                .write_zeroes(off, len, r.below(2) == 0, false)
-                .await
-                .map(|()| vec![0u8; len as usize]),
-            15 => ch.discard(off, len).await.map(|()| Vec::new()),
-            _ => {
-                let issued = model.borrow().seq;
-                match ch.flush().await {
-                    Ok(()) => {
-                        let mut m = model.borrow_mut();
-                        m.durable_below = m.durable_below.max(issued);
-                        continue;
-                    }
-                    Err(_) => return,
-                }
-            }
-        };
-        let mut m = model.borrow_mut();
-        match result {
-            Ok(data) if kind == 15 => {
-                // Discarded whole clusters read as zeros, partial ones keep their data;
-                // either way the range's contents are the image's business now.
-                let _ = data;
-                m.failed.push((off, len));
-            }
-            Ok(data) => {
-                let s = m.seq;
-                m.seq += 1;
-                m.done.push((s, off, data));
-            }
-            Err(_) => {
-                m.failed.push((off, len));
-                return;
-            }
-        }
+/// A `qemu-img check` of a copy of an image, running while the trial goes on.
+pub struct QemuCheck {
+    child: Option<std::process::Child>,
+    path: PathBuf,
+    ctx: String,
+}
+
+impl QemuCheck {
+    /// Waits for the check; panics if it found corruption (leaks are allowed).
+    pub fn finish(mut self) {
+        let child = self.child.take().expect("a running check");
+        let out = child.wait_with_output().expect("qemu-img check");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: qemu-img check output: {e}: {}",
+                self.ctx,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let bad = v["corruptions"].as_u64().unwrap_or(0) + v["check-errors"].as_u64().unwrap_or(0);
+        assert_eq!(bad, 0, "{}: qemu-img check finds corruption: {v}", self.ctx);
     }
 }
 
-fn qemu_img_corruptions(path: &Path) -> Option<u64> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(v["corruptions"].as_u64().unwrap_or(0) + v["check-errors"].as_u64().unwrap_or(0))
+impl Drop for QemuCheck {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
-fn trial(seed: u64, owner: &ReactorHandle, dir: &Path, have_qemu: bool) {
-    let (bytes, desc) = image_bytes(seed, dir);
-    let lazy = desc.contains("lazy true");
-    let mut r = Rng::new(seed ^ 0x5eed);
-    let cut_after = 1 + r.below(500);
-    let disk = Arc::new(SimDisk::new(bytes, seed, Some(cut_after)));
-    let name = format!("sim-{seed}.qcow2");
-    let dev = open(disk.clone(), owner, &name);
-    let model = Rc::new(RefCell::new(Model::default()));
-    let d2 = dev.clone();
-    let model_out = owner.block_on(move || async move {
-        let model = Rc::new(RefCell::new(Model::default()));
+/// How clean an image must check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Clean {
+    /// No corruption; leaks are allowed (after a power cut).
+    NoCorruption,
+    /// No corruption and no leaks (after a clean shutdown).
+    NoLeaks,
+}
+
+/// Our check finds `image` as clean as `want`; with `qemu` (and qemu-img installed),
+/// also starts `qemu-img check` on it (no corruption), to be finished later.
+pub fn check_clean(
+    image: &[u8],
+    env: &Env,
+    ctx: &str,
+    want: Clean,
+    qemu: bool,
+) -> Option<QemuCheck> {
+    let n = env.files.get();
+    env.files.set(n + 1);
+    let path = env.dir.join(format!("check{n}.qcow2"));
+    std::fs::write(&path, image).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let report = check_io(&path, &file, Repair::None, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{ctx}: check could not run: {e}"));
+    assert_eq!(report.corruptions, 0, "{ctx}: corruption: {:?}", report.messages);
+    if want == Clean::NoLeaks {
+        assert_eq!(report.leaks, 0, "{ctx}: leaks after a clean shutdown: {:?}", report.messages);
+    }
+    let child = (qemu && env.have_qemu).then(|| {
+        std::process::Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-img")
+    });
+    let check = QemuCheck { child, path, ctx: ctx.to_string() };
+    check.child.is_some().then_some(check)
+}
+
+/// The image a trial starts from, its guest content, and where the prefill wrote.
+fn aged_image(seed: u64, p: &Profile, env: &Env) -> (Vec<u8>, Vec<u8>, Layout) {
+    let path = env.dir.join(format!("seed{seed}.qcow2"));
+    let fresh = workload::create_image(p, &path);
+    if p.prefill_to == 0 {
+        return (fresh, vec![0u8; SIZE as usize], Layout { extents: vec![Vec::new(); WORKERS] });
+    }
+    let disk = Arc::new(SimDisk::new(fresh, seed, None));
+    let dev = open(disk.clone(), env, "sim-prefill.qcow2");
+    let (d, dk, pp) = (dev.clone(), disk.clone(), p.clone());
+    let (content, layout) =
+        env.owner.block_on(move || async move { workload::prefill(d, dk, pp, seed).await });
+    dev.close().unwrap_or_else(|e| panic!("seed {seed}: closing after the prefill: {e}"));
+    let image = disk.current();
+    let image = if p.snapshot { workload::snapshot(image, &path) } else { image };
+    (image, content, layout)
+}
+
+/// Runs the workers until they finish or the power is cut; closes the image.
+fn run_workers(disk: &Arc<SimDisk>, layout: Layout, env: &Env, seed: u64, p: &Profile) -> Model {
+    let dev = open(disk.clone(), env, &format!("sim-{seed}.qcow2"));
+    let (d, cluster) = (dev.clone(), p.cluster);
+    let model = env.owner.block_on(move || async move {
+        let model = Rc::new(RefCell::new(Model::new(WORKERS)));
+        let layout = Rc::new(layout);
         let pool = TaskPool::new(WORKERS as u32);
-        for id in 0..WORKERS {
-            let _ = pool.spawn(worker(d2.clone(), model.clone(), id, seed));
+        for w in 0..WORKERS {
+            let f = workload::worker(d.clone(), model.clone(), layout.clone(), w, seed, cluster);
+            let _ = pool.spawn(f);
         }
         pool.drain().await;
-
-        std::mem::take(&mut *model.borrow_mut())
+        std::mem::replace(&mut *model.borrow_mut(), Model::new(0))
     });
-    drop(model);
-    let _ = dev.close();
-    let crash = disk.crash_image(seed ^ 0xc0ffee);
-    let crash_path = dir.join(format!("crash{seed}.qcow2"));
-    std::fs::write(&crash_path, &crash).unwrap();
-    let ctx = format!("seed {seed} ({desc}, cut after {cut_after} disk ops)");
-    if !lazy {
-        let report = check_io(
-            &crash_path,
-            &std::fs::File::open(&crash_path).unwrap(),
-            Repair::None,
-            &mut |_, _| {},
-        )
-        .unwrap_or_else(|e| panic!("{ctx}: check could not run: {e}"));
-        assert_eq!(
-            report.corruptions, 0,
-            "{ctx}: corruption after the crash: {:?}",
-            report.messages
-        );
-        if have_qemu {
-            assert_eq!(
-                qemu_img_corruptions(&crash_path),
-                Some(0),
-                "{ctx}: qemu-img check finds corruption"
-            );
-        }
-    }
-    // The image opens (repairing a dirty lazy-refcounts image) and the durable writes
-    // read back.
-    let disk2 = Arc::new(SimDisk::new(crash, seed, None));
-    let dev2 = open(disk2.clone(), owner, &name);
-    let d3 = dev2.clone();
-    let content = owner.block_on(move || async move {
-        let ch = d3.channel().unwrap();
+    // After a cut the close fails; without one, it is the clean shutdown.
+    let closed = dev.close();
+    assert!(closed.is_ok() || disk.is_cut(), "seed {seed}: close failed: {closed:?}");
+    model
+}
+
+/// Opens the crashed image (repairing a dirty lazy-refcounts image), reads it whole
+/// and closes it. Returns the content and the image after the clean close.
+fn read_back(crash: Vec<u8>, env: &Env, ctx: &str) -> (Vec<u8>, Vec<u8>) {
+    let disk = Arc::new(SimDisk::new(crash, 1, None));
+    let dev = open(disk.clone(), env, "sim-reopened.qcow2");
+    let d = dev.clone();
+    let content = env.owner.block_on(move || async move {
+        let ch = d.channel().expect("channel");
         let mut buf = vec![0u8; SIZE as usize];
         ch.read(0, &[IoSeg::new(&mut buf)]).await.map(|()| buf)
     });
-    let content =
-        content.unwrap_or_else(|e| panic!("{ctx}: reading the crashed image failed: {e}"));
-    dev2.close().unwrap_or_else(|e| panic!("{ctx}: closing the reopened image failed: {e}"));
-    let mut expected = vec![0u8; SIZE as usize];
-    let mut uncertain = vec![false; SIZE as usize];
-    for (s, off, data) in &model_out.done {
-        let r = *off as usize..*off as usize + data.len();
-        if *s < model_out.durable_below {
-            expected[r].copy_from_slice(data);
-        } else {
-            uncertain[r].fill(true);
-        }
-    }
-    for &(off, len) in &model_out.failed {
-        uncertain[off as usize..(off + len) as usize].fill(true);
-    }
-    for i in 0..SIZE as usize {
-        if !uncertain[i] && content[i] != expected[i] {
-            panic!(
-                "{ctx}: byte {i} reads {:#x}, but a write completed before the last completed flush put {:#x} there",
-                content[i], expected[i]
-            );
-        }
-    }
-    // After the reopen and a clean close, the image is fully consistent.
-    let final_image = disk2.current();
-    std::fs::write(&crash_path, &final_image).unwrap();
-    let report = check_io(
-        &crash_path,
-        &std::fs::File::open(&crash_path).unwrap(),
-        Repair::None,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(report.corruptions, 0, "{ctx}: corruption after reopening: {:?}", report.messages);
-    let _ = std::fs::remove_file(&crash_path);
-    let _ = std::fs::remove_file(dir.join(format!("seed{seed}.qcow2")));
+    let content = content.unwrap_or_else(|e| panic!("{ctx}: reading the crashed image: {e}"));
+    dev.close().unwrap_or_else(|e| panic!("{ctx}: closing the reopened image: {e}"));
+    (content, disk.current())
 }
 
-#[test]
-fn power_loss_never_corrupts_and_keeps_flushed_writes() {
-    let reactors = Reactors::start(ReactorOptions {
-        cores: vec![0],
-        idle: IdlePolicy::Busy,
+/// With `CRASH_DUMP=dir`, keeps a trial's images there (for `qemu-img` and a debugger).
+fn dump(seed: u64, what: &str, image: &[u8]) {
+    if let Ok(dir) = std::env::var("CRASH_DUMP") {
+        let path = Path::new(&dir).join(format!("seed{seed}-{what}.qcow2"));
+        std::fs::write(&path, image).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+/// One trial; returns what it covered.
+fn trial(seed: u64, env: &Env) -> Coverage {
+    let p = Profile::new(seed, env.have_qemu);
+    let ctx = format!("seed {seed} ({})", p.describe());
+    let (image, initial, layout) = aged_image(seed, &p, env);
+    let before = shape(&image);
+    dump(seed, "initial", &image);
+    let disk = Arc::new(SimDisk::new(image, seed, Some(p.cut_after)));
+    let model = run_workers(&disk, layout, env, seed, &p);
+    let (crash, mut qemu) = crash_image(&disk, &model, &p, seed, env, &ctx);
+    let mut cov =
+        coverage_of(&model, &p, &disk, [&before, &shape(&disk.current()), &shape(&crash)]);
+    let (content, final_image) = read_back(crash, env, &ctx);
+    dump(seed, "reopened", &final_image);
+    model.verify(&initial, &content).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    let ctx2 = format!("{ctx}: after reopening");
+    qemu.extend(check_clean(&final_image, env, &ctx2, Clean::NoCorruption, p.lazy));
+    if p.resize {
+        resize::run(seed, final_image, &content, env, &ctx, &mut cov);
+    }
+    qemu.into_iter().for_each(QemuCheck::finish);
+    cov
+}
+
+/// What the disk holds after the cut, checked (leaks allowed, none after a clean
+/// shutdown; a dirty lazy-refcounts image is checked after its repair instead).
+fn crash_image(
+    disk: &SimDisk,
+    model: &Model,
+    p: &Profile,
+    seed: u64,
+    env: &Env,
+    ctx: &str,
+) -> (Vec<u8>, Vec<QemuCheck>) {
+    let failed = model.flush_failures > 0
+        || model.ops.iter().flatten().any(|o| o.outcome == Outcome::Failed);
+    assert!(!failed || disk.is_cut(), "{ctx}: a request failed with the power on");
+    let crash = disk.crash_image(seed ^ 0xc0ffee);
+    dump(seed, "crash", &crash);
+    // Without a cut, the workers' close was a clean shutdown.
+    let want = if disk.is_cut() { Clean::NoCorruption } else { Clean::NoLeaks };
+    let mut qemu = Vec::new();
+    if !p.lazy || want == Clean::NoLeaks {
+        qemu.extend(check_clean(&crash, env, &format!("{ctx}: after the crash"), want, true));
+    }
+    (crash, qemu)
+}
+
+/// One trial's coverage; `shapes` are the image before the workers, when the power
+/// went, and after the crash.
+fn coverage_of(model: &Model, p: &Profile, disk: &SimDisk, shapes: [&Shape; 3]) -> Coverage {
+    let mut cov = Coverage { trials: 1, ..Default::default() };
+    cov.requests(model);
+    cov.structures(shapes[0], shapes[1], shapes[2]);
+    cov.cut = u64::from(disk.is_cut());
+    cov.lazy = u64::from(p.lazy);
+    cov.v2 = u64::from(p.version == 2);
+    cov.snapshot = u64::from(p.snapshot);
+    cov
+}
+
+fn seeds() -> Vec<u64> {
+    if let Ok(s) = std::env::var("CRASH_SEED") {
+        return vec![s.parse().expect("CRASH_SEED must be a number")];
+    }
+    let n = std::env::var("CRASH_TRIALS")
+        .map(|v| v.parse().expect("CRASH_TRIALS must be a number"))
+        .unwrap_or(DEFAULT_TRIALS);
+    let mut seeds: Vec<u64> = (1..=n).collect();
+    seeds.extend(REGRESSION_SEEDS.iter().filter(|&&s| s > n));
+    seeds.sort_unstable();
+    seeds.dedup();
+    seeds
+}
+
+/// Trials run side by side: `CRASH_THREADS`, else up to 2 (each lane is a thread and a
+/// reactor, both mostly busy).
+fn lanes(trials: usize) -> usize {
+    let default = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let n = std::env::var("CRASH_THREADS")
+        .map(|v| v.parse().expect("CRASH_THREADS must be a number"))
+        .unwrap_or(default);
+    n.clamp(1, trials.max(1))
+}
+
+/// One reactor per lane (adaptive: it sleeps while its lane checks images).
+fn start_reactors(lanes: usize) -> Reactors {
+    Reactors::start(ReactorOptions {
+        cores: (0..lanes).collect(),
+        idle: IdlePolicy::adaptive(),
         hugepages: HugepageMode::Off,
         dma_pool_bytes: 32 << 20,
         pin: false,
     })
-    .unwrap();
-    let owner = reactors.handles()[0].clone();
-    let dir = tempfile::tempdir().unwrap();
-    let have_qemu = std::process::Command::new("qemu-img").arg("--version").output().is_ok();
-    let seeds: Vec<u64> = match std::env::var("CRASH_SEED") {
-        Ok(s) => vec![s.parse().expect("CRASH_SEED")],
-        Err(_) => {
-            let n: u64 =
-                std::env::var("CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-            (1..=n).collect()
-        }
-    };
-    for seed in seeds {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            trial(seed, &owner, dir.path(), have_qemu)
-        }));
-        if let Err(e) = result {
-            eprintln!("crash trial failed: rerun with CRASH_SEED={seed}");
-            std::panic::resume_unwind(e);
+    .expect("reactors")
+}
+
+type Panic = Box<dyn std::any::Any + Send>;
+
+/// What the lanes found.
+#[derive(Default)]
+struct Results {
+    cov: Coverage,
+    failed: Vec<u64>,
+    first_panic: Option<Panic>,
+}
+
+/// Shared by the lanes: the next seed to run, and whether to stop.
+struct Queue<'a> {
+    seeds: &'a [u64],
+    next: AtomicUsize,
+    stop: AtomicBool,
+    keep_going: bool,
+    results: Mutex<Results>,
+}
+
+/// A lane: takes seeds until none are left (or a failure stops the run).
+fn lane(q: &Queue<'_>, env: &Env) {
+    while !q.stop.load(SeqCst) {
+        let Some(&seed) = q.seeds.get(q.next.fetch_add(1, SeqCst)) else { return };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| trial(seed, env)));
+        let mut res = q.results.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(c) => res.cov.add(&c),
+            Err(e) => {
+                eprintln!("crash trial failed: rerun with CRASH_SEED={seed}");
+                res.failed.push(seed);
+                res.first_panic.get_or_insert(e);
+                q.stop.store(!q.keep_going, SeqCst);
+            }
         }
     }
+}
+
+/// Runs `seeds` on `n` lanes, each with its own reactor and file directory.
+fn run_all(seeds: &[u64], n: usize, dir: &Path, keep_going: bool, have_qemu: bool) -> Results {
+    let reactors = start_reactors(n);
+    let q = Queue {
+        seeds,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        keep_going,
+        results: Mutex::default(),
+    };
+    std::thread::scope(|s| {
+        for (i, owner) in reactors.handles().iter().enumerate() {
+            let dir = dir.join(format!("lane{i}"));
+            std::fs::create_dir_all(&dir).expect("lane directory");
+            let env = Env { owner: owner.clone(), dir, have_qemu, files: Cell::new(0) };
+            let q = &q;
+            s.spawn(move || lane(q, &env));
+        }
+    });
     reactors.stop();
+    let mut r = q.results.into_inner().unwrap_or_else(|p| p.into_inner());
+    r.failed.sort_unstable();
+    r
+}
+
+#[test]
+fn power_loss_never_corrupts_and_keeps_durable_writes() {
+    // Images are written for qemu-img: into memory when there is a tmpfs.
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() };
+    let dir = dir.expect("temporary directory");
+    let have_qemu = std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_qemu {
+        eprintln!("crash: qemu-img not found; only our own check runs, and no snapshot trials");
+    }
+    let keep_going = std::env::var("CRASH_KEEP_GOING").is_ok_and(|v| v != "0" && !v.is_empty());
+    let seeds = seeds();
+    let n = lanes(seeds.len());
+    let started = Instant::now();
+    let r = run_all(&seeds, n, dir.path(), keep_going, have_qemu);
+    let list: Vec<String> = r.failed.iter().map(u64::to_string).collect();
+    eprintln!(
+        "crash: {} trials run, {} failed (seeds: [{}]), {:.1} s on {n} lane(s); coverage:\n{}",
+        r.cov.trials as usize + r.failed.len(),
+        r.failed.len(),
+        list.join(", "),
+        started.elapsed().as_secs_f64(),
+        r.cov.report()
+    );
+    if let Some(e) = r.first_panic {
+        if !keep_going {
+            std::panic::resume_unwind(e);
+        }
+        panic!("{} crash trials failed, seeds: {}", r.failed.len(), list.join(" "));
+    }
+    if seeds.len() >= COVERAGE_MIN_TRIALS {
+        r.cov.assert_everything_covered();
+    }
 }

@@ -260,13 +260,18 @@ impl MetaCache {
         None
     }
 
-    /// The slice `key`, stored at `host`, loaded if needed. With `fresh`, a missing
-    /// slice is not read but zero-filled (a newly allocated table) and marked dirty.
+    /// The slice `key`, loaded if needed from where `host()` says it lives. With
+    /// `fresh`, a missing slice is not read but zero-filled (a newly allocated table)
+    /// and marked dirty.
+    ///
+    /// `host` is asked when a slot is filled, not when the caller looked the slice up:
+    /// a lookup may wait here for a load, and a slice can move meanwhile (an L2 table
+    /// copied on write); a slot filled from a stale place would later write back there.
     pub(crate) async fn get<'a>(
         &'a self,
         io: &Aligned,
         key: u64,
-        host: u64,
+        host: impl Fn() -> u64,
         fresh: bool,
     ) -> Result<Pin<'a>, GetError> {
         loop {
@@ -276,7 +281,7 @@ impl MetaCache {
                     let s = &mut slots[slot as usize];
                     s.pins += 1;
                     s.referenced = true;
-                    debug_assert_eq!(s.host, host, "slice {key} moved without rehost");
+                    debug_assert_eq!(s.host, host(), "slice {key} moved without rehost");
                     self.hits.set(self.hits.get() + 1);
                     return Ok(Pin { cache: self, slot });
                 }
@@ -290,6 +295,7 @@ impl MetaCache {
                 return Err(GetError::Full);
             };
             self.misses.set(self.misses.get() + 1);
+            let host = host();
             {
                 let mut slots = self.slots.borrow_mut();
                 let s = &mut slots[slot as usize];

@@ -103,6 +103,16 @@ impl Qcow2Layer {
         Ok(Some((key, l2_off + (key % slices_per_table) * slice_bytes)))
     }
 
+    /// Where the L2 slice `key` lives now, if its table is allocated (a table copied
+    /// on write moves).
+    pub(crate) fn slice_host(&self, key: u64) -> Option<u64> {
+        let slices_per_table = 1u64 << (self.g.l2_bits() - self.slice_bits);
+        let raw = *self.l1.borrow().get((key / slices_per_table) as usize)?;
+        let (l2_off, _) = decode_l1(raw, &self.g).ok()?;
+        let slice_bytes = 8u64 << self.slice_bits;
+        (l2_off != 0).then_some(l2_off + (key % slices_per_table) * slice_bytes)
+    }
+
     /// Guest bytes one cache slice covers.
     pub(crate) fn slice_coverage(&self) -> u64 {
         1 << (self.g.cluster_bits + self.slice_bits)
@@ -119,7 +129,8 @@ impl Qcow2Layer {
         let Some((key, host)) = self.slice_of(guest_off)? else {
             return Ok(Run { len: max, kind: RunKind::Unallocated });
         };
-        let pin = self.l2.get(&self.io, key, host, false).await?;
+        let pin =
+            self.l2.get(&self.io, key, || self.slice_host(key).unwrap_or(host), false).await?;
         let mask = (1u64 << self.slice_bits) - 1;
         let first = ((guest_off >> g.cluster_bits) & mask) as usize;
         let in_cluster = g.offset_in_cluster(guest_off);

@@ -91,7 +91,7 @@ impl Refcounts {
     }
 
     pub(crate) async fn pin(&self, io: &Aligned, loc: &RefLoc) -> Result<Pin<'_>, GetError> {
-        self.cache.get(io, loc.key, loc.host, false).await
+        self.cache.get(io, loc.key, || loc.host, false).await
     }
 
     /// Reads the refcount at `loc` in a pinned slice.

@@ -18,10 +18,16 @@
 //!    the L2 change durable; a freed cluster cannot be reused before that, nor while an
 //!    in-place write to it is still in flight.
 //! 4. *New refcount blocks and tables written and synced before they are hooked in*;
-//!    header switches are single small writes; the old table is freed last.
+//!    header switches are single small writes; the old table is freed last. An L2
+//!    table copied on write (shared with a snapshot) moves in one step: its L1 entry
+//!    in memory and the home of its cached slices change together, with no await in
+//!    between, so no writeback of a slice ever lands in the table the snapshot keeps
+//!    (and the cache asks where a slice lives when it fills a slot, not when the
+//!    caller looked it up).
 //! 5. *Lazy refcounts*: the dirty bit is written and synced before the first
 //!    allocation; refcount blocks then reach the disk only at shutdown (or when their
-//!    cache fills); a clean shutdown writes them, syncs and clears the bit.
+//!    cache fills); a clean shutdown runs flush rounds until no free is pending and no
+//!    refcount slice is dirty, syncs and clears the bit.
 //! 6. *Flush is a barrier*: concurrent flush requests are coalesced into rounds, and a
 //!    request returns only after a round that started after it has completed.
 
@@ -44,6 +50,8 @@ use super::types::*;
 const FLUSH_BATCH: usize = 1024;
 /// Concurrent metadata writes within a round.
 const WRITE_FANOUT: usize = 16;
+/// Flush rounds a clean shutdown runs at most (two suffice: see `Shard::close`).
+const CLOSE_ROUNDS: usize = 4;
 /// Pending frees that force a flush.
 const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
@@ -537,7 +545,11 @@ impl Shard {
             return Err(self.fail(format_args!("L2 table vanished while linking cluster {c0}")));
         };
         let pin = loop {
-            match top.l2.get(&top.io, key, slice_host, false).await {
+            match top
+                .l2
+                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
+                .await
+            {
                 Ok(p) => break p,
                 Err(GetError::Full) => self.flush_now(false).await?,
                 Err(GetError::Io(e)) => return Err(e),
@@ -643,15 +655,21 @@ impl Shard {
         top.io.flush().await?;
         let entry = new | OFLAG_COPIED;
         self.meta.mark(new >> g.cluster_bits, 1);
+        // The switch, with no await inside it: once the L1 entry says the table is
+        // `new`, writers link entries into its cached slices at once, so those slices
+        // must already write back to `new`. A writeback still aimed at `old` would
+        // overwrite the table the snapshot keeps.
         top.l1.borrow_mut()[l1i] = entry;
-        let l1_off = self.l1_offset() + l1i as u64 * 8;
-        self.write_u64(l1_off, entry).await?;
         if old != 0 {
             let slices = 1u64 << (g.l2_bits() - top.slice_bits);
             let first = (l1i as u64) * slices;
             for k in 0..slices {
                 top.l2.rehost(first + k, new + k * top.l2.slice_bytes() as u64);
             }
+        }
+        let l1_off = self.l1_offset() + l1i as u64 * 8;
+        self.write_u64(l1_off, entry).await?;
+        if old != 0 {
             self.queue_free(old >> g.cluster_bits, false);
         }
         Ok(())
@@ -1123,7 +1141,11 @@ impl Shard {
             return Err(self.fail(format_args!("L2 table missing after allocation")));
         };
         let pin = loop {
-            match top.l2.get(&top.io, key, slice_host, false).await {
+            match top
+                .l2
+                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
+                .await
+            {
                 Ok(p) => break p,
                 Err(GetError::Full) => self.flush_now(false).await?,
                 Err(GetError::Io(e)) => return Err(e),
@@ -1364,11 +1386,15 @@ impl Shard {
         if self.read_only {
             return Ok(());
         }
-        self.flush_round(true).await?;
-        // Frees queued during that flush: one more round makes them durable.
-        if !self.pending.borrow().is_empty() {
+        // A round applies the frees whose L2 change it made durable only after it wrote
+        // the refcounts, so their decrements wait in the cache for the next round; a
+        // shutdown that stopped there would leave them leaked on disk (and, with lazy
+        // refcounts, clear the dirty bit over them). Rounds go on until nothing is left.
+        for _ in 0..CLOSE_ROUNDS {
             self.flush_round(true).await?;
-            self.flush_round(true).await?;
+            if self.pending.borrow().is_empty() && self.rc.cache.dirty_count() == 0 {
+                break;
+            }
         }
         if self.dirty_bit_on_disk.get() && !self.corrupt.get() {
             let _m = self.header_lock.lock().await;
