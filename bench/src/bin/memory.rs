@@ -106,7 +106,7 @@ fn measure(spec: &Spec, size: u64, writes: u64) -> Result<String, String> {
 }
 
 fn run(args: &Args) -> Result<Vec<Row>, String> {
-    let bin = appliance_tests::bin();
+    let bin = bench::harness::locate_appliance(None)?;
     let work = tempfile_in(&args.dir)?;
     let mut rows = Vec::new();
     for size in &args.sizes {

@@ -130,12 +130,14 @@ impl ClusterSet {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.as_ref().map_or(0, HashIndex::len)
     }
 
     /// Bytes the table takes.
-    pub(crate) fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.map.as_ref().map_or(0, |m| m.keys.len() * 12)
     }
 }

@@ -84,8 +84,9 @@ impl MetaMap {
         (first..limit).find(|&c| s.contains(c)).or(in_range)
     }
 
-    /// Bytes the map takes (for the memory report).
-    pub(crate) fn bytes(&self) -> usize {
+    /// Bytes the map takes.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.singles.borrow().bytes() + self.ranges.borrow().capacity() * 16
     }
 }
