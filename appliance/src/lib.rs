@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod ctl;
 pub mod debug;
+pub mod fuzzing;
 pub mod metrics;
 pub mod nbd;
 pub mod serve;

@@ -309,6 +309,19 @@ impl Config {
         ctx.run()
     }
 
+    /// Parses and validates config text like [`Config::parse`], leaving whether image
+    /// files exist to the caller (as `serve` does; the fuzz target uses it so input
+    /// text never makes it probe the file system).
+    pub fn parse_lenient(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let ctx = Validator {
+            file: file.to_string(),
+            text: text.to_string(),
+            base: base.to_path_buf(),
+            require_files: false,
+        };
+        ctx.run()
+    }
+
     /// Looks a disk up by name.
     pub fn disk(&self, name: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| d.name == name)

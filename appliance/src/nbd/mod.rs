@@ -19,7 +19,7 @@
 //! then the socket closes.
 
 mod budget;
-mod conn;
+pub(crate) mod conn;
 mod handshake;
 pub mod proto;
 mod reader;
@@ -329,7 +329,7 @@ pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> 
     })
 }
 
-async fn serve(stream: OwnedFd, exports: Arc<Exports>, timeouts: conn::Timeouts) {
+pub(crate) async fn serve(stream: OwnedFd, exports: Arc<Exports>, timeouts: conn::Timeouts) {
     let sock = match poller::Async::new(stream) {
         Ok(s) => s,
         Err(e) => {

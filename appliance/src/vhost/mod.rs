@@ -9,10 +9,10 @@
 //! - Data plane: each virtqueue runs on one reactor (queue `i` on reactor
 //!   `i mod n`), polled in guest memory ([`queue`]).
 
-mod backend;
+pub(crate) mod backend;
 pub mod blk;
 mod inflight;
-mod queue;
+pub(crate) mod queue;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,35 @@ use vhost::vhost_user::{BackendListener, Listener};
 use backend::VuBlk;
 
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// Handles a front-end's messages until it leaves or breaks the protocol. A refused
+/// request (bad index, size, features...) was answered with a NACK when the front-end
+/// asked for one, and the session goes on; anything else drops the front-end.
+pub(crate) fn serve_session(
+    conn: &mut vhost::vhost_user::BackendReqHandler<std::sync::Mutex<VuBlk>>,
+    name: &str,
+) {
+    loop {
+        let Err(e) = conn.handle_request() else { continue };
+        if matches!(
+            e,
+            vhost::vhost_user::Error::InvalidParam
+                | vhost::vhost_user::Error::InvalidOperation(_)
+                | vhost::vhost_user::Error::BackendInternalError
+                | vhost::vhost_user::Error::MemFdCreateError
+        ) {
+            tracing::warn!(disk = name, "vhost-user request refused: {e}");
+            continue;
+        }
+        match e {
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => {
+                tracing::info!(disk = name, "vhost-user front-end disconnected")
+            }
+            e => tracing::warn!(disk = name, "vhost-user front-end dropped: {e}"),
+        }
+        return;
+    }
+}
 
 /// One disk's vhost-user-blk socket.
 pub struct VhostServer {
@@ -92,30 +121,7 @@ impl VhostServer {
                 let mut conn = conn;
                 *active2.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.as_raw_fd());
                 tracing::info!(disk = name, "vhost-user front-end connected");
-                loop {
-                    if let Err(e) = conn.handle_request() {
-                        // A refused request (bad index, size, features...) was answered
-                        // with a NACK when the front-end asked for one; the session goes
-                        // on. Anything else breaks the protocol: drop the front-end.
-                        if matches!(
-                            e,
-                            vhost::vhost_user::Error::InvalidParam
-                                | vhost::vhost_user::Error::InvalidOperation(_)
-                                | vhost::vhost_user::Error::BackendInternalError
-                                | vhost::vhost_user::Error::MemFdCreateError
-                        ) {
-                            tracing::warn!(disk = name, "vhost-user request refused: {e}");
-                            continue;
-                        }
-                        match e {
-                            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => {
-                                tracing::info!(disk = name, "vhost-user front-end disconnected")
-                            }
-                            e => tracing::warn!(disk = name, "vhost-user front-end dropped: {e}"),
-                        }
-                        break;
-                    }
-                }
+                serve_session(&mut conn, &name);
                 *active2.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 drop(conn);
                 device.lock().unwrap_or_else(|p| p.into_inner()).reset();

@@ -210,8 +210,11 @@ fn status_of(r: Result<(), IoError>) -> u8 {
 /// device's shared validation step (`BdevInfo::admit`); what is checked here is
 /// virtio-blk's own framing: sector-multiple data lengths and the discard/write-zeroes
 /// range descriptors.
-async fn execute(r: &Runner, req: &BlkReq) -> (u8, u32) {
-    let ch = &r.ch;
+pub(crate) async fn execute(
+    ch: &BdevChannel,
+    serial: &[u8; blk::ID_BYTES],
+    req: &BlkReq,
+) -> (u8, u32) {
     let off = req.sector.checked_mul(512);
     match req.kind {
         blk::T_IN => {
@@ -234,7 +237,7 @@ async fn execute(r: &Runner, req: &BlkReq) -> (u8, u32) {
         blk::T_FLUSH => (status_of(ch.flush().await), 0),
         blk::T_GET_ID => {
             // As QEMU: as much of the 20-byte serial as the buffer holds.
-            let n = blk::write_to_segs(req.data_in(), &r.serial);
+            let n = blk::write_to_segs(req.data_in(), serial);
             (blk::S_OK, n as u32)
         }
         blk::T_DISCARD | blk::T_WRITE_ZEROES => (ranges(ch, req).await, 0),
@@ -284,7 +287,7 @@ async fn serve(r: Rc<Runner>, req: BlkReq) {
     let len = drivers::seg::total_len(req.data_in()) + drivers::seg::total_len(req.data_out());
     crate::debug::before_request(req.sector.saturating_mul(512), len as u64).await;
     let started = r.stats.as_ref().map(|s| s.start());
-    let (status, written) = execute(&r, &req).await;
+    let (status, written) = execute(&r.ch, &r.serial, &req).await;
     if let (Some(s), Some(t)) = (&r.stats, started) {
         use crate::metrics::Op;
         let op = match req.kind {

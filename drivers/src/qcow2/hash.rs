@@ -137,7 +137,7 @@ impl ClusterSet {
 
     /// Bytes the table takes.
     #[cfg(test)]
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.map.as_ref().map_or(0, |m| m.keys.len() * 12)
     }
 }
