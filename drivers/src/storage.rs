@@ -549,6 +549,10 @@ impl StorageChannel {
                 Ok(())
             }
             Backend::Sim(d) => {
+                // As a real fallocate: other requests run while it is in flight.
+                if d.should_yield() {
+                    poller::yield_now().await;
+                }
                 d.write_bytes(off, vec![0u8; len as usize])?;
                 self.storage.note_end(off + len);
                 Ok(())
@@ -598,6 +602,9 @@ impl StorageChannel {
                 Ok(true)
             }
             Backend::Sim(d) => {
+                if d.should_yield() {
+                    poller::yield_now().await;
+                }
                 let end = (off + len).min(self.storage.size());
                 if end > off {
                     d.write_bytes(off, vec![0u8; (end - off) as usize])?;

@@ -56,6 +56,7 @@ struct Totals {
 
 impl Totals {
     fn fail(&self, m: String) {
+        eprintln!("soak error: {m}");
         let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         if e.len() < 20 {
             e.push(m);

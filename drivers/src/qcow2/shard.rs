@@ -1350,13 +1350,16 @@ impl Shard {
                     p.cluster
                 )));
             }
+            if rc == 1 && p.punch {
+                // Punch while the cluster is still allocated: once its refcount drops,
+                // an allocating write may take it at once, and a hole punched after
+                // that write would erase its data.
+                let _ = self.top().io.discard(p.cluster * cs, cs).await;
+            }
             self.set_refcount(p.cluster, rc - 1).await?;
             if rc == 1 {
                 self.meta.unmark(p.cluster);
                 self.cursor.set(self.cursor.get().min(p.cluster));
-                if p.punch {
-                    let _ = self.top().io.discard(p.cluster * cs, cs).await;
-                }
             }
         }
         Ok(())
