@@ -92,7 +92,11 @@ fn world() -> &'static World {
             .disks
             .iter()
             .enumerate()
-            .map(|(i, d)| Bdev::open(d, &h[i % h.len()]).expect("open a fuzz disk"))
+            .map(|(i, d)| {
+                let mut r = h.to_vec();
+                r.rotate_left(i % h.len());
+                Bdev::open(d, &r).expect("open a fuzz disk")
+            })
             .collect();
         let ram = bdevs[0].clone();
         let vhost = Arc::new(Mutex::new(VuBlk::new(u64::MAX, bdevs[2].clone(), 2, h.to_vec())));

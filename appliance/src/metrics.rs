@@ -320,14 +320,9 @@ fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
         metrics::gauge!("appliance_reactor_wake_ring_entries", &labels).set(s.wake_ring as f64);
     }
     for b in disks {
-        if let Some(q) = b.qcow2() {
-            let (l2h, l2m, rch, rcm, alloc) = q.stats();
-            let labels = [("disk", b.name().to_string())];
-            metrics::counter!("appliance_qcow2_l2_cache_hits_total", &labels).absolute(l2h);
-            metrics::counter!("appliance_qcow2_l2_cache_misses_total", &labels).absolute(l2m);
-            metrics::counter!("appliance_qcow2_refcount_cache_hits_total", &labels).absolute(rch);
-            metrics::counter!("appliance_qcow2_refcount_cache_misses_total", &labels).absolute(rcm);
-            metrics::counter!("appliance_qcow2_clusters_allocated_total", &labels).absolute(alloc);
+        let labels = [("disk", b.name().to_string())];
+        for (name, v) in b.driver_stats() {
+            metrics::counter!(format!("appliance_{name}_total"), &labels).absolute(v);
         }
     }
 }

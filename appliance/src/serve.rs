@@ -237,9 +237,11 @@ impl Appliance {
         if lock(&self.disks).iter().any(|e| e.config.name == d.name) {
             return Err(ServeError::Exists(d.name));
         }
-        let owner =
-            &self.handles[self.next_owner.fetch_add(1, Ordering::Relaxed) % self.handles.len()];
-        let bdev = Bdev::open(&d, owner)
+        // Disks lead on the reactors in turn, so single-shard images spread out.
+        let mut reactors = self.handles.clone();
+        let lead = self.next_owner.fetch_add(1, Ordering::Relaxed) % reactors.len();
+        reactors.rotate_left(lead);
+        let bdev = Bdev::open(&d, &reactors)
             .map_err(|source| ServeError::Disk { disk: d.name.clone(), source })?;
         let vhost = match &d.vhost_user_blk {
             None => None,
@@ -398,7 +400,7 @@ impl Appliance {
             .find(|e| e.config.name == name)
             .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
         if let Some(b) = e.bdev() {
-            b.set_qos(drivers::qos::QosLimits {
+            b.set_qos(drivers::api::qos::QosLimits {
                 iops: q.iops,
                 bandwidth: q.bandwidth,
                 burst: q.burst,

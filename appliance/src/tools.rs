@@ -130,7 +130,7 @@ pub fn resize(path: &Path, size: &str) -> Result<(), String> {
             .open(path)
             .map_err(|e| e.to_string())?;
         // Not under a running user: the appliance or QEMU serving it would not see the size.
-        drivers::lock::lock_image(&f, path, true).map_err(|e| e.to_string())?;
+        drivers::io::lock::lock_image(&f, path, true).map_err(|e| e.to_string())?;
         f.set_len(new_size).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
     }
     println!("Image resized.");

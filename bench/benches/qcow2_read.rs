@@ -19,7 +19,7 @@ fn open(path: &Path, format: &str, h: &ReactorHandle) -> Arc<Bdev> {
         bench::toml_str(&path.to_string_lossy())
     ))
     .expect("disk config");
-    Bdev::open(&disk, h).expect("open image")
+    Bdev::open(&disk, std::slice::from_ref(h)).expect("open image")
 }
 
 /// Writes data into the first clusters (allocating them in the qcow2 image).

@@ -534,7 +534,7 @@ pub fn run(o: &Options) -> Result<Report, String> {
 fn run_on(o: &Options, reactors: &Reactors) -> Result<Report, String> {
     let handles = reactors.handles();
     let disk = disk_config(o)?;
-    let bdev = Bdev::open(&disk, &handles[0]).map_err(|e| format!("opening {}: {e}", o.target))?;
+    let bdev = Bdev::open(&disk, handles).map_err(|e| format!("opening {}: {e}", o.target))?;
     let n = handles.len();
     let cfg = Arc::new(JobCfg {
         workload: o.workload,

@@ -1,31 +1,26 @@
-//! Block devices for the appliance.
-//!
-//! Layers, top to bottom (SPDK's split of consumer and implementor APIs):
-//! - [`bdev`]: the consumer API exports use: a shared [`Bdev`] describing a device and a
-//!   per-reactor [`BdevChannel`] with async read, write, flush, write-zeroes, discard
-//!   and block status; bounds and read-only checks happen here;
-//! - format drivers: `raw` (inside `bdev`) and [`qcow2`];
-//! - [`align`]: byte-granular I/O over storage that needs aligned I/O
-//!   (bounce buffers, serialised read-modify-write);
-//! - [`storage`]: pure, pre-aligned I/O to a file through an engine, a RAM disk or a
-//!   null device, with [`probe`] finding a file's O_DIRECT alignment;
-//! - `engine`: the per-reactor io_uring and Linux AIO engines and the offload workers;
-//! - [`lock`]: image file locks that QEMU honours (and that honour QEMU's).
+//! Block devices for the appliance, in the layers a request travels through:
+//! - [`api`]: the consumer API exports and jobs use — a [`Bdev`] per disk and a
+//!   per-reactor [`BdevChannel`] (SPDK's io_channel); the one validation step every
+//!   request passes; QoS; opening a disk from its config entry;
+//! - [`driver`]: the implementor API — the [`driver::BlockDriver`] and
+//!   [`driver::DriverChannel`] traits every format driver implements, with request
+//!   futures stored inline (no allocation per I/O);
+//! - [`format`]: format drivers — `raw` and the `qcow2` engine with its image tools;
+//! - [`io`]: I/O drivers — files through the per-reactor io_uring and Linux AIO
+//!   engines, RAM, null and the fault-injecting simulated disk, behind one backend
+//!   trait; the shared alignment (read-modify-write) layer, O_DIRECT probing, image
+//!   locks.
 
-pub mod align;
-pub mod bdev;
-mod engine;
+pub mod api;
+pub mod driver;
 pub mod error;
-pub mod lock;
-pub mod probe;
-pub mod qcow2;
-pub mod qos;
+pub mod format;
+pub mod io;
 pub mod seg;
-pub mod sim;
-pub mod storage;
 
-pub use bdev::{Admit, Bdev, BdevChannel, BdevInfo, BlockStatus, ReqKind, ZeroFlags};
-pub use engine::ENGINE_DEPTH;
+pub use api::{Admit, Bdev, BdevChannel, BlockStatus, DeviceInfo, ReqKind, ZeroFlags};
 pub use error::{IoError, OpenError};
+pub use format::qcow2;
+pub use io::engine::ENGINE_DEPTH;
+pub use io::{EngineKind, Storage, StorageChannel};
 pub use seg::IoSeg;
-pub use storage::{EngineKind, Storage, StorageChannel};

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use drivers::align::Aligned;
-use drivers::probe::Alignment;
+use drivers::io::align::Aligned;
+use drivers::io::probe::Alignment;
 use drivers::{Bdev, EngineKind, IoError, IoSeg, Storage, ZeroFlags};
 use poller::{HugepageMode, IdlePolicy, ReactorOptions, Reactors, TaskPool, dma};
 
@@ -205,9 +205,9 @@ fn zero_range_discard_and_block_status() {
         if let Kind::File(..) = kind {
             // The tail of the file was never written: a hole.
             let st = a.block_status(4 << 20, 1 << 20).await.unwrap();
-            assert_eq!(st.allocation, drivers::storage::Allocation::Hole, "{kind:?}");
+            assert_eq!(st.allocation, drivers::io::Allocation::Hole, "{kind:?}");
             let st = a.block_status(0, 4096).await.unwrap();
-            assert_eq!(st.allocation, drivers::storage::Allocation::Data, "{kind:?}");
+            assert_eq!(st.allocation, drivers::io::Allocation::Data, "{kind:?}");
             assert_eq!(st.len, 4096);
         }
     });
@@ -322,8 +322,8 @@ fn bdev_checks_ranges_and_read_only() {
         qos: None,
     };
     let owner = r.handles()[0].clone();
-    let rw = Bdev::open(&disk(false), &owner).unwrap();
-    let ro = Bdev::open(&disk(true), &owner).unwrap();
+    let rw = Bdev::open(&disk(false), std::slice::from_ref(&owner)).unwrap();
+    let ro = Bdev::open(&disk(true), std::slice::from_ref(&owner)).unwrap();
     assert_eq!(rw.info().size, 1 << 20);
     assert!(ro.info().read_only);
     r.handles()[0].block_on(move || async move {

@@ -83,9 +83,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use drivers::io::sim::SimDisk;
 use drivers::qcow2::check::{Repair, check_io};
 use drivers::qcow2::{OpenOptions, Qcow2Device};
-use drivers::sim::SimDisk;
 use drivers::{EngineKind, IoSeg, Storage};
 use poller::{HugepageMode, IdlePolicy, ReactorHandle, ReactorOptions, Reactors, TaskPool};
 

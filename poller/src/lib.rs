@@ -18,6 +18,7 @@
 pub mod dma;
 pub mod executor;
 pub mod fd;
+pub mod inline;
 pub mod mailbox;
 pub mod reactor;
 pub mod timer;
@@ -25,6 +26,7 @@ pub mod timer;
 pub use dma::{DmaBuf, HugepageMode};
 pub use executor::{LocalOneshot, TaskPool, WaitList, spawn, yield_now};
 pub use fd::Async;
+pub use inline::InlineFuture;
 pub use mailbox::{MailSender, Mailbox, mailbox};
 pub use reactor::{
     IdlePolicy, Phase, PollerId, ReactorHandle, ReactorOptions, Reactors, StatsSnapshot, current,

@@ -12,7 +12,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drivers::{Bdev, BdevInfo};
+use drivers::{Bdev, DeviceInfo};
 use poller::Async;
 
 use super::Exports;
@@ -64,7 +64,7 @@ impl State {
 }
 
 /// Transmission flags for a device.
-pub fn transmission_flags(info: &BdevInfo, structured: bool) -> u16 {
+pub fn transmission_flags(info: &DeviceInfo, structured: bool) -> u16 {
     let mut f = proto::FLAG_HAS_FLAGS
         | proto::FLAG_SEND_FLUSH
         | proto::FLAG_SEND_FUA
@@ -92,7 +92,7 @@ pub fn transmission_flags(info: &BdevInfo, structured: bool) -> u16 {
 }
 
 /// Block sizes to advertise: (minimum, preferred, maximum).
-pub fn block_sizes(info: &BdevInfo) -> (u32, u32, u32) {
+pub fn block_sizes(info: &DeviceInfo) -> (u32, u32, u32) {
     let min = info.min_block_size.clamp(1, 64 << 10).next_power_of_two();
     let pref = info.preferred_block_size.max(min).max(512).next_power_of_two();
     let dma_max = poller::dma::max_len() as u32;

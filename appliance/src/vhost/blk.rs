@@ -49,7 +49,7 @@ pub const SEG_MAX: u32 = 126;
 /// device's largest transfer, so a driver that honours both never sends a request the
 /// shared validation step refuses as too large.
 pub const SIZE_MAX: u32 = 256 << 10;
-const _: () = assert!(SIZE_MAX as u64 * SEG_MAX as u64 <= drivers::bdev::MAX_TRANSFER_BYTES as u64);
+const _: () = assert!(SIZE_MAX as u64 * SEG_MAX as u64 <= drivers::api::MAX_TRANSFER_BYTES as u64);
 /// Segments per side (device-readable, device-writable) including header and status.
 pub const MAX_SIDE_SEGS: usize = SEG_MAX as usize + 2;
 /// Largest discard / write-zeroes range, in 512-byte sectors.

@@ -207,7 +207,7 @@ fn status_of(r: Result<(), IoError>) -> u8 {
 
 /// Runs one request; returns its status and the bytes written into the guest's
 /// buffers (before the status byte). Ranges, read-only and sizes are checked by the
-/// device's shared validation step (`BdevInfo::admit`); what is checked here is
+/// device's shared validation step (`DeviceInfo::admit`); what is checked here is
 /// virtio-blk's own framing: sector-multiple data lengths and the discard/write-zeroes
 /// range descriptors.
 pub(crate) async fn execute(

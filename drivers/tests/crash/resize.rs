@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use drivers::io::sim::SimDisk;
 use drivers::qcow2::resize::resize_io;
-use drivers::sim::SimDisk;
 use drivers::{IoSeg, Storage};
 
 use crate::coverage::{Coverage, shape};

@@ -7,9 +7,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use drivers::IoSeg;
+use drivers::io::sim::SimDisk;
 use drivers::qcow2::create::{CreateOptions, create};
 use drivers::qcow2::{Qcow2Channel, Qcow2Device};
-use drivers::sim::SimDisk;
 
 use crate::model::{Effect, Kind, Model, Op, Outcome};
 
@@ -316,7 +316,7 @@ async fn issue(ch: &Qcow2Channel, mut op: Op, cluster: u64) -> (Op, bool) {
 
 async fn classify(ch: &Qcow2Channel, off: u64, len: u64, cs: u64) -> Kind {
     let is_data = |at: u64, n: u64| async move {
-        matches!(ch.block_status(at, n).await, Ok((l, true, _)) if l >= n)
+        matches!(ch.block_status(at, n).await, Ok(st) if !st.hole && st.len >= n)
     };
     if is_data(off, len).await {
         return Kind::InPlace;

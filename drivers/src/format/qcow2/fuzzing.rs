@@ -24,8 +24,8 @@ use poller::{ReactorHandle, TaskPool};
 use super::check::{Repair, check};
 use super::{OpenOptions, Qcow2Device};
 use crate::error::IoError;
+use crate::io::EngineKind;
 use crate::seg::IoSeg;
-use crate::storage::EngineKind;
 
 /// Images above this many bytes are skipped (the fuzzer's inputs are far smaller).
 pub const MAX_INPUT: usize = 4 << 20;
@@ -133,7 +133,7 @@ async fn drive(dev: Arc<Qcow2Device>, seed: u64, read_only: bool, consistent: bo
             break;
         }
         match ch.block_status(off, (size - off).min(1 << 30)).await {
-            Ok((len, _, _)) if len > 0 => off += len,
+            Ok(st) if st.len > 0 => off += st.len,
             _ => break,
         }
     }

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{Backend, ENGINE_DEPTH, IoOp, Slots};
+use super::{ENGINE_DEPTH, EngineBackend, IoOp, Slots};
 
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -202,7 +202,7 @@ impl Uring {
     }
 }
 
-impl Backend for Uring {
+impl EngineBackend for Uring {
     fn slots(&self) -> &Slots {
         &self.slots
     }
@@ -211,7 +211,7 @@ impl Backend for Uring {
         let entry = Self::entry(op, slot);
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the entry's pointers stay valid until its completion is reaped: the
-        // IoFuture that owns `slot` borrows them and waits for the completion on drop.
+        // OpFuture that owns `slot` borrows them and waits for the completion on drop.
         let pushed = unsafe { ring.submission().push(&entry).is_ok() };
         if !pushed {
             if ring.submit().is_ok() {

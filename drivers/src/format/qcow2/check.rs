@@ -263,7 +263,7 @@ pub fn check(
         .map_err(|e| OpenError::io(path, e))?;
     if repair != Repair::None {
         // A repair writes: not while someone else (the appliance, QEMU) uses the image.
-        crate::lock::lock_image(&f, path, true)?;
+        crate::io::lock::lock_image(&f, path, true)?;
     }
     check_io(path, &f, repair, progress)
 }

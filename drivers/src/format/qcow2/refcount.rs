@@ -8,7 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 
-use crate::align::Aligned;
+use crate::io::align::Aligned;
 
 use super::cache::{GetError, MetaCache, Pin};
 use super::types::*;

@@ -16,10 +16,89 @@
 //! Test infrastructure: it allocates per write and takes a mutex, which the real
 //! backends never do.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::IoError;
 use crate::seg::{self, IoSeg};
+
+use super::probe::Alignment;
+use super::{Allocation, Backend, BackendChannel, Extent, Storage, StoreFuture};
+
+/// Storage over a simulated disk, with 512-byte request alignment so the
+/// read-modify-write paths run as on a real disk.
+pub(crate) fn open(disk: Arc<SimDisk>) -> Arc<Storage> {
+    let size = disk.len();
+    let align = Alignment { mem: 1, request: 512 };
+    Storage::new(Box::new(SimBackend(disk)), None, align, size, false, false)
+}
+
+struct SimBackend(Arc<SimDisk>);
+
+impl Backend for SimBackend {
+    fn kind(&self) -> &'static str {
+        "<sim>"
+    }
+    fn open_channel(&self) -> Result<Box<dyn BackendChannel>, IoError> {
+        Ok(Box::new(SimBackend(self.0.clone())))
+    }
+    fn read_sync(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        Ok(self.0.read_sync(buf, off))
+    }
+    fn write_sync(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0
+            .write_bytes(off, buf.to_vec())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl SimBackend {
+    /// A seeded yield before an operation, as a real disk's requests interleave.
+    async fn maybe_yield(&self) {
+        if self.0.should_yield() {
+            poller::yield_now().await;
+        }
+    }
+}
+
+impl BackendChannel for SimBackend {
+    fn read<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> StoreFuture<'a> {
+        StoreFuture::new(async move {
+            self.maybe_yield().await;
+            self.0.read(off, segs)
+        })
+    }
+    fn write<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>], _fua: bool) -> StoreFuture<'a> {
+        StoreFuture::new(async move {
+            self.maybe_yield().await;
+            self.0.write(off, segs)
+        })
+    }
+    fn flush(&self) -> StoreFuture<'_> {
+        StoreFuture::new(async move {
+            self.maybe_yield().await;
+            self.0.flush()
+        })
+    }
+    fn zero_range(&self, off: u64, len: u64, _unmap: bool, _grows: bool) -> StoreFuture<'_> {
+        // As a real fallocate: other requests run while it is in flight.
+        StoreFuture::new(async move {
+            self.maybe_yield().await;
+            self.0.write_bytes(off, vec![0u8; len as usize])
+        })
+    }
+    fn discard(&self, off: u64, len: u64) -> StoreFuture<'_, bool> {
+        StoreFuture::new(async move {
+            self.maybe_yield().await;
+            self.0.write_bytes(off, vec![0u8; len as usize]).map(|()| true)
+        })
+    }
+    fn block_status(&self, _off: u64, len: u64) -> StoreFuture<'_, Extent> {
+        StoreFuture::ready(Ok(Extent { len, allocation: Allocation::Data }))
+    }
+}
 
 const SECTOR: usize = 512;
 
@@ -77,7 +156,7 @@ impl SimDisk {
     }
 
     /// Whether the next I/O should yield first (seeded interleaving).
-    pub(crate) fn should_yield(&self) -> bool {
+    fn should_yield(&self) -> bool {
         let mut s = self.lock();
         let p = s.yield_per_mille;
         next(&mut s.rng) % 1000 < p
@@ -114,7 +193,7 @@ impl SimDisk {
         self.lock().ops
     }
 
-    pub(crate) fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+    fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let s = self.lock();
         if s.cut {
             return Err(IoError::Os(libc::EIO));
@@ -129,14 +208,14 @@ impl SimDisk {
         Ok(())
     }
 
-    pub(crate) fn write(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+    fn write(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let mut data = vec![0u8; seg::total_len(segs)];
         // SAFETY: `data` holds exactly the segments' length.
         unsafe { seg::copy_from_segs(segs, 0, data.as_mut_ptr(), data.len()) };
         self.write_bytes(off, data)
     }
 
-    pub(crate) fn write_bytes(&self, off: u64, data: Vec<u8>) -> Result<(), IoError> {
+    fn write_bytes(&self, off: u64, data: Vec<u8>) -> Result<(), IoError> {
         let mut s = self.lock();
         if !Self::tick(&mut s) {
             return Err(IoError::Os(libc::EIO));
@@ -146,7 +225,7 @@ impl SimDisk {
         Ok(())
     }
 
-    pub(crate) fn flush(&self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         let mut s = self.lock();
         if !Self::tick(&mut s) {
             return Err(IoError::Os(libc::EIO));
@@ -159,7 +238,7 @@ impl SimDisk {
     }
 
     /// Synchronous metadata access for the control plane.
-    pub(crate) fn read_sync(&self, buf: &mut [u8], off: u64) -> usize {
+    fn read_sync(&self, buf: &mut [u8], off: u64) -> usize {
         let s = self.lock();
         let have = (s.current.len() as u64).saturating_sub(off).min(buf.len() as u64) as usize;
         buf[..have].copy_from_slice(&s.current[off as usize..off as usize + have]);

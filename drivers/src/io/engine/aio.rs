@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{Backend, ENGINE_DEPTH, IoOp, Slots};
+use super::{ENGINE_DEPTH, EngineBackend, IoOp, Slots};
 
 const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
@@ -261,7 +261,7 @@ impl Aio {
     }
 }
 
-impl Backend for Aio {
+impl EngineBackend for Aio {
     fn slots(&self) -> &Slots {
         &self.slots
     }

@@ -12,8 +12,8 @@
 
 use std::cell::RefCell;
 
-use crate::align::Aligned;
 use crate::error::IoError;
+use crate::io::align::Aligned;
 use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, MetaCache};

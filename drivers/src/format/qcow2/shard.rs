@@ -1413,7 +1413,7 @@ impl Shard {
 
 /// Writes snapshots, up to WRITE_FANOUT at a time.
 async fn write_snapshots(
-    io: &crate::align::Aligned,
+    io: &crate::io::align::Aligned,
     snaps: &mut [Snapshot],
 ) -> Result<(), IoError> {
     for chunk in snaps.chunks_mut(WRITE_FANOUT) {

@@ -12,7 +12,7 @@
 //! units, or two writes to different bytes of one unit lose one another. Because
 //! connections of one disk may sit on different reactors, the serialisation is
 //! process-wide: a table of striped try-locks (one bit per stripe, hashed by unit index)
-//! in the [`Storage`](crate::storage::Storage). A request takes its head and tail
+//! in the [`Storage`](crate::io::Storage). A request takes its head and tail
 //! stripes all-or-nothing and yields to the reactor while another holds them, so nothing
 //! blocks. Aligned writes never take stripes: an aligned write that overlaps a partial
 //! write overlaps its bytes, which is a client race with no defined outcome anyway.
@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use poller::dma;
 
 use crate::error::IoError;
-use crate::probe::Alignment;
+use crate::io::probe::Alignment;
+use crate::io::{Extent, StorageChannel};
 use crate::seg::{self, IoSeg};
-use crate::storage::{Extent, StorageChannel};
 
 /// Stripes in a storage's read-modify-write lock table.
 pub(crate) const RMW_STRIPES: usize = 4096;

@@ -31,27 +31,26 @@ mod layer;
 pub(crate) mod open;
 mod overlap;
 mod refcount;
-mod remote;
 pub mod resize;
+pub(crate) mod route;
 mod shard;
 pub mod snapshot;
 pub mod tools;
 pub mod types;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Poll, Waker};
 
-use poller::{MailSender, Mailbox, ReactorHandle, TaskPool};
+use poller::{MailSender, Mailbox, ReactorHandle};
 
-use crate::align::Aligned;
+use crate::driver::{BlockDriver, DeviceInfo, DriverChannel};
 use crate::error::{IoError, OpenError};
-use crate::probe::Alignment;
-use crate::seg::IoSeg;
+use crate::io::align::Aligned;
+use crate::io::probe::Alignment;
 
 pub use open::OpenOptions;
 
@@ -61,7 +60,9 @@ use self::header::Header;
 use self::layer::{Layer, Qcow2Layer};
 use self::open::{OpenedImage, OpenedLayer, OpenedQcow2};
 use self::refcount::Refcounts;
-use self::remote::{CallPtr, Forward, Op};
+use self::route::{CallPtr, Inbox, Route};
+
+pub use self::route::Qcow2Channel;
 use self::shard::Shard;
 use self::types::{REFT_RESERVED, decode_l1};
 
@@ -70,8 +71,6 @@ use self::types::{REFT_RESERVED, decode_l1};
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// Budget of a backing file's L2 cache.
 const BACKING_L2_CACHE_BYTES: u64 = 4 << 20;
-/// Forwarded requests in flight per image.
-const REMOTE_POOL: u32 = 512;
 /// Capacity of an image's forwarding mailbox.
 const REMOTE_RING: usize = 1024;
 
@@ -98,33 +97,8 @@ impl std::fmt::Debug for Qcow2Device {
 /// What an owner reactor keeps per image.
 struct Host {
     shard: Rc<Shard>,
-    queue: Rc<Queue>,
+    inbox: Rc<Inbox>,
     _mailbox: Mailbox,
-}
-
-#[derive(Default)]
-struct Queue {
-    items: RefCell<VecDeque<Option<CallPtr>>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Queue {
-    fn push(&self, p: Option<CallPtr>) {
-        self.items.borrow_mut().push_back(p);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-    async fn pop(&self) -> Option<CallPtr> {
-        std::future::poll_fn(|cx| match self.items.borrow_mut().pop_front() {
-            Some(p) => Poll::Ready(p),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
 }
 
 thread_local! {
@@ -247,54 +221,6 @@ fn mark_metadata(shard: &Shard, img: &OpenedImage) {
     }
 }
 
-async fn execute(shard: Rc<Shard>, p: CallPtr) {
-    // SAFETY: see `CallPtr`: valid until we complete it.
-    let call = unsafe { &*p.0 };
-    // SAFETY: as above.
-    let segs = unsafe { call.segs() };
-    let mut status = 0u64;
-    let r = match call.op {
-        Op::Read => shard.read(call.off, segs).await,
-        Op::Write { fua } => shard.signal_if_corrupt(shard.write(call.off, segs, fua).await).await,
-        Op::Flush => shard.flush().await,
-        Op::Zero { len, unmap, fast } => {
-            shard.signal_if_corrupt(shard.write_zeroes(call.off, len, unmap, fast).await).await
-        }
-        Op::Discard { len } => shard.signal_if_corrupt(shard.discard(call.off, len).await).await,
-        Op::Status { len } => {
-            match shard.signal_if_corrupt(shard.block_status(call.off, len).await).await {
-                Ok((l, data, zero)) => {
-                    status = encode_status(l, data, zero);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }
-    };
-    call.complete(r, status);
-}
-
-fn encode_status(len: u64, data: bool, zero: bool) -> u64 {
-    (len << 2) | u64::from(data) << 1 | u64::from(zero)
-}
-
-fn decode_status(v: u64) -> (u64, bool, bool) {
-    (v >> 2, v & 2 != 0, v & 1 != 0)
-}
-
-async fn dispatch(shard: Rc<Shard>, queue: Rc<Queue>) {
-    let pool = TaskPool::new(REMOTE_POOL);
-    while let Some(p) = queue.pop().await {
-        while pool.is_full() {
-            pool.finished().await;
-        }
-        if pool.spawn(execute(shard.clone(), p)).is_err() {
-            unreachable!("the pool had room");
-        }
-    }
-    pool.drain().await;
-}
-
 impl Qcow2Device {
     /// Opens an image on the control plane and sets up its shard on `owner`.
     pub fn open(
@@ -333,11 +259,11 @@ impl Qcow2Device {
         let tx = owner
             .call(move || -> Result<MailSender<CallPtr>, String> {
                 let shard = Rc::new(build_shard(img, &opts).map_err(|e| e.to_string())?);
-                let queue = Rc::new(Queue::default());
-                let q = queue.clone();
-                let (mailbox, tx) = poller::mailbox(REMOTE_RING, move |p: CallPtr| q.push(Some(p)));
-                poller::spawn(dispatch(shard.clone(), queue.clone()));
-                HOSTS.with(|h| h.borrow_mut().insert(id, Host { shard, queue, _mailbox: mailbox }));
+                let inbox = Inbox::new();
+                let i2 = inbox.clone();
+                let (mailbox, tx) = poller::mailbox(REMOTE_RING, move |p: CallPtr| i2.push(p));
+                poller::spawn(route::dispatch(shard.clone(), inbox.clone()));
+                HOSTS.with(|h| h.borrow_mut().insert(id, Host { shard, inbox, _mailbox: mailbox }));
                 Ok(tx)
             })
             .map_err(|m| OpenError::invalid(&p, format!("cannot set up the image: {m}")))?;
@@ -377,12 +303,13 @@ impl Qcow2Device {
         &self.owner
     }
 
-    /// The handle for the current reactor: direct on the owner, forwarding elsewhere.
+    /// The handle for the current reactor: to the shard's inbox on the owner, through
+    /// its mailbox elsewhere.
     pub fn channel(self: &Arc<Self>) -> Result<Qcow2Channel, IoError> {
-        let local = HOSTS.with(|h| h.borrow().get(&self.id).map(|h| h.shard.clone()));
+        let local = HOSTS.with(|h| h.borrow().get(&self.id).map(|h| h.inbox.clone()));
         Ok(Qcow2Channel(match local {
-            Some(shard) => ChannelInner::Local(shard),
-            None => ChannelInner::Remote(self.tx.clone()),
+            Some(inbox) => Route::Local(inbox),
+            None => Route::Remote(self.tx.clone()),
         }))
     }
 
@@ -402,7 +329,7 @@ impl Qcow2Device {
         self.owner.block_on(move || async move {
             let host = HOSTS.with(|h| h.borrow_mut().remove(&id));
             let Some(host) = host else { return Ok(()) };
-            host.queue.push(None);
+            host.inbox.close();
             let r = host.shard.close().await;
             drop(host);
             r
@@ -410,94 +337,47 @@ impl Qcow2Device {
     }
 }
 
-/// An image's handle on one reactor. Requests of no bytes complete here, before the
-/// shard (the consumer API filters them too; this keeps the qcow2 engine's own
-/// callers, the crash and fuzz harnesses, inside the same contract).
-pub struct Qcow2Channel(ChannelInner);
-
-enum ChannelInner {
-    Local(Rc<Shard>),
-    Remote(MailSender<CallPtr>),
+/// The qcow2 format driver: an open image behind the implementor API.
+pub struct Qcow2Driver {
+    dev: Arc<Qcow2Device>,
+    info: DeviceInfo,
 }
 
-impl Qcow2Channel {
-    async fn forward(
-        tx: &MailSender<CallPtr>,
-        op: Op,
-        off: u64,
-        segs: &[IoSeg<'_>],
-    ) -> (Result<(), IoError>, u64) {
-        Forward::new(tx, op, off, segs).await
+impl Qcow2Driver {
+    /// Opens an image (see [`Qcow2Device::open`]).
+    pub fn open(path: &Path, opts: OpenOptions, owner: ReactorHandle) -> Result<Self, OpenError> {
+        let read_only = opts.read_only;
+        let dev = Qcow2Device::open(path, opts, owner)?;
+        let info = DeviceInfo::new(dev.header().size, dev.alignment(), read_only);
+        Ok(Qcow2Driver { dev, info })
     }
 
-    pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
-        if crate::seg::total_len(segs) == 0 {
-            return Ok(());
-        }
-        match &self.0 {
-            ChannelInner::Local(s) => s.read(off, segs).await,
-            ChannelInner::Remote(tx) => Self::forward(tx, Op::Read, off, segs).await.0,
-        }
+    pub fn device(&self) -> &Arc<Qcow2Device> {
+        &self.dev
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
     }
 
-    pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        if crate::seg::total_len(segs) == 0 {
-            return if fua { self.flush().await } else { Ok(()) };
-        }
-        match &self.0 {
-            ChannelInner::Local(s) => s.signal_if_corrupt(s.write(off, segs, fua).await).await,
-            ChannelInner::Remote(tx) => Self::forward(tx, Op::Write { fua }, off, segs).await.0,
-        }
+    fn open_channel(&self) -> Result<Box<dyn DriverChannel>, IoError> {
+        Ok(Box::new(self.dev.channel()?))
     }
 
-    pub async fn flush(&self) -> Result<(), IoError> {
-        match &self.0 {
-            ChannelInner::Local(s) => s.flush().await,
-            ChannelInner::Remote(tx) => Self::forward(tx, Op::Flush, 0, &[]).await.0,
-        }
+    fn close(&self) -> Result<(), IoError> {
+        self.dev.close()
     }
 
-    pub async fn write_zeroes(
-        &self,
-        off: u64,
-        len: u64,
-        unmap: bool,
-        fast: bool,
-    ) -> Result<(), IoError> {
-        if len == 0 {
-            return Ok(());
-        }
-        match &self.0 {
-            ChannelInner::Local(s) => {
-                s.signal_if_corrupt(s.write_zeroes(off, len, unmap, fast).await).await
-            }
-            ChannelInner::Remote(tx) => {
-                Self::forward(tx, Op::Zero { len, unmap, fast }, off, &[]).await.0
-            }
-        }
-    }
-
-    pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
-        if len == 0 {
-            return Ok(());
-        }
-        match &self.0 {
-            ChannelInner::Local(s) => s.signal_if_corrupt(s.discard(off, len).await).await,
-            ChannelInner::Remote(tx) => Self::forward(tx, Op::Discard { len }, off, &[]).await.0,
-        }
-    }
-
-    /// (length, data?, zero?) of the range from `off`.
-    pub async fn block_status(&self, off: u64, len: u64) -> Result<(u64, bool, bool), IoError> {
-        if len == 0 {
-            return Err(IoError::Invalid);
-        }
-        match &self.0 {
-            ChannelInner::Local(s) => s.signal_if_corrupt(s.block_status(off, len).await).await,
-            ChannelInner::Remote(tx) => {
-                let (r, st) = Self::forward(tx, Op::Status { len }, off, &[]).await;
-                r.map(|()| decode_status(st))
-            }
-        }
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        let (l2h, l2m, rch, rcm, alloc) = self.dev.stats();
+        vec![
+            ("qcow2_l2_cache_hits", l2h),
+            ("qcow2_l2_cache_misses", l2m),
+            ("qcow2_refcount_cache_hits", rch),
+            ("qcow2_refcount_cache_misses", rcm),
+            ("qcow2_clusters_allocated", alloc),
+        ]
     }
 }

@@ -48,7 +48,7 @@ pub struct Resized {
 pub fn resize(path: &Path, new_size: u64) -> Result<Resized, OpenError> {
     let f =
         OpenOptions::new().read(true).write(true).open(path).map_err(|e| OpenError::io(path, e))?;
-    crate::lock::lock_image(&f, path, true)?;
+    crate::io::lock::lock_image(&f, path, true)?;
     resize_io(path, &f, new_size)
 }
 
@@ -155,7 +155,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use crate::qcow2::create::{CreateOptions, create};
+    use crate::format::qcow2::create::{CreateOptions, create};
 
     enum Op {
         Write(u64, Vec<u8>),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::OpenError;
-use crate::storage::{EngineKind, Storage};
+use crate::io::{EngineKind, Storage};
 
 use super::header::Header;
 use super::layer::MAX_CHAIN_DEPTH;

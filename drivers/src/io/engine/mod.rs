@@ -36,7 +36,7 @@ use poller::WaitList;
 pub const ENGINE_DEPTH: u32 = 1024;
 
 /// One kernel I/O operation. Pointers must stay valid until the operation completes;
-/// [`IoFuture`] guarantees that by borrowing them for its lifetime.
+/// [`OpFuture`] guarantees that by borrowing them for its lifetime.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum IoOp {
     Read {
@@ -130,8 +130,8 @@ impl Slots {
     }
 }
 
-/// What an engine does for [`IoFuture`].
-pub(crate) trait Backend {
+/// What an engine does for [`OpFuture`].
+pub(crate) trait EngineBackend {
     fn slots(&self) -> &Slots;
     /// Queues `op` tagged with `slot`; false when there is no submission space even
     /// after submitting what was queued.
@@ -149,7 +149,7 @@ pub(crate) enum EngineRef {
 }
 
 impl EngineRef {
-    fn backend(&self) -> &dyn Backend {
+    fn backend(&self) -> &dyn EngineBackend {
         match self {
             EngineRef::Uring(u) => &**u,
             EngineRef::Aio(a) => &**a,
@@ -157,8 +157,8 @@ impl EngineRef {
     }
 
     /// Starts `op`. The `'a` lifetime ties the future to the buffers `op` points at.
-    pub(crate) fn submit<'a>(&self, op: IoOp) -> IoFuture<'a> {
-        IoFuture { engine: self.clone(), op, state: State::Init, _buffers: PhantomData }
+    pub(crate) fn submit<'a>(&self, op: IoOp) -> OpFuture<'a> {
+        OpFuture { engine: self.clone(), op, state: State::Init, _buffers: PhantomData }
     }
 
     pub(crate) fn supports_fallocate(&self) -> bool {
@@ -173,14 +173,14 @@ enum State {
 }
 
 /// An in-progress kernel operation; resolves to the kernel's result (bytes or -errno).
-pub(crate) struct IoFuture<'a> {
+pub(crate) struct OpFuture<'a> {
     engine: EngineRef,
     op: IoOp,
     state: State,
     _buffers: PhantomData<&'a mut [u8]>,
 }
 
-impl Future for IoFuture<'_> {
+impl Future for OpFuture<'_> {
     type Output = i64;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
@@ -220,12 +220,12 @@ impl Future for IoFuture<'_> {
                     }
                 }
             }
-            State::Done => panic!("IoFuture polled after completion"),
+            State::Done => panic!("OpFuture polled after completion"),
         }
     }
 }
 
-impl Drop for IoFuture<'_> {
+impl Drop for OpFuture<'_> {
     fn drop(&mut self) {
         if let State::InFlight(slot) = self.state {
             let backend = self.engine.backend();

@@ -21,8 +21,8 @@ use std::ptr::NonNull;
 
 use poller::{DmaBuf, WaitList};
 
-use crate::align::Aligned;
 use crate::error::IoError;
+use crate::io::align::Aligned;
 use crate::seg::IoSeg;
 
 use super::hash::HashIndex;

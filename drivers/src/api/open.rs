@@ -1,0 +1,59 @@
+//! From a config entry to a driver: the one place that knows which drivers exist.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use poller::ReactorHandle;
+
+use crate::driver::BlockDriver;
+use crate::error::OpenError;
+use crate::format::qcow2::{OpenOptions, Qcow2Driver};
+use crate::format::raw::RawDriver;
+use crate::io::{EngineKind, Storage};
+
+use super::Bdev;
+use super::qos::QosLimits;
+
+fn qos_of(disk: &config::Disk) -> QosLimits {
+    disk.qos.map_or_else(QosLimits::default, |q| QosLimits {
+        iops: q.iops,
+        bandwidth: q.bandwidth,
+        burst: q.burst,
+    })
+}
+
+fn engine_of(disk: &config::Disk) -> EngineKind {
+    if disk.driver == config::Driver::Aio { EngineKind::Aio } else { EngineKind::IoUring }
+}
+
+/// Opens `disk`. `reactors` are those that may serve it, the first leading (a qcow2
+/// image's metadata lives there).
+pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>, OpenError> {
+    let path = disk.path.as_deref().unwrap_or(Path::new(""));
+    let driver: Arc<dyn BlockDriver> = match disk.format {
+        config::Format::Qcow2 => {
+            let opts = OpenOptions {
+                engine: engine_of(disk),
+                direct: disk.direct,
+                read_only: disk.read_only,
+                allowed_backing_dirs: disk.allowed_backing_dirs.clone(),
+                l2_cache_bytes: disk.l2_cache_bytes,
+                refcount_cache_bytes: disk.refcount_cache_bytes,
+                storage: None,
+            };
+            let owner = reactors.first().ok_or_else(|| OpenError::invalid(path, "no reactor"))?;
+            Arc::new(Qcow2Driver::open(path, opts, owner.clone())?)
+        }
+        config::Format::Raw => {
+            let storage = match disk.driver {
+                config::Driver::Null => Storage::null(disk.size.unwrap_or(0)),
+                config::Driver::Mem => Storage::mem(disk.size.unwrap_or(0))?,
+                config::Driver::IoUring | config::Driver::Aio => {
+                    Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
+                }
+            };
+            Arc::new(RawDriver::new(storage, disk.read_only))
+        }
+    };
+    Ok(Bdev::new(&disk.name, driver, qos_of(disk)))
+}

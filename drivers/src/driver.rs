@@ -1,0 +1,135 @@
+//! The implementor API: what a block driver implements (SPDK's bdev module interface).
+//!
+//! Format drivers (`format::raw`, `format::qcow2`) implement [`BlockDriver`]; the
+//! consumer API (`api`) holds any of them as `Arc<dyn BlockDriver>` and never names
+//! one. A driver describes its device ([`DeviceInfo`]) and opens a per-reactor
+//! [`DriverChannel`] (SPDK's io_channel) through which that reactor's tasks submit
+//! requests. The consumer API validates every request before it reaches a channel
+//! (`api::DeviceInfo::admit`): ranges inside the device, nothing empty, nothing larger
+//! than `max_transfer`, no change to a read-only device. Drivers may rely on that and
+//! `debug_assert!` it.
+//!
+//! Channel methods return an [`IoFuture`]: the driver's future stored inline in a fixed
+//! buffer of [`IO_FUTURE_BYTES`] (no allocation per request), a compile-time error if a
+//! driver's request state outgrows it — the driver's declared per-I/O context, as in
+//! SPDK. Drivers whose requests need more state (the qcow2 engine) keep it in their own
+//! preallocated task pools and return a small future that waits for them.
+
+use poller::InlineFuture;
+
+use crate::error::IoError;
+use crate::io::probe::Alignment;
+use crate::seg::IoSeg;
+
+/// The inline capacity of a driver request's future.
+pub const IO_FUTURE_BYTES: usize = 2048;
+
+/// What a driver channel's request method returns.
+pub type IoFuture<'a, T = ()> = InlineFuture<'a, Result<T, IoError>, IO_FUTURE_BYTES>;
+
+/// What a device is and can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub size: u64,
+    /// The smallest request that needs no read-modify-write (the storage's request
+    /// alignment, at least 1).
+    pub min_block_size: u32,
+    /// The block size that performs best.
+    pub preferred_block_size: u32,
+    /// The largest read or write accepted in one piece.
+    pub max_transfer: u32,
+    /// Buffer address alignment that avoids bounce buffers.
+    pub mem_align: u32,
+    pub read_only: bool,
+    pub can_discard: bool,
+    pub can_write_zeroes: bool,
+    /// Write-zeroes can be asked to fail rather than be slow.
+    pub can_fast_zero: bool,
+    /// Flushes on one channel make writes completed on every channel durable.
+    pub can_multi_conn: bool,
+    /// The format reports holes and zeroes in block status.
+    pub has_block_status: bool,
+}
+
+impl DeviceInfo {
+    /// A device of `size` bytes over storage with `align`, with the capabilities every
+    /// driver here has (discard, write-zeroes, multi-connection flushes).
+    pub fn new(size: u64, align: Alignment, read_only: bool) -> DeviceInfo {
+        DeviceInfo {
+            size,
+            min_block_size: align.request.max(1) as u32,
+            preferred_block_size: align.request.max(4096) as u32,
+            max_transfer: crate::api::MAX_TRANSFER_BYTES,
+            mem_align: align.mem.max(1) as u32,
+            read_only,
+            can_discard: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_multi_conn: true,
+            has_block_status: true,
+        }
+    }
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Space may be released (NBD without NO_HOLE; virtio-blk's unmap flag).
+    pub may_unmap: bool,
+    /// Fail with `NotSupported` instead of writing zeros slowly (NBD FAST_ZERO).
+    pub fast_only: bool,
+    /// Durable on completion.
+    pub fua: bool,
+}
+
+/// The status of a range from its start, for NBD `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Bytes from the queried offset with this status (at least 1).
+    pub len: u64,
+    /// Takes no space in the image (a hole or an unallocated cluster).
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+/// A block driver: shared by every reactor (`Send + Sync`), opened on the control
+/// plane.
+pub trait BlockDriver: Send + Sync + 'static {
+    /// What the device is. Stable for the driver's life.
+    fn info(&self) -> &DeviceInfo;
+
+    /// Opens the device's channel on the current reactor.
+    fn open_channel(&self) -> Result<Box<dyn DriverChannel>, IoError>;
+
+    /// Makes every completed write durable and releases the driver's per-reactor state.
+    /// Control plane, after the last request.
+    fn close(&self) -> Result<(), IoError>;
+
+    /// Counters for the metrics endpoint: (name, value), exported as
+    /// `appliance_<name>_total` (`qcow2_l2_cache_hits`, say). Control plane.
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// A driver's per-reactor handle. Requests arrive already validated.
+pub trait DriverChannel {
+    /// Reads `segs` (at least one byte) from `off`.
+    fn read<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> IoFuture<'a>;
+
+    /// Writes `segs` at `off`; with `fua` the data is durable on completion.
+    fn write<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>], fua: bool) -> IoFuture<'a>;
+
+    /// Makes every write completed before the call durable, on every channel.
+    fn flush(&self) -> IoFuture<'_>;
+
+    /// Makes `off..off+len` read as zeros.
+    fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_>;
+
+    /// Releases the range if the device can; contents become unspecified.
+    fn discard(&self, off: u64, len: u64) -> IoFuture<'_>;
+
+    /// The status of the bytes from `off`, at most `len` of them.
+    fn block_status(&self, off: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+}
