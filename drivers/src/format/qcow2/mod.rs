@@ -20,9 +20,7 @@
 //! how the shard serves it.
 
 mod cache;
-pub mod check;
 mod compress;
-pub mod create;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hash;
@@ -31,11 +29,12 @@ mod layer;
 pub(crate) mod open;
 mod overlap;
 mod refcount;
-pub mod resize;
 pub(crate) mod route;
 mod shard;
 pub mod snapshot;
 pub mod tools;
+
+pub use tools::{check, create, resize};
 pub mod types;
 
 use std::cell::RefCell;

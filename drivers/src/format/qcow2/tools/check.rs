@@ -20,10 +20,10 @@ use std::path::Path;
 
 use crate::error::OpenError;
 
-use super::header::Header;
-use super::open::{MetaIo, read_at, read_header, read_table};
-use super::snapshot::read_snapshots;
-use super::types::*;
+use crate::format::qcow2::header::Header;
+use crate::format::qcow2::open::{MetaIo, read_at, read_header, read_table};
+use crate::format::qcow2::snapshot::read_snapshots;
+use crate::format::qcow2::types::*;
 
 /// How much to repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::header::{Extension, Header, feature_name_table};
-use super::types::*;
+use crate::format::qcow2::header::{Extension, Header, feature_name_table};
+use crate::format::qcow2::types::*;
 
 /// Options of a new image.
 #[derive(Debug, Clone)]

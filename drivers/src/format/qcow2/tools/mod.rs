@@ -2,6 +2,10 @@
 //! the backing chain. Synchronous, for the command line; backing files are resolved
 //! with the same allowed-directory rule as serving.
 
+pub mod check;
+pub mod create;
+pub mod resize;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -9,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::OpenError;
 
-use super::header::Header;
-use super::open::{MetaIo, read_at, read_header, read_table, resolve_backing};
-use super::snapshot::{SnapshotInfo, read_snapshots};
-use super::types::*;
+use crate::format::qcow2::header::Header;
+use crate::format::qcow2::open::{MetaIo, read_at, read_header, read_table, resolve_backing};
+use crate::format::qcow2::snapshot::{SnapshotInfo, read_snapshots};
+use crate::format::qcow2::types::*;
 
 /// What `info` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

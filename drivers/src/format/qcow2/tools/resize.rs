@@ -31,8 +31,8 @@ use crate::error::OpenError;
 use super::check::{
     Repair, check_io, invalidate_bitmaps, rebuild_refcounts, recount_refs, repair_if_dirty_io,
 };
-use super::open::{MetaIo, read_header, read_table};
-use super::types::*;
+use crate::format::qcow2::open::{MetaIo, read_header, read_table};
+use crate::format::qcow2::types::*;
 
 /// What [`resize`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

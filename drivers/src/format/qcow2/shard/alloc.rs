@@ -1,0 +1,198 @@
+//! Allocation: refcount lookups and updates through the refcount cache, the free-run
+//! search, refcount blocks for ranges the table does not cover yet, file growth.
+
+use super::*;
+
+impl Shard {
+    /// Allocates up to `n` contiguous clusters (at least one) with refcount 1; returns
+    /// (host offset, count).
+    pub(crate) async fn alloc(&self, n: u64) -> Result<(u64, u64), IoError> {
+        self.alloc_run(n).await.map(|(off, got, _)| (off, got))
+    }
+
+    /// [`Shard::alloc`], also saying whether the run is fresh: past every cluster this
+    /// file ever held (its end at open and every allocation since), so never written
+    /// and reading as zeros (a hole, or past the end of the file).
+    pub(super) async fn alloc_run(&self, n: u64) -> Result<(u64, u64, bool), IoError> {
+        let _a = self.alloc_lock.lock().await;
+        let g = self.g();
+        let cursor = self.cursor.get();
+        let mut from = cursor.max(1);
+        let mut lowest_free = u64::MAX;
+        loop {
+            let f = self.find_free(from, n).await?;
+            lowest_free = lowest_free.min(f.first_free);
+            if self.ensure_coverage(f.start, f.len).await? {
+                // The new block may sit in the run: look again from the run's start
+                // (its first cluster is the block itself when the run began in the
+                // uncovered range, so this terminates).
+                from = f.start;
+                continue;
+            }
+            // A free cluster holding metadata means the refcounts lie.
+            self.guard_data(f.start, f.len)?;
+            for c in f.start..f.start + f.len {
+                self.set_refcount(c, 1).await?;
+            }
+            // Everything from the cursor to the first free cluster seen is in use now
+            // (unless a free lowered the cursor meanwhile: then it stays).
+            let first_free = if lowest_free == f.start { f.start + f.len } else { lowest_free };
+            if self.cursor.get() == cursor {
+                self.cursor.set(first_free.max(cursor));
+            }
+            self.ensure_file_len((f.start + f.len) << g.cluster_bits).await?;
+            let fresh = f.start >= self.host_end.get();
+            self.host_end.set(self.host_end.get().max(f.start + f.len));
+            self.allocations.set(self.allocations.get() + f.len);
+            return Ok((f.start << g.cluster_bits, f.len, fresh));
+        }
+    }
+
+    /// Grows the image file (sparsely) so it holds `end` bytes, by a margin: writes
+    /// into newly allocated clusters then land inside the file. A direct write that
+    /// extends a file serialises on its inode (and hands the work to io_uring's kernel
+    /// workers, which then spin on the lock on a busy reactor's core); inside the file
+    /// they proceed in parallel. The margin is never counted by refcounts: a file
+    /// longer than its last cluster is valid qcow2.
+    pub(super) async fn ensure_file_len(&self, end: u64) -> Result<(), IoError> {
+        let io = &self.top().io;
+        if end <= io.size() {
+            return Ok(());
+        }
+        let _g = self.grow_lock.lock().await;
+        let cur = io.size();
+        if end <= cur {
+            return Ok(());
+        }
+        let cs = self.g().cluster_size();
+        let target = end.max(cur + (cur / 8).clamp(GROW_MIN, GROW_MAX)).div_ceil(cs) * cs;
+        io.grow_to(target).await
+    }
+
+    /// Refcount of `cluster` (0 when no block covers it).
+    pub(super) async fn refcount(&self, cluster: u64) -> Result<u64, IoError> {
+        let Some(Ok(loc)) = self.rc.locate(cluster) else { return Ok(0) };
+        loop {
+            match self.rc.pin(&self.top().io, &loc).await {
+                Ok(p) => return Ok(self.rc.read(&p, &loc)),
+                // Writing refcount slices early is always safe: increments may reach the
+                // disk before the tables using them, and every decrement in the cache
+                // already has its L2 change on disk (see `apply_frees`).
+                Err(GetError::Full) => self.write_back_refcounts().await?,
+                Err(GetError::Io(e)) => return Err(e),
+            }
+        }
+    }
+
+    pub(super) async fn set_refcount(&self, cluster: u64, v: u64) -> Result<(), IoError> {
+        let Some(Ok(loc)) = self.rc.locate(cluster) else {
+            return Err(self.fail(format_args!("no refcount block covers cluster {cluster}")));
+        };
+        loop {
+            match self.rc.pin(&self.top().io, &loc).await {
+                Ok(p) => {
+                    return if self.rc.write(&p, &loc, v) {
+                        Ok(())
+                    } else {
+                        Err(self.fail(format_args!("refcount of cluster {cluster} would overflow")))
+                    };
+                }
+                Err(GetError::Full) => self.write_back_refcounts().await?,
+                Err(GetError::Io(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Finds a run of free clusters, at most `n` long, first-fit from `from`.
+    ///
+    /// A run ends where refcount-block coverage ends: clusters past the last block (or
+    /// under an empty table entry) are free, but their block must be placed first, and
+    /// it goes at the first cluster it covers. Ending runs there keeps the new block
+    /// at the start of a run, so placing it never splits the run the search returned
+    /// (which, with 64 clusters per block, would chain block after block).
+    pub(super) async fn find_free(&self, from: u64, n: u64) -> Result<FreeRun, IoError> {
+        let per = self.rc.block_entries();
+        let mut c = from.max(1);
+        let mut run_start = c;
+        let mut run = 0u64;
+        let mut scanned = 0u64;
+        let mut first_free = None;
+        loop {
+            if run == n || (run > 0 && scanned >= SCAN_LIMIT) {
+                break;
+            }
+            if run > 0 && c.is_multiple_of(per) && !matches!(self.rc.locate(c), Some(Ok(_))) {
+                break;
+            }
+            let free = self.refcount(c).await? == 0;
+            if free {
+                first_free.get_or_insert(c);
+                if run == 0 {
+                    run_start = c;
+                }
+                run += 1;
+            } else {
+                run = 0;
+            }
+            c += 1;
+            scanned += 1;
+        }
+        Ok(FreeRun { start: run_start, len: run, first_free: first_free.unwrap_or(run_start) })
+    }
+
+    /// Creates refcount blocks (and grows the table) so `start..start+n` is covered.
+    /// Returns true if metadata was placed (the caller searches again).
+    pub(super) async fn ensure_coverage(&self, start: u64, n: u64) -> Result<bool, IoError> {
+        let per = self.rc.block_entries();
+        let last_ti = (start + n - 1) / per;
+        if last_ti >= self.rc.table_len() {
+            self.grow_refcount_table(last_ti + 1).await?;
+            return Ok(true);
+        }
+        let mut placed = false;
+        for ti in start / per..=last_ti {
+            if self.rc.table.borrow()[ti as usize] & !REFT_RESERVED == 0 {
+                self.create_refblock(ti).await?;
+                placed = true;
+            }
+        }
+        Ok(placed)
+    }
+
+    /// A new refcount block for table entry `ti`, describing itself from the first
+    /// cluster of the range it covers (free, since nothing counts it yet).
+    pub(super) async fn create_refblock(&self, ti: u64) -> Result<(), IoError> {
+        let _m = self.rc_lock.lock().await;
+        if self.rc.table.borrow()[ti as usize] != 0 {
+            return Ok(());
+        }
+        let g = self.g();
+        let top = self.top();
+        let block_cluster = ti * self.rc.block_entries();
+        self.guard_data(block_cluster, 1)?;
+        let host = block_cluster << g.cluster_bits;
+        self.ensure_file_len(host + g.cluster_size()).await?;
+        let mut buf = poller::dma::alloc_wait(g.cluster_size() as usize)
+            .await
+            .map_err(|_| IoError::TooLarge)?;
+        buf.as_mut_slice().fill(0);
+        set_refcount(buf.as_mut_slice(), 0, g.refcount_order, 1);
+        top.io.write(host, &[IoSeg::from_dma(&mut buf)], false).await?;
+        // Rule 4: written and synced before it is hooked into the table.
+        top.io.flush().await?;
+        self.meta.mark(block_cluster, 1);
+        self.rc.table.borrow_mut()[ti as usize] = host;
+        self.write_u64(self.rc.table_offset.get() + ti * 8, host).await?;
+        self.host_end.set(self.host_end.get().max(block_cluster + 1));
+        Ok(())
+    }
+
+    /// Undoes an allocation that was never linked (its refcounts go straight back).
+    pub(super) async fn release_unlinked(&self, host: u64, n: u64) {
+        let c = host >> self.g().cluster_bits;
+        for k in 0..n {
+            let _ = self.set_refcount(c + k, 0).await;
+        }
+        self.cursor.set(self.cursor.get().min(c));
+    }
+}

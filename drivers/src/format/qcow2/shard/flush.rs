@@ -1,0 +1,268 @@
+//! The flush barrier (ordering rules 1-3 and 6): snapshots of dirty L2 and refcount
+//! slices, refcounts written, one fdatasync, L2 written, one fdatasync, then the frees
+//! that the now-durable L2 changes allow; and the clean shutdown.
+
+use super::*;
+
+impl Shard {
+    /// Makes every write completed before this call durable (the barrier).
+    pub(crate) async fn flush(&self) -> Result<(), IoError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_round(false).await
+    }
+
+    /// An internal flush (a full cache, piled-up frees), with refcounts when asked.
+    pub(super) async fn flush_now(&self, refcounts: bool) -> Result<(), IoError> {
+        self.flush_round(refcounts).await
+    }
+
+    pub(super) async fn flush_round(&self, refcounts: bool) -> Result<(), IoError> {
+        let fs = &self.flush_state;
+        let me = fs.requested.get() + 1;
+        fs.requested.set(me);
+        loop {
+            if fs.completed.get() >= me {
+                return fs.result.get();
+            }
+            if fs.running.get() {
+                fs.done.wait().await;
+                continue;
+            }
+            fs.running.set(true);
+            let covers = fs.requested.get();
+            let include_rc = refcounts
+                || !self.lazy
+                || self.rc.cache.dirty_count() * 2 > self.rc.cache.capacity();
+            let r = self.do_flush(include_rc).await;
+            fs.running.set(false);
+            fs.completed.set(covers);
+            fs.result.set(r);
+            fs.done.wake_all();
+        }
+    }
+
+    pub(super) async fn do_flush(&self, include_refcounts: bool) -> Result<(), IoError> {
+        let top = self.top();
+        loop {
+            // Frees queued before this point may be applied once the L2 changes that
+            // caused them are durable (rule 3).
+            let cutoff = self.snap_gen.get();
+            self.snap_gen.set(cutoff + 1);
+            // Rule 2: L2 snapshots first, then refcount snapshots.
+            let mut snaps = std::mem::take(&mut *self.snaps.borrow_mut());
+            snaps.clear();
+            let r = self.flush_batch(&mut snaps, include_refcounts).await;
+            snaps.clear();
+            *self.snaps.borrow_mut() = snaps;
+            let (more_l2, more_rc) = r?;
+            self.apply_frees(cutoff).await?;
+            if !more_l2 && !more_rc {
+                let _ = top;
+                return Ok(());
+            }
+        }
+    }
+
+    /// One round: snapshot, write refcounts, sync, write L2, sync. Every snapshot taken
+    /// is released (`written`) whatever happens.
+    pub(super) async fn flush_batch(
+        &self,
+        snaps: &mut Vec<Snapshot>,
+        include_refcounts: bool,
+    ) -> Result<(bool, bool), IoError> {
+        let top = self.top();
+        // Lock order: L2 cache, then refcount cache.
+        let _l2_guard = top.l2.lock_writeback().await;
+        let taken = self.take_snapshots(&top.l2, snaps).await;
+        let l2_count = snaps.len();
+        let _rc_guard =
+            if include_refcounts { Some(self.rc.cache.lock_writeback().await) } else { None };
+        let taken_rc = match (&taken, include_refcounts) {
+            (Ok(_), true) => self.take_snapshots(&self.rc.cache, snaps).await,
+            _ => Ok(false),
+        };
+        let (l2_snaps, rc_snaps) = snaps.split_at_mut(l2_count);
+        let mut result = match (taken, taken_rc) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let mut rc_ok = false;
+        if result.is_ok() {
+            result = write_snapshots(&top.io, rc_snaps).await.map(|()| result.unwrap_or_default());
+            rc_ok = result.is_ok();
+        }
+        for s in rc_snaps.iter() {
+            self.rc.cache.written(s, rc_ok);
+        }
+        let mut l2_ok = false;
+        if result.is_ok() {
+            // Rules 1 and 2: data and refcounts durable before any L2 write.
+            match top.io.flush().await {
+                Err(e) => result = Err(e),
+                Ok(()) if !l2_snaps.is_empty() => match write_snapshots(&top.io, l2_snaps).await {
+                    Ok(()) => {
+                        l2_ok = true;
+                    }
+                    Err(e) => result = Err(e),
+                },
+                Ok(()) => {}
+            }
+        }
+        for s in l2_snaps.iter() {
+            top.l2.written(s, l2_ok);
+        }
+        if l2_ok {
+            top.io.flush().await?;
+        }
+        result
+    }
+
+    /// Snapshots up to a batch of dirty slots of `cache`; true if more remain.
+    pub(super) async fn take_snapshots(
+        &self,
+        cache: &crate::format::qcow2::cache::MetaCache,
+        out: &mut Vec<Snapshot>,
+    ) -> Result<bool, IoError> {
+        let mut slots = std::mem::take(&mut *self.scratch.borrow_mut());
+        cache.dirty_slots(&mut slots, FLUSH_BATCH);
+        let more = slots.len() == FLUSH_BATCH;
+        for &s in &slots {
+            out.push(cache.snapshot(s).await?);
+        }
+        slots.clear();
+        *self.scratch.borrow_mut() = slots;
+        Ok(more)
+    }
+
+    /// Writes every dirty refcount slice (rule 4 before hooking in new structures).
+    pub(super) async fn write_back_refcounts(&self) -> Result<(), IoError> {
+        let _guard = self.rc.cache.lock_writeback().await;
+        let mut snaps = Vec::new();
+        loop {
+            let taken = self.take_snapshots(&self.rc.cache, &mut snaps).await;
+            let written = match taken {
+                Ok(_) => write_snapshots(&self.top().io, &mut snaps).await,
+                Err(e) => Err(e),
+            };
+            for s in &snaps {
+                self.rc.cache.written(s, written.is_ok());
+            }
+            snaps.clear();
+            if !taken? {
+                return written;
+            }
+            written?;
+        }
+    }
+
+    /// Applies queued frees whose L2 change is durable (queued at or before `cutoff`)
+    /// and whose clusters no in-place write still targets.
+    pub(super) async fn apply_frees(&self, cutoff: u64) -> Result<(), IoError> {
+        let g = self.g();
+        let cs = g.cluster_size();
+        let mut i = 0;
+        loop {
+            let next = {
+                let pending = self.pending.borrow();
+                pending.get(i).copied()
+            };
+            let Some(p) = next else { break };
+            if p.generation > cutoff || self.inflight.overlaps(p.cluster * cs, cs) {
+                i += 1;
+                continue;
+            }
+            self.pending.borrow_mut().swap_remove(i);
+            let rc = self.refcount(p.cluster).await?;
+            if rc == 0 {
+                return Err(self.fail(format_args!(
+                    "freeing cluster {} whose refcount is already 0",
+                    p.cluster
+                )));
+            }
+            if rc == 1 && p.punch {
+                // Punch while the cluster is still allocated: once its refcount drops,
+                // an allocating write may take it at once, and a hole punched after
+                // that write would erase its data.
+                let _ = self.top().io.discard(p.cluster * cs, cs).await;
+            }
+            self.set_refcount(p.cluster, rc - 1).await?;
+            if rc == 1 {
+                self.meta.unmark(p.cluster);
+                self.cursor.set(self.cursor.get().min(p.cluster));
+            }
+        }
+        Ok(())
+    }
+
+    /// A clean shutdown: everything written (refcounts too), synced, dirty bit cleared.
+    pub(crate) async fn close(&self) -> Result<(), IoError> {
+        if self.read_only {
+            return Ok(());
+        }
+        // A round applies the frees whose L2 change it made durable only after it wrote
+        // the refcounts, so their decrements wait in the cache for the next round; a
+        // shutdown that stopped there would leave them leaked on disk (and, with lazy
+        // refcounts, clear the dirty bit over them). Rounds go on until nothing is left.
+        for _ in 0..CLOSE_ROUNDS {
+            self.flush_round(true).await?;
+            if self.pending.borrow().is_empty() && self.rc.cache.dirty_count() == 0 {
+                break;
+            }
+        }
+        if self.dirty_bit_on_disk.get() && !self.corrupt.get() {
+            let _m = self.header_lock.lock().await;
+            let v = self.incompatible.get() & !INCOMPAT_DIRTY;
+            self.write_u64(OFF_INCOMPATIBLE, v).await?;
+            self.top().io.flush().await?;
+            self.incompatible.set(v);
+            self.dirty_bit_on_disk.set(false);
+        }
+        Ok(())
+    }
+}
+
+/// Writes snapshots, up to WRITE_FANOUT at a time.
+async fn write_snapshots(
+    io: &crate::io::align::Aligned,
+    snaps: &mut [Snapshot],
+) -> Result<(), IoError> {
+    for chunk in snaps.chunks_mut(WRITE_FANOUT) {
+        let mut it = chunk.iter_mut();
+        let futs: [Option<_>; WRITE_FANOUT] = std::array::from_fn(|_| {
+            it.next().map(|s| async move {
+                let host = s.host;
+                io.write(host, &[IoSeg::from_dma(&mut s.buf)], false).await
+            })
+        });
+        let mut futs = std::pin::pin!(futs);
+        let mut first_err = None;
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            // SAFETY: the array is pinned and we never move its elements; each element
+            // is projected in place and dropped in place when done.
+            let arr = unsafe { futs.as_mut().get_unchecked_mut() };
+            for slot in arr.iter_mut() {
+                if let Some(f) = slot {
+                    // SAFETY: as above: `f` lives in the pinned array.
+                    match unsafe { StdPin::new_unchecked(f) }.poll(cx) {
+                        Poll::Ready(r) => {
+                            if let Err(e) = r {
+                                first_err.get_or_insert(e);
+                            }
+                            *slot = None;
+                        }
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending { Poll::Pending } else { Poll::Ready(()) }
+        })
+        .await;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+    }
+    Ok(())
+}

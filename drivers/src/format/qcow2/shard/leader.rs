@@ -1,0 +1,211 @@
+//! Image-wide changes: L2 tables (new, or copied on write from a snapshot), refcount
+//! table growth, the dirty bit (lazy refcounts) and the corrupt bit.
+
+use super::*;
+
+impl Shard {
+    /// On a corruption error: stop writing, and set the image's corrupt bit (as QEMU
+    /// does) so no tool trusts it until it is checked.
+    pub(crate) async fn signal_if_corrupt<T>(&self, r: Result<T, IoError>) -> Result<T, IoError> {
+        if r.as_ref().err() == Some(&IoError::Corrupt)
+            && !self.read_only
+            && !self.corrupt_marked.replace(true)
+        {
+            self.corrupt.set(true);
+            tracing::error!(
+                image = self.name,
+                "marking the image corrupt; it stays read-only until repaired (appliance check --repair all)"
+            );
+            let v = self.incompatible.get() | INCOMPAT_CORRUPT;
+            if self.write_u64(OFF_INCOMPATIBLE, v).await.is_ok() {
+                let _ = self.top().io.flush().await;
+                self.incompatible.set(v);
+            }
+        }
+        r
+    }
+
+    /// Makes sure the L2 table covering `guest_off` exists and is not shared.
+    pub(super) async fn ensure_l2(&self, guest_off: u64) -> Result<(), IoError> {
+        let g = self.g();
+        let top = self.top();
+        let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
+        let current = |s: &Self| -> Result<(u64, bool), IoError> {
+            let raw = s.top().l1.borrow()[l1i];
+            decode_l1(raw, &g)
+                .map_err(|e| s.fail(format_args!("L1 entry {l1i} ({raw:#x}) invalid: {e:?}")))
+        };
+        if let (off, true) = current(self)?
+            && off != 0
+        {
+            return Ok(());
+        }
+        let _m = self.l1_lock.lock().await;
+        let (old, copied) = current(self)?;
+        if old != 0 && copied {
+            return Ok(());
+        }
+        let cs = g.cluster_size() as usize;
+        let (new, _) = self.alloc(1).await?;
+        let mut buf = poller::dma::alloc_wait(cs).await.map_err(|_| IoError::TooLarge)?;
+        if old == 0 {
+            buf.as_mut_slice().fill(0);
+        } else {
+            // Copy on write of a table shared with a snapshot: the entries keep their
+            // meaning; the data clusters' refcounts already count both views.
+            top.io.read(old, &[IoSeg::from_dma(&mut buf)]).await?;
+        }
+        if let Err(e) = top.io.write(new, &[IoSeg::from_dma(&mut buf)], false).await {
+            self.release_unlinked(new, 1).await;
+            return Err(e);
+        }
+        // Rules 1, 2 and 4: the new table and its refcount are durable before L1
+        // points at it.
+        self.write_back_refcounts().await?;
+        top.io.flush().await?;
+        let entry = new | OFLAG_COPIED;
+        self.meta.mark(new >> g.cluster_bits, 1);
+        // The switch, with no await inside it: once the L1 entry says the table is
+        // `new`, writers link entries into its cached slices at once, so those slices
+        // must already write back to `new`. A writeback still aimed at `old` would
+        // overwrite the table the snapshot keeps.
+        top.l1.borrow_mut()[l1i] = entry;
+        if old != 0 {
+            let slices = 1u64 << (g.l2_bits() - top.slice_bits);
+            let first = (l1i as u64) * slices;
+            for k in 0..slices {
+                top.l2.rehost(first + k, new + k * top.l2.slice_bytes() as u64);
+            }
+        }
+        let l1_off = self.l1_offset() + l1i as u64 * 8;
+        self.write_u64(l1_off, entry).await?;
+        if old != 0 {
+            self.queue_free(old >> g.cluster_bits, false);
+        }
+        Ok(())
+    }
+
+    pub(super) fn l1_offset(&self) -> u64 {
+        self.l1_table_offset.get()
+    }
+
+    /// Writes one big-endian u64 (an L1 entry, a refcount table entry, a header field).
+    pub(super) async fn write_u64(&self, off: u64, v: u64) -> Result<(), IoError> {
+        let mut b = v.to_be_bytes();
+        self.top().io.write(off, &[IoSeg::new(&mut b)], false).await
+    }
+
+    /// Grows the refcount table to at least `min_entries`: a new table and the blocks
+    /// that describe it go at the end of the file, are written and synced, then the
+    /// header switches to the new table in one write, and the old table is freed.
+    pub(super) async fn grow_refcount_table(&self, min_entries: u64) -> Result<(), IoError> {
+        let _m = self.rc_lock.lock().await;
+        let g = self.g();
+        let top = self.top();
+        let cs = g.cluster_size();
+        let per = self.rc.block_entries();
+        let old_len = self.rc.table_len();
+        if old_len >= min_entries {
+            return Ok(());
+        }
+        let entries_per_cluster = cs / 8;
+        let new_len =
+            min_entries.max(old_len * 2).div_ceil(entries_per_cluster) * entries_per_cluster;
+        if new_len * 8 > MAX_REFTABLE_BYTES {
+            return Err(IoError::NoSpace);
+        }
+        let table_clusters = new_len * 8 / cs;
+        let start = self.host_end.get();
+        // Blocks needed for the area [start, start + T + R) whose table entries are empty.
+        let missing = |end: u64, table: &[u64]| -> Vec<u64> {
+            (start / per..=(end - 1) / per)
+                .filter(|&ti| ti >= old_len || table[ti as usize] & !REFT_RESERVED == 0)
+                .collect()
+        };
+        let mut blocks: Vec<u64> = Vec::new();
+        loop {
+            let end = start + table_clusters + blocks.len() as u64;
+            let m = missing(end, &self.rc.table.borrow());
+            if m.len() == blocks.len() {
+                blocks = m;
+                break;
+            }
+            blocks = m;
+        }
+        let area_end = start + table_clusters + blocks.len() as u64;
+        if area_end >= new_len * per {
+            return Err(IoError::NoSpace);
+        }
+        self.ensure_file_len(area_end << g.cluster_bits).await?;
+        // Area clusters covered by existing blocks: counted through the cache, and
+        // written with the other dirty refcounts below.
+        for c in start..area_end {
+            let ti = c / per;
+            if ti < old_len && self.rc.table.borrow()[ti as usize] & !REFT_RESERVED != 0 {
+                self.set_refcount(c, 1).await?;
+            }
+        }
+        let mut new_table = self.rc.table.borrow().clone();
+        new_table.resize(new_len as usize, 0);
+        for (k, &ti) in blocks.iter().enumerate() {
+            let block_cluster = start + table_clusters + k as u64;
+            new_table[ti as usize] = block_cluster << g.cluster_bits;
+            let mut buf =
+                poller::dma::alloc_wait(cs as usize).await.map_err(|_| IoError::TooLarge)?;
+            buf.as_mut_slice().fill(0);
+            for c in start..area_end {
+                if c / per == ti {
+                    set_refcount(buf.as_mut_slice(), (c % per) as usize, g.refcount_order, 1);
+                }
+            }
+            top.io
+                .write(block_cluster << g.cluster_bits, &[IoSeg::from_dma(&mut buf)], false)
+                .await?;
+        }
+        let mut tbuf = poller::dma::alloc_wait((table_clusters * cs) as usize)
+            .await
+            .map_err(|_| IoError::TooLarge)?;
+        for (i, e) in new_table.iter().enumerate() {
+            set_be64_at(tbuf.as_mut_slice(), i, *e);
+        }
+        top.io.write(start << g.cluster_bits, &[IoSeg::from_dma(&mut tbuf)], false).await?;
+        self.write_back_refcounts().await?;
+        top.io.flush().await?;
+        // One write switches the header to the new table.
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&(start << g.cluster_bits).to_be_bytes());
+        hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        top.io.write(OFF_REFCOUNT_TABLE, &[IoSeg::new(&mut hdr)], false).await?;
+        top.io.flush().await?;
+        let old_off = self.rc.table_offset.get();
+        let old_clusters = u64::from(self.rc.table_clusters.get());
+        *self.rc.table.borrow_mut() = new_table;
+        self.rc.table_offset.set(start << g.cluster_bits);
+        self.rc.table_clusters.set(table_clusters as u32);
+        // The new table and its blocks are metadata from now on.
+        self.meta.mark(start, table_clusters + blocks.len() as u64);
+        self.host_end.set(area_end);
+        for k in 0..old_clusters {
+            self.queue_free((old_off >> g.cluster_bits) + k, false);
+        }
+        tracing::debug!(image = self.name, old_len, new_len, "refcount table grown");
+        Ok(())
+    }
+
+    /// Rule 5: with lazy refcounts, the dirty bit is on disk before any allocation.
+    pub(super) async fn ensure_dirty_bit(&self) -> Result<(), IoError> {
+        if !self.lazy || self.dirty_bit_on_disk.get() {
+            return Ok(());
+        }
+        let _m = self.header_lock.lock().await;
+        if self.dirty_bit_on_disk.get() {
+            return Ok(());
+        }
+        let v = self.incompatible.get() | INCOMPAT_DIRTY;
+        self.write_u64(OFF_INCOMPATIBLE, v).await?;
+        self.top().io.flush().await?;
+        self.incompatible.set(v);
+        self.dirty_bit_on_disk.set(true);
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! Writes: in place to allocated clusters, or allocating (with merged copy-on-write of
+//! partial clusters), then linking the new clusters into the L2 slice (ordering rule 1).
+
+use super::*;
+
+impl Shard {
+    pub(crate) async fn write(
+        &self,
+        off: u64,
+        segs: &[IoSeg<'_>],
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.check_writable()?;
+        let total = seg::total_len(segs) as u64;
+        let mut done = 0u64;
+        let mut win = [IoSeg::EMPTY; MAX_SEGS];
+        while done < total {
+            let pos = off + done;
+            let run = self.map_top(pos, total - done).await?;
+            match run.kind {
+                RunKind::Data { host, copied: true } => {
+                    let w = window(segs, done as usize, run.len as usize, &mut win)?;
+                    self.write_in_place(host, w).await?;
+                    done += run.len;
+                }
+                _ => done += self.write_alloc(pos, run.len, segs, done as usize).await?,
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_in_place(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
+        let len = seg::total_len(w) as u64;
+        let cb = self.g().cluster_bits;
+        let (first, last) = (host >> cb, (host + len.max(1) - 1) >> cb);
+        self.guard_data(first, last - first + 1)?;
+        // A consistent image never maps a cluster it has not allocated: past the end
+        // of the file, nothing counts the cluster, and two entries may share it.
+        if last >= self.host_end.get() {
+            return Err(self.fail(format_args!(
+                "an L2 entry maps host cluster {last}, past the end of the image"
+            )));
+        }
+        let t = self.inflight.begin(host, len);
+        let r = self.top().io.write(host, w, false).await;
+        self.inflight.end(t);
+        r
+    }
+
+    /// Writes `len` bytes at `pos` into clusters that need allocation (or whose
+    /// mapping changed meanwhile). Returns the bytes handled.
+    pub(super) async fn write_alloc(
+        &self,
+        pos: u64,
+        len: u64,
+        segs: &[IoSeg<'_>],
+        seg_off: usize,
+    ) -> Result<u64, IoError> {
+        let g = self.g();
+        let cb = g.cluster_bits;
+        let cs = g.cluster_size();
+        let c0 = pos >> cb;
+        let c1 = ((pos + len - 1) >> cb) + 1;
+        let _guard = self.locks.lock(c0, c1).await;
+        self.ensure_dirty_bit().await?;
+        let run = self.map_top(pos, len).await?;
+        let mut len = run.len;
+        let mut win = [IoSeg::EMPTY; MAX_SEGS];
+        if let RunKind::Data { host, copied: true } = run.kind {
+            let w = window(segs, seg_off, len as usize, &mut win)?;
+            self.write_in_place(host, w).await?;
+            return Ok(len);
+        }
+        let mut c1 = ((pos + len - 1) >> cb) + 1;
+        self.ensure_l2(pos).await?;
+        let (host, got, fresh) = self.alloc_run(c1 - c0).await?;
+        if got < c1 - c0 {
+            c1 = c0 + got;
+            len = (c1 << cb) - pos;
+        }
+        let head = pos - (c0 << cb);
+        let tail = (c1 << cb) - (pos + len);
+        // The clusters' old content is zeros (nothing below this image, no data in
+        // it) and the new clusters already read as zeros (never written): only the
+        // request's bytes need writing, not whole clusters of padding — a 4 KiB write
+        // into a fresh 64 KiB cluster costs 4 KiB, as in QEMU.
+        let zeros_below = self.chain.len() == 1
+            && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
+        if fresh && zeros_below && (head > 0 || tail > 0) {
+            let w = window(segs, seg_off, len as usize, &mut win)?;
+            if let Err(e) = self.top().io.write(host + head, w, false).await {
+                self.release_unlinked(host, got).await;
+                return Err(e);
+            }
+            // Rule 1: the data is written; only now may an L2 entry point at it.
+            self.link(c0, c1, host).await?;
+            self.maybe_writeback().await?;
+            return Ok(len);
+        }
+        let mut head_buf = None;
+        let mut tail_buf = None;
+        let cow = async {
+            if head > 0 {
+                let mut b =
+                    poller::dma::alloc_wait(head as usize).await.map_err(|_| IoError::TooLarge)?;
+                self.read(c0 << cb, &[IoSeg::from_dma(&mut b)]).await?;
+                head_buf = Some(b);
+            }
+            if tail > 0 {
+                let mut b =
+                    poller::dma::alloc_wait(tail as usize).await.map_err(|_| IoError::TooLarge)?;
+                self.read(pos + len, &[IoSeg::from_dma(&mut b)]).await?;
+                tail_buf = Some(b);
+            }
+            Ok::<(), IoError>(())
+        };
+        if let Err(e) = cow.await {
+            self.release_unlinked(host, got).await;
+            return Err(e);
+        }
+        let mut iov = [IoSeg::EMPTY; MAX_SEGS];
+        let mut n = 0;
+        if let Some(b) = head_buf.as_mut() {
+            iov[n] = IoSeg::from_dma(b);
+            n += 1;
+        }
+        for s in window(segs, seg_off, len as usize, &mut win)? {
+            if n == MAX_SEGS - 1 {
+                self.release_unlinked(host, got).await;
+                return Err(IoError::TooLarge);
+            }
+            iov[n] = *s;
+            n += 1;
+        }
+        if let Some(b) = tail_buf.as_mut() {
+            iov[n] = IoSeg::from_dma(b);
+            n += 1;
+        }
+        debug_assert_eq!(seg::total_len(&iov[..n]) as u64, (c1 - c0) * cs);
+        if let Err(e) = self.top().io.write(host, &iov[..n], false).await {
+            self.release_unlinked(host, got).await;
+            return Err(e);
+        }
+        // Rule 1: the data is written; only now may an L2 entry point at it.
+        self.link(c0, c1, host).await?;
+        self.maybe_writeback().await?;
+        Ok(len)
+    }
+
+    /// Points guest clusters `c0..c1` (within one L2 slice) at host clusters from
+    /// `host`, queueing frees for what they pointed at before.
+    pub(super) async fn link(&self, c0: u64, c1: u64, host: u64) -> Result<(), IoError> {
+        let g = self.g();
+        let top = self.top();
+        let Some((key, slice_host)) = top.slice_of(c0 << g.cluster_bits)? else {
+            return Err(self.fail(format_args!("L2 table vanished while linking cluster {c0}")));
+        };
+        let pin = loop {
+            match top
+                .l2
+                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
+                .await
+            {
+                Ok(p) => break p,
+                Err(GetError::Full) => self.flush_now(false).await?,
+                Err(GetError::Io(e)) => return Err(e),
+            }
+        };
+        let mask = (1u64 << top.slice_bits) - 1;
+        for (i, c) in (c0..c1).enumerate() {
+            let idx = (c & mask) as usize;
+            let old = L2Entry::decode(pin.get_u64(idx), &g).map_err(|e| {
+                self.fail(format_args!("L2 entry of cluster {c} invalid while linking: {e:?}"))
+            })?;
+            let new = L2Entry::Normal { host: host + ((i as u64) << g.cluster_bits), copied: true };
+            pin.set_u64(idx, new.encode());
+            self.release_entry(old, false);
+        }
+        Ok(())
+    }
+
+    /// Queues the clusters an old entry held for release.
+    pub(super) fn release_entry(&self, old: L2Entry, punch: bool) {
+        let g = self.g();
+        match old {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
+                self.queue_free(host >> g.cluster_bits, punch)
+            }
+            L2Entry::Compressed { host, max_len } => {
+                let (first, count) = compressed_clusters(host, max_len, &g);
+                for k in 0..count {
+                    self.queue_free((first >> g.cluster_bits) + k, false);
+                }
+            }
+            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+        }
+    }
+
+    pub(super) fn queue_free(&self, cluster: u64, punch: bool) {
+        if cluster >= self.host_end.get() || cluster == 0 {
+            // Never allocated: freeing it later could free whatever the allocator
+            // puts there meanwhile.
+            let _ = self.fail(format_args!(
+                "an entry frees host cluster {cluster}, which the image never allocated"
+            ));
+            return;
+        }
+        self.pending.borrow_mut().push(PendingFree {
+            cluster,
+            generation: self.snap_gen.get(),
+            punch,
+        });
+    }
+
+    /// Flushes when metadata piles up (half the L2 cache dirty, many pending frees).
+    pub(super) async fn maybe_writeback(&self) -> Result<(), IoError> {
+        let l2 = &self.top().l2;
+        if l2.dirty_count() * 2 > l2.capacity()
+            || self.rc.cache.dirty_count() * 2 > self.rc.cache.capacity()
+            || self.pending.borrow().len() >= MAX_PENDING_FREES / 2
+        {
+            self.flush_now(false).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! Write-zeroes and discard: whole clusters change only L2 entries (queueing frees),
+//! partial clusters are written with zeros.
+
+use super::*;
+
+impl Shard {
+    /// Makes `off..off+len` read as zeros. Whole clusters change only metadata;
+    /// partial clusters are written with zeros (refused with `fast_only`).
+    pub(crate) async fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        unmap: bool,
+        fast_only: bool,
+    ) -> Result<(), IoError> {
+        self.check_writable()?;
+        let g = self.g();
+        let cs = g.cluster_size();
+        let end = off + len;
+        let first_full = off.div_ceil(cs) * cs;
+        let last_full = end / cs * cs;
+        if first_full >= last_full {
+            return self.write_zero_bytes(off, len, fast_only).await;
+        }
+        if off < first_full {
+            self.write_zero_bytes(off, first_full - off, fast_only).await?;
+        }
+        let mut pos = first_full;
+        while pos < last_full {
+            pos += self.zero_clusters(pos, last_full - pos, unmap, fast_only).await?;
+        }
+        if last_full < end {
+            self.write_zero_bytes(last_full, end - last_full, fast_only).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_zero_bytes(
+        &self,
+        off: u64,
+        len: u64,
+        fast_only: bool,
+    ) -> Result<(), IoError> {
+        // Already zero (unallocated without backing, or a zero cluster)? Nothing to do.
+        let (slen, data, zero) = self.block_status(off, len).await?;
+        if !data && zero && slen >= len {
+            return Ok(());
+        }
+        if fast_only {
+            return Err(IoError::NotSupported);
+        }
+        let mut buf = poller::dma::alloc_wait(len as usize).await.map_err(|_| IoError::TooLarge)?;
+        buf.as_mut_slice().fill(0);
+        self.write(off, &[IoSeg::from_dma(&mut buf)], false).await
+    }
+
+    /// Zeroes whole clusters from `pos` (within one L2 slice); returns bytes handled.
+    pub(super) async fn zero_clusters(
+        &self,
+        pos: u64,
+        len: u64,
+        unmap: bool,
+        fast_only: bool,
+    ) -> Result<u64, IoError> {
+        let g = self.g();
+        let cb = g.cluster_bits;
+        let run = self.map_top(pos, len).await?;
+        let n = run.len;
+        let has_backing = self.chain.len() > 1;
+        // Nothing to do where the clusters already read as zeros and stay that way.
+        match run.kind {
+            RunKind::Zero { host: None, .. } => return Ok(n),
+            RunKind::Unallocated if !has_backing => return Ok(n),
+            _ => {}
+        }
+        if g.version < 3 {
+            // No zero flag: deallocate where no backing file shows through, else write.
+            if !has_backing && (unmap || !matches!(run.kind, RunKind::Data { copied: true, .. })) {
+                self.set_entries(pos, n, |_| Some(L2Entry::Unallocated), true).await?;
+                return Ok(n);
+            }
+            if fast_only {
+                return Err(IoError::NotSupported);
+            }
+            let mut buf =
+                poller::dma::alloc_wait(n as usize).await.map_err(|_| IoError::TooLarge)?;
+            buf.as_mut_slice().fill(0);
+            self.write(pos, &[IoSeg::from_dma(&mut buf)], false).await?;
+            return Ok(n);
+        }
+        let _ = cb;
+        self.set_entries(
+            pos,
+            n,
+            |old| {
+                Some(match old {
+                    L2Entry::Normal { host, copied: true } if !unmap => {
+                        L2Entry::Zero { host: Some(host), copied: true }
+                    }
+                    L2Entry::Zero { host: Some(host), copied: true } if !unmap => {
+                        L2Entry::Zero { host: Some(host), copied: true }
+                    }
+                    _ => L2Entry::Zero { host: None, copied: false },
+                })
+            },
+            unmap,
+        )
+        .await?;
+        Ok(n)
+    }
+
+    /// Discards whole clusters in `off..off+len`; partial clusters are left alone.
+    pub(crate) async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
+        self.check_writable()?;
+        let g = self.g();
+        let cs = g.cluster_size();
+        let mut pos = off.div_ceil(cs) * cs;
+        let end = (off + len) / cs * cs;
+        let has_backing = self.chain.len() > 1;
+        while pos < end {
+            let run = self.map_top(pos, end - pos).await?;
+            let n = run.len;
+            // As QEMU: a discarded range reads as zeros on v3 images, so unallocated
+            // clusters over a backing file become zero clusters too.
+            let skip = match run.kind {
+                RunKind::Zero { host: None, .. } => true,
+                RunKind::Unallocated => !has_backing || g.version < 3,
+                _ => false,
+            };
+            if !skip {
+                if has_backing && g.version < 3 {
+                    // Nothing can hide the backing file here; discard is advisory.
+                } else {
+                    let replacement = if has_backing {
+                        L2Entry::Zero { host: None, copied: false }
+                    } else {
+                        L2Entry::Unallocated
+                    };
+                    self.set_entries(pos, n, |_| Some(replacement), true).await?;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the L2 entries of whole clusters `pos..pos+len` (within one slice)
+    /// with `f(old)`, queueing frees for clusters no longer referenced.
+    pub(super) async fn set_entries(
+        &self,
+        pos: u64,
+        len: u64,
+        f: impl Fn(L2Entry) -> Option<L2Entry>,
+        punch: bool,
+    ) -> Result<(), IoError> {
+        let g = self.g();
+        let cb = g.cluster_bits;
+        let c0 = pos >> cb;
+        let c1 = (pos + len) >> cb;
+        let _guard = self.locks.lock(c0, c1).await;
+        self.ensure_dirty_bit().await?;
+        let top = self.top();
+        if top.slice_of(pos)?.is_none() {
+            // No L2 table: make one only if the new state needs recording.
+            match f(L2Entry::Unallocated) {
+                Some(L2Entry::Unallocated) | None => return Ok(()),
+                Some(_) => {}
+            }
+        }
+        self.ensure_l2(pos).await?;
+        let Some((key, slice_host)) = top.slice_of(pos)? else {
+            return Err(self.fail(format_args!("L2 table missing after allocation")));
+        };
+        let pin = loop {
+            match top
+                .l2
+                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
+                .await
+            {
+                Ok(p) => break p,
+                Err(GetError::Full) => self.flush_now(false).await?,
+                Err(GetError::Io(e)) => return Err(e),
+            }
+        };
+        let mask = (1u64 << top.slice_bits) - 1;
+        for c in c0..c1 {
+            let idx = (c & mask) as usize;
+            let old = L2Entry::decode(pin.get_u64(idx), &g)
+                .map_err(|e| self.fail(format_args!("L2 entry of cluster {c} invalid: {e:?}")))?;
+            let Some(new) = f(old) else { continue };
+            if new == old {
+                continue;
+            }
+            pin.set_u64(idx, new.encode());
+            let keeps = |h: u64| matches!(new, L2Entry::Zero { host: Some(x), .. } | L2Entry::Normal { host: x, .. } if x == h);
+            match old {
+                L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. }
+                    if keeps(host) => {}
+                _ => self.release_entry(old, punch),
+            }
+        }
+        drop(pin);
+        self.maybe_writeback().await
+    }
+}
