@@ -1,5 +1,7 @@
-//! Cross-core ring round trip: a message from reactor 0 to reactor 1 through a mailbox
-//! and back through another, measured on reactor 0.
+//! Cross-core round trips, measured on reactor 0:
+//! - a message from reactor 0 to reactor 1 through a mailbox and back through another;
+//! - a forwarded call's shape: a message to reactor 1 carrying the sender's waker, which
+//!   reactor 1 wakes from its thread (the remote wake ring: no lock, no allocation).
 
 use std::cell::{Cell, RefCell};
 use std::task::{Poll, Waker};
@@ -74,7 +76,47 @@ fn ring(c: &mut Criterion) {
             })
         })
     });
+    // The forwarded call: the sender's waker crosses, and comes back as a remote wake.
+    static DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (mb_c, tx_c) = h[1].call(|| {
+        poller::mailbox::<(u64, Waker)>(64, |(seq, w)| {
+            DONE.store(seq, std::sync::atomic::Ordering::Release);
+            w.wake();
+        })
+    });
+    g.bench_function("call with remote wake reactor 0 -> 1 -> 0", |b| {
+        b.iter_custom(|iters| {
+            let tx_c = tx_c.clone();
+            h[0].block_on(move || async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let seq = NEXT.with(|n| {
+                        n.set(n.get() + 1);
+                        n.get()
+                    });
+                    let mut sent = false;
+                    std::future::poll_fn(|cx| {
+                        if !sent {
+                            sent = true;
+                            if tx_c.try_send((seq, cx.waker().clone())).is_err() {
+                                panic!("the ring is never full: one message in flight");
+                            }
+                            return Poll::Pending;
+                        }
+                        if DONE.load(std::sync::atomic::Ordering::Acquire) == seq {
+                            Poll::Ready(())
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                }
+                start.elapsed()
+            })
+        })
+    });
     g.finish();
+    h[1].call(move || drop(mb_c));
     h[1].call(move || drop(mb_b));
     h[0].call(move || drop(mb_a));
     reactors.stop();

@@ -202,6 +202,9 @@ pub struct Disk {
     pub l2_cache_bytes: Option<u64>,
     /// Bytes of qcow2 refcount-block cache; `None` picks a default.
     pub refcount_cache_bytes: Option<u64>,
+    /// Shards a qcow2 image is split over (one per reactor, from the first); `None`:
+    /// every reactor.
+    pub shards: Option<usize>,
     /// The vhost-user-blk export of this disk, if any.
     pub vhost_user_blk: Option<VhostUserBlk>,
     /// Limits; `None` means unlimited.
@@ -215,6 +218,9 @@ pub struct VhostUserBlk {
     /// Virtqueues offered (spread over the reactors).
     pub queues: u16,
 }
+
+/// The most shards a qcow2 image is split over.
+pub const MAX_SHARDS: usize = 64;
 
 /// The most virtqueues a vhost-user-blk export offers.
 pub const MAX_VHOST_QUEUES: u16 = 64;
@@ -670,6 +676,28 @@ impl Validator {
         }
         let l2_cache_bytes = raw.l2_cache.map(|s| s.into_inner().bytes());
         let refcount_cache_bytes = raw.refcount_cache.map(|s| s.into_inner().bytes());
+        let shards = match raw.shards {
+            None => None,
+            Some(v) => {
+                let span = v.span();
+                let v = v.into_inner();
+                if !(1..=MAX_SHARDS as i64).contains(&v) {
+                    return Err(self.err(
+                        span,
+                        &key("shards"),
+                        format!("{v}: must be 1 to {MAX_SHARDS} (more than the reactors means all of them)"),
+                    ));
+                }
+                if format != Format::Qcow2 {
+                    return Err(self.err(
+                        span,
+                        &key("shards"),
+                        "only a qcow2 image is split into shards (a raw disk is served from every reactor as it is)".into(),
+                    ));
+                }
+                Some(v as usize)
+            }
+        };
         let vhost_user_blk = match raw.vhost_user_blk {
             None => None,
             Some(v) => {
@@ -747,6 +775,7 @@ impl Validator {
             allowed_backing_dirs,
             l2_cache_bytes,
             refcount_cache_bytes,
+            shards,
             vhost_user_blk,
             qos,
         })

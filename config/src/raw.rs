@@ -75,6 +75,7 @@ pub(crate) struct RawDisk {
     pub allowed_backing_dirs: Option<Vec<Spanned<String>>>,
     pub l2_cache: Option<Spanned<ByteSize>>,
     pub refcount_cache: Option<Spanned<ByteSize>>,
+    pub shards: Option<Spanned<i64>>,
     pub vhost_user_blk: Option<Spanned<RawVhostUserBlk>>,
     pub qos: Option<Spanned<RawQos>>,
 }

@@ -99,11 +99,16 @@ pub fn disk(d: &Disk) -> Table {
     if let Some(s) = d.size {
         t.insert("size".into(), int(s));
     }
-    if d.format == Format::Qcow2 {
+    // Any format: a raw disk may name them too (they are kept, and unused), and
+    // leaving them out would bring back the default on the next parse.
+    if !d.allowed_backing_dirs.is_empty() {
         t.insert(
             "allowed_backing_dirs".into(),
             Value::Array(d.allowed_backing_dirs.iter().map(|p| path(p)).collect()),
         );
+    }
+    if let Some(n) = d.shards {
+        t.insert("shards".into(), int(n as u64));
     }
     if let Some(b) = d.l2_cache_bytes {
         t.insert("l2_cache".into(), int(b));

@@ -318,6 +318,7 @@ fn bdev_checks_ranges_and_read_only() {
         allowed_backing_dirs: vec![],
         l2_cache_bytes: None,
         refcount_cache_bytes: None,
+        shards: None,
         vhost_user_blk: None,
         qos: None,
     };

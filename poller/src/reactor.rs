@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -195,29 +195,61 @@ pub(crate) struct Shared {
     stats: ReactorStats,
 }
 
-/// Live reactors by global id, for wakes from foreign threads.
-static REGISTRY: Mutex<Vec<Option<Arc<Shared>>>> = Mutex::new(Vec::new());
+/// Live reactors by global id, for wakes from foreign threads, without a lock: a
+/// waker pins the slot (`users`), loads the pointer and uses it; a reactor going away
+/// clears its pointer, waits until no waker pins the slot, and only then drops its
+/// reference. Ids are handed out under `ALLOC` (control plane: reactor start and stop).
+struct Slot {
+    shared: AtomicPtr<Shared>,
+    users: AtomicUsize,
+}
+
+static SLOTS: [Slot; MAX_REACTORS] =
+    [const { Slot { shared: AtomicPtr::new(std::ptr::null_mut()), users: AtomicUsize::new(0) } };
+        MAX_REACTORS];
+static ALLOC: Mutex<[bool; MAX_REACTORS]> = Mutex::new([false; MAX_REACTORS]);
 
 fn register_global(make: impl FnOnce(usize) -> Arc<Shared>) -> Arc<Shared> {
-    let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    let id = match reg.iter().position(Option::is_none) {
-        Some(i) => i,
-        None => {
-            reg.push(None);
-            reg.len() - 1
-        }
-    };
-    assert!(id < MAX_REACTORS, "more than {MAX_REACTORS} live reactors");
+    let mut used = ALLOC.lock().unwrap_or_else(|p| p.into_inner());
+    let id = used.iter().position(|u| !u);
+    let id = id.unwrap_or_else(|| panic!("more than {MAX_REACTORS} live reactors"));
+    used[id] = true;
     let shared = make(id);
-    reg[id] = Some(shared.clone());
+    // The slot holds one strong reference, given back in `unregister_global`.
+    let raw = Arc::into_raw(shared.clone()).cast_mut();
+    // Release: a waker that loads the pointer sees the reactor fully built.
+    SLOTS[id].shared.store(raw, Ordering::Release);
     shared
 }
 
 fn unregister_global(id: usize) {
-    let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = reg.get_mut(id) {
-        *s = None;
+    let mut used = ALLOC.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(slot) = SLOTS.get(id) else { return };
+    let raw = slot.shared.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    // Wakers that loaded the pointer before the swap are done with it once `users`
+    // drops to zero (SeqCst pairs with theirs: either they see null, or we see them).
+    while slot.users.load(Ordering::SeqCst) != 0 {
+        std::hint::spin_loop();
     }
+    if !raw.is_null() {
+        // SAFETY: `raw` came from `Arc::into_raw` in `register_global`, and no waker
+        // can reach it any more (see above).
+        drop(unsafe { Arc::from_raw(raw) });
+    }
+    used[id] = false;
+}
+
+/// Runs `f` on the live reactor `id`, if any, with no lock and no allocation.
+fn with_reactor(id: usize, f: impl FnOnce(&Shared)) {
+    let Some(slot) = SLOTS.get(id) else { return };
+    slot.users.fetch_add(1, Ordering::SeqCst);
+    let raw = slot.shared.load(Ordering::SeqCst);
+    if !raw.is_null() {
+        // SAFETY: the slot's reference keeps the reactor alive while `users` is
+        // raised (`unregister_global` waits for it).
+        f(unsafe { &*raw });
+    }
+    slot.users.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// A handle to a reactor, usable from any thread.
@@ -648,19 +680,16 @@ pub(crate) fn wake_task(task: TaskRef) {
         core.executor.schedule(task);
         return;
     }
-    let target = {
-        let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        reg.get(task.reactor()).and_then(|s| s.clone())
-    };
-    let Some(target) = target else { return };
-    if target.remote_wakes.push(task.raw()).is_err() {
-        // The ring is full: fall back to a control message (allocates; rare).
-        let raw = task.raw();
-        let _ = target.control.push(Box::new(move || {
-            with_core(|c| c.executor.schedule(TaskRef::from_raw(raw)));
-        }));
-    }
-    target.doorbell.ring();
+    with_reactor(task.reactor(), |target| {
+        if target.remote_wakes.push(task.raw()).is_err() {
+            // The ring is full: fall back to a control message (allocates; rare).
+            let raw = task.raw();
+            let _ = target.control.push(Box::new(move || {
+                with_core(|c| c.executor.schedule(TaskRef::from_raw(raw)));
+            }));
+        }
+        target.doorbell.ring();
+    });
 }
 
 /// Whether the calling thread is a reactor.

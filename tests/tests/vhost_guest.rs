@@ -70,6 +70,10 @@ fn guest_on_a_qcow2_disk_with_a_backing_file_and_two_queues() {
         "base.raw",
         "-F",
         "raw",
+        // 4 KiB clusters: an L2 table maps 2 MiB, so the image's two shards (one per
+        // reactor) own alternate 2 MiB ranges, and every writer's 3 MiB crosses them.
+        "-o",
+        "cluster_size=4096",
         "disk.qcow2",
     ]));
     let base_before = std::fs::read(&base).unwrap();

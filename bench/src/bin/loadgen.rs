@@ -18,7 +18,7 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", version, about)]
 struct Args {
-    /// null, mem, raw:PATH or qcow2:PATH.
+    /// null, mem, qcow2-mem (a qcow2 image on in-memory storage), raw:PATH or qcow2:PATH.
     #[arg(short, long, default_value = "null")]
     target: Target,
     /// I/O engine for raw and qcow2 files.
@@ -50,9 +50,12 @@ struct Args {
     /// Unmeasured seconds before the measured run.
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
-    /// Size of null and mem devices.
+    /// Size of null, mem and qcow2-mem devices.
     #[arg(long, default_value = "1G", value_parser = bench::parse_size)]
     size: u64,
+    /// Write every cluster first (qcow2: measure allocated clusters, not holes).
+    #[arg(long)]
+    prefill: bool,
     /// Open files through the page cache instead of O_DIRECT.
     #[arg(long)]
     buffered: bool,
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         },
         pin: !a.no_pin,
         progress: !a.quiet && std::io::stderr().is_terminal(),
+        prefill: a.prefill,
     };
     match loadgen::run(&opts) {
         Ok(r) => {

@@ -26,8 +26,8 @@ fn engine_of(disk: &config::Disk) -> EngineKind {
     if disk.driver == config::Driver::Aio { EngineKind::Aio } else { EngineKind::IoUring }
 }
 
-/// Opens `disk`. `reactors` are those that may serve it, the first leading (a qcow2
-/// image's metadata lives there).
+/// Opens `disk`. `reactors` are those that may serve it, the first leading: a qcow2
+/// image gets a shard on each of the first `shards` of them (default: all).
 pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>, OpenError> {
     let path = disk.path.as_deref().unwrap_or(Path::new(""));
     let driver: Arc<dyn BlockDriver> = match disk.format {
@@ -41,8 +41,12 @@ pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>
                 refcount_cache_bytes: disk.refcount_cache_bytes,
                 storage: None,
             };
-            let owner = reactors.first().ok_or_else(|| OpenError::invalid(path, "no reactor"))?;
-            Arc::new(Qcow2Driver::open(path, opts, owner.clone())?)
+            if reactors.is_empty() {
+                return Err(OpenError::invalid(path, "no reactor"));
+            }
+            let n = disk.shards.map_or(reactors.len(), |n| n.clamp(1, reactors.len()));
+            let n = n.min(crate::format::qcow2::MAX_SHARDS);
+            Arc::new(Qcow2Driver::open(path, opts, &reactors[..n])?)
         }
         config::Format::Raw => {
             let storage = match disk.driver {

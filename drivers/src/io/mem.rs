@@ -15,6 +15,13 @@ pub(crate) fn open(size: u64) -> Result<Arc<Storage>, OpenError> {
     Ok(Storage::new(Box::new(Arc::new(mem)), None, Alignment::NONE, size, false, false))
 }
 
+/// A RAM file: empty at first, growing as it is written, up to `capacity` bytes (a
+/// file system's file, without the kernel: a qcow2 image's home in benchmarks).
+pub(crate) fn open_file(capacity: u64) -> Result<Arc<Storage>, OpenError> {
+    let mem = MemDisk::new(capacity as usize).map_err(|e| OpenError::io("<mem>", e))?;
+    Ok(Storage::new(Box::new(Arc::new(mem)), None, Alignment::NONE, 0, false, false))
+}
+
 /// The mapping.
 struct MemDisk {
     base: *mut u8,
@@ -103,6 +110,12 @@ impl Backend for Arc<MemDisk> {
     fn read_sync(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
         MemDisk::read(self, off, buf.as_mut_ptr(), buf.len());
         Ok(buf.len())
+    }
+
+    fn write_sync(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let mut b = buf.to_vec();
+        self.write_segs(off, &[IoSeg::new(&mut b)])
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOSPC))
     }
 }
 

@@ -179,6 +179,12 @@ impl Storage {
         mem::open(size)
     }
 
+    /// A file in RAM: empty, growing as written up to `capacity` bytes (reserved, not
+    /// touched).
+    pub fn mem_file(capacity: u64) -> Result<Arc<Storage>, OpenError> {
+        mem::open_file(capacity)
+    }
+
     /// A device of `size` bytes that stores nothing: reads leave buffers untouched.
     pub fn null(size: u64) -> Arc<Storage> {
         null::open(size)

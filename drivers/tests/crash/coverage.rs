@@ -67,6 +67,9 @@ pub struct Coverage {
     pub lazy: u64,
     pub v2: u64,
     pub snapshot: u64,
+    /// Trials with the image split over 2 and over 4 shards (on their own reactors).
+    pub shards2: u64,
+    pub shards4: u64,
     pub resize: u64,
     /// Resizes cut in the middle; crash images at the old and at the new size; resizes
     /// that grew the L1 table.
@@ -118,6 +121,8 @@ impl Coverage {
             (&mut self.lazy, o.lazy),
             (&mut self.v2, o.v2),
             (&mut self.snapshot, o.snapshot),
+            (&mut self.shards2, o.shards2),
+            (&mut self.shards4, o.shards4),
             (&mut self.resize, o.resize),
             (&mut self.resize_cut, o.resize_cut),
             (&mut self.resize_old_size, o.resize_old_size),
@@ -147,6 +152,8 @@ impl Coverage {
             ("lazy-refcount trials".into(), self.lazy),
             ("v2 trials".into(), self.v2),
             ("internal-snapshot trials".into(), self.snapshot),
+            ("trials on 2 shards".into(), self.shards2),
+            ("trials on 4 shards".into(), self.shards4),
             ("resizes".into(), self.resize),
             ("resizes cut midway".into(), self.resize_cut),
             ("resize crash images at the old size".into(), self.resize_old_size),

@@ -85,7 +85,7 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
             refcount_cache_bytes: Some(16 << 10),
             storage: None,
         };
-        let Ok(dev) = Qcow2Device::open(&path, opts, owner.clone()) else { continue };
+        let Ok(dev) = Qcow2Device::open(&path, opts, std::slice::from_ref(owner)) else { continue };
         let seed = mix(data);
         let d2 = dev.clone();
         owner.block_on(move || async move { drive(d2, seed, read_only, consistent).await });

@@ -11,6 +11,7 @@
 //! next layer, and ranges beyond a (shorter) backing file read as zeros.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use crate::error::IoError;
 use crate::io::align::Aligned;
@@ -18,6 +19,7 @@ use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, MetaCache};
 use super::compress::Decompressor;
+use super::image::AtomicTable;
 use super::types::*;
 
 /// The deepest backing chain accepted.
@@ -42,12 +44,13 @@ pub(crate) struct Run {
     pub kind: RunKind,
 }
 
-/// One qcow2 file of a chain, on its owner reactor.
+/// One qcow2 file of a chain, on one shard's reactor (its L1 table is shared by the
+/// shards; its L2 cache and I/O channel are the shard's own).
 pub(crate) struct Qcow2Layer {
     pub name: String,
     pub g: Geometry,
     pub io: Aligned,
-    pub l1: RefCell<Vec<u64>>,
+    pub l1: Arc<AtomicTable>,
     pub l2: MetaCache,
     /// log2 of L2 entries per cache slice.
     pub slice_bits: u32,
@@ -82,8 +85,8 @@ impl Qcow2Layer {
     pub(crate) fn slice_of(&self, guest_off: u64) -> Result<Option<(u64, u64)>, IoError> {
         let g = &self.g;
         let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
-        let raw = match self.l1.borrow().get(l1i) {
-            Some(&r) => r,
+        let raw = match self.l1.get(l1i) {
+            Some(r) => r,
             None => {
                 return Err(corrupt(
                     &self.name,
@@ -107,7 +110,7 @@ impl Qcow2Layer {
     /// on write moves).
     pub(crate) fn slice_host(&self, key: u64) -> Option<u64> {
         let slices_per_table = 1u64 << (self.g.l2_bits() - self.slice_bits);
-        let raw = *self.l1.borrow().get((key / slices_per_table) as usize)?;
+        let raw = self.l1.get((key / slices_per_table) as usize)?;
         let (l2_off, _) = decode_l1(raw, &self.g).ok()?;
         let slice_bytes = 8u64 << self.slice_bits;
         (l2_off != 0).then_some(l2_off + (key % slices_per_table) * slice_bytes)

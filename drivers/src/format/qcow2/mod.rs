@@ -3,28 +3,32 @@
 //! Layout, by concern:
 //! - [`types`] and [`header`]: on-disk encodings and header validation;
 //! - `open` and [`snapshot`]: opening and validating an image and its backing chain on
-//!   the control plane;
+//!   the control plane; `build`: turning it into shards on their reactors;
+//! - `image`: what the shards share (the L1 and refcount tables as atomics, the
+//!   ownership of guest and host space, the image-wide bits);
 //! - `cache`: fixed-capacity metadata caches (L2 slices, refcount-block slices);
 //! - `layer`: mapping lookups and reads through the backing chain;
 //! - `refcount`: refcounts of every width;
-//! - `shard`: the owner reactor's state and the write, zero, discard and flush
-//!   algorithms, with the crash-consistency ordering rules;
-//! - `remote`: forwarding requests from other reactors to the owner;
+//! - `shard`: one shard's state and the read, write, zero, discard and flush
+//!   algorithms, with the crash-consistency ordering rules; the leader's operations;
+//!   the barrier;
+//! - `route`: channels and shards sending calls to the owning shard (zero copy);
 //! - [`create`], [`check`] and [`tools`]: the image tools (create, check/repair, info,
 //!   map), synchronous, for the command line.
 //!
-//! The image state is one read-mostly description ([`Qcow2Device`], shared) plus a
-//! shard that one reactor owns. Today each image has one shard, on the reactor chosen
-//! at open; requests arriving on other reactors are forwarded to it (zero copy).
-//! Splitting the guest space over several shards changes where a request goes, not
-//! how the shard serves it.
+//! An open image is one shared description ([`Qcow2Device`] and `image::Image`) plus
+//! one shard per serving reactor, each owning an interleaved part of the guest space
+//! (by L2 table) and of the host space (by refcount block). A request runs on the
+//! shard owning it; one arriving on another reactor costs one hop there and back.
 
+mod build;
 mod cache;
 mod compress;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hash;
 pub mod header;
+mod image;
 mod layer;
 pub(crate) mod open;
 mod overlap;
@@ -48,32 +52,30 @@ use poller::{MailSender, Mailbox, ReactorHandle};
 
 use crate::driver::{BlockDriver, DeviceInfo, DriverChannel};
 use crate::error::{IoError, OpenError};
-use crate::io::align::Aligned;
 use crate::io::probe::Alignment;
 
 pub use open::OpenOptions;
 
-use self::cache::MetaCache;
-use self::compress::Decompressor;
 use self::header::Header;
-use self::layer::{Layer, Qcow2Layer};
-use self::open::{OpenedImage, OpenedLayer, OpenedQcow2};
-use self::refcount::Refcounts;
-use self::route::{CallPtr, Inbox, Route};
+use self::image::Image;
+use self::route::{CallPtr, Inboxes, Route};
 
-pub use self::route::Qcow2Channel;
+pub use self::route::{MAX_SHARDS, Qcow2Channel};
 use self::shard::Shard;
-use self::types::{REFT_RESERVED, decode_l1};
 
-/// Default budget of an image's L2 cache (QEMU's default cliff is far lower: the
-/// cache covers 8 GiB of a 64 KiB-cluster image there).
+/// Default budget of an image's L2 cache, over all its shards (QEMU's default cliff is
+/// far lower: the cache covers 8 GiB of a 64 KiB-cluster image there).
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
-/// Budget of a backing file's L2 cache.
-const BACKING_L2_CACHE_BYTES: u64 = 4 << 20;
-/// Capacity of an image's forwarding mailbox.
+/// Capacity of a shard's mailbox.
 const REMOTE_RING: usize = 1024;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One shard of an open image, as the control plane sees it.
+struct ShardRef {
+    reactor: ReactorHandle,
+    tx: MailSender<CallPtr>,
+}
 
 /// An open qcow2 image (the shared description).
 pub struct Qcow2Device {
@@ -81,22 +83,25 @@ pub struct Qcow2Device {
     path: PathBuf,
     header: Header,
     align: Alignment,
-    owner: ReactorHandle,
-    tx: MailSender<CallPtr>,
+    img: Arc<Image>,
+    shards: Vec<ShardRef>,
     read_only: bool,
     chain_len: usize,
 }
 
 impl std::fmt::Debug for Qcow2Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Device").field("path", &self.path).field("owner", &self.owner).finish()
+        f.debug_struct("Qcow2Device")
+            .field("path", &self.path)
+            .field("shards", &self.shards.len())
+            .finish()
     }
 }
 
-/// What an owner reactor keeps per image.
+/// What a reactor keeps per image it holds a shard of.
 struct Host {
     shard: Rc<Shard>,
-    inbox: Rc<Inbox>,
+    inboxes: Rc<Inboxes>,
     _mailbox: Mailbox,
 }
 
@@ -104,129 +109,24 @@ thread_local! {
     static HOSTS: RefCell<HashMap<u64, Host>> = RefCell::new(HashMap::new());
 }
 
-fn slice_bits_for(cluster_bits: u32) -> u32 {
-    // Slices of at most 4 KiB (512 entries): small misses, aligned writebacks.
-    (cluster_bits.min(12)) - 3
-}
-
-/// A qcow2 layer's state: its L1 table (moved in, not copied: a copy would make every
-/// page of a large, mostly empty table resident) and an L2 cache of at most
-/// `cache_bytes`, smaller when the image needs less.
-fn build_layer(q: &mut OpenedQcow2, cache_bytes: u64) -> Result<Qcow2Layer, IoError> {
-    let g = q.header.geometry();
-    let slice_bits = slice_bits_for(g.cluster_bits);
-    let slice_bytes = 8usize << slice_bits;
-    let coverage = 1u64 << (g.cluster_bits + slice_bits);
-    let needed = g.size.div_ceil(coverage).max(1);
-    let capacity = needed.min((cache_bytes / slice_bytes as u64).max(16)).max(16) as usize;
-    Ok(Qcow2Layer {
-        name: q.path.display().to_string(),
-        g,
-        io: Aligned::new(q.storage.channel()?),
-        l1: RefCell::new(std::mem::take(&mut q.l1)),
-        l2: MetaCache::new(slice_bytes, capacity)?,
-        slice_bits,
-        decompressor: RefCell::new(Decompressor::new(q.header.compression())?),
-    })
-}
-
-fn build_shard(mut img: OpenedImage, opts: &OpenOptions) -> Result<Shard, IoError> {
-    let g = img.top.header.geometry();
-    let l2_bytes = opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_BYTES);
-    let mut chain = vec![Layer::Qcow2(build_layer(&mut img.top, l2_bytes)?)];
-    let top = &img.top;
-    for b in &mut img.backing {
-        chain.push(match b {
-            OpenedLayer::Qcow2(q) => Layer::Qcow2(build_layer(q, BACKING_L2_CACHE_BYTES)?),
-            OpenedLayer::Raw { storage, .. } => {
-                Layer::Raw { io: Aligned::new(storage.channel()?), size: storage.size() }
-            }
-        });
-    }
-    let rc_bytes = opts.refcount_cache_bytes.unwrap_or((l2_bytes / 4).max(256 << 10));
-    let rc = Refcounts::new(
-        g,
-        std::mem::take(&mut img.reftable),
-        top.header.refcount_table_offset,
-        top.header.refcount_table_clusters,
-        rc_bytes,
-    )?;
-    let shard = Shard::new(
-        top.path.display().to_string(),
-        chain,
-        rc,
-        opts.read_only,
-        top.header.lazy_refcounts(),
-        top.header.incompatible,
-        top.file_size,
-    );
-    shard.set_l1_offset(top.header.l1_table_offset);
-    mark_metadata(&shard, &img);
-    Ok(shard)
-}
-
-/// Fills the shard's metadata map (see `overlap`). Metadata structures that overlap
-/// one another make the image corrupt: reads go on, writes are refused.
-fn mark_metadata(shard: &Shard, img: &OpenedImage) {
-    let h = &img.top.header;
-    let g = h.geometry();
-    let cb = g.cluster_bits;
-    let cs = g.cluster_size();
-    let clusters = |bytes: u64| bytes.div_ceil(cs).max(1);
-    let mut overlaps: Vec<String> = Vec::new();
-    let mut mark = |what: &str, off: u64, bytes: u64, fixed: bool| {
-        if shard.meta.any(off >> cb, clusters(bytes)) {
-            overlaps.push(format!("{what} at {off:#x}"));
-        }
-        if fixed {
-            shard.meta.mark_fixed(off >> cb, clusters(bytes));
-        } else {
-            shard.meta.mark(off >> cb, clusters(bytes));
-        }
-    };
-    mark("the header", 0, cs, false);
-    if h.l1_size > 0 {
-        mark("the L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8, false);
-    }
-    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
-    mark("the refcount table", h.refcount_table_offset, rt_bytes, false);
-    for &e in shard.rc.table.borrow().iter() {
-        let b = e & !REFT_RESERVED;
-        if b != 0 {
-            mark("a refcount block", b, cs, false);
-        }
-    }
-    for &e in shard.top().l1.borrow().iter() {
-        if let Ok((l2, _)) = decode_l1(e, &g)
-            && l2 != 0
-        {
-            mark("an L2 table", l2, cs, false);
-        }
-    }
-    let (snap_bytes, snaps) = &img.snapshots;
-    if *snap_bytes > 0 {
-        mark("the snapshot table", h.snapshots_offset, *snap_bytes, true);
-    }
-    for s in snaps {
-        if s.l1_size > 0 {
-            mark("a snapshot's L1 table", s.l1_offset, u64::from(s.l1_size) * 8, true);
-        }
-    }
-    if !overlaps.is_empty() {
-        shard.mark_corrupt_at_open(&format!(
-            "metadata overlaps other metadata: {}",
-            overlaps.join(", ")
-        ));
-    }
+fn local_shard(id: u64) -> Option<Rc<Shard>> {
+    HOSTS.with(|h| h.borrow().get(&id).map(|h| h.shard.clone()))
 }
 
 impl Qcow2Device {
-    /// Opens an image on the control plane and sets up its shard on `owner`.
+    /// Opens an image on the control plane with one shard on each of `reactors` (the
+    /// first leads; at most [`MAX_SHARDS`]).
     pub fn open(
         path: &Path,
         opts: OpenOptions,
-        owner: ReactorHandle,
+        reactors: &[ReactorHandle],
     ) -> Result<Arc<Qcow2Device>, OpenError> {
+        if reactors.is_empty() || reactors.len() > MAX_SHARDS {
+            return Err(OpenError::invalid(
+                path,
+                format!("an image has 1 to {MAX_SHARDS} shards, not {}", reactors.len()),
+            ));
+        }
         if !opts.read_only {
             match &opts.storage {
                 Some(s) => check::repair_if_dirty_io(path, &**s)?,
@@ -254,25 +154,34 @@ impl Qcow2Device {
         let chain_len = 1 + img.backing.len();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let read_only = opts.read_only;
-        let p = path.to_path_buf();
-        let tx = owner
-            .call(move || -> Result<MailSender<CallPtr>, String> {
-                let shard = Rc::new(build_shard(img, &opts).map_err(|e| e.to_string())?);
-                let inbox = Inbox::new();
-                let i2 = inbox.clone();
-                let (mailbox, tx) = poller::mailbox(REMOTE_RING, move |p: CallPtr| i2.push(p));
-                poller::spawn(route::dispatch(shard.clone(), inbox.clone()));
-                HOSTS.with(|h| h.borrow_mut().insert(id, Host { shard, inbox, _mailbox: mailbox }));
-                Ok(tx)
-            })
-            .map_err(|m| OpenError::invalid(&p, format!("cannot set up the image: {m}")))?;
+        let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
+        let mut shards = Vec::with_capacity(reactors.len());
+        for (k, r) in reactors.iter().enumerate() {
+            let p = parts.clone();
+            let tx = r
+                .call(move || build::start_shard(id, &p, k))
+                .map_err(|m| OpenError::invalid(path, format!("cannot set up the image: {m}")));
+            match tx {
+                Ok(tx) => shards.push(ShardRef { reactor: r.clone(), tx }),
+                Err(e) => {
+                    release(id, &shards);
+                    return Err(e);
+                }
+            }
+        }
+        // Every shard learns the way to every other.
+        for (k, s) in shards.iter().enumerate() {
+            let txs: Vec<MailSender<CallPtr>> = shards.iter().map(|s| s.tx.clone()).collect();
+            s.reactor.call(move || build::connect(id, k, txs));
+        }
+        let img = parts.image.clone();
         Ok(Arc::new(Qcow2Device {
             id,
             path: path.to_path_buf(),
             header,
             align,
-            owner,
-            tx,
+            img,
+            shards,
             read_only,
             chain_len,
         }))
@@ -298,41 +207,105 @@ impl Qcow2Device {
         self.chain_len - 1
     }
 
+    /// The leader's reactor.
     pub fn owner(&self) -> &ReactorHandle {
-        &self.owner
+        &self.shards[0].reactor
     }
 
-    /// The handle for the current reactor: to the shard's inbox on the owner, through
-    /// its mailbox elsewhere.
+    /// Shards serving the image.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The handle for the current reactor: to the local shard's inboxes, to the others
+    /// through their mailboxes.
     pub fn channel(self: &Arc<Self>) -> Result<Qcow2Channel, IoError> {
-        let local = HOSTS.with(|h| h.borrow().get(&self.id).map(|h| h.inbox.clone()));
-        Ok(Qcow2Channel(match local {
-            Some(inbox) => Route::Local(inbox),
-            None => Route::Remote(self.tx.clone()),
-        }))
+        let local =
+            HOSTS.with(|h| h.borrow().get(&self.id).map(|h| (h.shard.idx, h.inboxes.clone())));
+        let routes = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| match &local {
+                Some((idx, inboxes)) if *idx == k => Route::Local(inboxes.clone()),
+                _ => Route::Remote(s.tx.clone()),
+            })
+            .collect();
+        Ok(Qcow2Channel { routes, img: self.img.clone() })
     }
 
-    /// Cache statistics: (L2 hits, L2 misses, refcount hits, refcount misses,
-    /// clusters allocated). Control plane.
+    /// Cache statistics summed over the shards: (L2 hits, L2 misses, refcount hits,
+    /// refcount misses, clusters allocated). Control plane.
     pub fn stats(&self) -> (u64, u64, u64, u64, u64) {
-        let id = self.id;
-        self.owner.call(move || {
-            HOSTS.with(|h| h.borrow().get(&id).map(|h| h.shard.stats()).unwrap_or_default())
-        })
+        let mut t = (0, 0, 0, 0, 0);
+        for s in &self.shards {
+            let id = self.id;
+            let (a, b, c, d, e) =
+                s.reactor.call(move || local_shard(id).map(|s| s.stats()).unwrap_or_default());
+            t = (t.0 + a, t.1 + b, t.2 + c, t.3 + d, t.4 + e);
+        }
+        t
     }
 
-    /// Writes everything back, clears the dirty bit, and releases the shard.
-    /// Control plane; no request may be in flight.
+    /// Writes everything back on every shard, clears the dirty bit, and releases the
+    /// shards. Control plane; no request may be in flight.
     pub fn close(&self) -> Result<(), IoError> {
+        let r = self.close_shards();
+        release(self.id, &self.shards);
+        r
+    }
+
+    fn close_shards(&self) -> Result<(), IoError> {
         let id = self.id;
-        self.owner.block_on(move || async move {
-            let host = HOSTS.with(|h| h.borrow_mut().remove(&id));
-            let Some(host) = host else { return Ok(()) };
-            host.inbox.close();
-            let r = host.shard.close().await;
-            drop(host);
-            r
+        if !self.shards.iter().all(|s| s.reactor.call(move || local_shard(id).is_some())) {
+            return Ok(()); // Closed before.
+        }
+        // Rounds on every shard until all are clean at once: a round may send frees
+        // to shards whose round already ran.
+        let mut clean = false;
+        for _ in 0..shard::CLOSE_ROUNDS + self.shards.len() {
+            for s in &self.shards {
+                s.reactor.block_on(move || async move {
+                    match local_shard(id) {
+                        Some(sh) => sh.close_round().await,
+                        None => Ok(()),
+                    }
+                })?;
+            }
+            clean = self
+                .shards
+                .iter()
+                .all(|s| s.reactor.call(move || local_shard(id).is_none_or(|sh| sh.is_clean())));
+            if clean {
+                break;
+            }
+        }
+        if !clean {
+            tracing::warn!(image = %self.path.display(), "metadata still dirty after the shutdown rounds; the image is left marked dirty");
+            return Ok(());
+        }
+        self.shards[0].reactor.block_on(move || async move {
+            match local_shard(id) {
+                Some(sh) => sh.finish_close().await,
+                None => Ok(()),
+            }
         })
+    }
+}
+
+/// Stops and drops the shards of image `id` (their queued calls finish first).
+fn release(id: u64, shards: &[ShardRef]) {
+    for s in shards {
+        s.reactor.block_on(move || async move {
+            let host = HOSTS.with(|h| h.borrow_mut().remove(&id));
+            let Some(host) = host else { return };
+            host.inboxes.close();
+            host.shard.stop_barrier();
+            if let Ok(mut p) = host.shard.peers.try_borrow_mut() {
+                p.clear();
+            }
+            drop(host);
+        });
     }
 }
 
@@ -343,10 +316,14 @@ pub struct Qcow2Driver {
 }
 
 impl Qcow2Driver {
-    /// Opens an image (see [`Qcow2Device::open`]).
-    pub fn open(path: &Path, opts: OpenOptions, owner: ReactorHandle) -> Result<Self, OpenError> {
+    /// Opens an image with a shard on each of `reactors` (see [`Qcow2Device::open`]).
+    pub fn open(
+        path: &Path,
+        opts: OpenOptions,
+        reactors: &[ReactorHandle],
+    ) -> Result<Self, OpenError> {
         let read_only = opts.read_only;
-        let dev = Qcow2Device::open(path, opts, owner)?;
+        let dev = Qcow2Device::open(path, opts, reactors)?;
         let info = DeviceInfo::new(dev.header().size, dev.alignment(), read_only);
         Ok(Qcow2Driver { dev, info })
     }

@@ -1,24 +1,24 @@
-//! Refcounts: the refcount table (held in memory, written entry by entry) and the
-//! refcount blocks (through a [`MetaCache`] of slices), for every width from 1 to 64
-//! bits.
+//! Refcounts: the refcount table (shared by the shards, see `image`) and the refcount
+//! blocks of one shard's allocation groups (through its own [`MetaCache`] of slices),
+//! for every width from 1 to 64 bits.
 //!
 //! This module reads and changes refcounts in the cache. Where new refcount blocks go,
 //! and when dirty slices reach the disk, is the shard's business (`shard.rs`), because
 //! that is where the ordering rules live.
 
-use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 
 use crate::io::align::Aligned;
 
 use super::cache::{GetError, MetaCache, Pin};
+use super::image::Image;
 use super::types::*;
 
 pub(crate) struct Refcounts {
     pub g: Geometry,
-    /// Refcount table entries (raw, with reserved bits checked at open).
-    pub table: RefCell<Vec<u64>>,
-    pub table_offset: Cell<u64>,
-    pub table_clusters: Cell<u32>,
+    /// The image, whose refcount table entries (raw, with reserved bits checked at
+    /// open) every shard reads.
+    pub img: Arc<Image>,
     pub cache: MetaCache,
     /// log2 of refcount entries per cache slice.
     slice_entry_bits: u32,
@@ -40,22 +40,15 @@ pub(crate) struct RefLoc {
 }
 
 impl Refcounts {
-    pub(crate) fn new(
-        g: Geometry,
-        table: Vec<u64>,
-        table_offset: u64,
-        table_clusters: u32,
-        cache_bytes: u64,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn new(img: Arc<Image>, cache_bytes: u64) -> std::io::Result<Self> {
+        let g = img.g;
         let slice_bytes = g.cluster_size().min(4096) as usize;
         let slice_entry_bits = ((slice_bytes as u64 * 8) >> g.refcount_order).trailing_zeros();
         let slices_per_block_bits = (g.cluster_size() / slice_bytes as u64).trailing_zeros();
         let capacity = (cache_bytes / slice_bytes as u64).max(16) as usize;
         Ok(Refcounts {
             g,
-            table: RefCell::new(table),
-            table_offset: Cell::new(table_offset),
-            table_clusters: Cell::new(table_clusters),
+            img,
             cache: MetaCache::new(slice_bytes, capacity)?,
             slice_entry_bits,
             slices_per_block_bits,
@@ -63,7 +56,12 @@ impl Refcounts {
     }
 
     pub(crate) fn table_len(&self) -> u64 {
-        self.table.borrow().len() as u64
+        self.img.reftable.len()
+    }
+
+    /// Refcount table entry `ti` (0 beyond the table).
+    pub(crate) fn entry(&self, ti: u64) -> u64 {
+        self.img.reftable.entry(ti).unwrap_or(0)
     }
 
     /// Clusters one refcount block covers.
@@ -76,8 +74,7 @@ impl Refcounts {
     pub(crate) fn locate(&self, cluster: u64) -> Option<Result<RefLoc, u64>> {
         let per_block_bits = self.block_entries().trailing_zeros();
         let ti = cluster >> per_block_bits;
-        let table = self.table.borrow();
-        let raw = *table.get(ti as usize)?;
+        let raw = self.img.reftable.entry(ti)?;
         let block = raw & !REFT_RESERVED;
         if block == 0 {
             return Some(Err(ti));

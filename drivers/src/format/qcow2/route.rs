@@ -1,4 +1,16 @@
-//! Routing requests to the reactor that owns an image's shard, and running them there.
+//! Routing requests to the shard that owns them, and running them there.
+//!
+//! A channel sends each request to the shard owning its first byte (see `image`); a
+//! flush goes to the leader, which runs the barrier over all shards. A shard that gets
+//! a request reaching into another shard's range serves its own part and sends each
+//! other part, as a *piece*, to its owner, joining the results (a piece never spans
+//! owners, so it is never split again). Shards also send each other *control* calls:
+//! frees into another's allocation group, and the leader's operations (refcount blocks,
+//! refcount table growth, the dirty and corrupt bits, a shard's half of the barrier).
+//! Each class has its own inbox and task pool on the receiving shard, so a call never
+//! waits for a pool slot held by a call that waits for it: data calls wait for pieces
+//! and control calls, pieces for control calls, control calls for no other call but
+//! frees, which wait for nothing remote.
 //!
 //! Every request, local or not, becomes a [`RemoteCall`] that lives inside the caller's
 //! pinned future: the operation, the offset, a pointer to the caller's segments, and
@@ -18,6 +30,7 @@ use std::future::Future;
 use std::marker::{PhantomData, PhantomPinned};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
@@ -27,23 +40,77 @@ use crate::driver::{BlockStatus, DriverChannel, IoFuture, ZeroFlags};
 use crate::error::IoError;
 use crate::seg::IoSeg;
 
+use super::image::Image;
 use super::shard::Shard;
 
-/// Calls running at once per image on its owner.
+/// Calls from channels running at once per shard.
 pub(crate) const CALL_POOL: u32 = 512;
+/// Pieces and control calls from other shards running at once per shard.
+const PIECE_POOL: u32 = 256;
+const CONTROL_POOL: u32 = 256;
+/// The most shards an image may have.
+pub const MAX_SHARDS: usize = 64;
 
-/// The operation of a call.
+/// The operation of a call. For control calls, `off` carries the argument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
     Read,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
-    Zero { len: u64, unmap: bool, fast: bool },
-    Discard { len: u64 },
-    Status { len: u64 },
+    Zero {
+        len: u64,
+        unmap: bool,
+        fast: bool,
+    },
+    Discard {
+        len: u64,
+    },
+    Status {
+        len: u64,
+    },
+    /// Control: release a cluster of the receiver's group (`off`), durable elsewhere.
+    Free {
+        punch: bool,
+    },
+    /// Control, leader: a refcount block for table entry `off`.
+    CreateRefblock,
+    /// Control, leader: a refcount table of at least `off` entries.
+    GrowReftable,
+    /// Control, leader: the dirty bit on (`off` = 1) or off.
+    DirtyBit,
+    /// Control, leader: the corrupt bit.
+    MarkCorrupt,
+    /// Control: the receiver's flush round, for the leader's barrier.
+    LocalFlush,
+}
+
+impl Op {
+    /// The same operation over `len` bytes (a piece of it).
+    pub(crate) fn with_len(self, len: u64) -> Op {
+        match self {
+            Op::Zero { unmap, fast, .. } => Op::Zero { len, unmap, fast },
+            Op::Discard { .. } => Op::Discard { len },
+            Op::Status { .. } => Op::Status { len },
+            op => op,
+        }
+    }
+}
+
+/// Who sent a call, which decides the inbox and pool that run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// From a channel.
+    Data,
+    /// Part of a request, from the shard that split it.
+    Piece,
+    /// From another shard (or the leader's barrier).
+    Control,
 }
 
 pub(crate) struct RemoteCall {
+    pub class: Class,
     pub op: Op,
     pub off: u64,
     segs: *const IoSeg<'static>,
@@ -120,7 +187,7 @@ fn decode(v: i64) -> Result<(), IoError> {
     }
 }
 
-fn encode_status(s: BlockStatus) -> u64 {
+pub(crate) fn encode_status(s: BlockStatus) -> u64 {
     (s.len << 2) | u64::from(s.hole) << 1 | u64::from(s.zero)
 }
 
@@ -200,36 +267,55 @@ impl Inbox {
     }
 }
 
+/// A shard's inboxes, one per class of call.
+pub(crate) struct Inboxes {
+    data: Rc<Inbox>,
+    piece: Rc<Inbox>,
+    control: Rc<Inbox>,
+}
+
+impl Inboxes {
+    /// The inboxes, with a dispatcher task for each on the current reactor.
+    pub(crate) fn start(shard: &Rc<Shard>) -> Rc<Inboxes> {
+        let b = Rc::new(Inboxes { data: Inbox::new(), piece: Inbox::new(), control: Inbox::new() });
+        poller::spawn(dispatch(shard.clone(), b.data.clone(), CALL_POOL));
+        poller::spawn(dispatch(shard.clone(), b.piece.clone(), PIECE_POOL));
+        poller::spawn(dispatch(shard.clone(), b.control.clone(), CONTROL_POOL));
+        b
+    }
+
+    pub(crate) fn push(&self, p: CallPtr) {
+        // SAFETY: see `CallPtr`; `class` was written before the pointer was sent.
+        let class = unsafe { &*p.0 }.class;
+        match class {
+            Class::Data => self.data.push(p),
+            Class::Piece => self.piece.push(p),
+            Class::Control => self.control.push(p),
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.data.close();
+        self.piece.close();
+        self.control.close();
+    }
+}
+
 async fn execute(shard: Rc<Shard>, p: CallPtr) {
     // SAFETY: see `CallPtr`: valid until we complete it.
     let call = unsafe { &*p.0 };
     // SAFETY: as above.
     let segs = unsafe { call.segs() };
-    let mut status = 0u64;
-    let r = match call.op {
-        Op::Read => shard.read(call.off, segs).await,
-        Op::Write { fua } => shard.signal_if_corrupt(shard.write(call.off, segs, fua).await).await,
-        Op::Flush => shard.flush().await,
-        Op::Zero { len, unmap, fast } => {
-            shard.signal_if_corrupt(shard.write_zeroes(call.off, len, unmap, fast).await).await
-        }
-        Op::Discard { len } => shard.signal_if_corrupt(shard.discard(call.off, len).await).await,
-        Op::Status { len } => {
-            match shard.signal_if_corrupt(shard.block_status(call.off, len).await).await {
-                Ok((l, data, zero)) => {
-                    status = encode_status(BlockStatus { len: l, hole: !data, zero });
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }
+    let (r, status) = match call.class {
+        Class::Control => (shard.control(call.op, call.off, true).await, 0),
+        Class::Data | Class::Piece => shard.serve(call.op, call.off, segs).await,
     };
     call.complete(r, status);
 }
 
-/// Runs the calls of `inbox` on `shard`, at most [`CALL_POOL`] at once.
-pub(crate) async fn dispatch(shard: Rc<Shard>, inbox: Rc<Inbox>) {
-    let pool = TaskPool::new(CALL_POOL);
+/// Runs the calls of `inbox` on `shard`, at most `capacity` at once.
+async fn dispatch(shard: Rc<Shard>, inbox: Rc<Inbox>, capacity: u32) {
+    let pool = TaskPool::new(capacity);
     while let Some(p) = inbox.pop().await {
         while pool.is_full() {
             pool.finished().await;
@@ -241,16 +327,16 @@ pub(crate) async fn dispatch(shard: Rc<Shard>, inbox: Rc<Inbox>) {
     pool.drain().await;
 }
 
-/// Where a channel sends its calls.
+/// Where calls to one shard go.
 pub(crate) enum Route {
-    /// This reactor owns the shard.
-    Local(Rc<Inbox>),
+    /// The shard is on this reactor.
+    Local(Rc<Inboxes>),
     /// Another reactor does; its mailbox takes the calls.
     Remote(MailSender<CallPtr>),
 }
 
 /// A call on its way to the owner; resolves to (result, status word).
-struct Forward<'a> {
+pub(crate) struct Forward<'a> {
     call: RemoteCall,
     route: &'a Route,
     sent: bool,
@@ -259,9 +345,16 @@ struct Forward<'a> {
 }
 
 impl<'a> Forward<'a> {
-    fn new(route: &'a Route, op: Op, off: u64, segs: &'a [IoSeg<'a>]) -> Self {
+    pub(crate) fn new(
+        route: &'a Route,
+        class: Class,
+        op: Op,
+        off: u64,
+        segs: &'a [IoSeg<'a>],
+    ) -> Self {
         Forward {
             call: RemoteCall {
+                class,
                 op,
                 off,
                 segs: segs.as_ptr().cast(),
@@ -323,15 +416,70 @@ impl Drop for Forward<'_> {
     }
 }
 
-/// An image's handle on one reactor: every request is a call routed to the shard.
-/// Requests of no bytes complete here, before the shard (the consumer API filters them
-/// too; this keeps the qcow2 engine's own callers, the crash and fuzz harnesses,
-/// inside the same contract).
-pub struct Qcow2Channel(pub(crate) Route);
+/// Runs `op` as a control call on every shard but `me`, alongside `local`; the first
+/// error of any. No allocation: the calls live in an array in this future.
+pub(crate) async fn broadcast(
+    peers: &[Route],
+    me: usize,
+    op: Op,
+    local: impl Future<Output = Result<(), IoError>>,
+) -> Result<(), IoError> {
+    let mut calls: [Option<Forward<'_>>; MAX_SHARDS] = std::array::from_fn(|_| None);
+    for (k, r) in peers.iter().enumerate() {
+        if k != me {
+            calls[k] = Some(Forward::new(r, Class::Control, op, 0, &[]));
+        }
+    }
+    let mut calls = std::pin::pin!(calls);
+    let mut local = std::pin::pin!(local);
+    let mut local_result = None;
+    let mut first_err = None;
+    std::future::poll_fn(|cx| {
+        if local_result.is_none()
+            && let Poll::Ready(r) = local.as_mut().poll(cx)
+        {
+            local_result = Some(r);
+        }
+        let mut pending = local_result.is_none();
+        // SAFETY: the array is pinned and its elements are never moved: each is polled
+        // and dropped in place.
+        let arr = unsafe { calls.as_mut().get_unchecked_mut() };
+        for slot in arr.iter_mut() {
+            if let Some(f) = slot {
+                // SAFETY: as above: `f` lives in the pinned array.
+                match unsafe { Pin::new_unchecked(f) }.poll(cx) {
+                    Poll::Ready((r, _)) => {
+                        if let Err(e) = r {
+                            first_err.get_or_insert(e);
+                        }
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    match (local_result, first_err) {
+        (Some(Err(e)), _) | (_, Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// An image's handle on one reactor: every request is a call routed to the shard that
+/// owns its first byte. Requests of no bytes complete here, before the shard (the
+/// consumer API filters them too; this keeps the qcow2 engine's own callers, the crash
+/// and fuzz harnesses, inside the same contract).
+pub struct Qcow2Channel {
+    pub(crate) routes: Vec<Route>,
+    pub(crate) img: Arc<Image>,
+}
 
 impl Qcow2Channel {
     async fn call(&self, op: Op, off: u64, segs: &[IoSeg<'_>]) -> (Result<(), IoError>, u64) {
-        Forward::new(&self.0, op, off, segs).await
+        let owner = if op == Op::Flush { 0 } else { self.img.guest_owner(off) };
+        Forward::new(&self.routes[owner], Class::Data, op, off, segs).await
     }
 
     pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {

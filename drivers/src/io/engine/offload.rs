@@ -42,11 +42,32 @@ pub(crate) enum BlockingOp {
         len: u64,
         mode: i32,
     },
-    /// Sets a regular file's length (growing it ahead of appends).
+    /// Grows a regular file to at least `len` bytes (ahead of appends); never shrinks
+    /// it: channels on several reactors grow the same file, and a smaller target
+    /// arriving late must not cut off what a larger one made room for.
     Ftruncate {
         fd: RawFd,
         len: u64,
     },
+}
+
+/// Serialises file growth (on the offload threads, never on a reactor): the size check
+/// and the ftruncate must not interleave with another's.
+static GROW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn grow_file(fd: RawFd, len: u64) -> i64 {
+    let _g = GROW.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: `st` is a valid out-parameter; `fd` is open for the op's lifetime.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return -1;
+    }
+    if st.st_size as u64 >= len {
+        return 0;
+    }
+    // SAFETY: as above.
+    i64::from(unsafe { libc::ftruncate(fd, len as i64) })
 }
 
 struct Cell {
@@ -116,10 +137,7 @@ fn run(op: BlockingOp) -> i64 {
             // SAFETY: as above.
             i64::from(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) })
         }
-        BlockingOp::Ftruncate { fd, len } => {
-            // SAFETY: as above.
-            i64::from(unsafe { libc::ftruncate(fd, len as i64) })
-        }
+        BlockingOp::Ftruncate { fd, len } => grow_file(fd, len),
     };
     if r < 0 {
         -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))

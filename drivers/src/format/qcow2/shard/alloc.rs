@@ -1,5 +1,6 @@
 //! Allocation: refcount lookups and updates through the refcount cache, the free-run
-//! search, refcount blocks for ranges the table does not cover yet, file growth.
+//! search in this shard's allocation groups, refcount blocks for groups the table does
+//! not cover yet (made by the leader), file growth.
 
 use super::*;
 
@@ -41,8 +42,11 @@ impl Shard {
                 self.cursor.set(first_free.max(cursor));
             }
             self.ensure_file_len((f.start + f.len) << g.cluster_bits).await?;
-            let fresh = f.start >= self.host_end.get();
-            self.host_end.set(self.host_end.get().max(f.start + f.len));
+            // Only this shard allocates in its groups: past its own high-water mark
+            // (which starts at the file's end at open) nothing was ever written.
+            let fresh = f.start >= self.own_end.get();
+            self.own_end.set(self.own_end.get().max(f.start + f.len));
+            self.img.note_end(f.start + f.len);
             self.allocations.set(self.allocations.get() + f.len);
             return Ok((f.start << g.cluster_bits, f.len, fresh));
         }
@@ -85,6 +89,17 @@ impl Shard {
     }
 
     pub(super) async fn set_refcount(&self, cluster: u64, v: u64) -> Result<(), IoError> {
+        debug_assert!(
+            self.owns_cluster(cluster),
+            "shard {} changes a refcount of another's group",
+            self.idx
+        );
+        if !self.owns_cluster(cluster) {
+            return Err(self.fail(format_args!(
+                "shard {} would change the refcount of cluster {cluster}, in another shard's group",
+                self.idx
+            )));
+        }
         let Some(Ok(loc)) = self.rc.locate(cluster) else {
             return Err(self.fail(format_args!("no refcount block covers cluster {cluster}")));
         };
@@ -103,7 +118,8 @@ impl Shard {
         }
     }
 
-    /// Finds a run of free clusters, at most `n` long, first-fit from `from`.
+    /// Finds a run of free clusters of this shard's groups, at most `n` long, first-fit
+    /// from `from` (skipping other shards' groups).
     ///
     /// A run ends where refcount-block coverage ends: clusters past the last block (or
     /// under an empty table entry) are free, but their block must be placed first, and
@@ -120,6 +136,13 @@ impl Shard {
         loop {
             if run == n || (run > 0 && scanned >= SCAN_LIMIT) {
                 break;
+            }
+            if !self.owns_cluster(c) {
+                if run > 0 {
+                    break;
+                }
+                c = self.next_own_group(c);
+                continue;
             }
             if run > 0 && c.is_multiple_of(per) && !matches!(self.rc.locate(c), Some(Ok(_))) {
                 break;
@@ -140,19 +163,31 @@ impl Shard {
         Ok(FreeRun { start: run_start, len: run, first_free: first_free.unwrap_or(run_start) })
     }
 
-    /// Creates refcount blocks (and grows the table) so `start..start+n` is covered.
+    /// The first cluster of this shard's next group after the one holding `c`.
+    fn next_own_group(&self, c: u64) -> u64 {
+        let bits = self.img.group_bits();
+        let n = self.img.n as u64;
+        let group = (c >> bits) + 1;
+        let own = group + (self.idx as u64 + n - group % n) % n;
+        own << bits
+    }
+
+    /// Creates refcount blocks (and grows the table) so `start..start+n` (in this
+    /// shard's groups) is covered: on the leader, asked by message from the others.
     /// Returns true if metadata was placed (the caller searches again).
     pub(super) async fn ensure_coverage(&self, start: u64, n: u64) -> Result<bool, IoError> {
         let per = self.rc.block_entries();
         let last_ti = (start + n - 1) / per;
         if last_ti >= self.rc.table_len() {
-            self.grow_refcount_table(last_ti + 1).await?;
+            self.leader_op(Op::GrowReftable, last_ti + 1).await?;
             return Ok(true);
         }
         let mut placed = false;
         for ti in start / per..=last_ti {
-            if self.rc.table.borrow()[ti as usize] & !REFT_RESERVED == 0 {
-                self.create_refblock(ti).await?;
+            if self.rc.entry(ti) & !REFT_RESERVED == 0 {
+                self.leader_op(Op::CreateRefblock, ti).await?;
+                // The block is the group's first cluster (see `create_refblock`).
+                self.meta.mark(ti * per, 1);
                 placed = true;
             }
         }
@@ -160,10 +195,15 @@ impl Shard {
     }
 
     /// A new refcount block for table entry `ti`, describing itself from the first
-    /// cluster of the range it covers (free, since nothing counts it yet).
+    /// cluster of the range it covers (free, since nothing counts it yet). Leader only:
+    /// it writes the block, syncs it, then publishes it in the table.
     pub(super) async fn create_refblock(&self, ti: u64) -> Result<(), IoError> {
+        assert!(self.is_leader(), "refcount blocks are made by the leader");
+        if ti >= self.rc.table_len() {
+            self.grow_refcount_table(ti + 1).await?;
+        }
         let _m = self.rc_lock.lock().await;
-        if self.rc.table.borrow()[ti as usize] != 0 {
+        if self.rc.entry(ti) != 0 {
             return Ok(());
         }
         let g = self.g();
@@ -181,9 +221,9 @@ impl Shard {
         // Rule 4: written and synced before it is hooked into the table.
         top.io.flush().await?;
         self.meta.mark(block_cluster, 1);
-        self.rc.table.borrow_mut()[ti as usize] = host;
-        self.write_u64(self.rc.table_offset.get() + ti * 8, host).await?;
-        self.host_end.set(self.host_end.get().max(block_cluster + 1));
+        self.write_u64(self.img.reftable.offset.load(Ordering::Acquire) + ti * 8, host).await?;
+        self.img.reftable.entries.set(ti as usize, host);
+        self.img.note_end(block_cluster + 1);
         Ok(())
     }
 

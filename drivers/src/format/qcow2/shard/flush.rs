@@ -1,11 +1,14 @@
-//! The flush barrier (ordering rules 1-3 and 6): snapshots of dirty L2 and refcount
-//! slices, refcounts written, one fdatasync, L2 written, one fdatasync, then the frees
-//! that the now-durable L2 changes allow; and the clean shutdown.
+//! A shard's flush round (ordering rules 1-3 and 6): snapshots of dirty L2 and
+//! refcount slices, refcounts written, one fdatasync, L2 written, one fdatasync, then
+//! the frees that the now-durable L2 changes allow (sent to their group's owner when it
+//! is another shard); and the clean shutdown. The guest's flush, a barrier over all
+//! shards, is in `serve`.
 
 use super::*;
 
 impl Shard {
-    /// Makes every write completed before this call durable (the barrier).
+    /// Makes every write this shard completed before this call durable (a FUA write's
+    /// flush: its clusters are all in this shard's L2 tables and groups).
     pub(crate) async fn flush(&self) -> Result<(), IoError> {
         if self.read_only {
             return Ok(());
@@ -174,52 +177,73 @@ impl Shard {
                 continue;
             }
             self.pending.borrow_mut().swap_remove(i);
-            let rc = self.refcount(p.cluster).await?;
-            if rc == 0 {
-                return Err(self.fail(format_args!(
-                    "freeing cluster {} whose refcount is already 0",
-                    p.cluster
-                )));
-            }
-            if rc == 1 && p.punch {
-                // Punch while the cluster is still allocated: once its refcount drops,
-                // an allocating write may take it at once, and a hole punched after
-                // that write would erase its data.
-                let _ = self.top().io.discard(p.cluster * cs, cs).await;
-            }
-            self.set_refcount(p.cluster, rc - 1).await?;
-            if rc == 1 {
-                self.meta.unmark(p.cluster);
-                self.cursor.set(self.cursor.get().min(p.cluster));
+            if self.owns_cluster(p.cluster) {
+                self.free_cluster(p.cluster, p.punch).await?;
+            } else {
+                // Rule 3 holds: the L2 change is durable; the group's owner frees it.
+                let owner = self.img.group_owner(p.cluster);
+                let op = Op::Free { punch: p.punch };
+                self.peer_call(owner, Class::Control, op, p.cluster, &[]).await.0?;
             }
         }
         Ok(())
     }
 
-    /// A clean shutdown: everything written (refcounts too), synced, dirty bit cleared.
-    pub(crate) async fn close(&self) -> Result<(), IoError> {
+    /// Drops the refcount of `cluster` (of this shard's groups) by one.
+    pub(super) async fn free_cluster(&self, cluster: u64, punch: bool) -> Result<(), IoError> {
+        let cs = self.g().cluster_size();
+        if !self.owns_cluster(cluster) {
+            return Err(self.fail(format_args!(
+                "shard {} asked to free cluster {cluster}, of another shard's group",
+                self.idx
+            )));
+        }
+        let rc = self.refcount(cluster).await?;
+        if rc == 0 {
+            return Err(
+                self.fail(format_args!("freeing cluster {cluster} whose refcount is already 0"))
+            );
+        }
+        if rc == 1 && punch {
+            // Punch while the cluster is still allocated: once its refcount drops, an
+            // allocating write may take it at once, and a hole punched after that write
+            // would erase its data.
+            let _ = self.top().io.discard(cluster * cs, cs).await;
+        }
+        self.set_refcount(cluster, rc - 1).await?;
+        if rc == 1 {
+            self.meta.unmark(cluster);
+            self.cursor.set(self.cursor.get().min(cluster));
+        }
+        Ok(())
+    }
+
+    /// One round of a clean shutdown: everything written, refcounts too. A round
+    /// applies the frees whose L2 change it made durable only after it wrote the
+    /// refcounts (and frees sent to other shards land in their caches), so the image's
+    /// close runs rounds on every shard until all are clean (see [`Shard::is_clean`]).
+    pub(crate) async fn close_round(&self) -> Result<(), IoError> {
         if self.read_only {
             return Ok(());
         }
-        // A round applies the frees whose L2 change it made durable only after it wrote
-        // the refcounts, so their decrements wait in the cache for the next round; a
-        // shutdown that stopped there would leave them leaked on disk (and, with lazy
-        // refcounts, clear the dirty bit over them). Rounds go on until nothing is left.
-        for _ in 0..CLOSE_ROUNDS {
-            self.flush_round(true).await?;
-            if self.pending.borrow().is_empty() && self.rc.cache.dirty_count() == 0 {
-                break;
-            }
+        self.flush_round(true).await
+    }
+
+    /// Nothing left to write: no pending free, no dirty refcount or L2 slice.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.read_only
+            || (self.pending.borrow().is_empty()
+                && self.rc.cache.dirty_count() == 0
+                && self.top().l2.dirty_count() == 0)
+    }
+
+    /// The end of a clean shutdown, on the leader once every shard is clean: the dirty
+    /// bit cleared (lazy refcounts are all on disk now).
+    pub(crate) async fn finish_close(&self) -> Result<(), IoError> {
+        if self.read_only || !self.dirty_bit_on_disk() || self.img.is_corrupt() {
+            return Ok(());
         }
-        if self.dirty_bit_on_disk.get() && !self.corrupt.get() {
-            let _m = self.header_lock.lock().await;
-            let v = self.incompatible.get() & !INCOMPAT_DIRTY;
-            self.write_u64(OFF_INCOMPATIBLE, v).await?;
-            self.top().io.flush().await?;
-            self.incompatible.set(v);
-            self.dirty_bit_on_disk.set(false);
-        }
-        Ok(())
+        self.set_dirty_bit(false).await
     }
 }
 

@@ -11,27 +11,39 @@ impl Shard {
             && !self.read_only
             && !self.corrupt_marked.replace(true)
         {
-            self.corrupt.set(true);
-            tracing::error!(
-                image = self.name,
-                "marking the image corrupt; it stays read-only until repaired (appliance check --repair all)"
-            );
-            let v = self.incompatible.get() | INCOMPAT_CORRUPT;
-            if self.write_u64(OFF_INCOMPATIBLE, v).await.is_ok() {
-                let _ = self.top().io.flush().await;
-                self.incompatible.set(v);
-            }
+            self.img.set_corrupt();
+            let _ = self.leader_op(Op::MarkCorrupt, 0).await;
         }
         r
     }
 
-    /// Makes sure the L2 table covering `guest_off` exists and is not shared.
+    /// Sets the corrupt bit in the header (leader only).
+    pub(super) async fn mark_corrupt(&self) -> Result<(), IoError> {
+        let _m = self.header_lock.lock().await;
+        let old = self.img.incompatible.load(Ordering::Acquire);
+        if old & INCOMPAT_CORRUPT != 0 {
+            return Ok(());
+        }
+        tracing::error!(
+            image = self.name,
+            "marking the image corrupt; it stays read-only until repaired (appliance check --repair all)"
+        );
+        let v = old | INCOMPAT_CORRUPT;
+        self.write_u64(OFF_INCOMPATIBLE, v).await?;
+        self.top().io.flush().await?;
+        self.img.incompatible.store(v, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes sure the L2 table covering `guest_off` exists and is not shared. The
+    /// table's owner alone changes its L1 entry.
     pub(super) async fn ensure_l2(&self, guest_off: u64) -> Result<(), IoError> {
+        assert_eq!(self.img.guest_owner(guest_off), self.idx, "an L2 table changes on its owner");
         let g = self.g();
         let top = self.top();
         let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
         let current = |s: &Self| -> Result<(u64, bool), IoError> {
-            let raw = s.top().l1.borrow()[l1i];
+            let raw = s.top().l1.get(l1i).unwrap_or(0);
             decode_l1(raw, &g)
                 .map_err(|e| s.fail(format_args!("L1 entry {l1i} ({raw:#x}) invalid: {e:?}")))
         };
@@ -69,7 +81,7 @@ impl Shard {
         // `new`, writers link entries into its cached slices at once, so those slices
         // must already write back to `new`. A writeback still aimed at `old` would
         // overwrite the table the snapshot keeps.
-        top.l1.borrow_mut()[l1i] = entry;
+        top.l1.set(l1i, entry);
         if old != 0 {
             let slices = 1u64 << (g.l2_bits() - top.slice_bits);
             let first = (l1i as u64) * slices;
@@ -86,7 +98,7 @@ impl Shard {
     }
 
     pub(super) fn l1_offset(&self) -> u64 {
-        self.l1_table_offset.get()
+        self.img.l1_table_offset
     }
 
     /// Writes one big-endian u64 (an L1 entry, a refcount table entry, a header field).
@@ -95,10 +107,15 @@ impl Shard {
         self.top().io.write(off, &[IoSeg::new(&mut b)], false).await
     }
 
-    /// Grows the refcount table to at least `min_entries`: a new table and the blocks
-    /// that describe it go at the end of the file, are written and synced, then the
-    /// header switches to the new table in one write, and the old table is freed.
+    /// Grows the refcount table to at least `min_entries` (leader only): a new table and
+    /// the blocks that describe it go past every cluster allocated so far, are written
+    /// and synced, then the header switches to the new table in one write, and the old
+    /// table is freed. The area's clusters are counted in blocks made for it, or in the
+    /// leader's own block when it starts in a group of the leader's that has one; never
+    /// in another shard's block (the area moves to the next group boundary instead).
+    /// Callers hold `alloc_lock` (the area is taken without a free-cluster search).
     pub(super) async fn grow_refcount_table(&self, min_entries: u64) -> Result<(), IoError> {
+        assert!(self.is_leader(), "the refcount table grows on the leader");
         let _m = self.rc_lock.lock().await;
         let g = self.g();
         let top = self.top();
@@ -108,24 +125,27 @@ impl Shard {
         if old_len >= min_entries {
             return Ok(());
         }
+        let mut start = self.img.host_end();
+        if !self.owns_cluster(start) && self.rc.entry(start / per) & !REFT_RESERVED != 0 {
+            start = (start / per + 1) * per;
+        }
         let entries_per_cluster = cs / 8;
-        let new_len =
-            min_entries.max(old_len * 2).div_ceil(entries_per_cluster) * entries_per_cluster;
+        let new_len = min_entries.max(old_len * 2).max(start / per + 2);
+        let new_len = new_len.div_ceil(entries_per_cluster) * entries_per_cluster;
         if new_len * 8 > MAX_REFTABLE_BYTES {
             return Err(IoError::NoSpace);
         }
         let table_clusters = new_len * 8 / cs;
-        let start = self.host_end.get();
         // Blocks needed for the area [start, start + T + R) whose table entries are empty.
-        let missing = |end: u64, table: &[u64]| -> Vec<u64> {
+        let missing = |end: u64| -> Vec<u64> {
             (start / per..=(end - 1) / per)
-                .filter(|&ti| ti >= old_len || table[ti as usize] & !REFT_RESERVED == 0)
+                .filter(|&ti| ti >= old_len || self.rc.entry(ti) & !REFT_RESERVED == 0)
                 .collect()
         };
         let mut blocks: Vec<u64> = Vec::new();
         loop {
             let end = start + table_clusters + blocks.len() as u64;
-            let m = missing(end, &self.rc.table.borrow());
+            let m = missing(end);
             if m.len() == blocks.len() {
                 blocks = m;
                 break;
@@ -137,16 +157,15 @@ impl Shard {
             return Err(IoError::NoSpace);
         }
         self.ensure_file_len(area_end << g.cluster_bits).await?;
-        // Area clusters covered by existing blocks: counted through the cache, and
-        // written with the other dirty refcounts below.
+        // Area clusters covered by existing blocks (the leader's, see above): counted
+        // through the cache, and written with the other dirty refcounts below.
         for c in start..area_end {
             let ti = c / per;
-            if ti < old_len && self.rc.table.borrow()[ti as usize] & !REFT_RESERVED != 0 {
+            if ti < old_len && self.rc.entry(ti) & !REFT_RESERVED != 0 {
                 self.set_refcount(c, 1).await?;
             }
         }
-        let mut new_table = self.rc.table.borrow().clone();
-        new_table.resize(new_len as usize, 0);
+        let mut new_table: Vec<u64> = (0..new_len).map(|ti| self.rc.entry(ti)).collect();
         for (k, &ti) in blocks.iter().enumerate() {
             let block_cluster = start + table_clusters + k as u64;
             new_table[ti as usize] = block_cluster << g.cluster_bits;
@@ -177,14 +196,20 @@ impl Shard {
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         top.io.write(OFF_REFCOUNT_TABLE, &[IoSeg::new(&mut hdr)], false).await?;
         top.io.flush().await?;
-        let old_off = self.rc.table_offset.get();
-        let old_clusters = u64::from(self.rc.table_clusters.get());
-        *self.rc.table.borrow_mut() = new_table;
-        self.rc.table_offset.set(start << g.cluster_bits);
-        self.rc.table_clusters.set(table_clusters as u32);
+        let rt = &self.img.reftable;
+        let old_off = rt.offset.load(Ordering::Acquire);
+        let old_clusters = u64::from(rt.clusters.load(Ordering::Acquire));
+        // Publish: the new entries first, then the length that makes them visible.
+        for &ti in &blocks {
+            rt.entries.set(ti as usize, new_table[ti as usize]);
+        }
+        rt.offset.store(start << g.cluster_bits, Ordering::Release);
+        rt.clusters.store(table_clusters as u32, Ordering::Release);
+        rt.len.store(new_len, Ordering::Release);
         // The new table and its blocks are metadata from now on.
         self.meta.mark(start, table_clusters + blocks.len() as u64);
-        self.host_end.set(area_end);
+        self.img.note_end(area_end);
+        self.own_end.set(self.own_end.get().max(area_end));
         for k in 0..old_clusters {
             self.queue_free((old_off >> g.cluster_bits) + k, false);
         }
@@ -194,18 +219,26 @@ impl Shard {
 
     /// Rule 5: with lazy refcounts, the dirty bit is on disk before any allocation.
     pub(super) async fn ensure_dirty_bit(&self) -> Result<(), IoError> {
-        if !self.lazy || self.dirty_bit_on_disk.get() {
+        if !self.lazy || self.dirty_bit_on_disk() {
             return Ok(());
         }
+        self.leader_op(Op::DirtyBit, 1).await
+    }
+
+    /// Sets (or clears) the dirty bit in the header, synced (leader only).
+    pub(super) async fn set_dirty_bit(&self, on: bool) -> Result<(), IoError> {
+        assert!(self.is_leader(), "the header changes on the leader");
         let _m = self.header_lock.lock().await;
-        if self.dirty_bit_on_disk.get() {
+        if self.dirty_bit_on_disk() == on {
             return Ok(());
         }
-        let v = self.incompatible.get() | INCOMPAT_DIRTY;
+        let old = self.img.incompatible.load(Ordering::Acquire);
+        let v = if on { old | INCOMPAT_DIRTY } else { old & !INCOMPAT_DIRTY };
         self.write_u64(OFF_INCOMPATIBLE, v).await?;
         self.top().io.flush().await?;
-        self.incompatible.set(v);
-        self.dirty_bit_on_disk.set(true);
+        self.img.incompatible.store(v, Ordering::Release);
+        // Release: a shard that sees the bit set allocates after it is on disk.
+        self.img.dirty_bit_on_disk.store(on, Ordering::Release);
         Ok(())
     }
 }

@@ -1,7 +1,20 @@
-//! A shard: the part of an open qcow2 image that one reactor owns — the L2 and
-//! refcount caches, the allocator, the flush barrier — and the request algorithms.
-//! With one reactor (or one shard per image, as now) it owns the whole image; the
-//! request code does not change when the guest space is split over several shards.
+//! A shard: the part of an open qcow2 image that one reactor owns — the L2 tables of
+//! its guest range and their cache, the refcount blocks of its allocation groups and
+//! their cache, its allocator, its half of the flush barrier — and the request
+//! algorithms (see `image` for who owns what). With one shard it owns the whole image;
+//! the request code is the same for one shard or many.
+//!
+//! # Across shards
+//! Every cluster a shard allocates is in its own groups and is linked only into its own
+//! L2 tables, so rules 1 and 2 below hold within each shard, and a shard's flush alone
+//! makes its writes durable (the fdatasync covers the whole file). What crosses shards:
+//! - a free of a cluster in another shard's group is sent to that owner only after the
+//!   flush that made the L2 change durable (rule 3), and the owner applies it at once;
+//! - new refcount blocks and refcount table growth are done by the leader, written and
+//!   synced before they are published in the shared table (rule 4);
+//! - the dirty bit (rule 5) is set by the leader before the requester allocates;
+//! - a guest flush is a barrier over every shard: the leader runs a flush round on all
+//!   of them at once and answers when all are done (rule 6).
 //!
 //! # Ordering rules, and where they are enforced
 //! 1. *Data and COW before the L2 entry that points at them*: L2 slices reach the disk
@@ -38,8 +51,12 @@ mod read;
 mod write;
 mod zero;
 
+mod serve;
+
 use std::cell::{Cell, RefCell};
 use std::pin::Pin as StdPin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use poller::WaitList;
@@ -48,9 +65,11 @@ use crate::error::IoError;
 use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, Snapshot};
+use super::image::Image;
 use super::layer::{Layer, MAX_SEGS, Qcow2Layer, Run, RunKind, corrupt, read_chain, status_chain};
 use super::overlap::MetaMap;
 use super::refcount::Refcounts;
+use super::route::{Class, Op, Route};
 use super::types::*;
 
 /// Dirty slices written per flush round.
@@ -58,7 +77,7 @@ const FLUSH_BATCH: usize = 1024;
 /// Concurrent metadata writes within a round.
 const WRITE_FANOUT: usize = 16;
 /// Flush rounds a clean shutdown runs at most (two suffice: see `Shard::close`).
-const CLOSE_ROUNDS: usize = 4;
+pub(crate) const CLOSE_ROUNDS: usize = 4;
 /// Pending frees that force a flush.
 const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
@@ -184,18 +203,32 @@ struct FlushState {
     done: WaitList,
 }
 
-/// The owner-reactor state of an open image.
+impl FlushState {
+    fn new() -> FlushState {
+        FlushState {
+            requested: Cell::new(0),
+            completed: Cell::new(0),
+            running: Cell::new(false),
+            result: Cell::new(Ok(())),
+            done: WaitList::new(),
+        }
+    }
+}
+
+/// One shard of an open image, on its reactor.
 pub(crate) struct Shard {
     pub name: String,
+    /// This shard's index (0 leads).
+    pub idx: usize,
+    pub img: Arc<Image>,
+    /// Routes to every shard of the image (this one's is local), set once all exist.
+    pub peers: RefCell<Vec<Route>>,
     /// `chain[0]` is this image (a qcow2 layer); the rest is its backing chain.
     pub chain: Vec<Layer>,
     pub rc: Refcounts,
     pub read_only: bool,
     lazy: bool,
-    corrupt: Cell<bool>,
     corrupt_marked: Cell<bool>,
-    dirty_bit_on_disk: Cell<bool>,
-    incompatible: Cell<u64>,
     locks: ClusterLocks,
     /// L1 entry changes (new or copied L2 tables). Taken before `rc_lock`.
     l1_lock: MetaLock,
@@ -209,40 +242,47 @@ pub(crate) struct Shard {
     /// One file extension at a time.
     grow_lock: MetaLock,
     cursor: Cell<u64>,
-    host_end: Cell<u64>,
+    /// One past the last cluster this shard allocated: clusters of its groups past
+    /// both this and the file's end at open were never written (see `alloc_run`).
+    own_end: Cell<u64>,
     pending: RefCell<Vec<PendingFree>>,
     snap_gen: Cell<u64>,
     inflight: Inflight,
     flush_state: FlushState,
+    /// The leader's barrier over all shards (guest flushes).
+    global_flush: FlushState,
+    /// Wakes the leader's barrier task.
+    global_kick: WaitList,
+    closing: Cell<bool>,
     scratch: RefCell<Vec<u32>>,
     snaps: RefCell<Vec<Snapshot>>,
     allocations: Cell<u64>,
-    l1_table_offset: Cell<u64>,
     /// Host clusters holding metadata (see `overlap`).
     pub meta: MetaMap,
 }
 
 impl Shard {
     pub(crate) fn new(
-        name: String,
+        idx: usize,
         chain: Vec<Layer>,
         rc: Refcounts,
         read_only: bool,
         lazy: bool,
-        incompatible: u64,
-        file_end: u64,
     ) -> Shard {
-        let cb = rc.g.cluster_bits;
+        let img = rc.img.clone();
+        // The first cluster of this shard's first group (cluster 0 is the header).
+        let cursor = (idx as u64) << img.group_bits();
         Shard {
-            name,
+            name: img.name.clone(),
+            idx,
+            peers: RefCell::new(Vec::new()),
+            own_end: Cell::new(img.open_end),
+            img,
             chain,
             rc,
             read_only,
             lazy,
-            corrupt: Cell::new(false),
             corrupt_marked: Cell::new(false),
-            dirty_bit_on_disk: Cell::new(incompatible & INCOMPAT_DIRTY != 0),
-            incompatible: Cell::new(incompatible),
             locks: ClusterLocks {
                 held: RefCell::new(Vec::with_capacity(1024)),
                 waiters: WaitList::new(),
@@ -252,25 +292,20 @@ impl Shard {
             alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             grow_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
-            cursor: Cell::new(0),
-            host_end: Cell::new(file_end.div_ceil(1 << cb)),
+            cursor: Cell::new(cursor),
             pending: RefCell::new(Vec::with_capacity(MAX_PENDING_FREES)),
             snap_gen: Cell::new(0),
             inflight: Inflight {
                 slots: RefCell::new(Vec::with_capacity(1024)),
                 free: RefCell::new(Vec::with_capacity(1024)),
             },
-            flush_state: FlushState {
-                requested: Cell::new(0),
-                completed: Cell::new(0),
-                running: Cell::new(false),
-                result: Cell::new(Ok(())),
-                done: WaitList::new(),
-            },
+            flush_state: FlushState::new(),
+            global_flush: FlushState::new(),
+            global_kick: WaitList::new(),
+            closing: Cell::new(false),
             scratch: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             snaps: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             allocations: Cell::new(0),
-            l1_table_offset: Cell::new(0),
             meta: MetaMap::default(),
         }
     }
@@ -294,7 +329,7 @@ impl Shard {
     }
 
     fn fail(&self, what: std::fmt::Arguments<'_>) -> IoError {
-        self.corrupt.set(true);
+        self.img.set_corrupt();
         corrupt(&self.name, what)
     }
 
@@ -304,7 +339,7 @@ impl Shard {
             image = self.name,
             "{what}; writes are refused (repair with `appliance check -r all`)"
         );
-        self.corrupt.set(true);
+        self.img.set_corrupt();
     }
 
     /// Fails (marking the image corrupt) if host clusters `first..first + n` hold
@@ -322,7 +357,7 @@ impl Shard {
         if self.read_only {
             return Err(IoError::ReadOnly);
         }
-        if self.corrupt.get() {
+        if self.img.is_corrupt() {
             return Err(IoError::Corrupt);
         }
         Ok(())
@@ -335,7 +370,7 @@ impl Shard {
                 Ok(r) => return Ok(r),
                 Err(GetError::Io(e)) => {
                     if e == IoError::Corrupt {
-                        self.corrupt.set(true);
+                        self.img.set_corrupt();
                     }
                     return Err(e);
                 }
@@ -346,8 +381,16 @@ impl Shard {
 }
 
 impl Shard {
-    /// The L1 table offset is fixed for the life of the image (no resize).
-    pub(crate) fn set_l1_offset(&self, off: u64) {
-        self.l1_table_offset.set(off);
+    pub(crate) fn is_leader(&self) -> bool {
+        self.idx == 0
+    }
+
+    /// Whether this shard allocates in host cluster `c`'s group.
+    fn owns_cluster(&self, c: u64) -> bool {
+        self.img.group_owner(c) == self.idx
+    }
+
+    fn dirty_bit_on_disk(&self) -> bool {
+        self.img.dirty_bit_on_disk.load(Ordering::Acquire)
     }
 }

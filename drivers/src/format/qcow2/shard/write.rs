@@ -39,7 +39,7 @@ impl Shard {
         self.guard_data(first, last - first + 1)?;
         // A consistent image never maps a cluster it has not allocated: past the end
         // of the file, nothing counts the cluster, and two entries may share it.
-        if last >= self.host_end.get() {
+        if last >= self.img.host_end() {
             return Err(self.fail(format_args!(
                 "an L2 entry maps host cluster {last}, past the end of the image"
             )));
@@ -200,7 +200,7 @@ impl Shard {
     }
 
     pub(super) fn queue_free(&self, cluster: u64, punch: bool) {
-        if cluster >= self.host_end.get() || cluster == 0 {
+        if cluster >= self.img.host_end() || cluster == 0 {
             // Never allocated: freeing it later could free whatever the allocator
             // puts there meanwhile.
             let _ = self.fail(format_args!(
