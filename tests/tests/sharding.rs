@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::nbd_client::Client;
-use tests::{Appliance, Setup, pattern, require_tool, run, stdout};
+use appliance_tests::nbd_client::Client;
+use appliance_tests::{Appliance, Setup, pattern, require_tool, run, stdout};
 
 const MIB: u64 = 1 << 20;
 /// Guest bytes one L2 table maps with 4 KiB clusters: the unit of shard ownership.
@@ -26,17 +26,34 @@ fn create(path: &Path, size: &str) {
         .arg(size));
 }
 
-/// `qemu-img check --output=json`: (corruptions, leaks).
+/// `qemu-img check --output=json`: (corruptions, leaks). After a SIGKILL the kernel
+/// closes the image (and drops its lock) only once the dead process's io_uring is torn
+/// down, which runs asynchronously: a lock conflict is retried for a few seconds.
 fn check(path: &Path) -> (u64, u64) {
-    let out = Command::new("qemu-img").args(["check", "--output=json"]).arg(path).output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out =
+            Command::new("qemu-img").args(["check", "--output=json"]).arg(path).output().unwrap();
+        let locked = String::from_utf8_lossy(&out.stderr).contains("Failed to get shared");
+        if !locked || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!("qemu-img check output: {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "qemu-img check of {}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     (v["corruptions"].as_u64().unwrap_or(0), v["leaks"].as_u64().unwrap_or(0))
 }
 
 fn to_raw(img: &Path, fmt: &str, out: &Path) -> Vec<u8> {
-    run(Command::new("qemu-img").args(["convert", "-f", fmt, "-O", "raw"]).arg(img).arg(out));
+    // `-U`: no lock wanted (the image is not served meanwhile; see `check`).
+    run(Command::new("qemu-img").args(["convert", "-U", "-f", fmt, "-O", "raw"]).arg(img).arg(out));
     std::fs::read(out).unwrap()
 }
 
