@@ -45,6 +45,8 @@ pub struct Options {
     pub appliance_bin: Option<PathBuf>,
     pub appliance_idle: String,
     pub server_core: usize,
+    /// The appliance's reactors (empty: one, on `server_core`).
+    pub appliance_cores: Vec<usize>,
     pub fio_core: usize,
     /// CPU fio runs on for the device baseline (default: the server core, so the
     /// device sees the same CPU, interrupt routing included, as the servers).
@@ -72,6 +74,7 @@ impl Options {
             appliance_bin: None,
             appliance_idle: "busy".into(),
             server_core: 0,
+            appliance_cores: vec![],
             fio_core: 1,
             device_core: 0,
             keep_work: false,
@@ -389,6 +392,7 @@ fn run_one(
             image: image.clone(),
             dir: images.dir.join("srv"),
             core: o.server_core,
+            appliance_cores: o.appliance_cores.clone(),
             appliance_bin: appliance.to_path_buf(),
             appliance_idle: o.appliance_idle.clone(),
             appliance_delay_us: o.slow_appliance_us,

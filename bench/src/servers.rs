@@ -78,6 +78,8 @@ pub struct Spec {
     /// Directory for the socket, config and log.
     pub dir: PathBuf,
     pub core: usize,
+    /// The appliance's reactors (empty: one, on `core`).
+    pub appliance_cores: Vec<usize>,
     pub appliance_bin: PathBuf,
     /// `busy` or `adaptive`.
     pub appliance_idle: String,
@@ -126,11 +128,17 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> std::io::Result<Optio
     }
 }
 
+/// The appliance's reactor cores: `appliance_cores`, else `core`.
+fn appliance_cores(s: &Spec) -> Vec<usize> {
+    if s.appliance_cores.is_empty() { vec![s.core] } else { s.appliance_cores.clone() }
+}
+
 fn appliance_config(s: &Spec, sock: &Path) -> String {
     let format = s.format.name();
+    let cores: Vec<String> = appliance_cores(s).iter().map(usize::to_string).collect();
     format!(
         "[appliance]\ncores = [{}]\nidle = {}\n\n[nbd]\nlisten = [{}]\n\n[[disk]]\nname = \"d\"\npath = {}\nformat = \"{format}\"\ndriver = \"io_uring\"\n",
-        s.core,
+        cores.join(", "),
         crate::toml_str(&s.appliance_idle),
         crate::toml_str(&format!("unix:{}", sock.display())),
         crate::toml_str(&s.image.to_string_lossy()),
@@ -140,7 +148,12 @@ fn appliance_config(s: &Spec, sock: &Path) -> String {
 /// The command that starts the server of `s` listening on `sock`.
 pub fn command(s: &Spec, sock: &Path) -> Result<Command, String> {
     let mut c = Command::new("taskset");
-    c.args(["-c", &s.core.to_string()]);
+    let cpus = if s.kind == Kind::Appliance {
+        appliance_cores(s).iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+    } else {
+        s.core.to_string()
+    };
+    c.args(["-c", &cpus]);
     let img = s.image.to_string_lossy().to_string();
     if img.contains(',') {
         return Err(format!("image path {img:?} contains a comma (QEMU option syntax)"));
@@ -316,6 +329,7 @@ mod tests {
             image: "/i/img.qcow2".into(),
             dir: "/d".into(),
             core: 0,
+            appliance_cores: vec![],
             appliance_bin: "/bin/false".into(),
             appliance_idle: "busy".into(),
             appliance_delay_us: 0,

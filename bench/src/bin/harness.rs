@@ -69,6 +69,10 @@ struct Args {
     /// CPU the servers are pinned to.
     #[arg(long, default_value_t = 0)]
     server_core: usize,
+    /// The appliance's reactor CPUs (default: one reactor on the server CPU), e.g. 0,1
+    /// for one image on two shards; the other servers stay on the server CPU.
+    #[arg(long, value_delimiter = ',')]
+    appliance_cores: Vec<usize>,
     /// CPU fio is pinned to.
     #[arg(long, default_value_t = 1)]
     fio_core: usize,
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
     o.appliance_bin = a.appliance;
     o.appliance_idle = a.appliance_idle;
     o.server_core = a.server_core;
+    o.appliance_cores = a.appliance_cores.clone();
     o.fio_core = a.fio_core;
     o.device_core = a.device_core.unwrap_or(a.server_core);
     match harness::run(&o) {

@@ -132,6 +132,7 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
                     image: img.clone(),
                     dir: work.join(format!("{size}-{cluster}-{name}")),
                     core: 0,
+                    appliance_cores: vec![],
                     appliance_bin: bin.clone(),
                     appliance_idle: "adaptive".into(),
                     appliance_delay_us: 0,

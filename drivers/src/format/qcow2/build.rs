@@ -244,6 +244,6 @@ pub(super) fn connect(id: u64, idx: usize, txs: Vec<MailSender<CallPtr>>) {
                 },
             )
             .collect();
-        *host.shard.peers.borrow_mut() = routes;
+        let _ = host.shard.peers.set(routes);
     });
 }

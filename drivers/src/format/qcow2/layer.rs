@@ -243,7 +243,7 @@ pub(crate) async fn read_chain(
     let mut stack: [Option<Frame>; MAX_CHAIN_DEPTH] = [const { None }; MAX_CHAIN_DEPTH];
     stack[0] = Some(Frame { layer: start, pos: off, end: off + len });
     let mut depth = 1;
-    let mut win = [IoSeg::EMPTY; MAX_SEGS];
+    let mut win = super::scratch::SegBuf::take();
     while depth > 0 {
         let f = stack[depth - 1].as_mut().expect("frame");
         if f.pos >= f.end {
@@ -263,7 +263,7 @@ pub(crate) async fn read_chain(
         match layer {
             Layer::Raw { io, size } => {
                 let n = (end.min(*size) - pos) as usize;
-                let w = window(segs, out_skip, n, &mut win)?;
+                let w = window(segs, out_skip, n, win.arr())?;
                 io.read(pos, w).await?;
                 f.pos += n as u64;
             }
@@ -273,7 +273,7 @@ pub(crate) async fn read_chain(
                 f.pos += n;
                 match run.kind {
                     RunKind::Data { host, .. } => {
-                        let w = window(segs, out_skip, n as usize, &mut win)?;
+                        let w = window(segs, out_skip, n as usize, win.arr())?;
                         q.io.read(host, w).await?;
                     }
                     RunKind::Zero { .. } => seg::zero_segs(segs, out_skip, n as usize),

@@ -34,6 +34,7 @@ pub(crate) mod open;
 mod overlap;
 mod refcount;
 pub(crate) mod route;
+mod scratch;
 mod shard;
 pub mod snapshot;
 pub mod tools;
@@ -301,9 +302,6 @@ fn release(id: u64, shards: &[ShardRef]) {
             let Some(host) = host else { return };
             host.inboxes.close();
             host.shard.stop_barrier();
-            if let Ok(mut p) = host.shard.peers.try_borrow_mut() {
-                p.clear();
-            }
             drop(host);
         });
     }

@@ -222,7 +222,7 @@ pub(crate) struct Shard {
     pub idx: usize,
     pub img: Arc<Image>,
     /// Routes to every shard of the image (this one's is local), set once all exist.
-    pub peers: RefCell<Vec<Route>>,
+    pub peers: std::cell::OnceCell<Vec<Route>>,
     /// `chain[0]` is this image (a qcow2 layer); the rest is its backing chain.
     pub chain: Vec<Layer>,
     pub rc: Refcounts,
@@ -275,7 +275,7 @@ impl Shard {
         Shard {
             name: img.name.clone(),
             idx,
-            peers: RefCell::new(Vec::new()),
+            peers: std::cell::OnceCell::new(),
             own_end: Cell::new(img.open_end),
             img,
             chain,

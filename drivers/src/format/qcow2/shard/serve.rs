@@ -55,7 +55,7 @@ impl Shard {
         if self.piece_len(off, total) == total && self.img.guest_owner(off) == self.idx {
             return self.run_local(op, off, segs).await;
         }
-        let mut win = [IoSeg::EMPTY; MAX_SEGS];
+        let mut win = crate::format::qcow2::scratch::SegBuf::take();
         let mut done = 0u64;
         while done < total {
             let pos = off + done;
@@ -63,7 +63,7 @@ impl Shard {
             let w: &[IoSeg<'_>] = if segs.is_empty() {
                 &[]
             } else {
-                window(segs, done as usize, n as usize, &mut win)?
+                window(segs, done as usize, n as usize, win.arr())?
             };
             let piece = op.with_len(n);
             let owner = self.img.guest_owner(pos);
@@ -99,8 +99,9 @@ impl Shard {
         off: u64,
         segs: &[IoSeg<'_>],
     ) -> (Result<(), IoError>, u64) {
-        let peers = self.peers.borrow();
-        let Some(r) = peers.get(k) else { return (Err(IoError::Shutdown), 0) };
+        let Some(r) = self.peers.get().and_then(|p| p.get(k)) else {
+            return (Err(IoError::Shutdown), 0);
+        };
         Forward::new(r, class, op, off, segs).await
     }
 
@@ -171,10 +172,9 @@ impl Shard {
                 self.global_kick.wait().await;
             }
             let covers = fs.requested.get();
-            let r = {
-                let peers = self.peers.borrow();
-                route::broadcast(&peers, self.idx, Op::LocalFlush, self.flush_round(false)).await
-            };
+            let peers = self.peers.get().map_or(&[][..], Vec::as_slice);
+            let r =
+                route::broadcast(peers, self.idx, Op::LocalFlush, self.flush_round(false)).await;
             fs.completed.set(covers);
             fs.result.set(r);
             fs.done.wake_all();

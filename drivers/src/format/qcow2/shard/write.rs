@@ -2,6 +2,7 @@
 //! partial clusters), then linking the new clusters into the L2 slice (ordering rule 1).
 
 use super::*;
+use crate::format::qcow2::scratch::SegBuf;
 
 impl Shard {
     pub(crate) async fn write(
@@ -13,13 +14,13 @@ impl Shard {
         self.check_writable()?;
         let total = seg::total_len(segs) as u64;
         let mut done = 0u64;
-        let mut win = [IoSeg::EMPTY; MAX_SEGS];
+        let mut win = SegBuf::take();
         while done < total {
             let pos = off + done;
             let run = self.map_top(pos, total - done).await?;
             match run.kind {
                 RunKind::Data { host, copied: true } => {
-                    let w = window(segs, done as usize, run.len as usize, &mut win)?;
+                    let w = window(segs, done as usize, run.len as usize, win.arr())?;
                     self.write_in_place(host, w).await?;
                     done += run.len;
                 }
@@ -68,9 +69,9 @@ impl Shard {
         self.ensure_dirty_bit().await?;
         let run = self.map_top(pos, len).await?;
         let mut len = run.len;
-        let mut win = [IoSeg::EMPTY; MAX_SEGS];
+        let mut win = SegBuf::take();
         if let RunKind::Data { host, copied: true } = run.kind {
-            let w = window(segs, seg_off, len as usize, &mut win)?;
+            let w = window(segs, seg_off, len as usize, win.arr())?;
             self.write_in_place(host, w).await?;
             return Ok(len);
         }
@@ -90,7 +91,7 @@ impl Shard {
         let zeros_below = self.chain.len() == 1
             && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
         if fresh && zeros_below && (head > 0 || tail > 0) {
-            let w = window(segs, seg_off, len as usize, &mut win)?;
+            let w = window(segs, seg_off, len as usize, win.arr())?;
             if let Err(e) = self.top().io.write(host + head, w, false).await {
                 self.release_unlinked(host, got).await;
                 return Err(e);
@@ -121,13 +122,14 @@ impl Shard {
             self.release_unlinked(host, got).await;
             return Err(e);
         }
-        let mut iov = [IoSeg::EMPTY; MAX_SEGS];
+        let mut iov_buf = SegBuf::take();
+        let iov = iov_buf.arr();
         let mut n = 0;
         if let Some(b) = head_buf.as_mut() {
             iov[n] = IoSeg::from_dma(b);
             n += 1;
         }
-        for s in window(segs, seg_off, len as usize, &mut win)? {
+        for s in window(segs, seg_off, len as usize, win.arr())? {
             if n == MAX_SEGS - 1 {
                 self.release_unlinked(host, got).await;
                 return Err(IoError::TooLarge);
