@@ -16,7 +16,8 @@
 //!   must not grow by more than 5 % (a leak grows with the work done). At the end the
 //!   qcow2 image must pass `qemu-img check`.
 //!
-//! `cargo run -p bench --release --bin soak -- --minutes 10`
+//! `cargo run -p bench --release --bin soak -- --minutes 20` (RSS rises for the first
+//! ~8 minutes while buffer pools and caches are first touched; judge flatness on 20)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
