@@ -311,3 +311,23 @@ fn the_example_config_is_valid() {
     assert_eq!(vm1.qos.unwrap().bandwidth, 200 << 20);
     assert!(c.metrics.is_some() && c.control.is_some());
 }
+
+#[test]
+fn shards_are_for_qcow2_and_bounded() {
+    let (key, _, msg) =
+        invalid("[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 512\nshards = 2\n");
+    assert_eq!(key, "disk[0].shards");
+    assert!(msg.contains("qcow2"), "{msg}");
+    for n in [0, 65] {
+        let text = format!(
+            "[[disk]]\nname = \"q\"\npath = \"/etc/hostname\"\nformat = \"qcow2\"\nshards = {n}\n"
+        );
+        let (key, _, msg) = invalid(&text);
+        assert_eq!(key, "disk[0].shards");
+        assert!(msg.contains("1 to 64"), "{msg}");
+    }
+    let c =
+        parse("[[disk]]\nname = \"q\"\npath = \"/etc/hostname\"\nformat = \"qcow2\"\nshards = 3\n")
+            .unwrap();
+    assert_eq!(c.disks[0].shards, Some(3));
+}
