@@ -142,6 +142,7 @@ pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
         l2_cache_bytes: Some(64 << 10),
         refcount_cache_bytes: Some(16 << 10),
         storage: Some(Storage::sim(disk)),
+        zero_hop: true,
     };
     Qcow2Device::open(Path::new(name), opts, &env.reactors[..env.shards.get()])
         .unwrap_or_else(|e| panic!("{name}: open failed: {e}"))
@@ -242,7 +243,14 @@ fn aged_image(seed: u64, p: &Profile, env: &Env) -> (Vec<u8>, Vec<u8>, Layout) {
 }
 
 /// Runs the workers until they finish or the power is cut; closes the image.
-fn run_workers(disk: &Arc<SimDisk>, layout: Layout, env: &Env, seed: u64, p: &Profile) -> Model {
+/// Also returns the requests served on the zero-hop path.
+fn run_workers(
+    disk: &Arc<SimDisk>,
+    layout: Layout,
+    env: &Env,
+    seed: u64,
+    p: &Profile,
+) -> (Model, u64) {
     let dev = open(disk.clone(), env, &format!("sim-{seed}.qcow2"));
     let (d, cluster) = (dev.clone(), p.cluster);
     let model = env.owner.block_on(move || async move {
@@ -256,10 +264,11 @@ fn run_workers(disk: &Arc<SimDisk>, layout: Layout, env: &Env, seed: u64, p: &Pr
         pool.drain().await;
         std::mem::replace(&mut *model.borrow_mut(), Model::new(0))
     });
+    let zero_hop = dev.zero_hop_ios();
     // After a cut the close fails; without one, it is the clean shutdown.
     let closed = dev.close();
     assert!(closed.is_ok() || disk.is_cut(), "seed {seed}: close failed: {closed:?}");
-    model
+    (model, zero_hop)
 }
 
 /// Opens the crashed image (repairing a dirty lazy-refcounts image), reads it whole
@@ -297,12 +306,13 @@ fn trial(seed: u64, env: &Env) -> Coverage {
     let before = shape(&image);
     dump(seed, "initial", &image);
     let disk = Arc::new(SimDisk::new(image, seed, Some(p.cut_after)));
-    let model = run_workers(&disk, layout, env, seed, &p);
+    let (model, zero_hop) = run_workers(&disk, layout, env, seed, &p);
     let (crash, mut qemu) = crash_image(&disk, &model, &p, seed, env, &ctx);
     let mut cov =
         coverage_of(&model, &p, &disk, [&before, &shape(&disk.current()), &shape(&crash)]);
     cov.shards2 = u64::from(shards == 2);
     cov.shards4 = u64::from(shards == 4);
+    cov.zero_hop = u64::from(zero_hop > 0);
     let (content, final_image) = read_back(crash, env, &ctx);
     dump(seed, "reopened", &final_image);
     model.verify(&initial, &content).unwrap_or_else(|e| panic!("{ctx}: {e}"));

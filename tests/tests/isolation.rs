@@ -61,14 +61,20 @@ fn hold_lock(path: &Path) -> Child {
         .args(["-f", "qcow2", "-c", "sleep 60000"])
         .arg(path)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Generous: on a loaded CI machine qemu-io can take seconds to start.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let probe = Command::new("qemu-img").arg("info").arg(path).output().unwrap();
         if !probe.status.success() {
             return child;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("qemu-io exited ({st}) before taking the lock: {err}");
         }
         if Instant::now() > deadline {
             let _ = child.kill();

@@ -56,6 +56,10 @@ struct Args {
     /// Write every cluster first (qcow2: measure allocated clusters, not holes).
     #[arg(long)]
     prefill: bool,
+    /// qcow2: send every request to the shard owning it (no zero-hop path), to measure
+    /// what the hop costs.
+    #[arg(long)]
+    hop: bool,
     /// Open files through the page cache instead of O_DIRECT.
     #[arg(long)]
     buffered: bool,
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         pin: !a.no_pin,
         progress: !a.quiet && std::io::stderr().is_terminal(),
         prefill: a.prefill,
+        hop: a.hop,
     };
     match loadgen::run(&opts) {
         Ok(r) => {

@@ -40,6 +40,7 @@ pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>
                 l2_cache_bytes: disk.l2_cache_bytes,
                 refcount_cache_bytes: disk.refcount_cache_bytes,
                 storage: None,
+                zero_hop: true,
             };
             if reactors.is_empty() {
                 return Err(OpenError::invalid(path, "no reactor"));

@@ -252,7 +252,11 @@ impl Storage {
     }
 
     fn note_end(&self, end: u64) {
-        self.size.fetch_max(end, Ordering::AcqRel);
+        // A plain load first: writes inside the file (nearly all) leave the shared
+        // line unwritten, so reactors writing one file do not bounce it between cores.
+        if end > self.size.load(Ordering::Acquire) {
+            self.size.fetch_max(end, Ordering::AcqRel);
+        }
     }
 
     /// The raw descriptor, for synchronous control-plane access (image tools, open).

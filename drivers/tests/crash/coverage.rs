@@ -70,6 +70,8 @@ pub struct Coverage {
     /// Trials with the image split over 2 and over 4 shards (on their own reactors).
     pub shards2: u64,
     pub shards4: u64,
+    /// Trials whose workers had requests served on the zero-hop path.
+    pub zero_hop: u64,
     pub resize: u64,
     /// Resizes cut in the middle; crash images at the old and at the new size; resizes
     /// that grew the L1 table.
@@ -123,6 +125,7 @@ impl Coverage {
             (&mut self.snapshot, o.snapshot),
             (&mut self.shards2, o.shards2),
             (&mut self.shards4, o.shards4),
+            (&mut self.zero_hop, o.zero_hop),
             (&mut self.resize, o.resize),
             (&mut self.resize_cut, o.resize_cut),
             (&mut self.resize_old_size, o.resize_old_size),
@@ -154,6 +157,7 @@ impl Coverage {
             ("internal-snapshot trials".into(), self.snapshot),
             ("trials on 2 shards".into(), self.shards2),
             ("trials on 4 shards".into(), self.shards4),
+            ("trials with zero-hop requests".into(), self.zero_hop),
             ("resizes".into(), self.resize),
             ("resizes cut midway".into(), self.resize_cut),
             ("resize crash images at the old size".into(), self.resize_old_size),

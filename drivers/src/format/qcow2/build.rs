@@ -16,9 +16,11 @@ use crate::io::align::Aligned;
 use super::cache::MetaCache;
 use super::compress::Decompressor;
 use super::header::Header;
+use super::hints::{Lease, MapHints, Publisher};
 use super::image::{AtomicTable, Image, RefTable};
 use super::layer::{Layer, Qcow2Layer};
 use super::open::{OpenOptions, OpenedImage, OpenedLayer};
+use super::overlap::MetaMap;
 use super::refcount::Refcounts;
 use super::route::{CallPtr, Inboxes, Route};
 use super::shard::Shard;
@@ -27,6 +29,9 @@ use super::types::Compression;
 use super::types::{Geometry, INCOMPAT_DIRTY, REFT_RESERVED, decode_l1};
 use super::{DEFAULT_L2_CACHE_BYTES, HOSTS, Host, REMOTE_RING};
 
+/// Bytes of L2 cache budget per mapping hint slot: the hints cost at most a quarter of
+/// the L2 cache (a slot is 16 bytes).
+const HINT_COST: u64 = 64;
 /// Budget of a backing file's L2 cache, per shard.
 const BACKING_L2_CACHE_BYTES: u64 = 4 << 20;
 
@@ -88,6 +93,15 @@ impl Parts {
             corrupt: AtomicBool::new(false),
             dirty_bit_on_disk: AtomicBool::new(h.incompatible & INCOMPAT_DIRTY != 0),
             incompatible: AtomicU64::new(h.incompatible),
+            hints: MapHints::new(
+                g.size.div_ceil(g.cluster_size()),
+                g.l2_bits(),
+                n,
+                opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_BYTES) / HINT_COST,
+            ),
+            lease: Lease::new(),
+            meta_gen: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         });
         let backing = img
             .backing
@@ -113,6 +127,13 @@ impl Parts {
     }
 }
 
+impl Parts {
+    /// The top file's storage.
+    pub(super) fn top_storage(&self) -> Arc<Storage> {
+        self.top.storage.clone()
+    }
+}
+
 fn slice_bits_for(cluster_bits: u32) -> u32 {
     // Slices of at most 4 KiB (512 entries): small misses, aligned writebacks.
     (cluster_bits.min(12)) - 3
@@ -120,7 +141,12 @@ fn slice_bits_for(cluster_bits: u32) -> u32 {
 
 /// A qcow2 layer on this reactor: the shared L1 table and a cache of at most
 /// `cache_bytes` (smaller when the part of the image a shard owns needs less).
-fn build_layer(p: &LayerParts, cache_bytes: u64, shards: u64) -> Result<Qcow2Layer, IoError> {
+fn build_layer(
+    p: &LayerParts,
+    cache_bytes: u64,
+    shards: u64,
+    hints: Option<Publisher>,
+) -> Result<Qcow2Layer, IoError> {
     let g = p.g;
     let slice_bits = slice_bits_for(g.cluster_bits);
     let slice_bytes = 8usize << slice_bits;
@@ -135,22 +161,27 @@ fn build_layer(p: &LayerParts, cache_bytes: u64, shards: u64) -> Result<Qcow2Lay
         l2: MetaCache::new(slice_bytes, capacity)?,
         slice_bits,
         decompressor: std::cell::RefCell::new(Decompressor::new(p.compression)?),
+        hints,
     })
 }
 
 fn build_shard(p: &Parts, idx: usize) -> Result<Shard, IoError> {
     let n = p.image.n as u64;
-    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n)?)];
+    let meta = Rc::new(MetaMap::default());
+    let publisher = Publisher { img: p.image.clone(), meta: meta.clone() };
+    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n, Some(publisher))?)];
     for b in &p.backing {
         chain.push(match b {
-            BackingParts::Qcow2(q) => Layer::Qcow2(build_layer(q, BACKING_L2_CACHE_BYTES, 1)?),
+            BackingParts::Qcow2(q) => {
+                Layer::Qcow2(build_layer(q, BACKING_L2_CACHE_BYTES, 1, None)?)
+            }
             BackingParts::Raw(storage) => {
                 Layer::Raw { io: Aligned::new(storage.channel()?), size: storage.size() }
             }
         });
     }
     let rc = Refcounts::new(p.image.clone(), p.rc_bytes)?;
-    let shard = Shard::new(idx, chain, rc, p.read_only, p.header.lazy_refcounts());
+    let shard = Shard::new(idx, chain, rc, meta, p.read_only, p.header.lazy_refcounts());
     mark_metadata(&shard, p);
     Ok(shard)
 }

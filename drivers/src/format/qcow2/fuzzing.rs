@@ -84,6 +84,7 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
             l2_cache_bytes: Some(64 << 10),
             refcount_cache_bytes: Some(16 << 10),
             storage: None,
+            zero_hop: true,
         };
         let Ok(dev) = Qcow2Device::open(&path, opts, std::slice::from_ref(owner)) else { continue };
         let seed = mix(data);

@@ -26,6 +26,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use super::hints::{Lease, MapHints};
 use super::types::{Geometry, MAX_REFTABLE_BYTES};
 
 /// A table of 64-bit entries that several reactors read and one writes per entry.
@@ -55,6 +56,21 @@ impl AtomicTable {
         let mut t = vec![0u64; capacity.max(v.len())];
         t[..v.len()].copy_from_slice(v);
         AtomicTable::from_vec(t)
+    }
+
+    /// `n` zero entries, allocated zeroed (never resident until written).
+    pub(crate) fn zeroed(n: usize) -> AtomicTable {
+        AtomicTable::from_vec(vec![0u64; n])
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entry `i` itself, for callers with their own ordering protocol.
+    pub(crate) fn slot(&self, i: usize) -> &AtomicU64 {
+        &self.entries[i]
     }
 
     pub(crate) fn get(&self, i: usize) -> Option<u64> {
@@ -125,6 +141,15 @@ pub(crate) struct Image {
     pub dirty_bit_on_disk: AtomicBool,
     /// The header's incompatible features (written by the leader).
     pub incompatible: AtomicU64,
+    /// Mappings any reactor may use without asking the owner (see `hints`).
+    pub hints: MapHints,
+    /// Holds frees back while zero-hop I/O may still target the cluster.
+    pub lease: Lease,
+    /// Bumped whenever a cluster becomes metadata (writable hints of older
+    /// generations are not used).
+    pub meta_gen: AtomicU64,
+    /// Closed: channels' zero-hop path stops (requests then meet the closed shards).
+    pub closed: AtomicBool,
 }
 
 impl Image {
@@ -167,6 +192,13 @@ impl Image {
     }
 
     pub(crate) fn note_end(&self, end: u64) {
-        self.host_end.fetch_max(end, Ordering::AcqRel);
+        if end > self.host_end() {
+            self.host_end.fetch_max(end, Ordering::AcqRel);
+        }
+    }
+
+    /// The metadata generation, as hints keep it.
+    pub(crate) fn meta_generation(&self) -> u16 {
+        self.meta_gen.load(Ordering::Acquire) as u16
     }
 }

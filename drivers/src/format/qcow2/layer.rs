@@ -19,6 +19,7 @@ use crate::seg::{self, IoSeg, window};
 
 use super::cache::{GetError, MetaCache};
 use super::compress::Decompressor;
+use super::hints::Publisher;
 use super::image::AtomicTable;
 use super::types::*;
 
@@ -55,6 +56,8 @@ pub(crate) struct Qcow2Layer {
     /// log2 of L2 entries per cache slice.
     pub slice_bits: u32,
     pub decompressor: RefCell<Decompressor>,
+    /// The top layer publishes what it maps for the zero-hop path (see `hints`).
+    pub hints: Option<Publisher>,
 }
 
 /// One file of a backing chain.
@@ -183,6 +186,9 @@ impl Qcow2Layer {
             i += 1;
         }
         let len = len.min(max);
+        if let (Some(p), RunKind::Data { host, copied }) = (&self.hints, kind) {
+            p.data_run(guest_off, host, len, copied);
+        }
         // Zero runs keep the first cluster's preallocation only when one cluster long.
         let kind = match kind {
             RunKind::Zero { host, copied } if len > cs - in_cluster => {

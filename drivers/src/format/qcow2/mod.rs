@@ -24,10 +24,12 @@
 mod build;
 mod cache;
 mod compress;
+mod direct;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hash;
 pub mod header;
+pub(crate) mod hints;
 mod image;
 mod layer;
 pub(crate) mod open;
@@ -57,6 +59,7 @@ use crate::io::probe::Alignment;
 
 pub use open::OpenOptions;
 
+use self::direct::Direct;
 use self::header::Header;
 use self::image::Image;
 use self::route::{CallPtr, Inboxes, Route};
@@ -88,6 +91,8 @@ pub struct Qcow2Device {
     shards: Vec<ShardRef>,
     read_only: bool,
     chain_len: usize,
+    /// The top file, which channels open for the zero-hop path (`None`: always hop).
+    direct: Option<Arc<crate::io::Storage>>,
 }
 
 impl std::fmt::Debug for Qcow2Device {
@@ -156,6 +161,7 @@ impl Qcow2Device {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let read_only = opts.read_only;
         let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
+        let direct = opts.zero_hop.then(|| parts.top_storage());
         let mut shards = Vec::with_capacity(reactors.len());
         for (k, r) in reactors.iter().enumerate() {
             let p = parts.clone();
@@ -185,6 +191,7 @@ impl Qcow2Device {
             shards,
             read_only,
             chain_len,
+            direct,
         }))
     }
 
@@ -232,7 +239,8 @@ impl Qcow2Device {
                 _ => Route::Remote(s.tx.clone()),
             })
             .collect();
-        Ok(Qcow2Channel { routes, img: self.img.clone() })
+        let direct = self.direct.as_ref().and_then(|s| Direct::new(&self.img, s, !self.read_only));
+        Ok(Qcow2Channel { routes, img: self.img.clone(), direct })
     }
 
     /// Cache statistics summed over the shards: (L2 hits, L2 misses, refcount hits,
@@ -248,9 +256,15 @@ impl Qcow2Device {
         t
     }
 
+    /// Requests channels served without a hop to the owning shard (see `hints`).
+    pub fn zero_hop_ios(&self) -> u64 {
+        self.img.lease.served_total()
+    }
+
     /// Writes everything back on every shard, clears the dirty bit, and releases the
     /// shards. Control plane; no request may be in flight.
     pub fn close(&self) -> Result<(), IoError> {
+        self.img.closed.store(true, Ordering::Release);
         let r = self.close_shards();
         release(self.id, &self.shards);
         r
@@ -352,6 +366,7 @@ impl BlockDriver for Qcow2Driver {
             ("qcow2_refcount_cache_hits", rch),
             ("qcow2_refcount_cache_misses", rcm),
             ("qcow2_clusters_allocated", alloc),
+            ("qcow2_zero_hop_ios", self.dev.zero_hop_ios()),
         ]
     }
 }

@@ -73,6 +73,9 @@ pub struct OpenOptions {
     /// Serve this storage instead of opening the path (the simulated disk of the crash
     /// tests; the image may then have no backing file).
     pub storage: Option<Arc<Storage>>,
+    /// Let channels read and write allocated clusters without a hop to the owning
+    /// shard (see `hints`). Off only to measure what the hop costs.
+    pub zero_hop: bool,
 }
 
 /// A qcow2 file's validated metadata.

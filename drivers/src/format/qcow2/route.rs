@@ -40,6 +40,7 @@ use crate::driver::{BlockStatus, DriverChannel, IoFuture, ZeroFlags};
 use crate::error::IoError;
 use crate::seg::IoSeg;
 
+use super::direct::Direct;
 use super::image::Image;
 use super::shard::Shard;
 
@@ -474,6 +475,8 @@ pub(crate) async fn broadcast(
 pub struct Qcow2Channel {
     pub(crate) routes: Vec<Route>,
     pub(crate) img: Arc<Image>,
+    /// Reads and in-place writes with no hop, when the hints allow.
+    pub(crate) direct: Option<Direct>,
 }
 
 impl Qcow2Channel {
@@ -486,12 +489,23 @@ impl Qcow2Channel {
         if crate::seg::total_len(segs) == 0 {
             return Ok(());
         }
+        if let Some(d) = &self.direct
+            && let Some(r) = d.read(off, segs).await
+        {
+            return r;
+        }
         self.call(Op::Read, off, segs).await.0
     }
 
     pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
         if crate::seg::total_len(segs) == 0 {
             return if fua { self.flush().await } else { Ok(()) };
+        }
+        if !fua
+            && let Some(d) = &self.direct
+            && let Some(r) = d.write(off, segs).await
+        {
+            return r;
         }
         self.call(Op::Write { fua }, off, segs).await.0
     }

@@ -217,6 +217,7 @@ impl Shard {
             .map_err(|_| IoError::TooLarge)?;
         buf.as_mut_slice().fill(0);
         set_refcount(buf.as_mut_slice(), 0, g.refcount_order, 1);
+        self.new_metadata();
         top.io.write(host, &[IoSeg::from_dma(&mut buf)], false).await?;
         // Rule 4: written and synced before it is hooked into the table.
         top.io.flush().await?;

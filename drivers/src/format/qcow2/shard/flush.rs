@@ -161,10 +161,24 @@ impl Shard {
     }
 
     /// Applies queued frees whose L2 change is durable (queued at or before `cutoff`)
-    /// and whose clusters no in-place write still targets.
+    /// and whose clusters no in-place write still targets, waiting a little for
+    /// zero-hop I/O that may still use them (see `hints`); a free still held back
+    /// stays queued for a later round.
     pub(super) async fn apply_frees(&self, cutoff: u64) -> Result<(), IoError> {
+        for _ in 0..GRACE_YIELDS {
+            if !self.apply_some_frees(cutoff).await? {
+                return Ok(());
+            }
+            poller::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// One pass of `apply_frees`: whether a free was held back by the lease only.
+    async fn apply_some_frees(&self, cutoff: u64) -> Result<bool, IoError> {
         let g = self.g();
         let cs = g.cluster_size();
+        let mut held = false;
         let mut i = 0;
         loop {
             let next = {
@@ -173,6 +187,11 @@ impl Shard {
             };
             let Some(p) = next else { break };
             if p.generation > cutoff || self.inflight.overlaps(p.cluster * cs, cs) {
+                i += 1;
+                continue;
+            }
+            if !self.img.lease.elapsed(p.lease) {
+                held = true;
                 i += 1;
                 continue;
             }
@@ -186,7 +205,7 @@ impl Shard {
                 self.peer_call(owner, Class::Control, op, p.cluster, &[]).await.0?;
             }
         }
-        Ok(())
+        Ok(held)
     }
 
     /// Drops the refcount of `cluster` (of this shard's groups) by one.

@@ -59,6 +59,7 @@ impl Shard {
         }
         let cs = g.cluster_size() as usize;
         let (new, _) = self.alloc(1).await?;
+        self.new_metadata();
         let mut buf = poller::dma::alloc_wait(cs).await.map_err(|_| IoError::TooLarge)?;
         if old == 0 {
             buf.as_mut_slice().fill(0);
@@ -157,6 +158,7 @@ impl Shard {
             return Err(IoError::NoSpace);
         }
         self.ensure_file_len(area_end << g.cluster_bits).await?;
+        self.new_metadata();
         // Area clusters covered by existing blocks (the leader's, see above): counted
         // through the cache, and written with the other dirty refcounts below.
         for c in start..area_end {

@@ -55,6 +55,7 @@ mod serve;
 
 use std::cell::{Cell, RefCell};
 use std::pin::Pin as StdPin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -78,6 +79,8 @@ const FLUSH_BATCH: usize = 1024;
 const WRITE_FANOUT: usize = 16;
 /// Flush rounds a clean shutdown runs at most (two suffice: see `Shard::close`).
 pub(crate) const CLOSE_ROUNDS: usize = 4;
+/// Times a flush round yields to let zero-hop I/O on clusters it frees finish.
+const GRACE_YIELDS: usize = 64;
 /// Pending frees that force a flush.
 const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
@@ -101,6 +104,8 @@ struct PendingFree {
     cluster: u64,
     /// `Shard::snap_gen` when queued.
     generation: u64,
+    /// The lease epoch after the cluster's hint was cleared (see `hints`).
+    lease: u64,
     /// Punch a hole in the file once free (guest discards).
     punch: bool,
 }
@@ -258,7 +263,7 @@ pub(crate) struct Shard {
     snaps: RefCell<Vec<Snapshot>>,
     allocations: Cell<u64>,
     /// Host clusters holding metadata (see `overlap`).
-    pub meta: MetaMap,
+    pub meta: Rc<MetaMap>,
 }
 
 impl Shard {
@@ -266,6 +271,7 @@ impl Shard {
         idx: usize,
         chain: Vec<Layer>,
         rc: Refcounts,
+        meta: Rc<MetaMap>,
         read_only: bool,
         lazy: bool,
     ) -> Shard {
@@ -306,7 +312,7 @@ impl Shard {
             scratch: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             snaps: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             allocations: Cell::new(0),
-            meta: MetaMap::default(),
+            meta,
         }
     }
 
@@ -388,6 +394,12 @@ impl Shard {
     /// Whether this shard allocates in host cluster `c`'s group.
     fn owns_cluster(&self, c: u64) -> bool {
         self.img.group_owner(c) == self.idx
+    }
+
+    /// A cluster is about to become metadata: writable hints published before are no
+    /// longer used (see `hints`).
+    fn new_metadata(&self) {
+        self.img.meta_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     fn dirty_bit_on_disk(&self) -> bool {

@@ -177,8 +177,13 @@ impl Shard {
             let old = L2Entry::decode(pin.get_u64(idx), &g).map_err(|e| {
                 self.fail(format_args!("L2 entry of cluster {c} invalid while linking: {e:?}"))
             })?;
-            let new = L2Entry::Normal { host: host + ((i as u64) << g.cluster_bits), copied: true };
+            let h = host + ((i as u64) << g.cluster_bits);
+            let new = L2Entry::Normal { host: h, copied: true };
             pin.set_u64(idx, new.encode());
+            // With the entry (no await between): any reactor may now write it in place.
+            if let Some(p) = &top.hints {
+                p.data_run(c << g.cluster_bits, h, 1, true);
+            }
             self.release_entry(old, false);
         }
         Ok(())
@@ -210,9 +215,11 @@ impl Shard {
             ));
             return;
         }
+        let lease = self.img.lease.tag();
         self.pending.borrow_mut().push(PendingFree {
             cluster,
             generation: self.snap_gen.get(),
+            lease,
             punch,
         });
     }

@@ -192,6 +192,9 @@ impl Shard {
                 continue;
             }
             pin.set_u64(idx, new.encode());
+            // With the entry (no await between): the old mapping is no longer used by
+            // new zero-hop I/O; I/O already in flight holds the free back (`hints`).
+            self.img.hints.clear(c);
             let keeps = |h: u64| matches!(new, L2Entry::Zero { host: Some(x), .. } | L2Entry::Normal { host: x, .. } if x == h);
             match old {
                 L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. }
