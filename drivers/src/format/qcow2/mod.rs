@@ -18,8 +18,10 @@
 //!
 //! An open image is one shared description ([`Qcow2Device`] and `image::Image`) plus
 //! one shard per serving reactor, each owning an interleaved part of the guest space
-//! (by L2 table) and of the host space (by refcount block). A request runs on the
-//! shard owning it; one arriving on another reactor costs one hop there and back.
+//! (by L2 table) and of the host space (by refcount block). Reads and in-place writes
+//! of allocated clusters go straight to storage from any reactor through the owners'
+//! published mapping hints (`hints`, `direct`); everything else runs on the shard
+//! owning it, one hop there and back from another reactor.
 
 mod build;
 mod cache;
