@@ -33,6 +33,9 @@ pub(crate) struct FdTable {
 struct Source {
     generation: u32,
     in_use: bool,
+    /// False once a read found the socket drained (a short read or `EAGAIN`); set again
+    /// by the next readable edge. While false, reads wait without a syscall.
+    read_ready: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
 }
@@ -84,6 +87,7 @@ impl FdTable {
             let mut sources = self.sources.borrow_mut();
             let s = &mut sources[index as usize];
             s.in_use = true;
+            s.read_ready = true;
             u64::from(s.generation) << 32 | u64::from(index)
         };
         let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
@@ -129,6 +133,29 @@ impl FdTable {
         }
     }
 
+    fn read_ready(&self, token: u64) -> bool {
+        let sources = self.sources.borrow();
+        match sources.get((token & 0xffff_ffff) as usize) {
+            Some(s) if s.generation == (token >> 32) as u32 => s.read_ready,
+            _ => true,
+        }
+    }
+
+    /// Marks the source drained; with `waker`, also waits for its next readable edge.
+    fn clear_read(&self, token: u64, waker: Option<&Waker>) {
+        {
+            let mut sources = self.sources.borrow_mut();
+            if let Some(s) = sources.get_mut((token & 0xffff_ffff) as usize)
+                && s.generation == (token >> 32) as u32
+            {
+                s.read_ready = false;
+            }
+        }
+        if let Some(w) = waker {
+            self.set_waker(token, false, w);
+        }
+    }
+
     pub(crate) fn has_sources(&self) -> bool {
         self.live.get() > 0
     }
@@ -167,6 +194,9 @@ impl FdTable {
                             != 0;
                         let writable =
                             flags & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+                        if readable {
+                            s.read_ready = true;
+                        }
                         (
                             if readable { s.read_waker.take() } else { None },
                             if writable { s.write_waker.take() } else { None },
@@ -231,8 +261,35 @@ impl<T: AsRawFd> Async<T> {
     }
 
     /// Reads what is available (at least one byte, or 0 at end of stream).
+    ///
+    /// A read that returns less than `buf` drained the socket (a stream socket's `read`
+    /// takes all that is queued, up to the length), so the next read waits for the next
+    /// readable edge instead of paying a syscall for `EAGAIN`. Edge-triggered epoll
+    /// reports data queued after that read at the next `epoll_wait`, which runs on this
+    /// thread after the waker is set, so nothing is missed; data queued during the read
+    /// costs at most one spurious wake.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_io(cx, false, |fd| read_fd(fd, buf))).await
+        std::future::poll_fn(|cx| {
+            if !with_core(|c| c.fds.read_ready(self.token)) {
+                with_core(|c| c.fds.set_waker(self.token, false, cx.waker()));
+                return Poll::Pending;
+            }
+            loop {
+                match read_fd(self.fd(), buf) {
+                    Ok(n) if n > 0 && n < buf.len() => {
+                        with_core(|c| c.fds.clear_read(self.token, None));
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        with_core(|c| c.fds.clear_read(self.token, Some(cx.waker())));
+                        return Poll::Pending;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => return Poll::Ready(other),
+                }
+            }
+        })
+        .await
     }
 
     /// Fills `buf` completely; `UnexpectedEof` if the peer closes first.
