@@ -4,7 +4,7 @@
 #
 #   bash bench/profile/run.sh [OUT_DIR]
 #
-# Environment: TARGETS="null raw qcow2" SERVERS="appliance qsd" JOBS="randread randwrite"
+# Environment: TARGETS="null raw qcow2" SERVERS="appliance qsd device" JOBS="randread randwrite"
 # QD=32 SECS=6 IDLE=adaptive|busy SIZE=2G WORK=/var/tmp PERF=1 APPLIANCE=target/release/appliance
 # Server on CPU 0, fio (nbd engine) on CPU 1. Images: raw filled with data, qcow2 converted
 # from it (every cluster allocated), both dropped from the page cache.
@@ -62,6 +62,19 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
 printf '| server | disk | job | IOPS | server CPU (cores) | CPU µs/IO | syscalls/IO | top symbols |\n|---|---|---|---:|---:|---:|---:|---|\n' > "$OUT/table.md"
 for t in $TARGETS; do for j in $JOBS; do for s in $SERVERS; do
+  if [ "$s" = device ]; then
+    # The device limit: fio with io_uring straight on the raw file, on the server core.
+    [ "$t" = raw ] || continue
+    taskset -c 0 fio --name=p --ioengine=io_uring --direct=1 --filename="$WORK/img.raw" --rw="$j" \
+      --bs=4k --iodepth="$QD" --runtime="$SECS" --ramp_time=1 --time_based --output-format=json \
+      > "$OUT/device-raw-$j.fio.json" 2>/dev/null
+    python3 - "$OUT/device-raw-$j.fio.json" "$j" >> "$OUT/table.md" <<'PY'
+import json, sys
+x = json.load(open(sys.argv[1]))['jobs'][0]
+print(f"| device | raw file | {sys.argv[2]} | {(x['read']['iops'] + x['write']['iops'])/1000:.1f}k | – | – | – | fio io_uring, no server |")
+PY
+    tail -1 "$OUT/table.md"; continue
+  fi
   start "$s" "$t"
   name="$s-$t-$j"
   taskset -c 1 fio --name=p --ioengine=nbd --uri="nbd+unix:///d?socket=$SOCK" --rw="$j" --bs=4k \

@@ -1,8 +1,9 @@
 //! The steady-state data path allocates nothing: a counting global allocator watches the
 //! reactor threads while a client drives a burst of pipelined NBD reads and writes
 //! through an in-process appliance, over a RAM disk and over a file with each engine,
-//! on one reactor and on two; and over a qcow2 image split over two shards, where half
-//! the requests are forwarded to the other reactor's shard and back.
+//! on one reactor and on two; and over a qcow2 image on one shard and split over two,
+//! where half the requests are forwarded to the other reactor's shard and back. Every
+//! eighth write is FUA and every burst ends with a flush.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -10,6 +11,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use appliance_tests::nbd_client::{CMD_FLUSH, CMD_READ, CMD_WRITE, Client};
+
+/// NBD_CMD_FLAG_FUA.
+const FLAG_FUA: u16 = 1;
 use appliance_tests::pattern;
 
 struct Counting;
@@ -45,7 +49,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// A burst of 4000 pipelined requests at queue depth 32: writes, reads and a flush.
+/// A burst of 4000 pipelined requests at queue depth 32: writes (one in eight FUA),
+/// reads and a flush.
 fn burst(c: &mut Client, seed: u64) {
     let data = pattern(seed, 4096);
     for round in 0..125u64 {
@@ -53,7 +58,8 @@ fn burst(c: &mut Client, seed: u64) {
             let cookie = round * 32 + i + 1;
             let off = ((round * 32 + i) % 2048) * 4096;
             if cookie % 2 == 1 {
-                c.request(CMD_WRITE, 0, cookie, off, 4096, &data).unwrap();
+                let flags = if cookie % 16 == 1 { FLAG_FUA } else { 0 };
+                c.request(CMD_WRITE, flags, cookie, off, 4096, &data).unwrap();
             } else {
                 c.request(CMD_READ, 0, cookie, off, 4096, &[]).unwrap();
             }
@@ -124,21 +130,23 @@ fn steady_state_data_path_does_not_allocate() {
             );
         }
     }
-    qcow2_on_two_shards();
+    qcow2_on_one_and_two_shards();
 }
 
 /// Part of the one test above: the counter is global, so checks must not run at once.
-fn qcow2_on_two_shards() {
+fn qcow2_on_one_and_two_shards() {
     appliance_tests::require_tool("qemu-img", "qemu-utils");
     // 4 KiB clusters: the burst's 8 MiB span four L2 tables, two per shard. The first
     // burst of each connection allocates; the measured one writes in place.
     let toml = "[[disk]]\nname = \"d\"\npath = \"{dir}/d.qcow2\"\nformat = \"qcow2\"\n";
-    check(toml, "[0, 1]", |dir| {
-        appliance_tests::run(
-            std::process::Command::new("qemu-img")
-                .args(["create", "-f", "qcow2", "-o", "cluster_size=4096"])
-                .arg(dir.join("d.qcow2"))
-                .arg("16M"),
-        );
-    });
+    for cores in ["[0]", "[0, 1]"] {
+        check(toml, cores, |dir| {
+            appliance_tests::run(
+                std::process::Command::new("qemu-img")
+                    .args(["create", "-f", "qcow2", "-o", "cluster_size=4096"])
+                    .arg(dir.join("d.qcow2"))
+                    .arg("16M"),
+            );
+        });
+    }
 }
