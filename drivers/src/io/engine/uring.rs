@@ -194,9 +194,12 @@ impl Uring {
         }
     }
 
+    /// Work the reactor must not sleep through: queued submissions, completions waiting,
+    /// and any operation in flight (see the engines' module doc).
     fn has_pending(&self) -> bool {
         let mut ring = self.ring.borrow_mut();
         self.queued.get() > 0
+            || self.slots.in_flight() > 0
             || !ring.completion().is_empty()
             || (self.coop && ring.submission().taskrun())
     }
