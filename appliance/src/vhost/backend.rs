@@ -52,6 +52,23 @@ struct Memory {
     va: Vec<(u64, u64, u64)>,
 }
 
+/// Memory regions a front-end may add one at a time (`VHOST_USER_ADD_MEM_REG`; QEMU's
+/// limit).
+const MAX_MEM_SLOTS: u64 = 509;
+
+/// Maps one front-end memory region, refusing empty and absurd sizes.
+fn map_region(r: &VhostUserMemoryRegion, f: File) -> VuResult<GuestRegionMmap> {
+    if r.memory_size == 0 || r.memory_size > 1 << 40 {
+        return Err(VuError::InvalidParam);
+    }
+    GuestRegionMmap::from_range(
+        GuestAddress(r.guest_phys_addr),
+        r.memory_size as usize,
+        Some(FileOffset::new(f, r.mmap_offset)),
+    )
+    .map_err(|_| VuError::InvalidParam)
+}
+
 impl Memory {
     fn va_to_gpa(&self, va: u64) -> Option<u64> {
         self.va
@@ -129,6 +146,21 @@ impl VuBlk {
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
         self.vrings.get_mut(index as usize).ok_or(VuError::InvalidParam)
+    }
+
+    /// Swaps the memory map: running queues stop (their workers hold the old map), and
+    /// start again on the new one.
+    fn replace_memory(&mut self, memory: Option<Memory>) -> VuResult<()> {
+        let running: Vec<u16> =
+            (0..self.queues).filter(|&i| self.vrings[usize::from(i)].running).collect();
+        for &i in &running {
+            self.stop(i);
+        }
+        self.memory = memory;
+        for i in running {
+            self.maybe_start(i)?;
+        }
+        Ok(())
     }
 
     /// Starts `index` if it has everything it needs.
@@ -264,31 +296,14 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
         if ctx.len() != files.len() || ctx.is_empty() {
             return Err(VuError::InvalidParam);
         }
-        let running: Vec<u16> =
-            (0..self.queues).filter(|&i| self.vrings[usize::from(i)].running).collect();
-        for &i in &running {
-            self.stop(i);
-        }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut va = Vec::with_capacity(ctx.len());
         for (r, f) in ctx.iter().zip(files) {
-            if r.memory_size == 0 || r.memory_size > 1 << 40 {
-                return Err(VuError::InvalidParam);
-            }
-            let region = GuestRegionMmap::from_range(
-                GuestAddress(r.guest_phys_addr),
-                r.memory_size as usize,
-                Some(FileOffset::new(f, r.mmap_offset)),
-            )
-            .map_err(|_| VuError::InvalidParam)?;
-            regions.push(region);
+            regions.push(map_region(r, f)?);
             va.push((r.user_addr, r.memory_size, r.guest_phys_addr));
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| VuError::InvalidParam)?;
-        self.memory = Some(Memory { mem: Arc::new(mem), va });
-        for i in running {
-            self.maybe_start(i)?;
-        }
+        self.replace_memory(Some(Memory { mem: Arc::new(mem), va }))?;
         Ok(None)
     }
 
@@ -387,7 +402,8 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -500,20 +516,40 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        Ok(509)
+        Ok(MAX_MEM_SLOTS)
     }
 
     fn add_mem_region(
         &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        Err(err("memory slots are not supported"))
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        let mapped = Arc::new(map_region(region, fd)?);
+        let (mem, mut va) = match &self.memory {
+            Some(m) if m.va.len() >= MAX_MEM_SLOTS as usize => {
+                return Err(err("every memory slot is in use"));
+            }
+            Some(m) => (m.mem.insert_region(mapped), m.va.clone()),
+            None => (GuestMemoryMmap::from_arc_regions(vec![mapped]), Vec::new()),
+        };
+        // Overlapping regions are refused here (vm-memory checks the new map).
+        let mem = mem.map_err(|_| VuError::InvalidParam)?;
+        va.push((region.user_addr, size, gpa));
+        self.replace_memory(Some(Memory { mem: Arc::new(mem), va }))?;
+        Ok(None)
     }
 
-    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        Err(err("memory slots are not supported"))
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        let Some(m) = &self.memory else { return Err(VuError::InvalidParam) };
+        let (mem, _) =
+            m.mem.remove_region(GuestAddress(gpa), size).map_err(|_| VuError::InvalidParam)?;
+        let mut va = m.va.clone();
+        va.retain(|&(_, s, g)| (g, s) != (gpa, size));
+        let next = (!va.is_empty()).then(|| Memory { mem: Arc::new(mem), va });
+        self.replace_memory(next)
     }
 
     fn set_device_state_fd(
