@@ -302,6 +302,22 @@ fn malformed_messages_are_refused_and_the_socket_still_serves() {
         "capacity in sectors"
     );
     assert!(f.fe.set_features(1 << 63).is_err(), "features never offered");
+    // A memory table whose region reaches past the end of its file: mapping it would
+    // turn the first touch of the missing pages into a SIGBUS for the whole appliance.
+    // SAFETY: memfd_create with a valid name.
+    let fd = unsafe { libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let short = unsafe { File::from_raw_fd(fd) };
+    short.set_len(64 << 10).unwrap();
+    let past_eof = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: f.base as u64,
+        mmap_offset: 0,
+        mmap_handle: short.as_raw_fd(),
+    };
+    assert!(f.fe.set_mem_table(&[past_eof]).is_err(), "a region past the end of its file");
     // The session goes on after refusals.
     assert_eq!(f.simple(0, 0, 512, false), (513, 0));
     drop(f);

@@ -56,10 +56,18 @@ struct Memory {
 /// limit).
 const MAX_MEM_SLOTS: u64 = 509;
 
-/// Maps one front-end memory region, refusing empty and absurd sizes.
+/// Maps one front-end memory region, refusing empty and absurd sizes and a region that
+/// reaches past the end of its file: touching such a mapping is a SIGBUS, which would
+/// end the whole appliance (every disk), not just this front-end's connection. (A
+/// front-end that shrinks its file after this check can still do that; QEMU does not.)
 fn map_region(r: &VhostUserMemoryRegion, f: File) -> VuResult<GuestRegionMmap> {
     if r.memory_size == 0 || r.memory_size > 1 << 40 {
         return Err(VuError::InvalidParam);
+    }
+    let meta = f.metadata().map_err(|_| VuError::InvalidParam)?;
+    let end = r.mmap_offset.checked_add(r.memory_size).ok_or(VuError::InvalidParam)?;
+    if !meta.is_file() || meta.len() < end {
+        return Err(err("memory region past the end of its file"));
     }
     GuestRegionMmap::from_range(
         GuestAddress(r.guest_phys_addr),
