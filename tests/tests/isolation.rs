@@ -55,26 +55,34 @@ fn nbd_write_read(a: &Appliance, export: &str, byte: u8) {
 
 /// Holds an image's QEMU write lock for a minute (qemu-io sleeping with it open). The
 /// caller kills and waits for the returned child.
+///
+/// The probe (`qemu-img info`) takes a shared lock for a moment, so a qemu-io starting
+/// at that moment fails to get its write lock and exits: it is then started again.
 #[allow(clippy::zombie_processes)]
 fn hold_lock(path: &Path) -> Child {
-    let mut child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 60000"])
-        .arg(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let spawn = || {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 60000"])
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
     // Generous: on a loaded CI machine qemu-io can take seconds to start.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let probe = Command::new("qemu-img").arg("info").arg(path).output().unwrap();
-        if !probe.status.success() {
-            return child;
-        }
         if let Some(st) = child.try_wait().unwrap() {
             let mut err = String::new();
             let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-            panic!("qemu-io exited ({st}) before taking the lock: {err}");
+            assert!(err.contains("lock"), "qemu-io exited ({st}) before taking the lock: {err}");
+            child = spawn();
+        } else {
+            let probe = Command::new("qemu-img").arg("info").arg(path).output().unwrap();
+            if !probe.status.success() && child.try_wait().unwrap().is_none() {
+                return child;
+            }
         }
         if Instant::now() > deadline {
             let _ = child.kill();
