@@ -36,6 +36,9 @@ struct Source {
     /// False once a read found the socket drained (a short read or `EAGAIN`); set again
     /// by the next readable edge. While false, reads wait without a syscall.
     read_ready: bool,
+    /// The peer closed or the socket failed (an `EPOLLRDHUP`/`HUP`/`ERR` edge): sticky,
+    /// since no further edge will come and every read returns at once from now on.
+    read_closed: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
 }
@@ -88,6 +91,7 @@ impl FdTable {
             let s = &mut sources[index as usize];
             s.in_use = true;
             s.read_ready = true;
+            s.read_closed = false;
             u64::from(s.generation) << 32 | u64::from(index)
         };
         let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
@@ -136,7 +140,7 @@ impl FdTable {
     fn read_ready(&self, token: u64) -> bool {
         let sources = self.sources.borrow();
         match sources.get((token & 0xffff_ffff) as usize) {
-            Some(s) if s.generation == (token >> 32) as u32 => s.read_ready,
+            Some(s) if s.generation == (token >> 32) as u32 => s.read_ready || s.read_closed,
             _ => true,
         }
     }
@@ -196,6 +200,10 @@ impl FdTable {
                             flags & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
                         if readable {
                             s.read_ready = true;
+                        }
+                        let closed = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                        if flags & closed != 0 {
+                            s.read_closed = true;
                         }
                         (
                             if readable { s.read_waker.take() } else { None },

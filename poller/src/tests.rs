@@ -202,3 +202,27 @@ fn dma_buffers_are_aligned_and_waiters_get_freed_buffers() {
     });
     r.stop();
 }
+
+/// A short read marks a socket drained; but when the peer's close was already reported
+/// (data and FIN in one edge), no further edge will come, so the next read must still
+/// see end of stream instead of waiting forever.
+#[test]
+fn a_short_read_after_the_peer_closed_still_sees_end_of_stream() {
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    let r = start(1, IdlePolicy::Busy);
+    let (mut peer, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+    let got = r.handles()[0].block_on(move || async move {
+        let sock = Async::new(OwnedFd::from(ours)).unwrap();
+        peer.write_all(b"abc").unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        // Let the reactor collect the data-and-close edge before the first read.
+        sleep(Duration::from_millis(20)).await;
+        let mut buf = [0u8; 64];
+        let first = sock.read(&mut buf).await.unwrap();
+        let second = timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+        (first, second.map(|r| r.unwrap()).ok())
+    });
+    assert_eq!(got, (3, Some(0)), "3 bytes, then end of stream (None: the read hung)");
+    r.stop();
+}
