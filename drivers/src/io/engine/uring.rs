@@ -194,14 +194,11 @@ impl Uring {
         }
     }
 
-    /// Work the reactor must not sleep through: queued submissions, completions waiting,
-    /// and any operation in flight (see the engines' module doc).
+    /// Work the reactor must not sleep through: queued submissions and any operation in
+    /// flight (see the engines' module doc). Completions waiting in the ring, or for the
+    /// kernel's task work, belong to operations still in flight until reaped.
     fn has_pending(&self) -> bool {
-        let mut ring = self.ring.borrow_mut();
-        self.queued.get() > 0
-            || self.slots.in_flight() > 0
-            || !ring.completion().is_empty()
-            || (self.coop && ring.submission().taskrun())
+        self.queued.get() > 0 || self.slots.in_flight() > 0
     }
 }
 
