@@ -119,8 +119,11 @@ pub fn nbd_session(data: &[u8]) -> usize {
     let done = Arc::new(AtomicBool::new(false));
     let (exports, done2) = (w.exports.clone(), done.clone());
     let timeouts = crate::nbd::conn::Timeouts { stall: Duration::from_secs(5), idle: None };
+    // Both socket paths: io_uring for inputs of even length, epoll for odd.
+    let socket_io =
+        if data.len().is_multiple_of(2) { config::SocketIo::Auto } else { config::SocketIo::Epoll };
     reactor(data.first().copied().unwrap_or(0) as usize).spawn(move || async move {
-        crate::nbd::serve(OwnedFd::from(server), exports, timeouts).await;
+        crate::nbd::serve(OwnedFd::from(server), exports, timeouts, socket_io).await;
         done2.store(true, Ordering::SeqCst);
     });
     client.set_nonblocking(true).expect("nonblocking");

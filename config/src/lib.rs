@@ -107,6 +107,29 @@ pub struct Nbd {
     /// A connection that makes no progress for this long while the server waits on
     /// the client (a partial request, replies it does not read) is closed.
     pub stall_timeout: Duration,
+    /// How connections move bytes once their handshake is done.
+    pub socket_io: SocketIo,
+}
+
+/// `nbd.socket_io`: the system calls behind a connection's receives and sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketIo {
+    /// io_uring where the kernel supports socket operations on it, else epoll.
+    Auto,
+    /// Receives and sends on the reactor's io_uring ring, batched with its disk I/O.
+    IoUring,
+    /// Readiness from epoll, then one `read` or `sendmsg` per operation.
+    Epoll,
+}
+
+impl SocketIo {
+    pub fn name(self) -> &'static str {
+        match self {
+            SocketIo::Auto => "auto",
+            SocketIo::IoUring => "io_uring",
+            SocketIo::Epoll => "epoll",
+        }
+    }
 }
 
 /// Default of `nbd.max_connections`.
@@ -542,7 +565,17 @@ impl Validator {
         let idle_timeout = seconds(raw.idle_timeout, "nbd.idle_timeout", 0.0)?;
         let stall_timeout =
             seconds(raw.stall_timeout, "nbd.stall_timeout", 0.1)?.unwrap_or(DEFAULT_STALL_TIMEOUT);
-        Ok(Nbd { listen, max_connections, idle_timeout, stall_timeout })
+        let socket_io = match raw.socket_io.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("auto") => SocketIo::Auto,
+            Some("io_uring") => SocketIo::IoUring,
+            Some("epoll") => SocketIo::Epoll,
+            Some(other) => {
+                let span = raw.socket_io.as_ref().map_or(0..0, |s| s.span());
+                let m = format!("`{other}`: use \"auto\", \"io_uring\" or \"epoll\"");
+                return Err(self.err(span, "nbd.socket_io", m));
+            }
+        };
+        Ok(Nbd { listen, max_connections, idle_timeout, stall_timeout, socket_io })
     }
 
     fn disk(&self, index: usize, raw: raw::RawDisk, earlier: &[Disk]) -> Result<Disk, ConfigError> {

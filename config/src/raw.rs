@@ -60,6 +60,7 @@ pub(crate) struct RawNbd {
     pub max_connections: Option<Spanned<u64>>,
     pub idle_timeout: Option<Spanned<f64>>,
     pub stall_timeout: Option<Spanned<f64>>,
+    pub socket_io: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

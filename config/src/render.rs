@@ -52,6 +52,7 @@ impl Config {
                 |d: Option<std::time::Duration>| Value::Float(d.map_or(0.0, |d| d.as_secs_f64()));
             t.insert("idle_timeout".into(), secs(n.idle_timeout));
             t.insert("stall_timeout".into(), secs(Some(n.stall_timeout)));
+            t.insert("socket_io".into(), Value::String(n.socket_io.name().into()));
             root.insert("nbd".into(), Value::Table(t));
         }
         if let Some(m) = &self.metrics {

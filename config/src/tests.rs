@@ -118,6 +118,18 @@ fn bad_enumerations() {
     let (key, _, _) =
         invalid("[[disk]]\nname = \"a\"\nformat = \"vmdk\"\ndriver = \"mem\"\nsize = 512\n");
     assert_eq!(key, "disk[0].format");
+    let (key, line, msg) =
+        invalid("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\nsocket_io = \"kqueue\"\n");
+    assert_eq!((key.as_str(), line), ("nbd.socket_io", 3));
+    assert!(msg.contains("kqueue") && msg.contains("io_uring"), "{msg}");
+    for (text, want) in [
+        ("", SocketIo::Auto),
+        ("socket_io = \"epoll\"\n", SocketIo::Epoll),
+        ("socket_io = \"io_uring\"\n", SocketIo::IoUring),
+    ] {
+        let c = parse(&format!("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\n{text}")).unwrap();
+        assert_eq!(c.nbd.unwrap().socket_io, want);
+    }
 }
 
 #[test]

@@ -167,3 +167,56 @@ fn idle_connections_time_out_when_configured() {
     busy.disconnect();
     assert!(a.stop().success());
 }
+
+/// Connections that say nothing hold a receive each on the reactor's io_uring; more of
+/// them than the ring has operation slots (1200 on one reactor, past the 1024 slots a
+/// disk's reads and writes use) must still leave the file disk on that ring its I/O.
+#[test]
+fn silent_connections_past_the_ring_slots_leave_the_disk_its_io() {
+    let disks =
+        "[[disk]]\nname = \"f\"\npath = \"f.raw\"\nformat = \"raw\"\ndriver = \"io_uring\"\n";
+    let setup = Setup {
+        disks: disks.to_string(),
+        nbd: "max_connections = 1300\nsocket_io = \"io_uring\"".to_string(),
+        ..Setup::default()
+    };
+    let mut a =
+        Appliance::start(setup, |dir| appliance_tests::sparse_file(&dir.join("f.raw"), 64 * MIB));
+    let mut silent: Vec<Client> = (0..1200)
+        .map(|i| {
+            Client::connect(&a.sock, "f", i % 2 == 0, false)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", a.logs()))
+        })
+        .collect();
+    // Each of these is served (the ones past the ring's socket slots through epoll).
+    for (i, c) in silent.iter_mut().rev().take(3).enumerate() {
+        assert_eq!(c.read(i as u64, 0, 4096).unwrap().error, 0);
+    }
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 4M",
+        "-c",
+        "read -P 0x5a 1M 4M",
+        &a.uri("f"),
+    ]));
+    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
+    let took = healthy_file(&a);
+    assert!(took < Duration::from_secs(10), "a healthy client took {took:?}");
+    drop(silent);
+    assert!(a.stop().success());
+}
+
+fn healthy_file(a: &Appliance) -> Duration {
+    let t = Instant::now();
+    let mut c = Client::connect(&a.sock, "f", true, false).expect("a healthy client connects");
+    let data = pattern(7, 64 << 10);
+    for i in 0..16 {
+        assert_eq!(c.write(i, 8 * MIB + i * (64 << 10), &data).unwrap().error, 0);
+        let r = c.read(100 + i, 8 * MIB + i * (64 << 10), data.len()).unwrap();
+        assert!(r.error == 0 && r.data == data, "healthy client's data");
+    }
+    c.disconnect();
+    t.elapsed()
+}

@@ -23,27 +23,24 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use drivers::{Admit, BdevChannel, IoSeg, ReqKind, ZeroFlags};
-use poller::{Async, DmaBuf, TaskPool, dma};
+use poller::{DmaBuf, TaskPool, dma};
 
 use super::budget::{Budget, MAX_IN_FLIGHT, Ticket};
 use super::handshake::Negotiated;
 use super::proto::{self, ReplyMode, Request};
 use super::reader;
 use super::reply::Reply;
+use super::sock::{Gather, Sock};
 
 /// Extents per block-status reply.
 const MAX_EXTENTS: usize = 128;
 /// The buffer a block-status reply needs (context id, count, descriptors).
 pub const BLOCK_STATUS_BYTES: usize = 8 + MAX_EXTENTS * 16;
-/// iovecs per sendmsg.
-const IOV_BATCH: usize = 64;
 
 /// How long the server waits on a client before giving up on the connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,7 +53,7 @@ pub struct Timeouts {
 
 /// A connection in the transmission phase.
 pub struct Conn {
-    pub(super) sock: Async<OwnedFd>,
+    pub(super) sock: Sock,
     ch: Rc<BdevChannel>,
     pub(super) mode: ReplyMode,
     base_allocation: bool,
@@ -80,11 +77,13 @@ pub struct Conn {
     /// No more replies will be queued; the writer exits when the queue is empty.
     closing: Cell<bool>,
     writer_done: Cell<bool>,
+    /// The writer has a send in flight (which references the front replies).
+    sending: Cell<bool>,
     stats: Option<Rc<crate::metrics::LocalStats>>,
 }
 
 impl Conn {
-    pub fn new(sock: Async<OwnedFd>, ch: Rc<BdevChannel>, n: &Negotiated) -> Self {
+    pub fn new(sock: Sock, ch: Rc<BdevChannel>, n: &Negotiated) -> Self {
         Conn {
             sock,
             ch,
@@ -103,6 +102,7 @@ impl Conn {
             reading: Cell::new(true),
             closing: Cell::new(false),
             writer_done: Cell::new(false),
+            sending: Cell::new(false),
             stats: crate::metrics::local_stats(n.bdev.name(), "nbd"),
         }
     }
@@ -116,7 +116,7 @@ impl Conn {
     pub fn stop_reading(&self) {
         if self.reading.replace(false) {
             // SAFETY: shutdown on our own socket; it makes the reader's recv return 0.
-            unsafe { libc::shutdown(self.sock.get_ref().as_raw_fd(), libc::SHUT_RD) };
+            unsafe { libc::shutdown(self.sock.fd(), libc::SHUT_RD) };
         }
     }
 
@@ -125,8 +125,12 @@ impl Conn {
         self.dead.set(true);
         self.reading.set(false);
         // SAFETY: shutdown on our own socket wakes its reader and writer.
-        unsafe { libc::shutdown(self.sock.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
-        self.drop_replies();
+        unsafe { libc::shutdown(self.sock.fd(), libc::SHUT_RDWR) };
+        // A send in flight references its replies' buffers: the writer drops them
+        // once the shutdown has ended it.
+        if !self.sending.get() {
+            self.drop_replies();
+        }
         self.wake_writer();
     }
 
@@ -265,38 +269,12 @@ impl Conn {
 
     // --- sending --------------------------------------------------------------------
 
-    /// One sendmsg of as many queued replies as fit in the iovec batch.
-    fn send_some(&self, fd: RawFd) -> io::Result<()> {
-        let mut q = self.out.borrow_mut();
-        let n = {
-            let mut iov: [IoSlice<'_>; IOV_BATCH] = [IoSlice::new(&[]); IOV_BATCH];
-            let mut k = 0;
-            let mut skip = self.out_sent.get();
-            for r in q.iter() {
-                if k + 2 > IOV_BATCH {
-                    break;
-                }
-                let hdr = &r.hdr[..r.hdr_len as usize];
-                if skip < hdr.len() {
-                    iov[k] = IoSlice::new(&hdr[skip..]);
-                    k += 1;
-                    skip = 0;
-                } else {
-                    skip -= hdr.len();
-                }
-                if let Some(d) = &r.data {
-                    let d = d.as_slice();
-                    if skip < d.len() {
-                        iov[k] = IoSlice::new(&d[skip..]);
-                        k += 1;
-                    }
-                    skip = 0;
-                }
-            }
-            poller::fd::writev_fd(fd, &iov[..k])?
-        };
+    /// Accounts for `n` bytes sent: the replies they complete leave the queue (their
+    /// tickets with them, so the budgets have room again).
+    fn sent(&self, n: usize) {
         self.progress.set(self.progress.get() + 1);
         self.unsent.set(self.unsent.get() - n);
+        let mut q = self.out.borrow_mut();
         let mut left = n + self.out_sent.get();
         while let Some(front) = q.front() {
             let len = front.len();
@@ -304,11 +282,9 @@ impl Conn {
                 break;
             }
             left -= len;
-            // Its ticket goes with it: the budgets have room again.
             q.pop_front();
         }
         self.out_sent.set(left);
-        Ok(())
     }
 }
 
@@ -377,6 +353,7 @@ impl<'a> Extents<'a> {
 }
 
 async fn writer(c: Rc<Conn>) {
+    let mut g = Gather::new();
     loop {
         std::future::poll_fn(|cx| {
             if !c.out.borrow().is_empty() || c.closing.get() || c.dead.get() {
@@ -390,12 +367,20 @@ async fn writer(c: Rc<Conn>) {
         if c.dead.get() || (c.out.borrow().is_empty() && c.closing.get()) {
             break;
         }
-        let sent = std::future::poll_fn(|cx| c.sock.poll_io(cx, true, |fd| c.send_some(fd))).await;
-        if let Err(e) = sent {
-            tracing::debug!("NBD connection lost while replying: {e}");
-            c.dead.set(true);
-            c.stop_reading();
-            c.drop_replies();
+        g.fill(c.out.borrow().iter(), c.out_sent.get());
+        debug_assert!(!g.is_empty(), "a queued reply has bytes to send");
+        c.sending.set(true);
+        let sent = c.sock.send(g.slices()).await;
+        c.sending.set(false);
+        match sent {
+            _ if c.dead.get() => c.drop_replies(),
+            Ok(n) => c.sent(n),
+            Err(e) => {
+                tracing::debug!("NBD connection lost while replying: {e}");
+                c.dead.set(true);
+                c.stop_reading();
+                c.drop_replies();
+            }
         }
     }
     c.writer_done.set(true);

@@ -24,6 +24,7 @@ mod handshake;
 pub mod proto;
 mod reader;
 mod reply;
+mod sock;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -90,6 +91,7 @@ struct ServerShared {
     refusing: AtomicUsize,
     max_connections: usize,
     timeouts: conn::Timeouts,
+    socket_io: config::SocketIo,
 }
 
 /// Refused clients answered at once; more are closed without a word.
@@ -126,6 +128,7 @@ impl NbdServer {
             refusing: AtomicUsize::new(0),
             max_connections: config.max_connections as usize,
             timeouts: conn::Timeouts { stall: config.stall_timeout, idle: config.idle_timeout },
+            socket_io: config.socket_io,
         });
         let mut listeners = Vec::new();
         for addr in &config.listen {
@@ -273,7 +276,7 @@ fn accept_loop(fd: &OwnedFd, tcp: bool, live: &Arc<AtomicUsize>, shared: &Arc<Se
         shared.connections.fetch_add(1, Ordering::SeqCst);
         shared.reactors[i].spawn(move || async move {
             let exports = shared2.exports.clone();
-            serve(stream, exports, shared2.timeouts).await;
+            serve(stream, exports, shared2.timeouts, shared2.socket_io).await;
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
             live.fetch_sub(1, Ordering::SeqCst);
         });
@@ -329,7 +332,12 @@ pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> 
     })
 }
 
-pub(crate) async fn serve(stream: OwnedFd, exports: Arc<Exports>, timeouts: conn::Timeouts) {
+pub(crate) async fn serve(
+    stream: OwnedFd,
+    exports: Arc<Exports>,
+    timeouts: conn::Timeouts,
+    socket_io: config::SocketIo,
+) {
     let sock = match poller::Async::new(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -356,6 +364,13 @@ pub(crate) async fn serve(stream: OwnedFd, exports: Arc<Exports>, timeouts: conn
         Ok(ch) => ch,
         Err(e) => {
             tracing::error!(export = negotiated.bdev.name(), "cannot open device channel: {e}");
+            return;
+        }
+    };
+    let sock = match sock::Sock::new(sock, socket_io) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot set up an NBD connection's socket I/O: {e}");
             return;
         }
     };

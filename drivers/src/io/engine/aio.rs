@@ -256,7 +256,7 @@ impl Aio {
 }
 
 impl EngineBackend for Aio {
-    fn slots(&self) -> &Slots {
+    fn slots(&self, _op: &IoOp) -> &Slots {
         &self.slots
     }
 
@@ -295,8 +295,9 @@ impl EngineBackend for Aio {
                 cb.aio_lio_opcode = IOCB_CMD_FDSYNC;
                 cb.aio_fildes = fd as u32;
             }
-            IoOp::Fallocate { .. } => {
-                // Callers route fallocate through the offload workers.
+            IoOp::Fallocate { .. } | IoOp::Recv { .. } | IoOp::SendMsg { .. } => {
+                // Callers route fallocate through the offload workers and socket I/O
+                // through io_uring.
                 self.slots.complete(slot, -i64::from(libc::EOPNOTSUPP));
                 return true;
             }
@@ -309,7 +310,7 @@ impl EngineBackend for Aio {
         true
     }
 
-    fn wait_for(&self, slot: u32) {
+    fn wait_for(&self, _op: &IoOp, slot: u32) {
         loop {
             if self.slots.entries[slot as usize].result.get().is_some() {
                 return;

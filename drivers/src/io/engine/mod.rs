@@ -36,8 +36,13 @@ use std::task::{Context, Poll, Waker};
 
 use poller::WaitList;
 
-/// In-flight operations per engine per reactor.
+/// In-flight device operations per engine per reactor.
 pub const ENGINE_DEPTH: u32 = 1024;
+/// In-flight socket operations per io_uring per reactor: a receive and a send for each
+/// of [`net::MAX_SOCKETS`](super::net::MAX_SOCKETS) sockets. Their own table, so
+/// connections that never speak can hold every socket slot without taking one from
+/// the disks.
+pub const PEER_DEPTH: u32 = 2 * super::net::MAX_SOCKETS;
 
 /// One kernel I/O operation. Pointers must stay valid until the operation completes;
 /// [`OpFuture`] guarantees that by borrowing them for its lifetime.
@@ -79,6 +84,27 @@ pub(crate) enum IoOp {
         len: u64,
         mode: i32,
     },
+    /// A socket receive (io_uring only): completes when data, end of stream or an
+    /// error arrives, which may be never; see [`IoOp::waits_on_peer`].
+    Recv {
+        fd: RawFd,
+        ptr: *mut u8,
+        len: u32,
+    },
+    /// A socket `sendmsg` with `MSG_NOSIGNAL` (io_uring only).
+    SendMsg {
+        fd: RawFd,
+        msg: *const libc::msghdr,
+    },
+}
+
+impl IoOp {
+    /// An operation that waits on a network peer rather than on a device: it takes its
+    /// slot from the socket table, it does not keep an adaptive reactor awake, and a
+    /// future dropped while it is in flight cancels it instead of waiting for it.
+    pub(crate) fn waits_on_peer(&self) -> bool {
+        matches!(self, IoOp::Recv { .. } | IoOp::SendMsg { .. })
+    }
 }
 
 /// The per-reactor table of in-flight operations.
@@ -136,13 +162,15 @@ impl Slots {
 
 /// What an engine does for [`OpFuture`].
 pub(crate) trait EngineBackend {
-    fn slots(&self) -> &Slots;
+    /// The slot table `op` takes its slot from.
+    fn slots(&self, op: &IoOp) -> &Slots;
     /// Queues `op` tagged with `slot`; false when there is no submission space even
     /// after submitting what was queued.
     fn queue(&self, op: &IoOp, slot: u32) -> bool;
-    /// Submits queued operations and reaps completions until `slot` completes.
-    /// Only for the abnormal path (a future dropped mid-flight).
-    fn wait_for(&self, slot: u32);
+    /// Submits queued operations and reaps completions until `op` (in `slot`)
+    /// completes, cancelling it first if it waits on a peer. Only for the abnormal
+    /// path (a future dropped mid-flight).
+    fn wait_for(&self, op: &IoOp, slot: u32);
 }
 
 /// The engine of the current reactor for one kind of file.
@@ -190,7 +218,7 @@ impl Future for OpFuture<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
         let this = &mut *self;
         let backend = this.engine.backend();
-        let slots = backend.slots();
+        let slots = backend.slots(&this.op);
         match this.state {
             State::Init => {
                 let Some(slot) = slots.acquire() else {
@@ -233,10 +261,11 @@ impl Drop for OpFuture<'_> {
     fn drop(&mut self) {
         if let State::InFlight(slot) = self.state {
             let backend = self.engine.backend();
-            if backend.slots().entries[slot as usize].result.get().is_none() {
-                backend.wait_for(slot);
+            let slots = backend.slots(&self.op);
+            if slots.entries[slot as usize].result.get().is_none() {
+                backend.wait_for(&self.op, slot);
             }
-            backend.slots().release(slot);
+            slots.release(slot);
         }
     }
 }

@@ -13,10 +13,18 @@ use std::rc::Rc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{ENGINE_DEPTH, EngineBackend, IoOp, Slots};
+use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, Slots};
 
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
+/// The tag of cancellation requests, whose completions are ignored.
+const CANCEL_TAG: u64 = u64::MAX;
+/// Tag bit of operations whose slot is in the socket table.
+const PEER_TAG: u64 = 1 << 32;
+/// Completion queue entries: one for every operation that can be in flight, so the
+/// kernel never has to hold completions back in its overflow list.
+const CQ_DEPTH: u32 = ENGINE_DEPTH + PEER_DEPTH;
+const _: () = assert!(CQ_DEPTH.is_power_of_two() && CQ_DEPTH >= ENGINE_DEPTH);
 
 pub(crate) struct Uring {
     ring: RefCell<IoUring>,
@@ -24,9 +32,14 @@ pub(crate) struct Uring {
     /// reactor enters the kernel, which it does when the ring's `TASKRUN` flag says
     /// completions wait.
     coop: bool,
+    /// Device operations.
     slots: Slots,
+    /// Socket operations ([`IoOp::waits_on_peer`]); they do not keep the reactor awake.
+    peer_slots: Slots,
     queued: Cell<u32>,
     eventfd: OwnedFd,
+    /// The kernel supports socket receive and sendmsg on the ring.
+    sockets: bool,
 }
 
 thread_local! {
@@ -98,10 +111,14 @@ impl Uring {
         // flag instead, and `reap` enters the kernel once for every completion waiting.
         // A sleeping reactor is still woken (the wakeup does not need the kick). Kernels
         // before 5.19 refuse the flags; the ring is then set up without them.
-        let coop = IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(ENGINE_DEPTH);
+        let coop = IoUring::builder()
+            .setup_cqsize(CQ_DEPTH)
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(ENGINE_DEPTH);
         let (ring, coop) = match coop {
             Ok(ring) => (Ok(ring), true),
-            Err(_) => (IoUring::builder().build(ENGINE_DEPTH), false),
+            Err(_) => (IoUring::builder().setup_cqsize(CQ_DEPTH).build(ENGINE_DEPTH), false),
         };
         let ring = ring.map_err(|e| {
             io::Error::new(
@@ -118,13 +135,21 @@ impl Uring {
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         steer_workers(&ring);
+        let sockets = probe_sockets(&ring);
         Ok(Uring {
             ring: RefCell::new(ring),
             coop,
             slots: Slots::new(ENGINE_DEPTH),
+            peer_slots: Slots::new(PEER_DEPTH),
             queued: Cell::new(0),
             eventfd,
+            sockets,
         })
+    }
+
+    /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.
+    fn tag(op: &IoOp, slot: u32) -> u64 {
+        if op.waits_on_peer() { PEER_TAG | u64::from(slot) } else { u64::from(slot) }
     }
 
     fn entry(op: &IoOp, slot: u32) -> squeue::Entry {
@@ -149,8 +174,12 @@ impl Uring {
             IoOp::Fallocate { fd, off, len, mode } => {
                 opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build()
             }
+            IoOp::Recv { fd, ptr, len } => opcode::Recv::new(types::Fd(fd), ptr, len).build(),
+            IoOp::SendMsg { fd, msg } => {
+                opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build()
+            }
         };
-        e.user_data(u64::from(slot))
+        e.user_data(Self::tag(op, slot))
     }
 
     /// Reaps every available completion; returns how many.
@@ -167,7 +196,12 @@ impl Uring {
         cq.sync();
         let mut n = 0;
         for cqe in &mut cq {
-            self.slots.complete(cqe.user_data() as u32, i64::from(cqe.result()));
+            let tag = cqe.user_data();
+            if tag == CANCEL_TAG {
+                continue;
+            }
+            let slots = if tag & PEER_TAG != 0 { &self.peer_slots } else { &self.slots };
+            slots.complete(tag as u32, i64::from(cqe.result()));
             n += 1;
         }
         n
@@ -200,35 +234,65 @@ impl Uring {
     fn has_pending(&self) -> bool {
         self.queued.get() > 0 || self.slots.in_flight() > 0
     }
-}
 
-impl EngineBackend for Uring {
-    fn slots(&self) -> &Slots {
-        &self.slots
-    }
-
-    fn queue(&self, op: &IoOp, slot: u32) -> bool {
-        let entry = Self::entry(op, slot);
+    /// Pushes one entry, submitting what is queued first if the ring is full.
+    fn push(&self, entry: &squeue::Entry) -> bool {
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the entry's pointers stay valid until its completion is reaped: the
-        // OpFuture that owns `slot` borrows them and waits for the completion on drop.
-        let pushed = unsafe { ring.submission().push(&entry).is_ok() };
+        // OpFuture that owns its slot borrows them and, on drop, waits for (or cancels
+        // and then waits for) the completion. A cancellation carries no pointer.
+        let pushed = unsafe { ring.submission().push(entry).is_ok() };
         if !pushed {
             if ring.submit().is_ok() {
                 self.queued.set(0);
             }
             // SAFETY: as above.
-            if unsafe { ring.submission().push(&entry).is_err() } {
+            if unsafe { ring.submission().push(entry).is_err() } {
                 return false;
             }
         }
         self.queued.set(self.queued.get() + 1);
         true
     }
+}
 
-    fn wait_for(&self, slot: u32) {
+/// Whether the kernel takes `IORING_OP_RECV` and `IORING_OP_SENDMSG` (Linux 5.6).
+fn probe_sockets(ring: &IoUring) -> bool {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok()
+        && probe.is_supported(opcode::Recv::CODE)
+        && probe.is_supported(opcode::SendMsg::CODE)
+        && probe.is_supported(opcode::AsyncCancel::CODE)
+}
+
+/// Whether this reactor's ring can carry socket I/O (`nbd.socket_io = "auto"`).
+pub(crate) fn sockets_supported() -> bool {
+    current().is_ok_and(|u| u.sockets)
+}
+
+impl EngineBackend for Uring {
+    fn slots(&self, op: &IoOp) -> &Slots {
+        if op.waits_on_peer() { &self.peer_slots } else { &self.slots }
+    }
+
+    fn queue(&self, op: &IoOp, slot: u32) -> bool {
+        self.push(&Self::entry(op, slot))
+    }
+
+    fn wait_for(&self, op: &IoOp, slot: u32) {
+        let slots = self.slots(op);
+        if op.waits_on_peer() {
+            // A peer may never answer: cancel, then wait for the cancelled completion.
+            let cancel =
+                opcode::AsyncCancel::new(Self::tag(op, slot)).build().user_data(CANCEL_TAG);
+            while !self.push(&cancel) {
+                let _ = self.ring.borrow().submit_and_wait(1);
+                self.queued.set(0);
+                self.reap();
+            }
+        }
         loop {
-            if self.slots.entries[slot as usize].result.get().is_some() {
+            if slots.entries[slot as usize].result.get().is_some() {
                 return;
             }
             let _ = self.ring.borrow().submit_and_wait(1);

@@ -1,0 +1,162 @@
+//! A connection's socket in the transmission phase, and the gather list its writer
+//! sends from.
+//!
+//! Two ways to move bytes, chosen per connection when its handshake is done
+//! (`nbd.socket_io`):
+//! - `Uring`: receives and `sendmsg`s are entries on the reactor's io_uring ring, the
+//!   same ring as its disk I/O, so one `io_uring_enter` per tick submits both and a
+//!   socket with nothing to say costs no system call (`drivers::io::net`). The reader
+//!   and the writer each have at most one operation in flight, which is what a
+//!   [`UringSocket`] allows.
+//! - `Epoll`: the socket stays registered with the reactor's epoll set; a receive or a
+//!   send is tried at once and waits for readiness only on `EAGAIN`. Used when asked
+//!   for, when the kernel's io_uring lacks socket operations, and for connections past
+//!   the ring's socket slots on a reactor.
+//!
+//! The writer gathers queued replies into a [`Gather`]: header bytes are copied into a
+//! staging buffer the gather owns (consecutive headers share one iovec), payloads are
+//! referenced in their DMA buffers. So a send in flight on the ring never points into
+//! the reply queue, which other tasks keep pushing to; the replies whose payloads it
+//! references are not dropped until it completes (`Conn::sending`).
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use config::SocketIo;
+use drivers::io::net::UringSocket;
+use poller::Async;
+
+use super::reply::{HDR_CAP, Reply};
+
+/// iovecs per send.
+pub const IOV_BATCH: usize = 64;
+/// Staging bytes for headers per send.
+const STAGE: usize = 64 * HDR_CAP;
+
+pub enum Sock {
+    Epoll(Async<OwnedFd>),
+    Uring(UringSocket),
+}
+
+impl Sock {
+    /// The transmission-phase socket for `sock`, after its handshake.
+    pub fn new(sock: Async<OwnedFd>, io: SocketIo) -> io::Result<Sock> {
+        if io == SocketIo::Epoll {
+            return Ok(Sock::Epoll(sock));
+        }
+        match UringSocket::new(sock.into_inner()) {
+            Ok(s) => Ok(Sock::Uring(s)),
+            Err((fd, e)) => {
+                if io == SocketIo::IoUring {
+                    tracing::warn!(
+                        "nbd.socket_io = \"io_uring\", but this connection uses epoll: {e}"
+                    );
+                }
+                Ok(Sock::Epoll(Async::new(fd)?))
+            }
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Sock::Epoll(s) => s.get_ref().as_raw_fd(),
+            Sock::Uring(s) => s.fd(),
+        }
+    }
+
+    /// Receives what is available: at least one byte, or 0 at end of stream.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Epoll(s) => s.read(buf).await,
+            Sock::Uring(s) => s.recv(buf).await,
+        }
+    }
+
+    /// Sends some of `bufs`; returns how many bytes went out.
+    pub async fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Epoll(s) => {
+                std::future::poll_fn(|cx| s.poll_io(cx, true, |fd| poller::fd::writev_fd(fd, bufs)))
+                    .await
+            }
+            Sock::Uring(s) => s.send_vectored(bufs).await,
+        }
+    }
+}
+
+/// The iovecs of one send.
+pub struct Gather {
+    stage: Box<[u8]>,
+    used: usize,
+    iov: [libc::iovec; IOV_BATCH],
+    count: usize,
+}
+
+impl Gather {
+    pub fn new() -> Self {
+        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        Gather {
+            stage: vec![0u8; STAGE].into_boxed_slice(),
+            used: 0,
+            iov: [empty; IOV_BATCH],
+            count: 0,
+        }
+    }
+
+    /// Gathers the unsent bytes of `replies`, skipping the `skip` bytes of the front
+    /// ones already sent, until the iovecs or the staging buffer run out.
+    pub fn fill<'r>(&mut self, replies: impl Iterator<Item = &'r Reply>, mut skip: usize) {
+        self.used = 0;
+        self.count = 0;
+        for r in replies {
+            let hdr = &r.hdr[..r.hdr_len as usize];
+            if self.count + 2 > IOV_BATCH || self.used + hdr.len() > STAGE {
+                break;
+            }
+            if skip < hdr.len() {
+                self.stage_header(&hdr[skip..]);
+                skip = 0;
+            } else {
+                skip -= hdr.len();
+            }
+            if let Some(d) = &r.data {
+                let d = d.as_slice();
+                if skip < d.len() {
+                    let rest = &d[skip..];
+                    self.iov[self.count] =
+                        libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
+                    self.count += 1;
+                }
+                skip = 0;
+            }
+        }
+    }
+
+    /// Copies header bytes into the stage, extending the last iovec when it ends there.
+    fn stage_header(&mut self, bytes: &[u8]) {
+        let at = self.used;
+        self.stage[at..at + bytes.len()].copy_from_slice(bytes);
+        self.used += bytes.len();
+        let start = self.stage[at..].as_ptr() as *mut libc::c_void;
+        if let Some(last) = self.count.checked_sub(1).map(|i| &mut self.iov[i])
+            && (last.iov_base as usize) + last.iov_len == start as usize
+        {
+            last.iov_len += bytes.len();
+            return;
+        }
+        self.iov[self.count] = libc::iovec { iov_base: start, iov_len: bytes.len() };
+        self.count += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The gathered iovecs. They point into this gather's stage and into the replies'
+    /// DMA buffers, which must outlive the send that uses them.
+    pub fn slices(&self) -> &[IoSlice<'_>] {
+        // SAFETY: IoSlice is ABI-compatible with iovec on Unix (std documents it), and
+        // the first `count` entries are initialised, pointing at live memory.
+        unsafe { std::slice::from_raw_parts(self.iov.as_ptr().cast::<IoSlice<'_>>(), self.count) }
+    }
+}
