@@ -361,7 +361,7 @@ fn call(app: &Appliance, method: &str, params: &Params) -> Result<Value, Fail> {
                 .zip(&config.appliance.cores)
                 .map(|(h, core)| {
                     let s = h.stats();
-                    json!({"core": core, "busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks, "sleeps": s.sleeps, "tasks_polled": s.tasks_polled, "messages": s.messages})
+                    json!({"core": core, "busy_ns": s.busy_ns, "busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks, "sleeps": s.sleeps, "tasks_polled": s.tasks_polled, "messages": s.messages})
                 })
                 .collect();
             Ok(json!({"disks": disks, "reactors": reactors}))

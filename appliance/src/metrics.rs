@@ -13,7 +13,9 @@
 //! - `appliance_ops_total`, `appliance_bytes_total`, `appliance_errors_total` by op;
 //! - `appliance_in_flight` (gauge);
 //! - `appliance_latency_seconds_bucket{le}` / `_sum` / `_count`, cumulative, per op;
-//! - `appliance_reactor_busy_ticks_total`, `_idle_ticks_total`, `_sleeps_total`,
+//! - `appliance_reactor_busy_nanoseconds_total` (time in ticks that did work: the
+//!   reactor's load, which its CPU time does not show while it polls),
+//!   `appliance_reactor_busy_ticks_total`, `_idle_ticks_total`, `_sleeps_total`,
 //!   `_tasks_polled_total`, `_messages_total` (control messages and cross-reactor
 //!   wakes), and ring occupancy gauges `appliance_reactor_control_ring_entries`,
 //!   `appliance_reactor_wake_ring_entries`;
@@ -310,6 +312,7 @@ fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
     for r in reactors {
         let s = r.stats();
         let labels = [("reactor", r.index().to_string())];
+        metrics::counter!("appliance_reactor_busy_nanoseconds_total", &labels).absolute(s.busy_ns);
         metrics::counter!("appliance_reactor_busy_ticks_total", &labels).absolute(s.busy_ticks);
         metrics::counter!("appliance_reactor_idle_ticks_total", &labels).absolute(s.idle_ticks);
         metrics::counter!("appliance_reactor_sleeps_total", &labels).absolute(s.sleeps);

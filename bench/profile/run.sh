@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Per-request server cost over NBD: IOPS, server CPU per I/O, syscalls per I/O and a
-# perf profile, for the appliance and qemu-storage-daemon on the same job.
+# Per-request server cost over NBD: IOPS, server CPU per I/O, the appliance reactor's
+# busy time per I/O (its ticks that did work, without the polling between them),
+# syscalls per I/O and a perf profile, for the appliance and qemu-storage-daemon on the
+# same job.
 #
 #   bash bench/profile/run.sh [OUT_DIR]
 #
@@ -29,7 +31,7 @@ if [[ " $TARGETS " == *" raw "* || " $TARGETS " == *" qcow2 "* ]]; then
 fi
 
 start() { # server target
-  rm -f "$SOCK"
+  rm -f "$SOCK" "$WORK/ctl.sock"
   case $1 in
     appliance*)
       local disk sio=auto
@@ -41,8 +43,8 @@ size = \"$SIZE\"" ;;
 format = \"$2\"
 driver = \"io_uring\"" ;;
       esac
-      printf '[appliance]\ncores = [0]\nidle = "%s"\n\n[nbd]\nlisten = ["unix:%s"]\nsocket_io = "%s"\n\n[[disk]]\nname = "d"\n%s\n' \
-        "$IDLE" "$SOCK" "$sio" "$disk" > "$WORK/a.toml"
+      printf '[appliance]\ncores = [0]\nidle = "%s"\n\n[nbd]\nlisten = ["unix:%s"]\nsocket_io = "%s"\n\n[control]\nsocket = "%s"\n\n[[disk]]\nname = "d"\n%s\n' \
+        "$IDLE" "$SOCK" "$sio" "$WORK/ctl.sock" "$disk" > "$WORK/a.toml"
       taskset -c 0 "$APPLIANCE" serve --config "$WORK/a.toml" > "$WORK/server.log" 2>&1 & ;;
     qsd)
       local bd
@@ -61,8 +63,14 @@ driver = \"io_uring\"" ;;
 }
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The appliance reactor's time in ticks that did work, in ns (0 for other servers).
+busy_ns() {
+  [ -S "$WORK/ctl.sock" ] || { echo 0; return; }
+  "$APPLIANCE" ctl --socket "$WORK/ctl.sock" stats 2>/dev/null \
+    | python3 -c 'import json,sys; print(sum(r["busy_ns"] for r in json.load(sys.stdin)["reactors"]))' 2>/dev/null || echo 0
+}
 
-printf '| server | disk | job | IOPS | server CPU (cores) | CPU µs/IO | syscalls/IO | top symbols |\n|---|---|---|---:|---:|---:|---:|---|\n' > "$OUT/table.md"
+printf '| server | disk | job | IOPS | server CPU (cores) | CPU µs/IO | busy µs/IO | syscalls/IO | top symbols |\n|---|---|---|---:|---:|---:|---:|---:|---|\n' > "$OUT/table.md"
 for t in $TARGETS; do for j in $JOBS; do for s in $SERVERS; do
   if [ "$s" = device ]; then
     # The device limit: fio with io_uring straight on the raw file, on the server core.
@@ -73,7 +81,7 @@ for t in $TARGETS; do for j in $JOBS; do for s in $SERVERS; do
     python3 - "$OUT/device-raw-$j.fio.json" "$j" >> "$OUT/table.md" <<'PY'
 import json, sys
 x = json.load(open(sys.argv[1]))['jobs'][0]
-print(f"| device | raw file | {sys.argv[2]} | {(x['read']['iops'] + x['write']['iops'])/1000:.1f}k | – | – | – | fio io_uring, no server |")
+print(f"| device | raw file | {sys.argv[2]} | {(x['read']['iops'] + x['write']['iops'])/1000:.1f}k | – | – | – | – | fio io_uring, no server |")
 PY
     tail -1 "$OUT/table.md"; continue
   fi
@@ -84,18 +92,18 @@ PY
     > "$OUT/$name.fio.json" 2>/dev/null &
   FIO=$!
   sleep 1.5
-  c0=$(cpu_ticks "$PID"); t0=$(date +%s.%N)
+  c0=$(cpu_ticks "$PID"); b0=$(busy_ns); t0=$(date +%s.%N)
   perf stat -x, -e 'raw_syscalls:sys_enter' -p "$PID" -o "$OUT/$name.stat" -- sleep 2 >/dev/null 2>&1 || true
   if [ "$PERF" = 1 ]; then
     perf record -q -F 2999 -g -p "$PID" -o "$OUT/$name.perf" -- sleep 2 >/dev/null 2>&1 || true
   fi
-  c1=$(cpu_ticks "$PID"); t1=$(date +%s.%N)
+  c1=$(cpu_ticks "$PID"); b1=$(busy_ns); t1=$(date +%s.%N)
   wait "$FIO"
   kill "$PID"; wait "$PID" 2>/dev/null || true
   hz=$(getconf CLK_TCK)
-  python3 - "$OUT" "$name" "$s" "$t" "$j" "$c0" "$c1" "$t0" "$t1" "$hz" "$PERF" >> "$OUT/table.md" <<'PY'
+  python3 - "$OUT" "$name" "$s" "$t" "$j" "$c0" "$c1" "$t0" "$t1" "$hz" "$PERF" "$b0" "$b1" >> "$OUT/table.md" <<'PY'
 import json, subprocess, sys
-out, name, s, t, j, c0, c1, t0, t1, hz, perf = sys.argv[1:]
+out, name, s, t, j, c0, c1, t0, t1, hz, perf, b0, b1 = sys.argv[1:]
 txt = open(f"{out}/{name}.fio.json").read(); x = json.loads(txt[txt.index('{'):])['jobs'][0]
 iops = x['read']['iops'] + x['write']['iops']
 cores = (int(c1) - int(c0)) / int(hz) / (float(t1) - float(t0))
@@ -110,7 +118,9 @@ if perf == '1':
                         '--stdio', '-g', 'none', '--percent-limit', '4'], capture_output=True, text=True).stdout
     syms = [l.split(None, 2) for l in r.splitlines() if l.strip().endswith(tuple('abcdefghijklmnopqrstuvwxyz_0123456789>')) and '%' in l and not l.startswith('#')]
     top = '; '.join(f"{p[0]} {p[2].replace('[k] ', '').replace('[.] ', '')[:40]}" for p in syms[:4] if len(p) == 3)
-print(f"| {s} | {t} | {j} | {iops/1000:.1f}k | {cores:.2f} | {cores*1e6/iops:.2f} | {sysc/iops:.2f} | {top} |")
+busy = (int(b1) - int(b0)) / 1e9 / (float(t1) - float(t0))
+work = f"{busy*1e6/iops:.2f}" if busy > 0 else '–'
+print(f"| {s} | {t} | {j} | {iops/1000:.1f}k | {cores:.2f} | {cores*1e6/iops:.2f} | {work} | {sysc/iops:.2f} | {top} |")
 PY
   tail -1 "$OUT/table.md"
 done; done; done

@@ -8,6 +8,11 @@
 //!    registered) and due timers, then ready tasks again;
 //! 5. `Late` pollers: submit everything queued this tick in one batch.
 //!
+//! The clock is read once per tick, at its start, for the timers, the idle policy and
+//! the busy-time account: the time from the start of a tick that did work to the start
+//! of the next (`ReactorStats::busy_ns`) is the reactor's work, as against its spinning
+//! and sleeping, which a polling process's CPU time cannot tell apart.
+//!
 //! Every step reports whether it did work. Under the `adaptive` idle policy a reactor
 //! that found no work for a while (the spin window) announces that it is going to sleep
 //! (`Doorbell::sleeping`, SeqCst), re-checks every queue a producer could have filled in
@@ -47,7 +52,7 @@ const TASK_BUDGET: usize = 256;
 /// Capacity of the control ring and of the remote-wake ring.
 const CONTROL_RING: usize = 1024;
 const REMOTE_WAKE_RING: usize = 4096;
-/// Idle ticks between clock reads while deciding whether to sleep.
+/// Idle ticks between checks of the spin window.
 const IDLE_CLOCK_EVERY: u32 = 32;
 /// A busy reactor yields its core once per this many idle ticks in a row (tens of
 /// microseconds): often enough for io_uring's kernel workers, rarely enough that the
@@ -111,6 +116,8 @@ type ControlMsg = Box<dyn FnOnce() + Send>;
 #[derive(Debug, Default)]
 pub struct ReactorStats {
     pub busy_ticks: AtomicU64,
+    /// Nanoseconds spent in ticks that did work.
+    pub busy_ns: AtomicU64,
     pub idle_ticks: AtomicU64,
     pub sleeps: AtomicU64,
     pub tasks_polled: AtomicU64,
@@ -122,6 +129,7 @@ pub struct ReactorStats {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub busy_ticks: u64,
+    pub busy_ns: u64,
     pub idle_ticks: u64,
     pub sleeps: u64,
     pub tasks_polled: u64,
@@ -136,6 +144,7 @@ impl ReactorStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             busy_ticks: self.busy_ticks.load(Ordering::Relaxed),
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
             idle_ticks: self.idle_ticks.load(Ordering::Relaxed),
             sleeps: self.sleeps.load(Ordering::Relaxed),
             tasks_polled: self.tasks_polled.load(Ordering::Relaxed),
@@ -458,6 +467,15 @@ pub(crate) struct Core {
     peers: Arc<[ReactorHandle]>,
     idle_ticks: Cell<u32>,
     idle_since: Cell<Option<Instant>>,
+    /// Counts not yet added to the published stats.
+    count: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    busy: Cell<u64>,
+    idle: Cell<u64>,
+    busy_ns: Cell<u64>,
 }
 
 thread_local! {
@@ -490,6 +508,7 @@ impl Core {
             peers,
             idle_ticks: Cell::new(0),
             idle_since: Cell::new(None),
+            count: Counts::default(),
         });
         CORE.with(|c| *c.borrow_mut() = Some(core.clone()));
         Ok(core)
@@ -540,7 +559,7 @@ impl Core {
         self.pollers.borrow().iter().any(|p| !p.removed && p.pending.as_ref().is_some_and(|f| f()))
     }
 
-    fn tick(&self) -> bool {
+    fn tick(&self, now: Instant) -> bool {
         let messages = self.drain_control() + self.drain_remote_wakes();
         if messages > 0 {
             bump(&self.shared.stats.messages, messages as u64);
@@ -551,7 +570,7 @@ impl Core {
         if self.fds.has_sources() {
             work += self.poll_fds(0);
         }
-        work += self.timers.fire_due();
+        work += self.timers.fire_due(now);
         polled += self.executor.run_ready(TASK_BUDGET);
         work += self.run_pollers(Phase::Late);
         if polled > 0 {
@@ -562,6 +581,7 @@ impl Core {
 
     /// Announces sleep, re-checks every source of work, then sleeps in epoll.
     fn sleep(&self) {
+        self.publish();
         let doorbell = &self.shared.doorbell;
         doorbell.sleeping.store(true, Ordering::SeqCst);
         let has_work = !self.shared.control.is_empty()
@@ -586,7 +606,16 @@ impl Core {
         doorbell.sleeping.store(false, Ordering::SeqCst);
     }
 
-    fn after_idle_tick(&self) {
+    /// Adds the counts since the last call to the published [`ReactorStats`].
+    fn publish(&self) {
+        let stats = &self.shared.stats;
+        bump(&stats.busy_ticks, self.count.busy.take());
+        bump(&stats.idle_ticks, self.count.idle.take());
+        bump(&stats.busy_ns, self.count.busy_ns.take());
+    }
+
+    /// The idle policy after a tick without work.
+    fn after_idle_tick(&self, now: Instant) {
         let n = self.idle_ticks.get() + 1;
         self.idle_ticks.set(n);
         if !n.is_multiple_of(IDLE_CLOCK_EVERY) {
@@ -605,7 +634,6 @@ impl Core {
             unsafe { libc::sched_yield() };
             return;
         };
-        let now = Instant::now();
         match self.idle_since.get() {
             None => self.idle_since.set(Some(now)),
             Some(since) if now.duration_since(since) >= spin => {
@@ -619,26 +647,31 @@ impl Core {
 }
 
 fn run(core: Rc<Core>) {
-    let stats = &core.shared.stats;
-    let (mut busy, mut idle) = (0u64, 0u64);
+    let mut start = Instant::now();
+    let mut worked = false;
     while !core.shared.stop.load(Ordering::Relaxed) {
-        if core.tick() {
-            busy += 1;
+        let now = Instant::now();
+        if worked {
+            core.count.busy_ns.set(core.count.busy_ns.get() + (now - start).as_nanos() as u64);
+        }
+        start = now;
+        worked = core.tick(now);
+        let ticks = if worked {
             core.idle_ticks.set(0);
             core.idle_since.set(None);
+            &core.count.busy
         } else {
-            idle += 1;
-            core.after_idle_tick();
+            &core.count.idle
+        };
+        ticks.set(ticks.get() + 1);
+        if (core.count.busy.get() + core.count.idle.get()) & 1023 == 0 {
+            core.publish();
         }
-        if (busy + idle) & 1023 == 0 {
-            bump(&stats.busy_ticks, busy);
-            bump(&stats.idle_ticks, idle);
-            busy = 0;
-            idle = 0;
+        if !worked {
+            core.after_idle_tick(now);
         }
     }
-    bump(&stats.busy_ticks, busy);
-    bump(&stats.idle_ticks, idle);
+    core.publish();
     // Drop tasks and pollers while the thread-local context still exists, so their
     // destructors can reach it.
     core.pollers.borrow_mut().clear();

@@ -82,12 +82,11 @@ impl Timers {
         }
     }
 
-    /// Wakes every timer whose deadline has passed; returns how many fired.
-    pub(crate) fn fire_due(&self) -> usize {
+    /// Wakes every timer whose deadline is `now` or earlier; returns how many fired.
+    pub(crate) fn fire_due(&self, now: Instant) -> usize {
         if self.heap.borrow().is_empty() {
             return 0;
         }
-        let now = Instant::now();
         let mut fired = 0;
         loop {
             let k = {

@@ -64,6 +64,9 @@ impl From<IoError> for GetError {
     }
 }
 
+/// Fresh slice keys a cache remembers at most (see [`MetaCache::mark_fresh`]).
+const FRESH_CAP: usize = 4096;
+
 pub(crate) struct MetaCache {
     slice_bytes: usize,
     base: NonNull<u8>,
@@ -75,6 +78,12 @@ pub(crate) struct MetaCache {
     changed: WaitList,
     hits: Cell<u64>,
     misses: Cell<u64>,
+    /// A resident slice was evicted to make room since the last writeback began.
+    evicted: Cell<bool>,
+    /// Slices known to be zeros on disk that were never loaded since (new tables):
+    /// their first load fills zeros instead of reading. Made on first use, at most
+    /// [`FRESH_CAP`] keys.
+    fresh: RefCell<Option<std::collections::HashSet<u64>>>,
     /// One writer of snapshots at a time: two writebacks of one slice must not race.
     writeback_held: Cell<bool>,
     writeback_waiters: WaitList,
@@ -202,6 +211,8 @@ impl MetaCache {
             changed: WaitList::new(),
             hits: Cell::new(0),
             misses: Cell::new(0),
+            evicted: Cell::new(false),
+            fresh: RefCell::new(None),
             writeback_held: Cell::new(false),
             writeback_waiters: WaitList::new(),
         })
@@ -221,6 +232,35 @@ impl MetaCache {
 
     pub(crate) fn stats(&self) -> (u64, u64) {
         (self.hits.get(), self.misses.get())
+    }
+
+    /// Records that slices `keys` are zeros on disk (a table just written and synced
+    /// with no entry in it), so their first load need not read them. Past
+    /// [`FRESH_CAP`] remembered keys the rest are simply read when needed.
+    pub(crate) fn mark_fresh(&self, keys: std::ops::Range<u64>) {
+        let mut fresh = self.fresh.borrow_mut();
+        let set = fresh.get_or_insert_with(|| std::collections::HashSet::with_capacity(FRESH_CAP));
+        for k in keys {
+            if set.len() >= FRESH_CAP {
+                break;
+            }
+            if self.resident(k).is_none() {
+                set.insert(k);
+            }
+        }
+    }
+
+    /// Whether `key` is still known to be zeros on disk; forgets it (it is about to
+    /// be loaded, and may change on disk afterwards).
+    fn take_fresh(&self, key: u64) -> bool {
+        self.fresh.borrow_mut().as_mut().is_some_and(|s| s.remove(&key))
+    }
+
+    /// Whether the cache has had to evict a resident slice since its last writeback
+    /// began: only then are clean slots worth making ahead of need. A cache that holds
+    /// its whole working set keeps its dirty slices until a flush asks for them.
+    pub(crate) fn under_pressure(&self) -> bool {
+        self.evicted.get()
     }
 
     /// The slot of a resident, ready key (no I/O).
@@ -302,6 +342,7 @@ impl MetaCache {
                 let mut index = self.index.borrow_mut();
                 if s.state == State::Ready {
                     index.remove(s.key);
+                    self.evicted.set(true);
                 }
                 *s = Slot {
                     key,
@@ -316,7 +357,7 @@ impl MetaCache {
                 index.insert(key, slot);
             }
             let pin = Pin { cache: self, slot };
-            if fresh {
+            if self.take_fresh(key) || fresh {
                 pin.modify(|b| b.fill(0));
             } else {
                 // SAFETY: the slot's memory is exclusively ours while it is Loading and
@@ -370,6 +411,7 @@ impl MetaCache {
             self.writeback_waiters.wait().await;
         }
         self.writeback_held.set(true);
+        self.evicted.set(false);
         WritebackGuard(self)
     }
 

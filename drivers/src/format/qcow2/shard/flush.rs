@@ -279,33 +279,40 @@ async fn write_snapshots(
                 io.write(host, &[IoSeg::from_dma(&mut s.buf)], false).await
             })
         });
-        let mut futs = std::pin::pin!(futs);
-        let mut first_err = None;
-        std::future::poll_fn(|cx| {
-            let mut pending = false;
-            // SAFETY: the array is pinned and we never move its elements; each element
-            // is projected in place and dropped in place when done.
-            let arr = unsafe { futs.as_mut().get_unchecked_mut() };
-            for slot in arr.iter_mut() {
-                if let Some(f) = slot {
-                    // SAFETY: as above: `f` lives in the pinned array.
-                    match unsafe { StdPin::new_unchecked(f) }.poll(cx) {
-                        Poll::Ready(r) => {
-                            if let Err(e) = r {
-                                first_err.get_or_insert(e);
-                            }
-                            *slot = None;
-                        }
-                        Poll::Pending => pending = true,
-                    }
-                }
-            }
-            if pending { Poll::Pending } else { Poll::Ready(()) }
-        })
-        .await;
-        if let Some(e) = first_err {
-            return Err(e);
-        }
+        join_all(futs).await?;
     }
     Ok(())
+}
+
+/// Runs the futures given together, without allocating, until every one is done;
+/// returns the first error.
+pub(super) async fn join_all<F, const N: usize>(futs: [Option<F>; N]) -> Result<(), IoError>
+where
+    F: Future<Output = Result<(), IoError>>,
+{
+    let mut futs = std::pin::pin!(futs);
+    let mut first_err = None;
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        // SAFETY: the array is pinned and we never move its elements; each element
+        // is projected in place and dropped in place when done.
+        let arr = unsafe { futs.as_mut().get_unchecked_mut() };
+        for slot in arr.iter_mut() {
+            if let Some(f) = slot {
+                // SAFETY: as above: `f` lives in the pinned array.
+                match unsafe { StdPin::new_unchecked(f) }.poll(cx) {
+                    Poll::Ready(r) => {
+                        if let Err(e) = r {
+                            first_err.get_or_insert(e);
+                        }
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    first_err.map_or(Ok(()), Err)
 }

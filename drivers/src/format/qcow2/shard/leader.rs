@@ -1,5 +1,5 @@
-//! Image-wide changes: L2 tables (new, or copied on write from a snapshot), refcount
-//! table growth, the dirty bit (lazy refcounts) and the corrupt bit.
+//! Image-wide changes: refcount table growth, the dirty bit (lazy refcounts) and the
+//! corrupt bit. (New L2 tables are in `tables`.)
 
 use super::*;
 
@@ -32,69 +32,6 @@ impl Shard {
         self.write_u64(OFF_INCOMPATIBLE, v).await?;
         self.top().io.flush().await?;
         self.img.incompatible.store(v, Ordering::Release);
-        Ok(())
-    }
-
-    /// Makes sure the L2 table covering `guest_off` exists and is not shared. The
-    /// table's owner alone changes its L1 entry.
-    pub(super) async fn ensure_l2(&self, guest_off: u64) -> Result<(), IoError> {
-        assert_eq!(self.img.guest_owner(guest_off), self.idx, "an L2 table changes on its owner");
-        let g = self.g();
-        let top = self.top();
-        let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
-        let current = |s: &Self| -> Result<(u64, bool), IoError> {
-            let raw = s.top().l1.get(l1i).unwrap_or(0);
-            decode_l1(raw, &g)
-                .map_err(|e| s.fail(format_args!("L1 entry {l1i} ({raw:#x}) invalid: {e:?}")))
-        };
-        if let (off, true) = current(self)?
-            && off != 0
-        {
-            return Ok(());
-        }
-        let _m = self.l1_lock.lock().await;
-        let (old, copied) = current(self)?;
-        if old != 0 && copied {
-            return Ok(());
-        }
-        let cs = g.cluster_size() as usize;
-        let (new, _) = self.alloc(1).await?;
-        self.new_metadata();
-        let mut buf = poller::dma::alloc_wait(cs).await.map_err(|_| IoError::TooLarge)?;
-        if old == 0 {
-            buf.as_mut_slice().fill(0);
-        } else {
-            // Copy on write of a table shared with a snapshot: the entries keep their
-            // meaning; the data clusters' refcounts already count both views.
-            top.io.read(old, &[IoSeg::from_dma(&mut buf)]).await?;
-        }
-        if let Err(e) = top.io.write(new, &[IoSeg::from_dma(&mut buf)], false).await {
-            self.release_unlinked(new, 1).await;
-            return Err(e);
-        }
-        // Rules 1, 2 and 4: the new table and its refcount are durable before L1
-        // points at it.
-        self.write_back_refcounts().await?;
-        top.io.flush().await?;
-        let entry = new | OFLAG_COPIED;
-        self.meta.mark(new >> g.cluster_bits, 1);
-        // The switch, with no await inside it: once the L1 entry says the table is
-        // `new`, writers link entries into its cached slices at once, so those slices
-        // must already write back to `new`. A writeback still aimed at `old` would
-        // overwrite the table the snapshot keeps.
-        top.l1.set(l1i, entry);
-        if old != 0 {
-            let slices = 1u64 << (g.l2_bits() - top.slice_bits);
-            let first = (l1i as u64) * slices;
-            for k in 0..slices {
-                top.l2.rehost(first + k, new + k * top.l2.slice_bytes() as u64);
-            }
-        }
-        let l1_off = self.l1_offset() + l1i as u64 * 8;
-        self.write_u64(l1_off, entry).await?;
-        if old != 0 {
-            self.queue_free(old >> g.cluster_bits, false);
-        }
         Ok(())
     }
 

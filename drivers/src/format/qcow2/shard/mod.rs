@@ -48,6 +48,7 @@ mod alloc;
 mod flush;
 mod leader;
 mod read;
+mod tables;
 mod write;
 mod zero;
 
@@ -65,7 +66,7 @@ use poller::WaitList;
 use crate::error::IoError;
 use crate::seg::{self, IoSeg, window};
 
-use super::cache::{GetError, Snapshot};
+use super::cache::{GetError, MetaCache, Snapshot};
 use super::image::Image;
 use super::layer::{Layer, MAX_SEGS, Qcow2Layer, Run, RunKind, corrupt, read_chain, status_chain};
 use super::overlap::MetaMap;
@@ -235,8 +236,8 @@ pub(crate) struct Shard {
     lazy: bool,
     corrupt_marked: Cell<bool>,
     locks: ClusterLocks,
-    /// L1 entry changes (new or copied L2 tables). Taken before `rc_lock`.
-    l1_lock: MetaLock,
+    /// New and copied L2 tables, made in batches (L1 entry changes).
+    tables: tables::TableBatch,
     /// Refcount structure changes (new blocks, table growth).
     rc_lock: MetaLock,
     /// Serialises allocations: the free-cluster search awaits refcount reads, and two
@@ -293,7 +294,7 @@ impl Shard {
                 held: RefCell::new(Vec::with_capacity(1024)),
                 waiters: WaitList::new(),
             },
-            l1_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            tables: tables::TableBatch::new(),
             rc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },

@@ -224,15 +224,23 @@ impl Shard {
         });
     }
 
-    /// Flushes when metadata piles up (half the L2 cache dirty, many pending frees).
+    /// Writes metadata back ahead of need: when a cache that has had to evict is half
+    /// dirty (so misses keep finding clean victims), or frees pile up. A round already
+    /// running may do it: its end is waited for and the need judged again, rather than
+    /// a second round asked for behind it.
     pub(super) async fn maybe_writeback(&self) -> Result<(), IoError> {
-        let l2 = &self.top().l2;
-        if l2.dirty_count() * 2 > l2.capacity()
-            || self.rc.cache.dirty_count() * 2 > self.rc.cache.capacity()
-            || self.pending.borrow().len() >= MAX_PENDING_FREES / 2
-        {
-            self.flush_now(false).await?;
+        let pressed = |c: &MetaCache| c.under_pressure() && c.dirty_count() * 2 > c.capacity();
+        loop {
+            let needed = pressed(&self.top().l2)
+                || pressed(&self.rc.cache)
+                || self.pending.borrow().len() >= MAX_PENDING_FREES / 2;
+            if !needed {
+                return Ok(());
+            }
+            if !self.flush_state.running.get() {
+                return self.flush_now(false).await;
+            }
+            self.flush_state.done.wait().await;
         }
-        Ok(())
     }
 }
