@@ -207,12 +207,22 @@ impl Uring {
         n
     }
 
-    /// Submits what this tick queued; returns whether anything was submitted.
+    /// Submits what this tick queued; returns whether anything was submitted. When
+    /// completions wait for the kernel's task work, the same system call runs it, so
+    /// the next tick's reap finds them in the ring without entering the kernel again.
     fn submit_queued(&self) -> bool {
         if self.queued.get() == 0 {
             return false;
         }
-        match self.ring.borrow().submit() {
+        let mut ring = self.ring.borrow_mut();
+        let (len, taskrun) = {
+            let sq = ring.submission();
+            (sq.len() as u32, sq.taskrun())
+        };
+        let flags = if self.coop && taskrun { IORING_ENTER_GETEVENTS } else { 0 };
+        // SAFETY: no argument is passed; the entries were pushed by `push`, whose
+        // pointers stay valid until their completions are reaped.
+        match unsafe { ring.submitter().enter::<libc::sigset_t>(len, 0, flags, None) } {
             Ok(_) => {
                 self.queued.set(0);
                 true
