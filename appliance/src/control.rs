@@ -20,6 +20,11 @@
 //!   per-reactor tick counters.
 //! - `config_get` — the running configuration as TOML (the file plus changes since).
 //! - `reload` — re-reads the config file, as SIGHUP does; returns what changed.
+//! - block jobs (`block_jobs`): `mirror_start {disk, target, format?, create?, sync?,
+//!   granularity?, buf_size?, copy_mode?, speed?, unmap?, on_source_error?,
+//!   on_target_error?}` → `{job}`; `job_list {job?}`; `job_complete {job}`;
+//!   `job_cancel {job, force?}`; `job_pause`, `job_resume {job}`; `job_set_speed {job,
+//!   speed}`.
 //!
 //! Errors use JSON-RPC's codes: -32700 parse error, -32600 invalid request, -32601
 //! unknown method, -32602 invalid params (with `data.key` naming the offending key when
@@ -169,7 +174,7 @@ fn error(id: Value, code: i64, message: String, data: Option<Value>) -> Value {
 }
 
 /// A method's failure: code, message, optional data.
-struct Fail(i64, String, Option<Value>);
+pub(crate) struct Fail(pub i64, pub String, pub Option<Value>);
 
 impl Fail {
     fn params(msg: impl Into<String>) -> Fail {
@@ -185,7 +190,8 @@ impl From<ServeError> for Fail {
             | ServeError::Clash(n)
             | ServeError::Flush(n, _)
             | ServeError::InUse { disk: n, .. }
-            | ServeError::Disk { disk: n, .. } => Some(json!({"disk": n})),
+            | ServeError::Disk { disk: n, .. }
+            | ServeError::JobRunning(n, _) => Some(json!({"disk": n})),
             _ => None,
         };
         Fail(FAILED, e.to_string(), data)
@@ -193,7 +199,7 @@ impl From<ServeError> for Fail {
 }
 
 /// Answers one request line; `None` for a notification (no `id`).
-pub fn handle_line(app: &Appliance, line: &[u8]) -> Option<Value> {
+pub fn handle_line(app: &Arc<Appliance>, line: &[u8]) -> Option<Value> {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return Some(error(Value::Null, PARSE_ERROR, format!("not JSON: {e}"), None)),
@@ -247,9 +253,9 @@ pub fn handle_line(app: &Appliance, line: &[u8]) -> Option<Value> {
     })
 }
 
-type Params = serde_json::Map<String, Value>;
+pub(crate) type Params = serde_json::Map<String, Value>;
 
-fn only(params: &Params, method: &str, allowed: &[&str]) -> Result<(), Fail> {
+pub(crate) fn only(params: &Params, method: &str, allowed: &[&str]) -> Result<(), Fail> {
     for k in params.keys() {
         if !allowed.contains(&k.as_str()) {
             let expected =
@@ -280,7 +286,10 @@ fn name_param(params: &Params, method: &str) -> Result<String, Fail> {
     }
 }
 
-fn call(app: &Appliance, method: &str, params: &Params) -> Result<Value, Fail> {
+fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fail> {
+    if crate::block_jobs::METHODS.contains(&method) {
+        return crate::block_jobs::call(app, method, params);
+    }
     match method {
         "disk_list" => {
             only(params, method, &[])?;
@@ -388,7 +397,8 @@ fn call(app: &Appliance, method: &str, params: &Params) -> Result<Value, Fail> {
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload"
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}",
+                crate::block_jobs::METHODS.join(", ")
             ),
             None,
         )),

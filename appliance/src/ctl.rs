@@ -51,8 +51,59 @@ pub enum CtlCommand {
     Config,
     /// Re-read the config file (as SIGHUP does) and apply its disk set.
     Reload,
+    /// Start a mirror of DISK to TARGET (a file); then `job complete` pivots to it.
+    /// Options are key=value pairs: format=qcow2 create=true sync=full|none
+    /// granularity=65536 buf_size=16777216 copy_mode=adaptive speed=BYTES unmap=true
+    /// on_source_error=report|ignore|stop on_target_error=...
+    Mirror {
+        disk: String,
+        target: String,
+        options: Vec<String>,
+        /// Wait (with a progress bar) until the job is ready or has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List block jobs (or one).
+    Jobs { job: Option<String> },
+    /// Control a block job.
+    Job {
+        #[command(subcommand)]
+        action: JobAction,
+    },
     /// Call any method with JSON params.
     Call { method: String, params: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobAction {
+    /// Finish a ready job (a mirror pivots to its target).
+    Complete {
+        job: String,
+        /// Wait until it has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel: a ready mirror ends as a point-in-time copy; --force stops at once.
+    Cancel {
+        job: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Pause {
+        job: String,
+    },
+    Resume {
+        job: String,
+    },
+    /// Change the speed limit (bytes per second, 0 for none).
+    Speed {
+        job: String,
+        speed: u64,
+    },
+    /// Wait until the job is ready or has ended, with a progress bar.
+    Wait {
+        job: String,
+    },
 }
 
 /// Finds the socket: `--socket`, else the `[control]` socket of `--config`, else the
@@ -136,6 +187,26 @@ pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
         }
         CtlCommand::Config => ("config_get", json!({})),
         CtlCommand::Reload => ("reload", json!({})),
+        CtlCommand::Mirror { disk, target, options, .. } => {
+            let mut p = settings_object(options)?;
+            p["disk"] = json!(disk);
+            p["target"] = json!(target);
+            ("mirror_start", p)
+        }
+        CtlCommand::Jobs { job } => match job {
+            Some(j) => ("job_list", json!({"job": j})),
+            None => ("job_list", json!({})),
+        },
+        CtlCommand::Job { action } => match action {
+            JobAction::Complete { job, .. } => ("job_complete", json!({"job": job})),
+            JobAction::Cancel { job, force } => ("job_cancel", json!({"job": job, "force": force})),
+            JobAction::Pause { job } => ("job_pause", json!({"job": job})),
+            JobAction::Resume { job } => ("job_resume", json!({"job": job})),
+            JobAction::Speed { job, speed } => {
+                ("job_set_speed", json!({"job": job, "speed": speed}))
+            }
+            JobAction::Wait { job } => return wait_job(socket, job, false),
+        },
         CtlCommand::Call { method, params } => {
             let p = match params {
                 Some(t) => serde_json::from_str(t).map_err(|e| format!("params: not JSON: {e}"))?,
@@ -145,12 +216,48 @@ pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
         }
     };
     let result = call(socket, method, params)?;
+    match &cmd {
+        CtlCommand::Mirror { wait: true, .. } => {
+            let job = result["job"].as_str().unwrap_or_default().to_string();
+            println!("{job}");
+            return wait_job(socket, &job, false);
+        }
+        CtlCommand::Job { action: JobAction::Complete { job, wait: true } } => {
+            return wait_job(socket, job, true);
+        }
+        _ => {}
+    }
     match (&cmd, &result) {
         (CtlCommand::List { json: false }, Value::Array(disks)) => print_table(disks),
         (CtlCommand::Config, Value::String(t)) => print!("{t}"),
         _ => println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default()),
     }
     Ok(())
+}
+
+/// Polls a job, drawing its progress on stderr, until it is ready (unless `to_end`)
+/// or has ended; fails if it ended in error.
+fn wait_job(socket: &Path, job: &str, to_end: bool) -> Result<(), String> {
+    loop {
+        let j = call(socket, "job_list", json!({"job": job}))?;
+        let (off, len) = (j["offset"].as_u64().unwrap_or(0), j["len"].as_u64().unwrap_or(0));
+        let state = j["state"].as_str().unwrap_or("").to_string();
+        let pct = if len == 0 { 100.0 } else { off as f64 * 100.0 / len as f64 };
+        let bar = "#".repeat((pct / 5.0) as usize);
+        eprint!("\r{job} {state:<10} [{bar:<20}] {pct:5.1}% {off}/{len} bytes ");
+        let ended = state == "concluded" || state == "aborted";
+        if ended || (!to_end && state == "ready") {
+            eprintln!();
+            if state == "aborted" {
+                return Err(format!(
+                    "{job} aborted: {}",
+                    j["error"].as_str().unwrap_or("cancelled")
+                ));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn print_table(disks: &[Value]) {

@@ -48,6 +48,8 @@ pub enum ServeError {
     Flush(String, drivers::IoError),
     #[error("disk `{0}` failed to open and is not served (see `disk_list`)")]
     Failed(String),
+    #[error("disk `{0}` has a block job running (`{1}`); cancel it first")]
+    JobRunning(String, String),
 }
 
 /// The size of the quick-start demo image.
@@ -99,6 +101,7 @@ pub struct Appliance {
     next_owner: AtomicUsize,
     /// Serialises disk-set changes (control socket, SIGHUP); `true` once shut down.
     changes: Mutex<bool>,
+    jobs: Arc<jobs::Jobs>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -138,6 +141,7 @@ impl Appliance {
             control: Mutex::new(None),
             next_owner: AtomicUsize::new(0),
             changes: Mutex::new(false),
+            jobs: jobs::Jobs::new(),
         });
         // Metrics first: exports pick up stats handles when they start.
         if config.control.is_some() {
@@ -352,6 +356,13 @@ impl Appliance {
             tracing::info!(disk = name, "failed disk removed");
             return Ok(());
         };
+        if let Some(j) = self.jobs.live_on(name) {
+            lock(&self.disks).push(DiskEntry {
+                config: entry.config,
+                state: DiskState::Serving { bdev, vhost },
+            });
+            return Err(ServeError::JobRunning(name.to_string(), j.id.clone()));
+        }
         // No new NBD client finds it, no new channel opens; then the clients it has are
         // drained and disconnected, and close() makes everything durable.
         self.exports.remove(name);
@@ -484,6 +495,7 @@ impl Appliance {
         if let Some(c) = lock(&self.control).take() {
             c.shutdown();
         }
+        self.end_jobs();
         // Waits for a change in progress; none starts after this.
         *lock(&self.changes) = true;
         let disks: Vec<DiskEntry> = lock(&self.disks).drain(..).collect();
@@ -513,6 +525,109 @@ impl Appliance {
             }
             r.stop();
         }
+    }
+}
+
+/// Block jobs (see `block_jobs`).
+impl Appliance {
+    pub(crate) fn jobs(&self) -> &Arc<jobs::Jobs> {
+        &self.jobs
+    }
+
+    /// A served disk and its configuration.
+    pub(crate) fn served_disk(&self, name: &str) -> Result<(Arc<Bdev>, config::Disk), ServeError> {
+        let disks = lock(&self.disks);
+        let e = disks
+            .iter()
+            .find(|e| e.config.name == name)
+            .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
+        let b = e.bdev().cloned().ok_or_else(|| ServeError::Failed(name.to_string()))?;
+        Ok((b, e.config.clone()))
+    }
+
+    /// `p` made absolute against the config file's directory (or the working one).
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        let base = lock(&self.config)
+            .source
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
+        base.join(p)
+    }
+
+    /// Whether `p` is the file of a served disk.
+    pub(crate) fn serves_file(&self, p: &Path) -> bool {
+        lock(&self.disks).iter().any(|e| {
+            e.bdev().is_some() && e.config.path.as_ref().is_some_and(|o| same_file(o, p) || o == p)
+        })
+    }
+
+    /// The reactors a job may quiesce, the first running it (in turn across jobs).
+    pub(crate) fn job_reactors(&self) -> Vec<ReactorHandle> {
+        let mut r = self.handles.clone();
+        let lead = self.next_owner.fetch_add(1, Ordering::Relaxed) % r.len();
+        r.rotate_left(lead);
+        r
+    }
+
+    /// A mirror pivoted: the disk is served from its target now (`moved` says where
+    /// and how; its exports and limits stay the disk's own).
+    pub(crate) fn disk_moved(&self, name: &str, moved: config::Disk) {
+        let mut disks = lock(&self.disks);
+        if let Some(e) = disks.iter_mut().find(|e| e.config.name == name) {
+            let path = moved.path.clone().unwrap_or_default();
+            tracing::info!(disk = name, path = %path.display(), "disk now served from its mirror target");
+            e.config = config::Disk {
+                path: moved.path,
+                format: moved.format,
+                driver: moved.driver,
+                direct: moved.direct,
+                allowed_backing_dirs: moved.allowed_backing_dirs,
+                l2_cache_bytes: None,
+                refcount_cache_bytes: None,
+                shards: None,
+                ..e.config.clone()
+            };
+        }
+    }
+
+    /// Whether this appliance's NBD server listens at `addr` (a mirror must not target
+    /// a disk's own export).
+    pub(crate) fn listens_at(&self, addr: &drivers::io::nbd::uri::Address) -> bool {
+        use drivers::io::nbd::uri::Address;
+        let cfg = lock(&self.config);
+        let Some(n) = &cfg.nbd else { return false };
+        n.listen.iter().any(|l| match (l, addr) {
+            (ListenAddr::Unix(p), Address::Unix(q)) => same_file(p, q) || p == q,
+            (ListenAddr::Tcp(s), Address::Tcp { host, port }) => {
+                s.port() == *port
+                    && (s.ip().is_unspecified()
+                        || host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip == s.ip() || ip.is_loopback())
+                        || host == "localhost")
+            }
+            _ => false,
+        })
+    }
+
+    /// At shutdown: cancels every live job (at once) and waits for it to end.
+    fn end_jobs(&self) {
+        for j in self.jobs.all() {
+            if !j.state().ended() && j.cancel(true).is_ok() {
+                tracing::warn!(
+                    job = j.id,
+                    disk = j.disk,
+                    "cancelling the job: the appliance is stopping"
+                );
+            }
+        }
+        self.jobs.wait_finished(std::time::Duration::from_secs(60));
     }
 }
 

@@ -187,6 +187,8 @@ pub enum Driver {
     Null,
     /// A RAM disk.
     Mem,
+    /// An export of an NBD server (`path` is its URI): raw format.
+    Nbd,
 }
 
 impl Driver {
@@ -201,6 +203,7 @@ impl Driver {
             Driver::Aio => "aio",
             Driver::Null => "null",
             Driver::Mem => "mem",
+            Driver::Nbd => "nbd",
         }
     }
 }
@@ -578,6 +581,26 @@ impl Validator {
         Ok(Nbd { listen, max_connections, idle_timeout, stall_timeout, socket_io })
     }
 
+    /// The URI of a disk served from an NBD export (`driver = "nbd"`):
+    /// `nbd://HOST[:PORT]/NAME` or `nbd+unix:///NAME?socket=PATH`, kept as written.
+    fn nbd_uri(
+        &self,
+        name_span: std::ops::Range<usize>,
+        path: Option<toml::Spanned<String>>,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<PathBuf, ConfigError> {
+        let Some(p) = path else {
+            let m = "driver nbd needs `path`: the export's URI (nbd://HOST/NAME or nbd+unix:///NAME?socket=PATH)";
+            return Err(self.err(name_span, &key("path"), m.into()));
+        };
+        let uri = p.get_ref();
+        if !uri.starts_with("nbd://") && !uri.starts_with("nbd+unix://") {
+            let m = format!("`{uri}` is not an nbd:// or nbd+unix:// URI");
+            return Err(self.err(p.span(), &key("path"), m));
+        }
+        Ok(PathBuf::from(uri))
+    }
+
     fn disk(&self, index: usize, raw: raw::RawDisk, earlier: &[Disk]) -> Result<Disk, ConfigError> {
         let key = |k: &str| format!("disk[{index}].{k}");
         let name_span = raw.name.span();
@@ -619,18 +642,20 @@ impl Validator {
             Some("aio") => Driver::Aio,
             Some("null") => Driver::Null,
             Some("mem") => Driver::Mem,
+            Some("nbd") => Driver::Nbd,
             Some(other) => {
                 return Err(self.err(
                     raw.driver.as_ref().map(|s| s.span()).unwrap_or(name_span),
                     &key("driver"),
                     format!(
-                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\" or \"mem\""
+                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\" or \"nbd\""
                     ),
                 ));
             }
         };
         let size = raw.size.map(|s| (s.span(), s.into_inner().bytes()));
         let path = match (driver.uses_file(), raw.path) {
+            (_, p) if driver == Driver::Nbd => Some(self.nbd_uri(name_span.clone(), p, &key)?),
             (true, None) => {
                 return Err(self.err(
                     name_span,
@@ -655,7 +680,7 @@ impl Validator {
                 Some(resolved)
             }
         };
-        let size = match (driver.uses_file(), size) {
+        let size = match (driver.uses_file() || driver == Driver::Nbd, size) {
             (false, None) => {
                 return Err(self.err(
                     name_span,
@@ -677,7 +702,7 @@ impl Validator {
                 return Err(self.err(
                     span,
                     &key("size"),
-                    "the size of a file-backed disk is the size of its image".into(),
+                    "the size of this disk is that of its image (or NBD export)".into(),
                 ));
             }
             (true, None) => None,
@@ -703,6 +728,7 @@ impl Validator {
             allowed_backing_dirs.push(p);
         }
         if allowed_backing_dirs.is_empty()
+            && driver != Driver::Nbd
             && let Some(dir) = path.as_ref().and_then(|p| p.parent())
         {
             allowed_backing_dirs.push(dir.to_path_buf());

@@ -16,9 +16,13 @@ pub mod driver;
 pub mod error;
 pub mod format;
 pub mod io;
+mod route;
 pub mod seg;
 
-pub use api::{Admit, Bdev, BdevChannel, BlockStatus, DeviceInfo, ReqKind, ZeroFlags};
+pub use api::{
+    Admit, Bdev, BdevChannel, BlockStatus, Decision, DeviceInfo, Quiesced, ReqKind, WriteFilter,
+    ZeroFlags,
+};
 pub use error::{IoError, OpenError};
 pub use format::qcow2;
 pub use io::engine::ENGINE_DEPTH;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod fuzz_seeds;
 pub mod guest;
+pub mod jobs;
 pub mod nbd_client;
 pub mod ops;
 

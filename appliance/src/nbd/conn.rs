@@ -35,7 +35,8 @@ use super::handshake::Negotiated;
 use super::proto::{self, ReplyMode, Request};
 use super::reader;
 use super::reply::Reply;
-use super::sock::{Gather, Sock};
+use super::sock::Gather;
+use drivers::io::net::Socket as Sock;
 
 /// Extents per block-status reply.
 const MAX_EXTENTS: usize = 128;

@@ -367,7 +367,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let sock = match sock::Sock::new(sock, socket_io) {
+    let sock = match drivers::io::net::Socket::new(sock, socket_io) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("cannot set up an NBD connection's socket I/O: {e}");

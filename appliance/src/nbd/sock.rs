@@ -1,17 +1,7 @@
-//! A connection's socket in the transmission phase, and the gather list its writer
-//! sends from.
-//!
-//! Two ways to move bytes, chosen per connection when its handshake is done
-//! (`nbd.socket_io`):
-//! - `Uring`: receives and `sendmsg`s are entries on the reactor's io_uring ring, the
-//!   same ring as its disk I/O, so one `io_uring_enter` per tick submits both and a
-//!   socket with nothing to say costs no system call (`drivers::io::net`). The reader
-//!   and the writer each have at most one operation in flight, which is what a
-//!   [`UringSocket`] allows.
-//! - `Epoll`: the socket stays registered with the reactor's epoll set; a receive or a
-//!   send is tried at once and waits for readiness only on `EAGAIN`. Used when asked
-//!   for, when the kernel's io_uring lacks socket operations, and for connections past
-//!   the ring's socket slots on a reactor.
+//! The gather list a connection's writer sends from. (The socket itself, on the
+//! reactor's io_uring ring or on epoll as `nbd.socket_io` says, is
+//! `drivers::io::net::Socket`; the reader and the writer each have at most one
+//! operation in flight on it.)
 //!
 //! The writer gathers queued replies into a [`Gather`]: header bytes are copied into a
 //! staging buffer the gather owns (consecutive headers share one iovec), payloads are
@@ -19,12 +9,7 @@
 //! the reply queue, which other tasks keep pushing to; the replies whose payloads it
 //! references are not dropped until it completes (`Conn::sending`).
 
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-
-use config::SocketIo;
-use drivers::io::net::UringSocket;
-use poller::Async;
+use std::io::IoSlice;
 
 use super::reply::{HDR_CAP, Reply};
 
@@ -32,57 +17,6 @@ use super::reply::{HDR_CAP, Reply};
 pub const IOV_BATCH: usize = 64;
 /// Staging bytes for headers per send.
 const STAGE: usize = 64 * HDR_CAP;
-
-pub enum Sock {
-    Epoll(Async<OwnedFd>),
-    Uring(UringSocket),
-}
-
-impl Sock {
-    /// The transmission-phase socket for `sock`, after its handshake.
-    pub fn new(sock: Async<OwnedFd>, io: SocketIo) -> io::Result<Sock> {
-        if io == SocketIo::Epoll {
-            return Ok(Sock::Epoll(sock));
-        }
-        match UringSocket::new(sock.into_inner()) {
-            Ok(s) => Ok(Sock::Uring(s)),
-            Err((fd, e)) => {
-                if io == SocketIo::IoUring {
-                    tracing::warn!(
-                        "nbd.socket_io = \"io_uring\", but this connection uses epoll: {e}"
-                    );
-                }
-                Ok(Sock::Epoll(Async::new(fd)?))
-            }
-        }
-    }
-
-    pub fn fd(&self) -> RawFd {
-        match self {
-            Sock::Epoll(s) => s.get_ref().as_raw_fd(),
-            Sock::Uring(s) => s.fd(),
-        }
-    }
-
-    /// Receives what is available: at least one byte, or 0 at end of stream.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Epoll(s) => s.read(buf).await,
-            Sock::Uring(s) => s.recv(buf).await,
-        }
-    }
-
-    /// Sends some of `bufs`; returns how many bytes went out.
-    pub async fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Sock::Epoll(s) => {
-                std::future::poll_fn(|cx| s.poll_io(cx, true, |fd| poller::fd::writev_fd(fd, bufs)))
-                    .await
-            }
-            Sock::Uring(s) => s.send_vectored(bufs).await,
-        }
-    }
-}
 
 /// The iovecs of one send.
 pub struct Gather {

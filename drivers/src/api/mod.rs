@@ -10,19 +10,31 @@
 //! function when they must decide before touching the device (to size a buffer, say).
 //! Exports never see a driver, and nothing here names one: [`open`] maps a config
 //! entry to its driver once, at open.
+//!
+//! What sits under a disk can change while it is served — a block job's write filter
+//! ([`filter`]) put in or taken out, the driver swapped for a mirror's target — but only
+//! while the disk is quiesced ([`gate`]): the change bumps the disk's generation, and
+//! each channel, at its next request, reopens itself on the new driver and filter.
+//! Checking costs each request one atomic load of a value that changes a few times in
+//! a disk's life.
 
+mod channel;
+pub mod filter;
+mod gate;
 pub mod open;
 pub mod qos;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use crate::driver::{BlockStatus, DeviceInfo, ZeroFlags};
 
-use crate::driver::{BlockDriver, DriverChannel};
+use crate::driver::BlockDriver;
 use crate::error::IoError;
-use crate::seg::{self, IoSeg};
 
+pub use self::channel::BdevChannel;
+pub use self::filter::{Decision, WriteFilter};
+pub use self::gate::Quiesced;
 use self::qos::{Qos, QosLimits};
 
 /// The largest request the device accepts in one piece.
@@ -90,11 +102,23 @@ impl DeviceInfo {
     }
 }
 
+/// The driver under a disk and the filter in front of it (if a job put one there).
+#[derive(Clone)]
+struct Stack {
+    driver: Arc<dyn BlockDriver>,
+    filter: Option<Arc<dyn WriteFilter>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A configured, opened disk.
 pub struct Bdev {
+    id: u64,
     name: String,
     info: DeviceInfo,
-    driver: Arc<dyn BlockDriver>,
+    /// Changed only while quiesced, with `generation` bumped after.
+    stack: Mutex<Stack>,
+    generation: AtomicU64,
     qos: Qos,
     /// Set when the disk is being removed: no new channel opens.
     retired: AtomicBool,
@@ -110,9 +134,11 @@ impl Bdev {
     /// A disk served by `driver`.
     pub fn new(name: &str, driver: Arc<dyn BlockDriver>, qos: QosLimits) -> Arc<Bdev> {
         let b = Arc::new(Bdev {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             info: driver.info().clone(),
-            driver,
+            stack: Mutex::new(Stack { driver, filter: None }),
+            generation: AtomicU64::new(0),
             qos: Qos::default(),
             retired: AtomicBool::new(false),
         });
@@ -134,6 +160,15 @@ impl Bdev {
         open::open(disk, reactors)
     }
 
+    fn stack(&self) -> Stack {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The driver serving the disk now.
+    pub fn driver(&self) -> Arc<dyn BlockDriver> {
+        self.stack().driver
+    }
+
     /// Refuses new channels from now on (the disk is being removed); channels already
     /// open keep working until their owners drop them.
     pub fn retire(&self) {
@@ -149,12 +184,12 @@ impl Bdev {
     /// (writing qcow2 metadata back and clearing its dirty bit). Control plane, after
     /// the last request.
     pub fn close(&self) -> Result<(), IoError> {
-        self.driver.close()
+        self.driver().close()
     }
 
     /// The driver's counters (cache hits, allocations...), for the metrics endpoint.
     pub fn driver_stats(&self) -> Vec<(&'static str, u64)> {
-        self.driver.stats()
+        self.driver().stats()
     }
 
     pub fn name(&self) -> &str {
@@ -175,86 +210,45 @@ impl Bdev {
         &self.info
     }
 
+    /// Puts `filter` in front of the disk (or takes the current one out), while every
+    /// reactor is quiesced.
+    pub fn set_filter(&self, q: &Quiesced, filter: Option<Arc<dyn WriteFilter>>) {
+        assert_eq!(q.id(), self.id, "a filter changes while its own disk is quiesced");
+        self.stack.lock().unwrap_or_else(|p| p.into_inner()).filter = filter;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Serves the disk from `driver` from now on (a mirror's pivot), while quiesced;
+    /// returns the driver it replaces, for the caller to close. The new driver must
+    /// describe a device of the same size.
+    pub fn replace_driver(
+        &self,
+        q: &Quiesced,
+        driver: Arc<dyn BlockDriver>,
+    ) -> Result<Arc<dyn BlockDriver>, IoError> {
+        assert_eq!(q.id(), self.id, "a driver changes while its own disk is quiesced");
+        if driver.info().size != self.info.size {
+            return Err(IoError::Invalid);
+        }
+        let old = {
+            let mut s = self.stack.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut s.driver, driver)
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(old)
+    }
+
     /// Opens the device's handle on the current reactor.
     pub fn channel(self: &Arc<Self>) -> Result<BdevChannel, IoError> {
         if self.is_retired() {
             return Err(IoError::Shutdown);
         }
-        Ok(BdevChannel { bdev: self.clone(), ch: self.driver.open_channel()? })
-    }
-}
-
-/// A device's handle on one reactor.
-pub struct BdevChannel {
-    bdev: Arc<Bdev>,
-    ch: Box<dyn DriverChannel>,
-}
-
-impl BdevChannel {
-    pub fn bdev(&self) -> &Arc<Bdev> {
-        &self.bdev
+        BdevChannel::open(self, false)
     }
 
-    pub fn info(&self) -> &DeviceInfo {
-        &self.bdev.info
-    }
-
-    /// The shared validation step, then QoS admission; `false` means there is nothing
-    /// to do (a zero-length request) and the caller answers success.
-    async fn enter(&self, kind: ReqKind, off: u64, len: u64) -> Result<bool, IoError> {
-        if self.bdev.info.admit(kind, off, len)? == Admit::Nothing {
-            return Ok(false);
-        }
-        self.bdev.qos.admit(if kind.moves_data() { len } else { 0 }).await;
-        Ok(true)
-    }
-
-    pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
-        if !self.enter(ReqKind::Read, off, seg::total_len(segs) as u64).await? {
-            return Ok(());
-        }
-        self.ch.read(off, segs).await
-    }
-
-    /// Writes `segs` at `off`; with `fua` the data is durable on completion.
-    pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        if !self.enter(ReqKind::Write, off, seg::total_len(segs) as u64).await? {
-            return Ok(());
-        }
-        self.ch.write(off, segs, fua).await
-    }
-
-    /// Makes every write completed before this call durable, whichever channel or
-    /// reactor completed it.
-    pub async fn flush(&self) -> Result<(), IoError> {
-        self.ch.flush().await
-    }
-
-    pub async fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {
-        if !self.enter(ReqKind::WriteZeroes, off, len).await? {
-            return Ok(());
-        }
-        self.ch.write_zeroes(off, len, flags).await
-    }
-
-    /// Releases the range if the device can; contents become unspecified.
-    pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
-        if !self.enter(ReqKind::Discard, off, len).await? {
-            return Ok(());
-        }
-        self.ch.discard(off, len).await
-    }
-
-    /// The status of the bytes from `off`, at most `len` (> 0) of them.
-    pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
-        self.bdev.info.admit(ReqKind::BlockStatus, off, len)?;
-        let st = self.ch.block_status(off, len).await?;
-        debug_assert!(st.len > 0 && st.len <= len, "block status of {} bytes for {len}", st.len);
-        Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
-    }
-
-    /// A hint that the range will be read soon.
-    pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
-        self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())
+    /// A handle for a block job on this disk: it is not held back while the disk is
+    /// quiesced, and its requests are not waited for.
+    pub fn internal_channel(self: &Arc<Self>) -> Result<BdevChannel, IoError> {
+        BdevChannel::open(self, true)
     }
 }

@@ -53,6 +53,11 @@ pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>
             let storage = match disk.driver {
                 config::Driver::Null => Storage::null(disk.size.unwrap_or(0)),
                 config::Driver::Mem => Storage::mem(disk.size.unwrap_or(0))?,
+                config::Driver::Nbd => {
+                    let owner =
+                        reactors.first().ok_or_else(|| OpenError::invalid(path, "no reactor"))?;
+                    crate::io::nbd::open(&path.to_string_lossy(), owner)?
+                }
                 config::Driver::IoUring | config::Driver::Aio => {
                     Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
                 }

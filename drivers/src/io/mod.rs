@@ -18,6 +18,7 @@ pub(crate) mod engine;
 pub mod file;
 pub mod lock;
 pub mod mem;
+pub mod nbd;
 pub mod net;
 pub mod null;
 pub mod probe;

@@ -13,13 +13,19 @@
 //! at most [`MAX_SOCKETS`] exist per reactor, so the table never runs out, and a
 //! transport that cannot get one uses readiness polling for that socket instead.
 //!
-//! The socket is put in blocking mode: io_uring tries each operation without blocking
+//! [`Socket`] is what transports hold: a [`UringSocket`] when the ring can take it,
+//! else the socket on the reactor's epoll set with one system call per operation.
+//!
+//! A ring socket is put in blocking mode: io_uring tries each operation without blocking
 //! and, when it would block, waits through its own poll rather than failing with
 //! `EAGAIN`.
 
 use std::cell::Cell;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use config::SocketIo;
+use poller::Async;
 
 use super::engine::{EngineRef, IoOp, check, uring};
 
@@ -111,4 +117,69 @@ fn set_blocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A connected stream socket on the current reactor, its bytes moved as `SocketIo`
+/// says (see the module doc).
+pub enum Socket {
+    Epoll(Async<OwnedFd>),
+    Uring(UringSocket),
+}
+
+impl Socket {
+    /// The socket for `sock` (registered with the reactor's epoll set), moved to the
+    /// ring when `io` allows and the ring can take it.
+    pub fn new(sock: Async<OwnedFd>, io: SocketIo) -> io::Result<Socket> {
+        if io == SocketIo::Epoll {
+            return Ok(Socket::Epoll(sock));
+        }
+        match UringSocket::new(sock.into_inner()) {
+            Ok(s) => Ok(Socket::Uring(s)),
+            Err((fd, e)) => {
+                if io == SocketIo::IoUring {
+                    tracing::warn!(
+                        "nbd.socket_io = \"io_uring\", but this connection uses epoll: {e}"
+                    );
+                }
+                Ok(Socket::Epoll(Async::new(fd)?))
+            }
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Socket::Epoll(s) => s.get_ref().as_raw_fd(),
+            Socket::Uring(s) => s.fd(),
+        }
+    }
+
+    /// Receives what is available: at least one byte, or 0 at end of stream.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Epoll(s) => s.read(buf).await,
+            Socket::Uring(s) => s.recv(buf).await,
+        }
+    }
+
+    /// Sends some of `bufs`; returns how many bytes went out.
+    pub async fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Epoll(s) => {
+                std::future::poll_fn(|cx| s.poll_io(cx, true, |fd| poller::fd::writev_fd(fd, bufs)))
+                    .await
+            }
+            Socket::Uring(s) => s.send_vectored(bufs).await,
+        }
+    }
+
+    /// Receives exactly `buf.len()` bytes; `UnexpectedEof` if the stream ends first.
+    pub async fn read_exact(&self, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read(buf).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
 }

@@ -12,37 +12,27 @@
 //! and control calls, pieces for control calls, control calls for no other call but
 //! frees, which wait for nothing remote.
 //!
-//! Every request, local or not, becomes a [`RemoteCall`] that lives inside the caller's
-//! pinned future: the operation, the offset, a pointer to the caller's segments, and
-//! atomics for the result. On the owner's reactor the call goes straight into the
-//! shard's [`Inbox`]; from another reactor only a pointer crosses the owner's mailbox (a
-//! typed, bounded ring) and the mailbox handler puts it in the inbox. The inbox is an
-//! intrusive FIFO through the calls themselves, so queueing allocates nothing and is
-//! bounded by the calls that exist. The dispatcher runs each call in a task from a
-//! fixed pool (the request state, which is large, lives there, not in the caller's
-//! future), stores the result, sets `done` (Release) and wakes the caller. The data is
-//! never copied: the owner reads and writes the caller's buffers directly (shared
-//! memory). A caller future dropped before `done` waits for it, so the owner never
-//! touches memory that is gone.
+//! Every request, local or not, is a forwarded call (`crate::route`: the call lives in
+//! the caller's future, only a pointer crosses reactors, the data is never copied); a
+//! shard's dispatcher runs it in a task from a fixed pool, so the request state, which
+//! is large, lives there and not in the caller's future.
 
-use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::marker::{PhantomData, PhantomPinned};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
-
-use poller::{MailSender, TaskPool};
+use std::task::Poll;
 
 use crate::driver::{BlockStatus, DriverChannel, IoFuture, ZeroFlags};
 use crate::error::IoError;
+use crate::route::{self, Inbox};
 use crate::seg::IoSeg;
 
 use super::direct::Direct;
 use super::image::Image;
 use super::shard::Shard;
+
+pub(crate) use crate::route::encode_status;
 
 /// Calls from channels running at once per shard.
 pub(crate) const CALL_POOL: u32 = 512;
@@ -110,184 +100,35 @@ pub(crate) enum Class {
     Control,
 }
 
-pub(crate) struct RemoteCall {
-    pub class: Class,
-    pub op: Op,
-    pub off: u64,
-    segs: *const IoSeg<'static>,
-    nsegs: usize,
-    waker: Option<Waker>,
-    result: AtomicI64,
-    status: AtomicU64,
-    done: AtomicBool,
-    /// The inbox link; only the owner's thread touches it.
-    next: AtomicPtr<RemoteCall>,
-}
-
-/// A pointer to a [`RemoteCall`], sent to the owner.
-pub(crate) struct CallPtr(pub *const RemoteCall);
-
-// SAFETY: the call it points at stays valid until `done` is set (the caller's future
-// waits for it even when dropped), and the owner accesses it only through atomics and
-// fields written before the pointer was sent.
-unsafe impl Send for CallPtr {}
-
-impl RemoteCall {
-    /// The caller's segments.
-    ///
-    /// # Safety
-    /// Only between receiving the pointer and setting `done`.
-    pub(crate) unsafe fn segs(&self) -> &[IoSeg<'static>] {
-        if self.nsegs == 0 {
-            return &[];
-        }
-        // SAFETY: the caller's future borrows these segments until `done`.
-        unsafe { std::slice::from_raw_parts(self.segs, self.nsegs) }
-    }
-
-    /// Publishes the result and wakes the caller. The call must not be touched after.
-    pub(crate) fn complete(&self, r: Result<(), IoError>, status: u64) {
-        let waker = self.waker.clone();
-        self.status.store(status, Ordering::Relaxed);
-        self.result.store(encode(r), Ordering::Relaxed);
-        // Release: the caller that sees `done` sees the result (and our data writes).
-        self.done.store(true, Ordering::Release);
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-fn encode(r: Result<(), IoError>) -> i64 {
-    match r {
-        Ok(()) => 0,
-        Err(IoError::Os(e)) => i64::from(e),
-        Err(IoError::OutOfRange) => -1,
-        Err(IoError::ReadOnly) => -2,
-        Err(IoError::NotSupported) => -3,
-        Err(IoError::NoSpace) => -4,
-        Err(IoError::Corrupt) => -5,
-        Err(IoError::TooLarge) => -6,
-        Err(IoError::Shutdown) => -7,
-        Err(IoError::Invalid) => -8,
-    }
-}
-
-fn decode(v: i64) -> Result<(), IoError> {
-    match v {
-        0 => Ok(()),
-        -1 => Err(IoError::OutOfRange),
-        -2 => Err(IoError::ReadOnly),
-        -3 => Err(IoError::NotSupported),
-        -4 => Err(IoError::NoSpace),
-        -5 => Err(IoError::Corrupt),
-        -6 => Err(IoError::TooLarge),
-        -7 => Err(IoError::Shutdown),
-        -8 => Err(IoError::Invalid),
-        e => Err(IoError::Os(e as i32)),
-    }
-}
-
-pub(crate) fn encode_status(s: BlockStatus) -> u64 {
-    (s.len << 2) | u64::from(s.hole) << 1 | u64::from(s.zero)
-}
-
-fn decode_status(v: u64) -> BlockStatus {
-    BlockStatus { len: v >> 2, hole: v & 2 != 0, zero: v & 1 != 0 }
-}
-
-/// A shard's queue of calls to run: an intrusive FIFO on the owner's thread.
-pub(crate) struct Inbox {
-    head: Cell<*const RemoteCall>,
-    tail: Cell<*const RemoteCall>,
-    waker: RefCell<Option<Waker>>,
-    closed: Cell<bool>,
-}
-
-impl Inbox {
-    pub(crate) fn new() -> Rc<Inbox> {
-        Rc::new(Inbox {
-            head: Cell::new(std::ptr::null()),
-            tail: Cell::new(std::ptr::null()),
-            waker: RefCell::new(None),
-            closed: Cell::new(false),
-        })
-    }
-
-    pub(crate) fn push(&self, p: CallPtr) {
-        // SAFETY: the call stays valid until it is completed, which happens after it
-        // leaves the inbox; only this thread touches its link.
-        let call = unsafe { &*p.0 };
-        call.next.store(std::ptr::null_mut(), Ordering::Relaxed);
-        let tail = self.tail.get();
-        if tail.is_null() {
-            self.head.set(p.0);
-        } else {
-            // SAFETY: `tail` is a queued, valid call (see above).
-            unsafe { &*tail }.next.store(p.0.cast_mut(), Ordering::Relaxed);
-        }
-        self.tail.set(p.0);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    fn take(&self) -> Option<CallPtr> {
-        let head = self.head.get();
-        if head.is_null() {
-            return None;
-        }
-        // SAFETY: `head` is a queued, valid call.
-        let next = unsafe { &*head }.next.load(Ordering::Relaxed);
-        self.head.set(next);
-        if next.is_null() {
-            self.tail.set(std::ptr::null());
-        }
-        Some(CallPtr(head))
-    }
-
-    /// The next call, or `None` once closed and empty.
-    async fn pop(&self) -> Option<CallPtr> {
-        std::future::poll_fn(|cx| match self.take() {
-            Some(p) => Poll::Ready(Some(p)),
-            None if self.closed.get() => Poll::Ready(None),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
-
-    /// Lets the dispatcher finish once the calls queued so far are done.
-    pub(crate) fn close(&self) {
-        self.closed.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-}
-
 /// A shard's inboxes, one per class of call.
 pub(crate) struct Inboxes {
-    data: Rc<Inbox>,
-    piece: Rc<Inbox>,
-    control: Rc<Inbox>,
+    data: Rc<Inbox<Msg>>,
+    piece: Rc<Inbox<Msg>>,
+    control: Rc<Inbox<Msg>>,
+}
+
+impl route::Sink<Msg> for Inboxes {
+    fn push(&self, p: CallPtr) {
+        Inboxes::push(self, p)
+    }
 }
 
 impl Inboxes {
     /// The inboxes, with a dispatcher task for each on the current reactor.
     pub(crate) fn start(shard: &Rc<Shard>) -> Rc<Inboxes> {
         let b = Rc::new(Inboxes { data: Inbox::new(), piece: Inbox::new(), control: Inbox::new() });
-        poller::spawn(dispatch(shard.clone(), b.data.clone(), CALL_POOL));
-        poller::spawn(dispatch(shard.clone(), b.piece.clone(), PIECE_POOL));
-        poller::spawn(dispatch(shard.clone(), b.control.clone(), CONTROL_POOL));
+        for (inbox, cap) in
+            [(&b.data, CALL_POOL), (&b.piece, PIECE_POOL), (&b.control, CONTROL_POOL)]
+        {
+            let sh = shard.clone();
+            poller::spawn(route::dispatch(inbox.clone(), cap, move |p| execute(sh.clone(), p)));
+        }
         b
     }
 
     pub(crate) fn push(&self, p: CallPtr) {
-        // SAFETY: see `CallPtr`; `class` was written before the pointer was sent.
-        let class = unsafe { &*p.0 }.class;
+        // SAFETY: see `CallPtr`; the class was written before the pointer was sent.
+        let (class, _) = unsafe { &*p.0 }.op;
         match class {
             Class::Data => self.data.push(p),
             Class::Piece => self.piece.push(p),
@@ -307,115 +148,21 @@ async fn execute(shard: Rc<Shard>, p: CallPtr) {
     let call = unsafe { &*p.0 };
     // SAFETY: as above.
     let segs = unsafe { call.segs() };
-    let (r, status) = match call.class {
-        Class::Control => (shard.control(call.op, call.off, true).await, 0),
-        Class::Data | Class::Piece => shard.serve(call.op, call.off, segs).await,
+    let (class, op) = call.op;
+    let (r, status) = match class {
+        Class::Control => (shard.control(op, call.off, true).await, 0),
+        Class::Data | Class::Piece => shard.serve(op, call.off, segs).await,
     };
     call.complete(r, status);
 }
 
-/// Runs the calls of `inbox` on `shard`, at most `capacity` at once.
-async fn dispatch(shard: Rc<Shard>, inbox: Rc<Inbox>, capacity: u32) {
-    let pool = TaskPool::new(capacity);
-    while let Some(p) = inbox.pop().await {
-        while pool.is_full() {
-            pool.finished().await;
-        }
-        if pool.spawn(execute(shard.clone(), p)).is_err() {
-            unreachable!("the pool had room");
-        }
-    }
-    pool.drain().await;
-}
-
+/// A call to a shard: who sent it (which inbox takes it) and what it asks.
+pub(crate) type Msg = (Class, Op);
+pub(crate) type CallPtr = route::CallPtr<Msg>;
 /// Where calls to one shard go.
-pub(crate) enum Route {
-    /// The shard is on this reactor.
-    Local(Rc<Inboxes>),
-    /// Another reactor does; its mailbox takes the calls.
-    Remote(MailSender<CallPtr>),
-}
-
-/// A call on its way to the owner; resolves to (result, status word).
-pub(crate) struct Forward<'a> {
-    call: RemoteCall,
-    route: &'a Route,
-    sent: bool,
-    _pin: PhantomPinned,
-    _segs: PhantomData<&'a [IoSeg<'a>]>,
-}
-
-impl<'a> Forward<'a> {
-    pub(crate) fn new(
-        route: &'a Route,
-        class: Class,
-        op: Op,
-        off: u64,
-        segs: &'a [IoSeg<'a>],
-    ) -> Self {
-        Forward {
-            call: RemoteCall {
-                class,
-                op,
-                off,
-                segs: segs.as_ptr().cast(),
-                nsegs: segs.len(),
-                waker: None,
-                result: AtomicI64::new(0),
-                status: AtomicU64::new(0),
-                done: AtomicBool::new(false),
-                next: AtomicPtr::new(std::ptr::null_mut()),
-            },
-            route,
-            sent: false,
-            _pin: PhantomPinned,
-            _segs: PhantomData,
-        }
-    }
-}
-
-impl Future for Forward<'_> {
-    type Output = (Result<(), IoError>, u64);
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: nothing is moved out; the call stays where it is until we return
-        // Ready or are dropped (which waits for `done`).
-        let this = unsafe { self.get_unchecked_mut() };
-        if !this.sent {
-            this.call.waker = Some(cx.waker().clone());
-            match this.route {
-                Route::Local(inbox) => {
-                    inbox.push(CallPtr(&this.call));
-                    this.sent = true;
-                }
-                Route::Remote(tx) => match tx.try_send(CallPtr(&this.call)) {
-                    Ok(()) => this.sent = true,
-                    // The owner's ring is full: try again next tick.
-                    Err(_) => cx.waker().wake_by_ref(),
-                },
-            }
-            return Poll::Pending;
-        }
-        // Acquire: pairs with the owner's Release store of `done`.
-        if this.call.done.load(Ordering::Acquire) {
-            this.sent = false;
-            let r = decode(this.call.result.load(Ordering::Relaxed));
-            Poll::Ready((r, this.call.status.load(Ordering::Relaxed)))
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-impl Drop for Forward<'_> {
-    fn drop(&mut self) {
-        if self.sent {
-            while !self.call.done.load(Ordering::Acquire) {
-                std::thread::yield_now();
-            }
-        }
-    }
-}
+pub(crate) type Route = route::Route<Msg, Inboxes>;
+/// A call on its way to its shard.
+pub(crate) type Forward<'a> = route::Forward<'a, Msg, Inboxes>;
 
 /// Runs `op` as a control call on every shard but `me`, alongside `local`; the first
 /// error of any. No allocation: the calls live in an array in this future.
@@ -428,7 +175,7 @@ pub(crate) async fn broadcast(
     let mut calls: [Option<Forward<'_>>; MAX_SHARDS] = std::array::from_fn(|_| None);
     for (k, r) in peers.iter().enumerate() {
         if k != me {
-            calls[k] = Some(Forward::new(r, Class::Control, op, 0, &[]));
+            calls[k] = Some(Forward::new(r, (Class::Control, op), 0, &[]));
         }
     }
     let mut calls = std::pin::pin!(calls);
@@ -482,7 +229,7 @@ pub struct Qcow2Channel {
 impl Qcow2Channel {
     async fn call(&self, op: Op, off: u64, segs: &[IoSeg<'_>]) -> (Result<(), IoError>, u64) {
         let owner = if op == Op::Flush { 0 } else { self.img.guest_owner(off) };
-        Forward::new(&self.routes[owner], Class::Data, op, off, segs).await
+        Forward::new(&self.routes[owner], (Class::Data, op), off, segs).await
     }
 
     pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
@@ -540,7 +287,7 @@ impl Qcow2Channel {
             return Err(IoError::Invalid);
         }
         let (r, st) = self.call(Op::Status { len }, off, &[]).await;
-        r.map(|()| decode_status(st))
+        r.map(|()| route::decode_status(st))
     }
 
     async fn zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {

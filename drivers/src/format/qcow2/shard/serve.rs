@@ -102,7 +102,7 @@ impl Shard {
         let Some(r) = self.peers.get().and_then(|p| p.get(k)) else {
             return (Err(IoError::Shutdown), 0);
         };
-        Forward::new(r, class, op, off, segs).await
+        Forward::new(r, (class, op), off, segs).await
     }
 
     /// One of the leader's operations: run here on the leader, else sent to it.

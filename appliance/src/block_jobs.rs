@@ -1,0 +1,357 @@
+//! Block jobs over the control socket: `mirror_start`, `job_list`, `job_complete`,
+//! `job_cancel`, `job_pause`, `job_resume`, `job_set_speed`.
+//!
+//! Starting a mirror is control-plane work: the parameters are checked (each error
+//! names its key), the target is created if asked (a raw or qcow2 file of the disk's
+//! size) and opened like a disk of the appliance (O_DIRECT, its own shards), and then
+//! the job runs on a reactor (`jobs::mirror`). A target must not be the disk's own
+//! file nor any file the appliance serves. When a mirror pivots, the disk's entry in
+//! the running configuration follows it to the target.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jobs::{CopyMode, Ending, ErrorPolicy, Job, JobError, Mirror, MirrorOptions, SyncMode};
+use serde_json::{Value, json};
+
+use crate::control::{FAILED, Fail, INVALID_PARAMS, Params, only};
+use crate::serve::Appliance;
+
+/// The methods this module answers.
+pub const METHODS: &[&str] = &[
+    "mirror_start",
+    "job_list",
+    "job_complete",
+    "job_cancel",
+    "job_pause",
+    "job_resume",
+    "job_set_speed",
+];
+
+impl From<JobError> for Fail {
+    fn from(e: JobError) -> Fail {
+        let data = match &e {
+            JobError::NotFound(j) | JobError::WrongState(j, ..) => Some(json!({"job": j})),
+            JobError::Busy(d, j) => Some(json!({"disk": d, "job": j})),
+            JobError::Invalid(_) => None,
+        };
+        Fail(FAILED, e.to_string(), data)
+    }
+}
+
+/// Typed access to a method's parameters; every error names the key.
+struct Args<'a> {
+    method: &'a str,
+    params: &'a Params,
+}
+
+impl Args<'_> {
+    fn bad(&self, key: &str, what: &str) -> Fail {
+        Fail(INVALID_PARAMS, format!("{}: `{key}` {what}", self.method), Some(json!({"key": key})))
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&str>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+            Some(_) => Err(self.bad(key, "must be a non-empty string")),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<&str, Fail> {
+        self.opt_str(key)?.ok_or_else(|| self.bad(key, "is required"))
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| self.bad(key, "must be a non-negative integer"))
+            }
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "must be true or false")),
+        }
+    }
+
+    /// One of `choices`, parsed by `parse`.
+    fn opt_enum<T>(
+        &self,
+        key: &str,
+        choices: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, Fail> {
+        match self.opt_str(key)? {
+            None => Ok(None),
+            Some(s) => parse(s)
+                .map(Some)
+                .ok_or_else(|| self.bad(key, &format!("must be one of {choices}, not \"{s}\""))),
+        }
+    }
+}
+
+/// Answers a job method.
+pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fail> {
+    let a = Args { method, params };
+    match method {
+        "mirror_start" => mirror_start(app, &a),
+        "job_list" => {
+            only(params, method, &["job"])?;
+            match a.opt_str("job")? {
+                Some(id) => Ok(app.jobs().get(id)?.to_json()),
+                None => Ok(app.jobs().to_json()),
+            }
+        }
+        "job_complete" => control(app, &a, &["job"], |j| j.complete()),
+        "job_cancel" => {
+            let force = a.opt_bool("force")?.unwrap_or(false);
+            control(app, &a, &["job", "force"], |j| j.cancel(force))
+        }
+        "job_pause" => control(app, &a, &["job"], |j| j.pause()),
+        "job_resume" => control(app, &a, &["job"], |j| j.resume()),
+        "job_set_speed" => {
+            only(params, method, &["job", "speed"])?;
+            let speed = a.opt_u64("speed")?.ok_or_else(|| a.bad("speed", "is required"))?;
+            let job = app.jobs().get(a.str("job")?)?;
+            job.set_speed(speed);
+            Ok(job.to_json())
+        }
+        _ => unreachable!("not a job method: {method}"),
+    }
+}
+
+fn control(
+    app: &Appliance,
+    a: &Args<'_>,
+    keys: &[&str],
+    f: impl Fn(&Job) -> Result<(), JobError>,
+) -> Result<Value, Fail> {
+    only(a.params, a.method, keys)?;
+    let job = app.jobs().get(a.str("job")?)?;
+    f(&job)?;
+    Ok(job.to_json())
+}
+
+const MIRROR_KEYS: &[&str] = &[
+    "disk",
+    "target",
+    "format",
+    "create",
+    "sync",
+    "granularity",
+    "buf_size",
+    "copy_mode",
+    "speed",
+    "unmap",
+    "on_source_error",
+    "on_target_error",
+];
+
+fn options(a: &Args<'_>) -> Result<MirrorOptions, Fail> {
+    let d = MirrorOptions::default();
+    let policy = |key| a.opt_enum(key, "report, ignore, stop", ErrorPolicy::parse);
+    let sync = a.opt_enum("sync", "full, none", |s| match s {
+        "full" => Some(SyncMode::Full),
+        "none" => Some(SyncMode::None),
+        _ => None,
+    })?;
+    let o = MirrorOptions {
+        sync: sync.unwrap_or(d.sync),
+        granularity: a.opt_u64("granularity")?.unwrap_or(d.granularity),
+        buf_size: a.opt_u64("buf_size")?.unwrap_or(d.buf_size),
+        copy_mode: a
+            .opt_enum("copy_mode", "background, write-blocking, adaptive", CopyMode::parse)?
+            .unwrap_or(d.copy_mode),
+        speed: a.opt_u64("speed")?.unwrap_or(d.speed),
+        unmap: a.opt_bool("unmap")?.unwrap_or(d.unmap),
+        on_source_error: policy("on_source_error")?.unwrap_or(d.on_source_error),
+        on_target_error: policy("on_target_error")?.unwrap_or(d.on_target_error),
+    };
+    let g = o.granularity;
+    if !g.is_power_of_two()
+        || !(jobs::bitmap::MIN_GRANULARITY..=jobs::bitmap::MAX_GRANULARITY).contains(&g)
+    {
+        return Err(a.bad("granularity", "must be a power of two from 4096 to 64 MiB"));
+    }
+    if o.buf_size < g.min(jobs::mirror::MAX_COPY) {
+        return Err(a.bad("buf_size", "must hold at least one copy (the granularity, up to 1 MiB)"));
+    }
+    Ok(o)
+}
+
+fn mirror_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
+    only(a.params, a.method, MIRROR_KEYS)?;
+    let disk = a.str("disk")?;
+    let (source, disk_cfg) = app.served_disk(disk).map_err(|e| {
+        let mut f = Fail::from(e);
+        f.2 = Some(json!({"key": "disk", "disk": disk}));
+        f
+    })?;
+    let opts = options(a)?;
+    let target = a.str("target")?;
+    let create = a.opt_bool("create")?.unwrap_or(false);
+    let format = a.opt_enum("format", "raw, qcow2", |s| match s {
+        "raw" => Some(config::Format::Raw),
+        "qcow2" => Some(config::Format::Qcow2),
+        _ => None,
+    })?;
+    let reactors = app.job_reactors();
+    if target.contains("://") {
+        let tbdev = open_nbd_target(app, a, disk, target, create, format, &reactors)?;
+        let tcfg = config::Disk {
+            path: Some(PathBuf::from(target)),
+            driver: config::Driver::Nbd,
+            direct: false,
+            format: config::Format::Raw,
+            ..disk_cfg.clone()
+        };
+        return start(app, disk, source, tbdev, target.to_string(), false, tcfg, reactors, opts);
+    }
+    let path = app.resolve(Path::new(target));
+    if app.serves_file(&path) {
+        return Err(
+            a.bad("target", &format!("is {}, a file this appliance serves", path.display()))
+        );
+    }
+    let format = prepare_target(a, &path, create, format, disk_cfg.format, source.info().size)?;
+    let tcfg = target_config(&disk_cfg, &path, format);
+    let tbdev = drivers::Bdev::open(&tcfg, &reactors)
+        .map_err(|e| a.bad("target", &format!("cannot be opened: {e}")))?;
+    let name = path.display().to_string();
+    let tcfg = config::Disk { name: disk_cfg.name.clone(), ..tcfg };
+    start(app, disk, source, tbdev, name, create, tcfg, reactors, opts)
+}
+
+/// Starts the job; when it pivots, the disk's configuration becomes `moved` (the
+/// target's path, format and driver, with the disk's own exports and limits).
+#[allow(clippy::too_many_arguments)]
+fn start(
+    app: &Arc<Appliance>,
+    disk: &str,
+    source: Arc<drivers::Bdev>,
+    target: Arc<drivers::Bdev>,
+    target_name: String,
+    target_zeroed: bool,
+    moved: config::Disk,
+    reactors: Vec<poller::ReactorHandle>,
+    opts: MirrorOptions,
+) -> Result<Value, Fail> {
+    let weak = Arc::downgrade(app);
+    let name = disk.to_string();
+    let m = Mirror {
+        source,
+        target,
+        target_name,
+        target_zeroed,
+        reactors,
+        opts,
+        on_end: Box::new(move |ending| {
+            if ending == Ending::Pivoted
+                && let Some(app) = weak.upgrade()
+            {
+                app.disk_moved(&name, moved);
+            }
+        }),
+    };
+    let job = jobs::mirror::start(app.jobs(), m)?;
+    Ok(json!({"job": job.id}))
+}
+
+/// Opens an NBD export as a raw target, refusing one that is this very disk.
+fn open_nbd_target(
+    app: &Appliance,
+    a: &Args<'_>,
+    disk: &str,
+    uri: &str,
+    create: bool,
+    format: Option<config::Format>,
+    reactors: &[poller::ReactorHandle],
+) -> Result<Arc<drivers::Bdev>, Fail> {
+    if create {
+        return Err(a.bad("create", "applies to a file target, not an NBD export"));
+    }
+    if format == Some(config::Format::Qcow2) {
+        return Err(a.bad("format", "of an NBD export is raw (the guest view the server exports)"));
+    }
+    let u = drivers::io::nbd::uri::NbdUri::parse(uri)
+        .map_err(|e| a.bad("target", &format!("is not an NBD URI: {e}")))?;
+    if u.export == disk && app.listens_at(&u.address) {
+        return Err(a.bad("target", "is this disk's own export on this appliance"));
+    }
+    let storage = drivers::io::nbd::open(uri, &reactors[0])
+        .map_err(|e| a.bad("target", &format!("cannot be opened: {e}")))?;
+    let driver = drivers::format::raw::RawDriver::new(storage, false);
+    Ok(drivers::Bdev::new(&format!("{disk}.mirror"), Arc::new(driver), Default::default()))
+}
+
+/// Makes or checks the target file; returns its format.
+fn prepare_target(
+    a: &Args<'_>,
+    path: &Path,
+    create: bool,
+    format: Option<config::Format>,
+    source_format: config::Format,
+    size: u64,
+) -> Result<config::Format, Fail> {
+    let exists = path.exists();
+    if create {
+        if exists {
+            return Err(a.bad(
+                "target",
+                &format!("{} exists; leave out `create` to mirror into it", path.display()),
+            ));
+        }
+        let format = format.unwrap_or(source_format);
+        let r = match format {
+            config::Format::Qcow2 => {
+                let o = drivers::qcow2::create::CreateOptions { size, ..Default::default() };
+                drivers::qcow2::create::create(path, &o).map_err(|e| e.to_string())
+            }
+            config::Format::Raw => std::fs::File::create_new(path)
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| a.bad("target", &format!("cannot be created: {}: {e}", path.display())))?;
+        return Ok(format);
+    }
+    if !exists {
+        return Err(a.bad(
+            "target",
+            &format!("{} does not exist (set `create` to make it)", path.display()),
+        ));
+    }
+    Ok(format.unwrap_or_else(|| {
+        if is_qcow2(path) { config::Format::Qcow2 } else { config::Format::Raw }
+    }))
+}
+
+fn is_qcow2(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && magic == *b"QFI\xfb"
+}
+
+/// The target opened the way the disk is (same engine, O_DIRECT as the disk).
+fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> config::Disk {
+    let dir: PathBuf = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    config::Disk {
+        name: format!("{}.mirror", disk.name),
+        path: Some(path.to_path_buf()),
+        format,
+        driver: disk.driver,
+        direct: disk.direct,
+        read_only: false,
+        size: None,
+        allowed_backing_dirs: vec![dir],
+        l2_cache_bytes: None,
+        refcount_cache_bytes: None,
+        shards: None,
+        vhost_user_blk: None,
+        qos: None,
+    }
+}

@@ -1,0 +1,211 @@
+//! A disk's handle on one reactor: every request is validated, counted in at the
+//! disk's gate, admitted by QoS, then goes to the driver's channel — through the
+//! disk's write filter when a job has put one there.
+//!
+//! The driver channel and the filter (with a channel to the filter's target) are what
+//! the disk's generation said when they were opened. A request that finds the
+//! generation changed reopens them first; that happens only after a quiesce, so no
+//! request of this channel is in flight on the old ones (a job's own channel, which a
+//! quiesce does not hold back, may still finish one there: each request holds the
+//! generation it started on).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::gate::{CurrentCell, Gate, InFlight, gate};
+use super::{Admit, Bdev, ReqKind};
+use crate::driver::{BlockStatus, DriverChannel, ZeroFlags};
+use crate::error::IoError;
+use crate::seg::{self, IoSeg};
+
+use super::filter::{Decision, WriteFilter};
+
+/// How long a change waits before asking a filter again about a busy range (a copy of
+/// it is under way, typically for a millisecond).
+const FILTER_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// What this channel opened at one generation of its disk.
+pub(crate) struct Current {
+    pub(crate) generation: u64,
+    ch: Box<dyn DriverChannel>,
+    filter: Option<Arc<dyn WriteFilter>>,
+    /// The filter's target's driver on this reactor, for mirrored changes (requests
+    /// here are already validated against a disk of the same size).
+    target: Option<Box<dyn DriverChannel>>,
+}
+
+/// A device's handle on one reactor.
+pub struct BdevChannel {
+    bdev: Arc<Bdev>,
+    cur: Rc<CurrentCell>,
+    gate: Rc<Gate>,
+    /// A block job's channel: passes a paused gate, not counted.
+    internal: bool,
+}
+
+/// A change a filter sees.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Write(&'a [IoSeg<'a>], bool),
+    Zero(ZeroFlags),
+    Discard,
+}
+
+impl Change<'_> {
+    async fn apply(self, ch: &dyn DriverChannel, off: u64, len: u64) -> Result<(), IoError> {
+        match self {
+            Change::Write(segs, fua) => ch.write(off, segs, fua).await,
+            Change::Zero(flags) => ch.write_zeroes(off, len, flags).await,
+            Change::Discard => ch.discard(off, len).await,
+        }
+    }
+
+    /// The change as the target takes it: it must read zeros where the disk does, so
+    /// never a zero write that may fail for being slow.
+    fn for_target(self) -> Self {
+        match self {
+            Change::Zero(flags) => Change::Zero(ZeroFlags { fast_only: false, ..flags }),
+            c => c,
+        }
+    }
+}
+
+impl BdevChannel {
+    pub(super) fn open(bdev: &Arc<Bdev>, internal: bool) -> Result<BdevChannel, IoError> {
+        let cur = Rc::new(RefCell::new(Rc::new(current_of(bdev)?)));
+        let gate = gate(bdev.id);
+        gate.register(&cur);
+        Ok(BdevChannel { bdev: bdev.clone(), cur, gate, internal })
+    }
+
+    pub fn bdev(&self) -> &Arc<Bdev> {
+        &self.bdev
+    }
+
+    pub fn info(&self) -> &super::DeviceInfo {
+        &self.bdev.info
+    }
+
+    /// The channels of the disk's current generation, reopened if it changed.
+    fn current(&self) -> Result<Rc<Current>, IoError> {
+        let g = self.bdev.generation.load(Ordering::Acquire);
+        let mut cur = self.cur.borrow_mut();
+        if cur.generation != g {
+            *cur = Rc::new(current_of(&self.bdev)?);
+        }
+        Ok(cur.clone())
+    }
+
+    /// Counts a request in (waiting while the disk is quiesced), unless internal.
+    async fn gate(&self) -> Option<InFlight<'_>> {
+        if self.internal { None } else { Some(self.gate.enter().await) }
+    }
+
+    /// The shared validation step, then QoS admission; `false` means there is nothing
+    /// to do (a zero-length request) and the caller answers success.
+    async fn admit(&self, kind: ReqKind, off: u64, len: u64) -> Result<bool, IoError> {
+        if self.bdev.info.admit(kind, off, len)? == Admit::Nothing {
+            return Ok(false);
+        }
+        self.bdev.qos.admit(if kind.moves_data() { len } else { 0 }).await;
+        Ok(true)
+    }
+
+    pub async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        if !self.admit(ReqKind::Read, off, seg::total_len(segs) as u64).await? {
+            return Ok(());
+        }
+        let _in = self.gate().await;
+        self.current()?.ch.read(off, segs).await
+    }
+
+    /// Writes `segs` at `off`; with `fua` the data is durable on completion.
+    pub async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
+        let len = seg::total_len(segs) as u64;
+        if !self.admit(ReqKind::Write, off, len).await? {
+            return Ok(());
+        }
+        self.change(Change::Write(segs, fua), off, len).await
+    }
+
+    /// Makes every write completed before this call durable, whichever channel or
+    /// reactor completed it.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        let _in = self.gate().await;
+        self.current()?.ch.flush().await
+    }
+
+    pub async fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {
+        if !self.admit(ReqKind::WriteZeroes, off, len).await? {
+            return Ok(());
+        }
+        self.change(Change::Zero(flags), off, len).await
+    }
+
+    /// Releases the range if the device can; contents become unspecified.
+    pub async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
+        if !self.admit(ReqKind::Discard, off, len).await? {
+            return Ok(());
+        }
+        self.change(Change::Discard, off, len).await
+    }
+
+    /// A change of the disk's contents, through the filter if there is one.
+    async fn change(&self, c: Change<'_>, off: u64, len: u64) -> Result<(), IoError> {
+        let _in = self.gate().await;
+        let cur = self.current()?;
+        let Some(f) = &cur.filter else {
+            return c.apply(&*cur.ch, off, len).await;
+        };
+        let mut d = f.begin(off, len);
+        while d == Decision::Wait {
+            poller::sleep(FILTER_WAIT).await;
+            d = f.begin(off, len);
+        }
+        match d {
+            Decision::Wait => unreachable!("waited above"),
+            Decision::Track => {
+                let r = c.apply(&*cur.ch, off, len).await;
+                f.changed(off, len);
+                r
+            }
+            Decision::Mirror => {
+                let r = c.apply(&*cur.ch, off, len).await;
+                let target_ok = match (&r, &cur.target) {
+                    (Ok(()), Some(t)) => c.for_target().apply(&**t, off, len).await.is_ok(),
+                    _ => false,
+                };
+                f.mirrored(off, len, r.is_ok(), target_ok);
+                r
+            }
+        }
+    }
+
+    /// The status of the bytes from `off`, at most `len` (> 0) of them.
+    pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
+        self.bdev.info.admit(ReqKind::BlockStatus, off, len)?;
+        let _in = self.gate().await;
+        let st = self.current()?.ch.block_status(off, len).await?;
+        debug_assert!(st.len > 0 && st.len <= len, "block status of {} bytes for {len}", st.len);
+        Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
+    }
+
+    /// A hint that the range will be read soon.
+    pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
+        self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())
+    }
+}
+
+/// What a channel opens at the disk's current generation.
+pub(crate) fn current_of(bdev: &Bdev) -> Result<Current, IoError> {
+    // The generation first: a change after this load is seen at the next request.
+    let generation = bdev.generation.load(Ordering::Acquire);
+    let stack = bdev.stack();
+    let target = match stack.filter.as_ref().and_then(|f| f.target()) {
+        Some(t) => Some(t.driver().open_channel()?),
+        None => None,
+    };
+    Ok(Current { generation, ch: stack.driver.open_channel()?, filter: stack.filter, target })
+}
