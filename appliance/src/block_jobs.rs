@@ -20,6 +20,8 @@ use crate::serve::Appliance;
 /// The methods this module answers.
 pub const METHODS: &[&str] = &[
     "mirror_start",
+    "stream_start",
+    "commit_start",
     "job_list",
     "job_complete",
     "job_cancel",
@@ -99,6 +101,8 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
     let a = Args { method, params };
     match method {
         "mirror_start" => mirror_start(app, &a),
+        "stream_start" => stream_start(app, &a),
+        "commit_start" => commit_start(app, &a),
         "job_list" => {
             only(params, method, &["job"])?;
             match a.opt_str("job")? {
@@ -243,6 +247,7 @@ fn start(
     let weak = Arc::downgrade(app);
     let name = disk.to_string();
     let m = Mirror {
+        kind: jobs::JobKind::Mirror,
         source,
         target,
         target_name,
@@ -354,4 +359,120 @@ fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> co
         vhost_user_blk: None,
         qos: None,
     }
+}
+
+/// The served disk a job names (`disk`), with its configuration; the error names the key.
+fn job_disk(app: &Appliance, a: &Args<'_>) -> Result<(Arc<drivers::Bdev>, config::Disk), Fail> {
+    let disk = a.str("disk")?;
+    app.served_disk(disk).map_err(|e| {
+        let mut f = Fail::from(e);
+        f.2 = Some(json!({"key": "disk", "disk": disk}));
+        f
+    })
+}
+
+fn stream_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
+    only(a.params, a.method, &["disk", "speed"])?;
+    let (disk, _) = job_disk(app, a)?;
+    let s = jobs::stream::Stream {
+        disk,
+        reactors: app.job_reactors(),
+        speed: a.opt_u64("speed")?.unwrap_or(0),
+        on_end: Box::new(|_| {}),
+    };
+    let job = jobs::stream::start(app.jobs(), s).map_err(|e| keyed(e, "disk"))?;
+    Ok(json!({"job": job.id}))
+}
+
+/// A job's refusal, naming `key` when it is about the request.
+fn keyed(e: JobError, key: &str) -> Fail {
+    let invalid = matches!(e, JobError::Invalid(_));
+    let mut f = Fail::from(e);
+    if invalid {
+        f.0 = INVALID_PARAMS;
+        f.2 = Some(json!({"key": key}));
+    }
+    f
+}
+
+/// An active commit: the disk's image (and any between) written into `base` (default:
+/// its backing file), new writes mirrored until ready; `job_complete` switches the
+/// disk onto the base, which keeps its own backing chain.
+fn commit_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
+    only(a.params, a.method, &["disk", "base", "top", "speed"])?;
+    let (source, disk_cfg) = job_disk(app, a)?;
+    let chain = source.driver().chain();
+    if chain.len() < 2 {
+        return Err(a.bad("disk", "has no backing file to commit into"));
+    }
+    if let Some(top) = a.opt_str("top")? {
+        let p = app.resolve(Path::new(top));
+        if p != chain[0].path {
+            return Err(a.bad("top", "names an image below the disk's own; committing a layer below the active one is not built yet"));
+        }
+    }
+    let depth = match a.opt_str("base")? {
+        None => 1,
+        Some(b) => {
+            let p = app.resolve(Path::new(b));
+            let same = |l: &drivers::driver::ChainLink| {
+                l.path == p || std::fs::canonicalize(&p).is_ok_and(|c| c == l.path)
+            };
+            chain.iter().skip(1).position(same).map(|i| i + 1).ok_or_else(|| {
+                let names: Vec<String> =
+                    chain[1..].iter().map(|l| l.path.display().to_string()).collect();
+                a.bad("base", &format!("is not in the disk's backing chain ({})", names.join(", ")))
+            })?
+        }
+    };
+    let base = &chain[depth];
+    let format = if base.format == "qcow2" { config::Format::Qcow2 } else { config::Format::Raw };
+    let dir = base.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let tcfg = config::Disk {
+        path: Some(base.path.clone()),
+        format,
+        allowed_backing_dirs: if disk_cfg.allowed_backing_dirs.is_empty() {
+            vec![dir]
+        } else {
+            disk_cfg.allowed_backing_dirs.clone()
+        },
+        l2_cache_bytes: None,
+        refcount_cache_bytes: None,
+        shards: None,
+        ..disk_cfg.clone()
+    };
+    let reactors = app.job_reactors();
+    let tbdev = drivers::api::open::open_unlocked(
+        &config::Disk { name: format!("{}.commit", disk_cfg.name), ..tcfg.clone() },
+        &reactors,
+    )
+    .map_err(|e| a.bad("base", &format!("cannot be opened for writing: {e}")))?;
+    let opts = MirrorOptions {
+        sync: SyncMode::Above(depth as u8 + 1),
+        speed: a.opt_u64("speed")?.unwrap_or(0),
+        // The base may have a backing file of its own: what the disk reads as zeros is
+        // written as zeros there, never unmapped.
+        unmap: false,
+        ..MirrorOptions::default()
+    };
+    let weak = Arc::downgrade(app);
+    let name = disk_cfg.name.clone();
+    let m = Mirror {
+        kind: jobs::JobKind::Commit,
+        source,
+        target: tbdev,
+        target_name: base.path.display().to_string(),
+        target_zeroed: false,
+        reactors,
+        opts,
+        on_end: Box::new(move |ending| {
+            if ending == Ending::Pivoted
+                && let Some(app) = weak.upgrade()
+            {
+                app.disk_moved(&name, tcfg);
+            }
+        }),
+    };
+    let job = jobs::mirror::start(app.jobs(), m)?;
+    Ok(json!({"job": job.id}))
 }

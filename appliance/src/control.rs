@@ -24,7 +24,7 @@
 //!   granularity?, buf_size?, copy_mode?, speed?, unmap?, on_source_error?,
 //!   on_target_error?}` → `{job}`; `job_list {job?}`; `job_complete {job}`;
 //!   `job_cancel {job, force?}`; `job_pause`, `job_resume {job}`; `job_set_speed {job,
-//!   speed}`.
+//!   speed}`; `stream_start {disk, speed?}`; `commit_start {disk, base?, speed?}`.
 //!
 //! Errors use JSON-RPC's codes: -32700 parse error, -32600 invalid request, -32601
 //! unknown method, -32602 invalid params (with `data.key` naming the offending key when

@@ -63,6 +63,28 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Pull DISK's backing chain up into its image, then drop the backing link.
+    Stream {
+        disk: String,
+        /// Bytes per second (0: unlimited).
+        #[arg(long)]
+        speed: Option<u64>,
+        /// Wait (with a progress bar) until the job has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Commit DISK's image into BASE (default: its backing file); `job complete` then
+    /// switches the disk onto the base.
+    Commit {
+        disk: String,
+        #[arg(long)]
+        base: Option<String>,
+        #[arg(long)]
+        speed: Option<u64>,
+        /// Wait until the job is ready.
+        #[arg(long)]
+        wait: bool,
+    },
     /// List block jobs (or one).
     Jobs { job: Option<String> },
     /// Control a block job.
@@ -193,6 +215,23 @@ pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
             p["target"] = json!(target);
             ("mirror_start", p)
         }
+        CtlCommand::Stream { disk, speed, .. } => {
+            let mut p = json!({"disk": disk});
+            if let Some(v) = speed {
+                p["speed"] = json!(v);
+            }
+            ("stream_start", p)
+        }
+        CtlCommand::Commit { disk, base, speed, .. } => {
+            let mut p = json!({"disk": disk});
+            if let Some(b) = base {
+                p["base"] = json!(b);
+            }
+            if let Some(v) = speed {
+                p["speed"] = json!(v);
+            }
+            ("commit_start", p)
+        }
         CtlCommand::Jobs { job } => match job {
             Some(j) => ("job_list", json!({"job": j})),
             None => ("job_list", json!({})),
@@ -217,10 +256,15 @@ pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
     };
     let result = call(socket, method, params)?;
     match &cmd {
-        CtlCommand::Mirror { wait: true, .. } => {
+        CtlCommand::Mirror { wait: true, .. } | CtlCommand::Commit { wait: true, .. } => {
             let job = result["job"].as_str().unwrap_or_default().to_string();
             println!("{job}");
             return wait_job(socket, &job, false);
+        }
+        CtlCommand::Stream { wait: true, .. } => {
+            let job = result["job"].as_str().unwrap_or_default().to_string();
+            println!("{job}");
+            return wait_job(socket, &job, true);
         }
         CtlCommand::Job { action: JobAction::Complete { job, wait: true } } => {
             return wait_job(socket, job, true);

@@ -584,6 +584,7 @@ fn open_qcow2_mem(o: &Options, handles: &[poller::ReactorHandle]) -> Result<Arc<
         refcount_cache_bytes: None,
         storage: Some(storage),
         zero_hop: !o.hop,
+        locking: true,
     };
     let driver = Qcow2Driver::open(Path::new("qcow2-mem"), opts, handles)
         .map_err(|e| format!("opening qcow2-mem: {e}"))?;

@@ -91,6 +91,19 @@ pub struct BlockStatus {
     pub hole: bool,
     /// Reads as zeros.
     pub zero: bool,
+    /// Which image of the chain provides these bytes: 1 the disk's own image, 2 its
+    /// backing file, and so on; 0 none (they read as zeros because nothing holds
+    /// them). A format without backing files says 1 (QEMU's `qemu:allocation-depth`).
+    pub depth: u8,
+}
+
+/// One image file of a disk's chain (the disk's own image first, then its backing
+/// files), as block jobs see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    pub path: std::path::PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
 }
 
 /// A block driver: shared by every reactor (`Send + Sync`), opened on the control
@@ -110,6 +123,26 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// `appliance_<name>_total` (`qcow2_l2_cache_hits`, say). Control plane.
     fn stats(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+
+    /// The image files under the disk, its own first, then its backing chain (what
+    /// stream and commit jobs work on). Formats without backing files: empty.
+    fn chain(&self) -> Vec<ChainLink> {
+        Vec::new()
+    }
+
+    /// Makes the disk's image stand alone: it must already hold everything its backing
+    /// chain provided (a stream job copied it). Everything is flushed, the header stops
+    /// naming a backing file, and reads no longer go through the chain. Control plane,
+    /// with the disk quiesced.
+    fn drop_backing(&self) -> Result<(), IoError> {
+        Err(IoError::NotSupported)
+    }
+
+    /// Takes the image locks of a driver opened without them for a block job (a
+    /// commit's base), once it serves the disk alone. Control plane.
+    fn lock_images(&self) -> Result<(), crate::error::OpenError> {
+        Ok(())
     }
 }
 
@@ -132,4 +165,11 @@ pub trait DriverChannel {
 
     /// The status of the bytes from `off`, at most `len` of them.
     fn block_status(&self, off: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+
+    /// Writes `segs` at `off` only where the disk's own image holds nothing yet (data
+    /// its backing chain provides, pulled up by a stream job); what the image holds,
+    /// the guest wrote, and stays. Formats without backing files: `NotSupported`.
+    fn populate<'a>(&'a self, _off: u64, _segs: &'a [IoSeg<'a>]) -> IoFuture<'a> {
+        IoFuture::ready(Err(IoError::NotSupported))
+    }
 }

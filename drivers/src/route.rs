@@ -106,12 +106,14 @@ fn decode(v: i64) -> Result<(), IoError> {
     }
 }
 
+/// A block status in one word: two flags, eight bits of depth, the length above.
 pub(crate) fn encode_status(s: BlockStatus) -> u64 {
-    (s.len << 2) | u64::from(s.hole) << 1 | u64::from(s.zero)
+    debug_assert!(s.len < 1 << 54, "a block status run of {} bytes", s.len);
+    (s.len << 10) | u64::from(s.depth) << 2 | u64::from(s.hole) << 1 | u64::from(s.zero)
 }
 
 pub(crate) fn decode_status(v: u64) -> BlockStatus {
-    BlockStatus { len: v >> 2, hole: v & 2 != 0, zero: v & 1 != 0 }
+    BlockStatus { len: v >> 10, depth: (v >> 2) as u8, hole: v & 2 != 0, zero: v & 1 != 0 }
 }
 
 /// A queue of calls to run: an intrusive FIFO on the owner's thread.

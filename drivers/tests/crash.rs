@@ -143,6 +143,7 @@ pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
         refcount_cache_bytes: Some(16 << 10),
         storage: Some(Storage::sim(disk)),
         zero_hop: true,
+        locking: true,
     };
     Qcow2Device::open(Path::new(name), opts, &env.reactors[..env.shards.get()])
         .unwrap_or_else(|e| panic!("{name}: open failed: {e}"))

@@ -388,3 +388,26 @@ impl Jobs {
         }
     }
 }
+
+/// Runs blocking control-plane work (closing drivers, header updates that wait on
+/// reactors) on a helper thread, and waits for it from a reactor without blocking it.
+/// Fails only if no thread can be started.
+pub async fn off_reactor<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, String> {
+    let slot: Arc<Mutex<Option<R>>> = Arc::new(Mutex::new(None));
+    let s2 = slot.clone();
+    std::thread::Builder::new()
+        .name("job-control".into())
+        .spawn(move || {
+            let r = f();
+            *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        })
+        .map_err(|e| format!("cannot start a helper thread: {e}"))?;
+    loop {
+        if let Some(r) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Ok(r);
+        }
+        poller::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -8,6 +8,7 @@
 //!   policies) and their registry;
 //! - [`mirror`]: the mirror job (QEMU's block/mirror.c is the model), with
 //!   background, write-blocking and adaptive copy modes and the pivot;
+//! - [`stream`]: the stream job (pull a backing chain up, drop the link);
 //! - [`speed`]: the speed limit.
 //!
 //! A job runs as a task on one reactor and reaches its disk through the consumer API
@@ -19,6 +20,7 @@ pub mod filter;
 pub mod job;
 pub mod mirror;
 pub mod speed;
+pub mod stream;
 
 pub use job::{ErrorPolicy, Job, JobError, JobKind, JobState, Jobs};
 pub use mirror::{CopyMode, Ending, Mirror, MirrorOptions, SyncMode};

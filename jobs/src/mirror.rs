@@ -35,7 +35,7 @@ use poller::{ReactorHandle, TaskPool};
 
 use crate::bitmap::{Busy, DirtyBitmap, MAX_GRANULARITY, MIN_GRANULARITY};
 use crate::filter::MirrorFilter;
-use crate::job::{ErrorPolicy, Job, JobError, JobKind, JobState, Jobs};
+use crate::job::{ErrorPolicy, Job, JobError, JobKind, JobState, Jobs, off_reactor};
 use crate::speed::Limiter;
 
 /// The largest single copy.
@@ -57,6 +57,9 @@ pub enum SyncMode {
     Full,
     /// Only new writes.
     None,
+    /// What the images above depth `n` of the disk's chain hold (a commit into the
+    /// image at depth `n`, which has the rest), and new writes.
+    Above(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,9 @@ pub enum Ending {
 
 /// A mirror to start.
 pub struct Mirror {
+    /// `Mirror`, or `Commit` for an active commit (a mirror into the disk's backing
+    /// image, which takes over the disk at the pivot).
+    pub kind: JobKind,
     pub source: Arc<Bdev>,
     pub target: Arc<Bdev>,
     /// The target as `job_list` shows it (a path or an NBD URI).
@@ -171,9 +177,14 @@ pub fn start(jobs: &Jobs, m: Mirror) -> Result<Arc<Job>, JobError> {
             m.source.info().size
         )));
     }
-    let job = Job::new(jobs.next_id(), JobKind::Mirror, m.source.name(), o.speed);
+    let job = Job::new(jobs.next_id(), m.kind, m.source.name(), o.speed);
     job.set_detail("target", m.target_name.clone().into());
-    job.set_detail("sync", if o.sync == SyncMode::Full { "full" } else { "none" }.into());
+    let sync = match o.sync {
+        SyncMode::Full => "full",
+        SyncMode::None => "none",
+        SyncMode::Above(_) => "top",
+    };
+    job.set_detail("sync", sync.into());
     job.set_detail("copy_mode", o.copy_mode.name().into());
     job.set_detail("write_blocking", (o.copy_mode == CopyMode::WriteBlocking).into());
     job.set_detail("granularity", o.granularity.into());
@@ -228,29 +239,36 @@ async fn run(job: Arc<Job>, m: Mirror) {
             (Ending::Aborted, None)
         }
     };
-    job.set_state(if ending == Ending::Aborted { JobState::Aborted } else { JobState::Concluded });
+    let ended = if ending == Ending::Aborted { JobState::Aborted } else { JobState::Concluded };
     // Closing drivers is control-plane work (it waits on reactors): off this one. After
     // a pivot the disk's old driver is closed (its metadata written, its file
-    // unlocked); otherwise the target is.
+    // unlocked) and the target takes its image locks (a commit's base was opened
+    // without them); otherwise the target is closed.
     let j = job.clone();
-    let spawned = std::thread::Builder::new().name("job-end".into()).spawn(move || {
+    let end = off_reactor(move || {
         let closed = match &old {
             Some(old) => old.close(),
             None => target.close(),
         };
         if let Err(e) = closed {
-            tracing::warn!(
-                job = j.id,
-                "closing the {}: {e}",
-                if old.is_some() { "disk's old image" } else { "mirror target" }
-            );
+            let what = if old.is_some() { "the disk's old image" } else { "the target" };
+            tracing::warn!(job = j.id, "closing {what}: {e}");
         }
         drop(old);
+        if ending == Ending::Pivoted
+            && let Err(e) = target.driver().lock_images()
+        {
+            tracing::warn!(job = j.id, "locking the disk's new image: {e}");
+        }
         on_end(ending);
+        // Ended once everything is closed and the disk's configuration follows it.
+        j.set_state(ended);
         j.finish();
-    });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a thread to close a mirror's target: {e}");
+    })
+    .await;
+    if let Err(e) = end {
+        tracing::error!(job = job.id, "{e}");
+        job.set_state(ended);
         job.finish();
     }
 }
@@ -289,6 +307,14 @@ async fn mirror(
     {
         let q = quiesce(source, reactors).await?;
         source.set_filter(&q, Some(filter.clone()));
+    }
+    if let SyncMode::Above(depth) = opts.sync {
+        // After the filter is in: a write from now on is seen by it, one before by this.
+        if let Err(e) = mark_above(&ctx, depth).await {
+            let q = quiesce(source, reactors).await?;
+            source.set_filter(&q, None);
+            return Err(e);
+        }
     }
     job.set_state(JobState::Running);
     let stop = copy_loop(job, &ctx, &filter, opts).await;
@@ -334,6 +360,24 @@ async fn quiesce(
         .quiesce(reactors, QUIESCE_TIMEOUT)
         .await
         .map_err(|e| format!("the disk's requests did not finish within {QUIESCE_TIMEOUT:?}: {e}"))
+}
+
+/// Marks dirty what images above `depth` hold (their data and zeroes).
+async fn mark_above(ctx: &Ctx, depth: u8) -> Result<(), String> {
+    let size = ctx.dirty.len();
+    let mut off = 0;
+    while off < size {
+        let st = ctx
+            .src
+            .block_status(off, (1 << 30).min(size - off))
+            .await
+            .map_err(|e| format!("block status at {off}: {e}"))?;
+        if (1..depth).contains(&st.depth) {
+            ctx.dirty.set_range(off, st.len);
+        }
+        off += st.len;
+    }
+    Ok(())
 }
 
 /// With the disk quiesced: copies every dirty chunk, then flushes the target.

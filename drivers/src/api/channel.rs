@@ -192,6 +192,17 @@ impl BdevChannel {
         Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
     }
 
+    /// Writes `segs` at `off` where the disk's own image holds nothing yet (see
+    /// `DriverChannel::populate`): a stream job pulling its backing chain up. The
+    /// guest-visible contents do not change, so no filter sees it.
+    pub async fn populate(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        if !self.admit(ReqKind::Write, off, seg::total_len(segs) as u64).await? {
+            return Ok(());
+        }
+        let _in = self.gate().await;
+        self.current()?.ch.populate(off, segs).await
+    }
+
     /// A hint that the range will be read soon.
     pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
         self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())

@@ -29,6 +29,25 @@ fn engine_of(disk: &config::Disk) -> EngineKind {
 /// Opens `disk`. `reactors` are those that may serve it, the first leading: a qcow2
 /// image gets a shard on each of the first `shards` of them (default: all).
 pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>, OpenError> {
+    open_with(disk, reactors, true)
+}
+
+/// [`open`] for a block job writing into an image this process already holds (a
+/// commit's base, open read-only in a disk's backing chain): without taking its image
+/// locks, which that read-only open would refuse; the job takes them
+/// ([`crate::driver::BlockDriver::lock_images`]) once the base serves the disk alone.
+pub fn open_unlocked(
+    disk: &config::Disk,
+    reactors: &[ReactorHandle],
+) -> Result<Arc<Bdev>, OpenError> {
+    open_with(disk, reactors, false)
+}
+
+fn open_with(
+    disk: &config::Disk,
+    reactors: &[ReactorHandle],
+    locking: bool,
+) -> Result<Arc<Bdev>, OpenError> {
     let path = disk.path.as_deref().unwrap_or(Path::new(""));
     let driver: Arc<dyn BlockDriver> = match disk.format {
         config::Format::Qcow2 => {
@@ -41,6 +60,7 @@ pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>
                 refcount_cache_bytes: disk.refcount_cache_bytes,
                 storage: None,
                 zero_hop: true,
+                locking,
             };
             if reactors.is_empty() {
                 return Err(OpenError::invalid(path, "no reactor"));
@@ -58,8 +78,11 @@ pub fn open(disk: &config::Disk, reactors: &[ReactorHandle]) -> Result<Arc<Bdev>
                         reactors.first().ok_or_else(|| OpenError::invalid(path, "no reactor"))?;
                     crate::io::nbd::open(&path.to_string_lossy(), owner)?
                 }
-                config::Driver::IoUring | config::Driver::Aio => {
+                config::Driver::IoUring | config::Driver::Aio if locking => {
                     Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
+                }
+                config::Driver::IoUring | config::Driver::Aio => {
+                    Storage::open_file_unlocked(path, engine_of(disk), disk.direct, disk.read_only)?
                 }
             };
             Arc::new(RawDriver::new(storage, disk.read_only))

@@ -40,6 +40,10 @@ impl BlockDriver for RawDriver {
         Ok(Box::new(RawChannel(Aligned::new(self.storage.channel()?))))
     }
 
+    fn lock_images(&self) -> Result<(), crate::error::OpenError> {
+        self.storage.lock_image()
+    }
+
     fn close(&self) -> Result<(), IoError> {
         if self.info.read_only {
             return Ok(());
@@ -66,7 +70,7 @@ impl RawChannel {
     async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
         let e = self.0.block_status(off, len).await?;
         let hole = e.allocation == Allocation::Hole;
-        Ok(BlockStatus { len: e.len.clamp(1, len), hole, zero: hole })
+        Ok(BlockStatus { len: e.len.clamp(1, len), hole, zero: hole, depth: 1 })
     }
 }
 

@@ -29,12 +29,13 @@ struct FileBackend {
 }
 
 /// Opens `path` (a regular file or block device), probes its O_DIRECT alignment when
-/// `direct`, and takes QEMU-compatible image locks.
+/// `direct`, and takes QEMU-compatible image locks when `lock`.
 pub(crate) fn open(
     path: &Path,
     engine: EngineKind,
     direct: bool,
     read_only: bool,
+    lock: bool,
 ) -> Result<Arc<Storage>, OpenError> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(!read_only);
@@ -61,7 +62,9 @@ pub(crate) fn open(
     } else {
         meta.len()
     };
-    super::lock::lock_image(&file, path, !read_only)?;
+    if lock {
+        super::lock::lock_image(&file, path, !read_only)?;
+    }
     let align = probe::probe(&file, path, direct)?;
     let backend = FileBackend { file, engine, block_device };
     Ok(Storage::new(Box::new(backend), Some(path.to_path_buf()), align, size, read_only, direct))

@@ -173,7 +173,19 @@ impl Storage {
         direct: bool,
         read_only: bool,
     ) -> Result<Arc<Storage>, OpenError> {
-        file::open(path, engine, direct, read_only)
+        file::open(path, engine, direct, read_only, true)
+    }
+
+    /// [`Storage::open_file`] without taking image locks: for a block job writing an
+    /// image this process already holds locked, read-only, as a disk's backing file
+    /// (a commit's base, which the disk keeps reading meanwhile).
+    pub fn open_file_unlocked(
+        path: &Path,
+        engine: EngineKind,
+        direct: bool,
+        read_only: bool,
+    ) -> Result<Arc<Storage>, OpenError> {
+        file::open(path, engine, direct, read_only, false)
     }
 
     /// A RAM disk of `size` bytes (zero-filled, allocated lazily).
@@ -259,6 +271,22 @@ impl Storage {
         if end > self.size.load(Ordering::Acquire) {
             self.size.fetch_max(end, Ordering::AcqRel);
         }
+    }
+
+    /// Takes the image locks a writer (or, read-only, a reader) holds, on storage
+    /// opened without them ([`Storage::open_file_unlocked`]) once nothing else in this
+    /// process holds the file. Storage that is not a file has none to take.
+    pub fn lock_image(&self) -> Result<(), OpenError> {
+        let (Some(fd), Some(path)) = (self.backend.raw_fd(), self.path()) else {
+            return Ok(());
+        };
+        // SAFETY: the descriptor stays owned by the backend; the File is never dropped
+        // (ManuallyDrop), so it is not closed here. OFD locks belong to the open file
+        // description, which this borrowed handle shares.
+        let file = std::mem::ManuallyDrop::new(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        });
+        lock::lock_image(&file, path, !self.read_only)
     }
 
     /// The raw descriptor, for synchronous control-plane access (image tools, open).

@@ -85,6 +85,7 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
             refcount_cache_bytes: Some(16 << 10),
             storage: None,
             zero_hop: true,
+            locking: true,
         };
         let Ok(dev) = Qcow2Device::open(&path, opts, std::slice::from_ref(owner)) else { continue };
         let seed = mix(data);

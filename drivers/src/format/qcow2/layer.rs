@@ -319,31 +319,34 @@ pub(crate) async fn read_chain(
 
 /// The allocation status of `off..off+max` through the chain from layer `start`:
 /// (length, data?, zero?). Unallocated everywhere reads as zeros.
+/// The status of `off..` through `chain[start..]`: (length, data, zero, depth), depth
+/// counted from the top of the whole chain (1) and 0 where no image holds the bytes.
 pub(crate) async fn status_chain(
     chain: &[Layer],
     start: usize,
     off: u64,
     max: u64,
-) -> Result<(u64, bool, bool), IoError> {
+) -> Result<(u64, bool, bool, u8), IoError> {
     let mut len = max;
-    for layer in &chain[start..] {
+    for (i, layer) in chain.iter().enumerate().skip(start) {
+        let depth = (i + 1) as u8;
         if off >= layer.size() {
-            return Ok((len, false, true));
+            return Ok((len, false, true, 0));
         }
         match layer {
-            Layer::Raw { size, .. } => return Ok((len.min(size - off), true, false)),
+            Layer::Raw { size, .. } => return Ok((len.min(size - off), true, false, depth)),
             Layer::Qcow2(q) => {
                 let run = q.map_ro(off, len).await?;
                 len = run.len;
                 match run.kind {
                     RunKind::Data { .. } | RunKind::Compressed { .. } => {
-                        return Ok((len, true, false));
+                        return Ok((len, true, false, depth));
                     }
-                    RunKind::Zero { .. } => return Ok((len, false, true)),
+                    RunKind::Zero { .. } => return Ok((len, false, true, depth)),
                     RunKind::Unallocated => continue,
                 }
             }
         }
     }
-    Ok((len, false, true))
+    Ok((len, false, true, 0))
 }

@@ -55,7 +55,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use poller::{MailSender, Mailbox, ReactorHandle};
 
-use crate::driver::{BlockDriver, DeviceInfo, DriverChannel};
+use crate::driver::{BlockDriver, ChainLink, DeviceInfo, DriverChannel};
 use crate::error::{IoError, OpenError};
 use crate::io::probe::Alignment;
 
@@ -92,8 +92,11 @@ pub struct Qcow2Device {
     img: Arc<Image>,
     shards: Vec<ShardRef>,
     read_only: bool,
-    chain_len: usize,
-    /// The top file, which channels open for the zero-hop path (`None`: always hop).
+    /// The image files, this one first; shortened when the image drops its backing.
+    chain: std::sync::Mutex<Vec<ChainLink>>,
+    /// The top file.
+    top: Arc<crate::io::Storage>,
+    /// The top file for channels' zero-hop path (`None`: always hop).
     direct: Option<Arc<crate::io::Storage>>,
 }
 
@@ -159,11 +162,12 @@ impl Qcow2Device {
         }
         let header = img.top.header.clone();
         let align = img.top.storage.alignment();
-        let chain_len = 1 + img.backing.len();
+        let chain = chain_of(&img);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let read_only = opts.read_only;
         let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
-        let direct = opts.zero_hop.then(|| parts.top_storage());
+        let top = parts.top_storage();
+        let direct = opts.zero_hop.then(|| top.clone());
         let mut shards = Vec::with_capacity(reactors.len());
         for (k, r) in reactors.iter().enumerate() {
             let p = parts.clone();
@@ -192,9 +196,62 @@ impl Qcow2Device {
             img,
             shards,
             read_only,
-            chain_len,
+            chain: std::sync::Mutex::new(chain),
+            top,
             direct,
         }))
+    }
+
+    /// The image files, this one first.
+    pub fn chain(&self) -> Vec<ChainLink> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// See [`BlockDriver::drop_backing`]. The header change is one write of the header
+    /// area (as QEMU's header updates are), after a flush that makes every copied
+    /// cluster and its metadata durable, and is synced before any shard stops reading
+    /// the chain.
+    pub fn drop_backing(&self) -> Result<(), IoError> {
+        if self.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        let id = self.id;
+        self.owner().block_on(move || async move {
+            match local_shard(id) {
+                Some(sh) => sh.barrier().await,
+                None => Err(IoError::Shutdown),
+            }
+        })?;
+        let eio = |e: std::io::Error| IoError::Os(e.raw_os_error().unwrap_or(libc::EIO));
+        // Through a buffered handle: the image's own is O_DIRECT, with aligned buffers.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&self.path).map_err(eio)?;
+        let cs = self.header.cluster_size() as usize;
+        let first = open::read_at(&f, 0, cs).map_err(eio)?;
+        let mut h = header::Header::parse(&first, self.top.size()).map_err(|e| {
+            layer::corrupt(&self.path.display().to_string(), format_args!("header: {}", e.0))
+        })?;
+        h.backing_file = None;
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+        h.extensions.retain(|e| e.kind != types::EXT_BACKING_FORMAT);
+        let mut new = vec![0u8; cs];
+        h.write_to(&mut new).map_err(|_| IoError::Invalid)?;
+        // The header area only (the rest of the first cluster is the old name's bytes,
+        // unreferenced now): one aligned write.
+        let a = self.align.request.max(512);
+        let end = (header_area_end(&first).max(header_area_end(&new)) as usize).div_ceil(a) * a;
+        open::MetaIo::meta_write(&f, &new[..end.min(cs)], 0).map_err(eio)?;
+        f.sync_all().map_err(eio)?;
+        for s in &self.shards {
+            s.reactor.call(move || {
+                if let Some(sh) = local_shard(id) {
+                    sh.drop_backing();
+                }
+            });
+        }
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).truncate(1);
+        tracing::info!(image = %self.path.display(), "the image no longer has a backing file");
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -214,7 +271,7 @@ impl Qcow2Device {
     }
 
     pub fn backing_depth(&self) -> usize {
-        self.chain_len - 1
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).len() - 1
     }
 
     /// The leader's reactor.
@@ -360,6 +417,18 @@ impl BlockDriver for Qcow2Driver {
         self.dev.close()
     }
 
+    fn chain(&self) -> Vec<ChainLink> {
+        self.dev.chain()
+    }
+
+    fn drop_backing(&self) -> Result<(), IoError> {
+        self.dev.drop_backing()
+    }
+
+    fn lock_images(&self) -> Result<(), OpenError> {
+        self.dev.top.lock_image()
+    }
+
     fn stats(&self) -> Vec<(&'static str, u64)> {
         let (l2h, l2m, rch, rcm, alloc) = self.dev.stats();
         vec![
@@ -371,4 +440,48 @@ impl BlockDriver for Qcow2Driver {
             ("qcow2_zero_hop_ios", self.dev.zero_hop_ios()),
         ]
     }
+}
+
+/// The files of an opened image's chain, its own first.
+fn chain_of(img: &open::OpenedImage) -> Vec<ChainLink> {
+    let mut v = vec![ChainLink { path: img.top.path.clone(), format: "qcow2" }];
+    for b in &img.backing {
+        v.push(match b {
+            open::OpenedLayer::Qcow2(q) => ChainLink { path: q.path.clone(), format: "qcow2" },
+            open::OpenedLayer::Raw { storage } => ChainLink {
+                path: storage.path().map(Path::to_path_buf).unwrap_or_default(),
+                format: "raw",
+            },
+        });
+    }
+    v
+}
+
+/// Where a serialised header's used bytes end: past its extensions and backing name.
+fn header_area_end(cluster: &[u8]) -> u64 {
+    let name_off = u64::from_be_bytes(cluster[8..16].try_into().unwrap_or_default());
+    let name_len = u64::from(u32::from_be_bytes(cluster[16..20].try_into().unwrap_or_default()));
+    if name_off != 0 {
+        return name_off + name_len;
+    }
+    // No name: the end of the extensions (each is 8 bytes of header and padded data).
+    let version = u32::from_be_bytes(cluster[4..8].try_into().unwrap_or_default());
+    let mut off = if version >= 3 {
+        u64::from(u32::from_be_bytes(cluster[100..104].try_into().unwrap_or_default()))
+    } else {
+        72
+    };
+    while (off as usize) + 8 <= cluster.len() {
+        let kind = u32::from_be_bytes(
+            cluster[off as usize..off as usize + 4].try_into().unwrap_or_default(),
+        );
+        let len = u64::from(u32::from_be_bytes(
+            cluster[off as usize + 4..off as usize + 8].try_into().unwrap_or_default(),
+        ));
+        off += 8 + len.div_ceil(8) * 8;
+        if kind == 0 {
+            break;
+        }
+    }
+    off.min(cluster.len() as u64)
 }

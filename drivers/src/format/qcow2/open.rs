@@ -76,6 +76,9 @@ pub struct OpenOptions {
     /// Let channels read and write allocated clusters without a hop to the owning
     /// shard (see `hints`). Off only to measure what the hop costs.
     pub zero_hop: bool,
+    /// Take image locks on the image (backing files are always locked). Off only for a
+    /// block job writing into an image this process already has open (a commit's base).
+    pub locking: bool,
 }
 
 /// A qcow2 file's validated metadata.
@@ -210,7 +213,11 @@ fn open_qcow2(
     let (storage, meta): (Arc<Storage>, Box<dyn MetaIo>) = match (&opts.storage, top) {
         (Some(s), true) => (s.clone(), Box::new(SharedStorage(s.clone()))),
         _ => (
-            Storage::open_file(path, opts.engine, opts.direct, read_only)?,
+            if opts.locking || !top {
+                Storage::open_file(path, opts.engine, opts.direct, read_only)?
+            } else {
+                Storage::open_file_unlocked(path, opts.engine, opts.direct, read_only)?
+            },
             Box::new(File::open(path).map_err(|e| OpenError::io(path, e))?),
         ),
     };

@@ -49,6 +49,8 @@ pub(crate) enum Op {
     Write {
         fua: bool,
     },
+    /// A write only where the image holds nothing yet (see `Shard::populate`).
+    Populate,
     Flush,
     Zero {
         len: u64,
@@ -314,5 +316,13 @@ impl DriverChannel for Qcow2Channel {
     }
     fn block_status(&self, off: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         IoFuture::new(Qcow2Channel::block_status(self, off, len))
+    }
+    fn populate<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> IoFuture<'a> {
+        IoFuture::new(async move {
+            if crate::seg::total_len(segs) == 0 {
+                return Ok(());
+            }
+            self.call(Op::Populate, off, segs).await.0
+        })
     }
 }

@@ -229,8 +229,10 @@ pub(crate) struct Shard {
     pub img: Arc<Image>,
     /// Routes to every shard of the image (this one's is local), set once all exist.
     pub peers: std::cell::OnceCell<Vec<Route>>,
-    /// `chain[0]` is this image (a qcow2 layer); the rest is its backing chain.
-    pub chain: Vec<Layer>,
+    /// `chain[0]` is this image (a qcow2 layer); the rest is its backing chain, of
+    /// which the first `chain_len` count (see [`Shard::chain`]).
+    chain: Vec<Layer>,
+    chain_len: Cell<usize>,
     pub rc: Refcounts,
     pub read_only: bool,
     lazy: bool,
@@ -285,6 +287,7 @@ impl Shard {
             peers: std::cell::OnceCell::new(),
             own_end: Cell::new(img.open_end),
             img,
+            chain_len: Cell::new(chain.len()),
             chain,
             rc,
             read_only,
@@ -315,6 +318,19 @@ impl Shard {
             allocations: Cell::new(0),
             meta,
         }
+    }
+
+    /// The image and the backing files it reads through (all of them, until a stream
+    /// job makes it stand alone: [`Shard::drop_backing`]).
+    pub(crate) fn chain(&self) -> &[Layer] {
+        &self.chain[..self.chain_len.get()]
+    }
+
+    /// Stops reading through the backing chain: the image holds everything now (a
+    /// stream job copied it and the header no longer names a backing file). With the
+    /// disk quiesced.
+    pub(crate) fn drop_backing(&self) {
+        self.chain_len.set(1);
     }
 
     pub(crate) fn top(&self) -> &Qcow2Layer {

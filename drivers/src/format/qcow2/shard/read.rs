@@ -5,7 +5,7 @@ use super::*;
 impl Shard {
     pub(crate) async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let r = loop {
-            match read_chain(&self.chain, 0, off, segs).await {
+            match read_chain(self.chain(), 0, off, segs).await {
                 Err(IoError::Os(libc::EAGAIN)) => self.flush_now(false).await?,
                 r => break r,
             }
@@ -17,15 +17,15 @@ impl Shard {
         &self,
         off: u64,
         len: u64,
-    ) -> Result<(u64, bool, bool), IoError> {
+    ) -> Result<(u64, bool, bool, u8), IoError> {
         let run = self.map_top(off, len).await?;
         Ok(match run.kind {
-            RunKind::Data { .. } | RunKind::Compressed { .. } => (run.len, true, false),
-            RunKind::Zero { .. } => (run.len, false, true),
-            RunKind::Unallocated if self.chain.len() > 1 => {
-                status_chain(&self.chain, 1, off, run.len).await?
+            RunKind::Data { .. } | RunKind::Compressed { .. } => (run.len, true, false, 1),
+            RunKind::Zero { .. } => (run.len, false, true, 1),
+            RunKind::Unallocated if self.chain().len() > 1 => {
+                status_chain(self.chain(), 1, off, run.len).await?
             }
-            RunKind::Unallocated => (run.len, false, true),
+            RunKind::Unallocated => (run.len, false, true, 0),
         })
     }
 }

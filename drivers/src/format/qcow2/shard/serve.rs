@@ -27,8 +27,8 @@ impl Shard {
                     return self.peer_call(owner, Class::Piece, Op::Status { len }, off, &[]).await;
                 }
                 match self.signal_if_corrupt(self.block_status(off, len).await).await {
-                    Ok((l, data, zero)) => {
-                        (Ok(()), encode_status(BlockStatus { len: l, hole: !data, zero }))
+                    Ok((l, data, zero, depth)) => {
+                        (Ok(()), encode_status(BlockStatus { len: l, hole: !data, zero, depth }))
                     }
                     Err(e) => (Err(e), 0),
                 }
@@ -48,7 +48,7 @@ impl Shard {
 
     async fn serve_split(&self, op: Op, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let total = match op {
-            Op::Read | Op::Write { .. } => seg::total_len(segs) as u64,
+            Op::Read | Op::Write { .. } | Op::Populate => seg::total_len(segs) as u64,
             Op::Zero { len, .. } | Op::Discard { len } => len,
             _ => return Err(IoError::Invalid),
         };
@@ -82,6 +82,7 @@ impl Shard {
         match op {
             Op::Read => self.read(off, segs).await,
             Op::Write { fua } => self.signal_if_corrupt(self.write(off, segs, fua).await).await,
+            Op::Populate => self.signal_if_corrupt(self.populate(off, segs).await).await,
             Op::Zero { len, unmap, fast } => {
                 self.signal_if_corrupt(self.write_zeroes(off, len, unmap, fast).await).await
             }

@@ -24,11 +24,31 @@ impl Shard {
                     self.write_in_place(host, w).await?;
                     done += run.len;
                 }
-                _ => done += self.write_alloc(pos, run.len, segs, done as usize).await?,
+                _ => done += self.write_alloc(pos, run.len, segs, done as usize, false).await?,
             }
         }
         if fua {
             self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `segs` at `off` into the clusters this image does not hold yet, and
+    /// skips the rest (a stream job pulling its backing chain up: what the guest
+    /// wrote meanwhile stays). Unallocated is judged under the clusters' lock.
+    pub(crate) async fn populate(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        self.check_writable()?;
+        let total = seg::total_len(segs) as u64;
+        let mut done = 0u64;
+        while done < total {
+            let pos = off + done;
+            let run = self.map_top(pos, total - done).await?;
+            done += match run.kind {
+                RunKind::Unallocated => {
+                    self.write_alloc(pos, run.len, segs, done as usize, true).await?
+                }
+                _ => run.len,
+            };
         }
         Ok(())
     }
@@ -52,13 +72,15 @@ impl Shard {
     }
 
     /// Writes `len` bytes at `pos` into clusters that need allocation (or whose
-    /// mapping changed meanwhile). Returns the bytes handled.
+    /// mapping changed meanwhile). Returns the bytes handled. With `populate`, bytes
+    /// found mapped once the clusters are locked are skipped, not written.
     pub(super) async fn write_alloc(
         &self,
         pos: u64,
         len: u64,
         segs: &[IoSeg<'_>],
         seg_off: usize,
+        populate: bool,
     ) -> Result<u64, IoError> {
         let g = self.g();
         let cb = g.cluster_bits;
@@ -69,6 +91,9 @@ impl Shard {
         self.ensure_dirty_bit().await?;
         let run = self.map_top(pos, len).await?;
         let mut len = run.len;
+        if populate && !matches!(run.kind, RunKind::Unallocated) {
+            return Ok(len);
+        }
         let mut win = SegBuf::take();
         if let RunKind::Data { host, copied: true } = run.kind {
             let w = window(segs, seg_off, len as usize, win.arr())?;
@@ -88,7 +113,7 @@ impl Shard {
         // it) and the new clusters already read as zeros (never written): only the
         // request's bytes need writing, not whole clusters of padding — a 4 KiB write
         // into a fresh 64 KiB cluster costs 4 KiB, as in QEMU.
-        let zeros_below = self.chain.len() == 1
+        let zeros_below = self.chain().len() == 1
             && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
         if fresh && zeros_below && (head > 0 || tail > 0) {
             let w = window(segs, seg_off, len as usize, win.arr())?;

@@ -42,7 +42,7 @@ impl Shard {
         fast_only: bool,
     ) -> Result<(), IoError> {
         // Already zero (unallocated without backing, or a zero cluster)? Nothing to do.
-        let (slen, data, zero) = self.block_status(off, len).await?;
+        let (slen, data, zero, _) = self.block_status(off, len).await?;
         if !data && zero && slen >= len {
             return Ok(());
         }
@@ -66,7 +66,7 @@ impl Shard {
         let cb = g.cluster_bits;
         let run = self.map_top(pos, len).await?;
         let n = run.len;
-        let has_backing = self.chain.len() > 1;
+        let has_backing = self.chain().len() > 1;
         // Nothing to do where the clusters already read as zeros and stay that way.
         match run.kind {
             RunKind::Zero { host: None, .. } => return Ok(n),
@@ -116,7 +116,7 @@ impl Shard {
         let cs = g.cluster_size();
         let mut pos = off.div_ceil(cs) * cs;
         let end = (off + len) / cs * cs;
-        let has_backing = self.chain.len() > 1;
+        let has_backing = self.chain().len() > 1;
         while pos < end {
             let run = self.map_top(pos, end - pos).await?;
             let n = run.len;
