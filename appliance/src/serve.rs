@@ -141,7 +141,15 @@ impl Appliance {
             control: Mutex::new(None),
             next_owner: AtomicUsize::new(0),
             changes: Mutex::new(false),
-            jobs: jobs::Jobs::new(),
+            jobs: match &config.appliance.state_dir {
+                Some(d) => {
+                    if let Err(e) = std::fs::create_dir_all(d) {
+                        tracing::warn!("state_dir {}: {e}", d.display());
+                    }
+                    jobs::Jobs::with_journal(d)
+                }
+                None => jobs::Jobs::new(),
+            },
         });
         // Metrics first: exports pick up stats handles when they start.
         if config.control.is_some() {
@@ -616,8 +624,10 @@ impl Appliance {
         })
     }
 
-    /// At shutdown: cancels every live job (at once) and waits for it to end.
+    /// At shutdown: cancels every live job (at once) and waits for it to end; the job
+    /// journal keeps them, for the next start to report.
     fn end_jobs(&self) {
+        self.jobs.stopping();
         for j in self.jobs.all() {
             if !j.state().ended() && j.cancel(true).is_ok() {
                 tracing::warn!(

@@ -75,6 +75,9 @@ pub struct Appliance {
     pub hugepages: Hugepages,
     /// Bytes of DMA buffer memory per reactor.
     pub buffer_pool_bytes: u64,
+    /// Where the appliance keeps state across restarts (the journal of running block
+    /// jobs); `None`: nowhere.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What a reactor does when it finds no work.
@@ -278,6 +281,7 @@ impl ConfigError {
 pub const QUICK_START: &str = r#"
 [appliance]
 idle = "adaptive"
+state_dir = "appliance-data"
 
 [nbd]
 listen = ["unix:appliance-data/nbd.sock", "tcp:127.0.0.1:10809"]
@@ -519,7 +523,8 @@ impl Validator {
                 v
             }
         };
-        Ok(Appliance { cores, idle, hugepages, buffer_pool_bytes })
+        let state_dir = raw.state_dir.map(|s| self.resolve(s.get_ref()));
+        Ok(Appliance { cores, idle, hugepages, buffer_pool_bytes, state_dir })
     }
 
     fn nbd(&self, raw: raw::RawNbd) -> Result<Nbd, ConfigError> {

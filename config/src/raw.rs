@@ -24,6 +24,7 @@ pub(crate) struct RawAppliance {
     pub idle: Option<Spanned<String>>,
     pub hugepages: Option<Spanned<RawHugepages>>,
     pub buffer_pool: Option<Spanned<ByteSize>>,
+    pub state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

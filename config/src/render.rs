@@ -40,6 +40,9 @@ impl Config {
         };
         t.insert("hugepages".into(), hugepages);
         t.insert("buffer_pool".into(), int(a.buffer_pool_bytes));
+        if let Some(d) = &a.state_dir {
+            t.insert("state_dir".into(), Value::String(d.display().to_string()));
+        }
         root.insert("appliance".into(), Value::Table(t));
         if let Some(n) = &self.nbd {
             let mut t = Table::new();

@@ -8,6 +8,11 @@
 //! the task publishes its state and progress the same way. Nothing here is on a data
 //! path.
 //!
+//! With a journal (`[appliance] state_dir`), the registry writes the live jobs to a
+//! file whenever one starts or finishes; at start-up the jobs found there — ended by a
+//! crash or a stop — are listed as `aborted`, saying what to start again, and the
+//! journal is cleared.
+//!
 //! States: `created` → `running` ⇄ `paused`; a mirror whose target has caught up is
 //! `ready` (and goes back to `running`/`paused` as asked); `completing` while it pivots
 //! or finishes its point-in-time copy; it ends `concluded` (done) or `aborted`
@@ -133,6 +138,10 @@ pub struct Job {
     /// Ended, and everything it held is closed.
     finished: (Mutex<bool>, Condvar),
     started: Instant,
+    /// When it started, for the journal.
+    since: u64,
+    /// The registry it is in (to rewrite the journal when it finishes).
+    registry: Mutex<std::sync::Weak<Jobs>>,
 }
 
 impl Job {
@@ -153,6 +162,10 @@ impl Job {
             force_cancel: AtomicBool::new(false),
             finished: (Mutex::new(false), Condvar::new()),
             started: Instant::now(),
+            since: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            registry: Mutex::new(std::sync::Weak::new()),
         })
     }
 
@@ -281,6 +294,10 @@ impl Job {
         let (m, c) = &self.finished;
         *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
         c.notify_all();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
+        if let Some(r) = registry {
+            r.save();
+        }
     }
 
     /// Waits until [`Job::finish`], at most until `deadline`; whether it finished.
@@ -326,11 +343,107 @@ impl Job {
 pub struct Jobs {
     list: Mutex<Vec<Arc<Job>>>,
     next: AtomicU64,
+    /// The journal of live jobs, if kept.
+    journal: Option<std::path::PathBuf>,
+    /// Stopping: jobs ending now stay in the journal (the stop ended them).
+    frozen: AtomicBool,
 }
 
 impl Jobs {
     pub fn new() -> Arc<Jobs> {
         Arc::new(Jobs::default())
+    }
+
+    /// A registry keeping its journal in `dir` (`jobs.json`): the jobs a previous run
+    /// left there are listed as aborted, and the journal starts empty.
+    pub fn with_journal(dir: &std::path::Path) -> Arc<Jobs> {
+        let path = dir.join("jobs.json");
+        let jobs = Arc::new(Jobs { journal: Some(path.clone()), ..Jobs::default() });
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                tracing::warn!("{}: cannot read the job journal: {e}", path.display());
+                String::new()
+            }
+        };
+        let entries: Vec<Value> = if text.trim().is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{}: the job journal is not valid ({e}); ignoring it",
+                    path.display()
+                );
+                Vec::new()
+            })
+        };
+        for e in entries.iter().take(HISTORY) {
+            jobs.recovered(e);
+        }
+        jobs.save();
+        jobs
+    }
+
+    /// Lists a job a previous run left in its journal, as aborted.
+    fn recovered(&self, e: &Value) {
+        let (Some(id), Some(disk)) = (e["job"].as_str(), e["disk"].as_str()) else { return };
+        let kind = match e["type"].as_str() {
+            Some("stream") => JobKind::Stream,
+            Some("commit") => JobKind::Commit,
+            _ => JobKind::Mirror,
+        };
+        if let Some(n) = id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
+            self.next.fetch_max(n, Ordering::Relaxed);
+        }
+        let job = Job::new(id.to_string(), kind, disk, 0);
+        let target = e["target"].as_str().map(|t| format!(" to {t}")).unwrap_or_default();
+        let what = match kind {
+            JobKind::Mirror => "its target is a consistent partial copy",
+            JobKind::Stream => "the image keeps its backing file and what was pulled up",
+            JobKind::Commit => "the base holds part of the commit, the disk its old image",
+        };
+        let msg = format!(
+            "ended when the appliance stopped: {} of `{disk}`{target}; {what}; start it again",
+            kind.name()
+        );
+        tracing::warn!(job = id, "{msg}");
+        job.set_error(Some(msg));
+        job.set_detail("target", e["target"].clone());
+        *job.state.lock().unwrap_or_else(|p| p.into_inner()) = JobState::Aborted;
+        job.finish();
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).push(job);
+    }
+
+    /// Writes the live jobs to the journal (a new file renamed over the old).
+    fn save(&self) {
+        let Some(path) = &self.journal else { return };
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
+        let live: Vec<Value> = self
+            .all()
+            .iter()
+            .filter(|j| !j.state().ended())
+            .map(|j| {
+                let d = j.details.lock().unwrap_or_else(|p| p.into_inner());
+                json!({"job": j.id, "type": j.kind.name(), "disk": j.disk, "target": d.get("target"), "since": j.since})
+            })
+            .collect();
+        let tmp = path.with_extension("json.new");
+        let r = std::fs::write(&tmp, Value::Array(live).to_string())
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!("{}: cannot write the job journal: {e}", path.display());
+        }
+    }
+
+    /// The appliance is stopping: the journal keeps the jobs live now, which the stop
+    /// is about to end.
+    pub fn stopping(&self) {
+        self.save();
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     /// A fresh job id.
@@ -345,7 +458,7 @@ impl Jobs {
         if let Some(o) = l.iter().find(|j| j.disk == job.disk && !j.state().ended()) {
             return Err(JobError::Busy(job.disk.clone(), o.id.clone()));
         }
-        l.push(job);
+        l.push(job.clone());
         let ended = l.iter().filter(|j| j.state().ended()).count();
         if ended > HISTORY {
             let mut drop = ended - HISTORY;
@@ -355,7 +468,16 @@ impl Jobs {
                 !go
             });
         }
+        drop(l);
+        self.save();
         Ok(())
+    }
+
+    /// Registers `job` in `self` (as [`Jobs::add`]) and remembers the registry, so the
+    /// journal is rewritten when the job finishes.
+    pub fn add_tracked(self: &Arc<Self>, job: Arc<Job>) -> Result<(), JobError> {
+        *job.registry.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(self);
+        self.add(job)
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {

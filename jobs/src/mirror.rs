@@ -148,7 +148,7 @@ pub struct Mirror {
 }
 
 /// Validates `m` and starts it as a job of `jobs`.
-pub fn start(jobs: &Jobs, m: Mirror) -> Result<Arc<Job>, JobError> {
+pub fn start(jobs: &Arc<Jobs>, m: Mirror) -> Result<Arc<Job>, JobError> {
     let o = &m.opts;
     if !o.granularity.is_power_of_two()
         || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&o.granularity)
@@ -189,7 +189,7 @@ pub fn start(jobs: &Jobs, m: Mirror) -> Result<Arc<Job>, JobError> {
     job.set_detail("write_blocking", (o.copy_mode == CopyMode::WriteBlocking).into());
     job.set_detail("granularity", o.granularity.into());
     job.set_detail("buf_size", o.buf_size.into());
-    jobs.add(job.clone())?;
+    jobs.add_tracked(job.clone())?;
     let (runner, j) = (m.reactors[0].clone(), job.clone());
     runner.spawn(move || run(j, m));
     Ok(job)

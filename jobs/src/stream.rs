@@ -36,7 +36,7 @@ pub struct Stream {
 }
 
 /// Validates `s` and starts it as a job of `jobs`.
-pub fn start(jobs: &Jobs, s: Stream) -> Result<Arc<Job>, JobError> {
+pub fn start(jobs: &Arc<Jobs>, s: Stream) -> Result<Arc<Job>, JobError> {
     let chain = s.disk.driver().chain();
     if chain.len() < 2 {
         return Err(JobError::Invalid(format!(
@@ -47,7 +47,7 @@ pub fn start(jobs: &Jobs, s: Stream) -> Result<Arc<Job>, JobError> {
     let job = Job::new(jobs.next_id(), JobKind::Stream, s.disk.name(), s.speed);
     let names: Vec<String> = chain.iter().map(|l| l.path.display().to_string()).collect();
     job.set_detail("chain", names.into());
-    jobs.add(job.clone())?;
+    jobs.add_tracked(job.clone())?;
     let (runner, j) = (s.reactors[0].clone(), job.clone());
     runner.spawn(move || run(j, s));
     Ok(job)

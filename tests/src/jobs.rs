@@ -38,7 +38,8 @@ pub fn start_vm() -> Appliance {
     let setup = Setup {
         cores: "[0, 1]",
         disks: "[[disk]]\nname = \"vm\"\npath = \"{dir}/vm.qcow2\"\nformat = \"qcow2\"\n".into(),
-        extra: control_extra(None),
+        // `state_dir` belongs to [appliance], which `extra` follows.
+        extra: format!("state_dir = \"{{dir}}/state\"\n{}", control_extra(None)),
         ..Setup::default()
     };
     Appliance::start(setup, |dir| {
@@ -177,4 +178,26 @@ pub fn sparse(img: &Path, fmt: &str, off: u64, len: u64) -> bool {
 pub fn read_pattern_ok(a: &Appliance, cmd: &str) {
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &a.uri("vm")]));
     assert!(!stdout(&out).contains("fail"), "{cmd}: {}", stdout(&out));
+}
+
+/// `qemu-img check` of an image a killed process had open: no corruption (leaks are
+/// allowed after a crash); retried while the dead process's locks go away.
+pub fn qemu_img_clean_after_crash(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_unchecked(
+            Command::new("qemu-img").args(["check", "--output=json"]).arg(path),
+            Duration::from_secs(120),
+        );
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if locked && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!("qemu-img check {}: {}", path.display(), String::from_utf8_lossy(&out.stderr))
+        });
+        assert_eq!(j["corruptions"].as_u64().unwrap_or(0), 0, "{j}");
+        return;
+    }
 }

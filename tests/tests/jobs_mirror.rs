@@ -169,3 +169,35 @@ fn bad_mirror_requests_are_refused_naming_the_field() {
     assert!(a.stop().success(), "{}", a.logs());
     qemu_img_clean(&t);
 }
+
+#[test]
+fn a_killed_appliance_leaves_the_source_intact_and_reports_the_job_it_ended() {
+    let mut a = start_vm();
+    let target = a.path("partial.qcow2");
+    let job =
+        start_mirror(&a, json!({"disk": "vm", "target": target, "create": true, "speed": 2 * MIB}));
+    wait_state(&a, &job, &["running"], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill();
+    qemu_img_clean_after_crash(&a.path("vm.qcow2"));
+    qemu_img_clean_after_crash(&target);
+    a.restart();
+    let j = job_of(&a, &job);
+    assert_eq!(j["state"], "aborted", "{j}");
+    let e = j["error"].as_str().unwrap();
+    assert!(e.contains("ended when the appliance stopped") && e.contains("partial.qcow2"), "{e}");
+    // The source is served as it was.
+    read_pattern_ok(&a, "read -P 0x11 0 8M");
+    read_pattern_ok(&a, "read -P 0x22 32M 4M");
+    // A clean stop ends a running job too, and the next start says so.
+    let job = start_mirror(
+        &a,
+        json!({"disk": "vm", "target": a.path("p2.qcow2"), "create": true, "speed": 2 * MIB}),
+    );
+    wait_state(&a, &job, &["running"], Duration::from_secs(30));
+    assert!(a.stop().success(), "{}", a.logs());
+    a.restart();
+    assert_eq!(job_of(&a, &job)["state"], "aborted");
+    assert!(a.stop().success(), "{}", a.logs());
+    qemu_img_clean(&a.path("vm.qcow2"));
+}

@@ -333,3 +333,80 @@ echo done=1
     assert!(bytes[12 * MIB..13 * MIB] == pattern(8, MIB)[..]);
     assert!(bytes[TRIGGER..TRIGGER + 65536].iter().all(|&b| b == 0x5e), "the resubmitted write");
 }
+
+/// A guest keeps writing to its vhost-user-blk disk while the disk is mirrored to a new
+/// qcow2 image and switched onto it: the guest sees no error, its last writes read back
+/// inside the guest, and the target image, checked clean, holds what the guest wrote.
+#[test]
+fn a_guest_keeps_writing_through_a_mirror_and_its_pivot() {
+    for tool in ["qemu-img", "qemu-system-x86_64", "md5sum"] {
+        require_tool(tool, "qemu-utils qemu-system-x86 coreutils");
+    }
+    let image = guest::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "qcow2"])
+        .arg(dir.path().join("disk.qcow2"))
+        .arg("64M"));
+    let mut a = Appliance::start_in(
+        dir,
+        Setup {
+            cores: "[0, 1]",
+            disks: vhost_disk("vm", "disk.qcow2", "qcow2", 1, ""),
+            extra: appliance_tests::ops::control_extra(None),
+            ..Setup::default()
+        },
+    );
+    let script = r#"
+set -e
+dev=/dev/vda
+r=1
+while [ $r -le 40 ]; do
+  for w in 0 1 2 3; do
+    xio prand $dev $((w * 2 + 8))M 2M $((r * 10 + w)) &
+  done
+  wait
+  echo round=$r
+  r=$((r + 1))
+done
+for w in 0 1 2 3; do xio check-prand $dev $((w * 2 + 8))M 2M $((400 + w)); done
+xio flush $dev
+echo md5=$(dd if=$dev bs=1M skip=8 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+echo done=1
+"#;
+    let opts = BootOptions { queues: 1, timeout: BOOT_TIMEOUT, ..BootOptions::default() };
+    let mut g = guest::Guest::spawn(&image, &a.path("vm.vhost"), script, &opts);
+    assert!(g.wait_for("round=2", Duration::from_secs(180)), "guest:\n{}", g.output());
+    let target = a.path("target.qcow2");
+    let r = appliance_tests::ops::rpc(
+        &a,
+        "mirror_start",
+        serde_json::json!({"disk": "vm", "target": target, "create": true}),
+    );
+    let job = r["result"]["job"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+    appliance_tests::jobs::wait_state(&a, &job, &["ready"], Duration::from_secs(120));
+    let r = appliance_tests::ops::rpc(&a, "job_complete", serde_json::json!({"job": job}));
+    assert!(r["result"].is_object(), "{r}");
+    appliance_tests::jobs::wait_state(&a, &job, &["concluded"], Duration::from_secs(120));
+    assert!(!g.output().contains("round=40"), "the guest was still writing after the pivot");
+    let r = g.wait();
+    r.assert_success();
+    assert_eq!(r.expect_value("done"), "1", "{r}");
+    assert!(a.stop().success(), "{}", a.logs());
+    appliance_tests::jobs::qemu_img_clean(&target);
+    let flat = a.path("flat.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&target).arg(&flat));
+    let bytes = std::fs::read(&flat).unwrap();
+    assert_eq!(
+        r.expect_value("md5"),
+        md5(&bytes[8 * MIB..16 * MIB], a.dir.path()),
+        "guest view equals the target"
+    );
+    for w in 0..4usize {
+        let off = (w * 2 + 8) * MIB;
+        assert!(
+            bytes[off..off + 2 * MIB] == pattern(400 + w as u64, 2 * MIB)[..],
+            "writer {w}'s last round"
+        );
+    }
+}
