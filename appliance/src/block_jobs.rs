@@ -348,7 +348,9 @@ fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> co
         name: format!("{}.mirror", disk.name),
         path: Some(path.to_path_buf()),
         format,
-        driver: disk.driver,
+        // A file target goes through the disk's file engine; a disk in memory, on
+        // an NBD server or null writes its target with io_uring.
+        driver: if disk.driver.uses_file() { disk.driver } else { config::Driver::IoUring },
         direct: disk.direct,
         read_only: false,
         size: None,

@@ -19,6 +19,9 @@
 //!   `_tasks_polled_total`, `_messages_total` (control messages and cross-reactor
 //!   wakes), and ring occupancy gauges `appliance_reactor_control_ring_entries`,
 //!   `appliance_reactor_wake_ring_entries`;
+//! - `appliance_job_offset_bytes`, `appliance_job_len_bytes` (progress) and
+//!   `appliance_job_state{state}` (1 for the job's state, 0 for the others) per block
+//!   job (labels `job`, `type`, `disk`);
 //! - `appliance_qcow2_l2_cache_hits_total` / `_misses_total`, `..._refcount_cache_...`,
 //!   `appliance_qcow2_clusters_allocated_total`.
 
@@ -282,6 +285,19 @@ fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
     }
     metrics::gauge!("appliance_disks", &[("state", "serving")]).set(disks.len() as f64);
     metrics::gauge!("appliance_disks", &[("state", "failed")]).set(view.failed.len() as f64);
+    for j in &view.jobs {
+        let (offset, len) = j.progress();
+        let labels =
+            [("job", j.id.clone()), ("type", j.kind.name().to_string()), ("disk", j.disk.clone())];
+        metrics::gauge!("appliance_job_offset_bytes", &labels).set(offset as f64);
+        metrics::gauge!("appliance_job_len_bytes", &labels).set(len as f64);
+        let now = j.state();
+        for st in jobs::JobState::ALL {
+            let mut l = labels.to_vec();
+            l.push(("state", st.name().to_string()));
+            metrics::gauge!("appliance_job_state", &l).set(if st == now { 1.0 } else { 0.0 });
+        }
+    }
     for ((disk, export), t) in totals() {
         for (i, op) in OP_NAMES.iter().enumerate() {
             let labels =

@@ -81,10 +81,11 @@ impl DiskEntry {
     }
 }
 
-/// What the metrics exporter reads of the disk set.
+/// What the metrics exporter reads of the disk set (and of the block jobs on it).
 pub struct DiskView {
     pub serving: Vec<Arc<Bdev>>,
     pub failed: Vec<String>,
+    pub jobs: Vec<Arc<jobs::Job>>,
 }
 
 /// A running appliance. Shared with the control socket and the metrics thread; disks
@@ -158,9 +159,11 @@ impl Appliance {
         if let Some(addr) = config.metrics {
             let a2 = Arc::downgrade(&app);
             let source: crate::metrics::DiskSource = Arc::new(move || {
-                a2.upgrade()
-                    .map(|a| a.disk_view())
-                    .unwrap_or(DiskView { serving: Vec::new(), failed: Vec::new() })
+                a2.upgrade().map(|a| a.disk_view()).unwrap_or(DiskView {
+                    serving: Vec::new(),
+                    failed: Vec::new(),
+                    jobs: Vec::new(),
+                })
             });
             match MetricsServer::start(addr, app.handles.clone(), source) {
                 Ok(m) => *lock(&app.metrics) = Some(m),
@@ -231,6 +234,7 @@ impl Appliance {
                 .filter(|d| d.bdev().is_none())
                 .map(|d| d.config.name.clone())
                 .collect(),
+            jobs: self.jobs.all(),
         }
     }
 

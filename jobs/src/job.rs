@@ -57,6 +57,16 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Created,
+        JobState::Running,
+        JobState::Paused,
+        JobState::Ready,
+        JobState::Completing,
+        JobState::Concluded,
+        JobState::Aborted,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             JobState::Created => "created",

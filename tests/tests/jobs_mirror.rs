@@ -10,7 +10,7 @@
 //! turning write-blocking; bad requests are refused naming the field.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use appliance_tests::jobs::*;
 use appliance_tests::ops::{rpc, rpc_error};
@@ -200,4 +200,41 @@ fn a_killed_appliance_leaves_the_source_intact_and_reports_the_job_it_ended() {
     assert_eq!(job_of(&a, &job)["state"], "aborted");
     assert!(a.stop().success(), "{}", a.logs());
     qemu_img_clean(&a.path("vm.qcow2"));
+}
+
+#[test]
+fn job_progress_and_state_are_in_the_metrics() {
+    let port = appliance_tests::free_port();
+    let setup = appliance_tests::Setup {
+        disks: "[[disk]]\nname = \"vm\"\ndriver = \"mem\"\nsize = \"64MiB\"\n".into(),
+        extra: appliance_tests::ops::control_extra(Some(port)),
+        ..appliance_tests::Setup::default()
+    };
+    let mut a = appliance_tests::Appliance::start(setup, |_| {});
+    let job = start_mirror(
+        &a,
+        json!({"disk": "vm", "target": a.path("m.raw"), "create": true, "format": "raw"}),
+    );
+    wait_state(&a, &job, &["ready"], Duration::from_secs(30));
+    let labels = [("job", job.as_str()), ("type", "mirror"), ("disk", "vm")];
+    let with = |text: &str, state| {
+        let mut l = labels.to_vec();
+        l.push(("state", state));
+        appliance_tests::ops::sample(text, "appliance_job_state", &l)
+    };
+    // The exporter refreshes its gauges every 250 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = appliance_tests::ops::scrape(port);
+    while with(&text, "ready") != 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = appliance_tests::ops::scrape(port);
+    }
+    assert_eq!(with(&text, "ready"), 1.0, "{text}");
+    assert_eq!(with(&text, "running"), 0.0, "{text}");
+    let len = appliance_tests::ops::sample(&text, "appliance_job_len_bytes", &labels);
+    let off = appliance_tests::ops::sample(&text, "appliance_job_offset_bytes", &labels);
+    assert!(off >= 64.0 * MIB as f64 && off == len, "progress {off}/{len}");
+    assert!(rpc(&a, "job_cancel", json!({"job": job}))["result"].is_object());
+    wait_state(&a, &job, &["concluded"], Duration::from_secs(30));
+    assert!(a.stop().success(), "{}", a.logs());
 }
