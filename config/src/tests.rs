@@ -323,6 +323,10 @@ fn the_example_config_is_valid() {
     assert_eq!(vm1.vhost_user_blk.as_ref().unwrap().queues, 2);
     assert_eq!(vm1.qos.unwrap().bandwidth, 200 << 20);
     assert!(c.metrics.is_some() && c.control.is_some());
+    let nbd = c.nbd.as_ref().unwrap();
+    assert!(nbd.tls.as_ref().unwrap().ca.is_some() && nbd.client_tls.is_some());
+    assert_eq!(vm1.nbd_allow.as_deref(), Some(&["host-a".into(), "backup-server".into()][..]));
+    assert_eq!(c.control.as_ref().unwrap().allowed_target_dirs, vec![images]);
 }
 
 #[test]
@@ -390,10 +394,9 @@ fn bad_tls_keys_are_named() {
 fn allow_lists() {
     let disk = "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n";
     let tls = "[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\nca = \"ca.pem\"\n";
-    let c = parse(&format!(
-        "{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=host-a\", \"CN=host b\"]\n"
-    ))
-    .unwrap();
+    let c =
+        parse(&format!("{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=host-a\", \"CN=host b\"]\n"))
+            .unwrap();
     assert_eq!(c.disks[0].nbd_allow, Some(vec!["host-a".to_string(), "host b".to_string()]));
     let (k, line, m) =
         invalid(&format!("{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=a\", \"O=corp\"]\n"));
