@@ -5,8 +5,11 @@
 //! names its key), the target is created if asked (a raw or qcow2 file of the disk's
 //! size) and opened like a disk of the appliance (O_DIRECT, its own shards), and then
 //! the job runs on a reactor (`jobs::mirror`). A target must not be the disk's own
-//! file nor any file the appliance serves. When a mirror pivots, the disk's entry in
-//! the running configuration follows it to the target.
+//! file nor any file the appliance serves, and a file target must lie inside
+//! `[control] allowed_target_dirs` (by default the disk's own directory): the path is
+//! canonicalised (symlinks resolved, `..` gone) before the check, so neither a `..` nor
+//! a symlink leads out. NBD targets are always allowed. When a mirror pivots, the
+//! disk's entry in the running configuration follows it to the target.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -216,6 +219,7 @@ fn mirror_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
         return start(app, disk, source, tbdev, target.to_string(), false, tcfg, reactors, opts);
     }
     let path = app.resolve(Path::new(target));
+    let path = confine(app, a, &path, &disk_cfg)?;
     if app.serves_file(&path) {
         return Err(
             a.bad("target", &format!("is {}, a file this appliance serves", path.display()))
@@ -360,6 +364,7 @@ fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> co
         shards: None,
         vhost_user_blk: None,
         qos: None,
+        nbd_allow: None,
     }
 }
 
@@ -477,4 +482,53 @@ fn commit_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
     };
     let job = jobs::mirror::start(app.jobs(), m)?;
     Ok(json!({"job": job.id}))
+}
+
+/// The target's canonical path, if it lies inside an allowed directory: those of
+/// `[control] allowed_target_dirs`, or else the directory of the disk's own image.
+fn confine(
+    app: &Appliance,
+    a: &Args<'_>,
+    path: &Path,
+    disk: &config::Disk,
+) -> Result<PathBuf, Fail> {
+    let configured = app.config().control.map(|c| c.allowed_target_dirs).unwrap_or_default();
+    let dirs = if configured.is_empty() {
+        let own = disk.path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
+        own.into_iter().collect()
+    } else {
+        configured
+    };
+    let canonical =
+        canonical_target(path).map_err(|e| a.bad("target", &format!("{}: {e}", path.display())))?;
+    let inside = dirs
+        .iter()
+        .filter_map(|d| d.canonicalize().ok())
+        .any(|d| canonical.starts_with(&d) && canonical != d);
+    if !inside {
+        let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        let m = format!(
+            "{} (as {}) is outside the allowed target directories [{}] (set [control] \
+             allowed_target_dirs)",
+            path.display(),
+            canonical.display(),
+            list.join(", ")
+        );
+        return Err(a.bad("target", &m));
+    }
+    Ok(canonical)
+}
+
+/// `path` with every symlink and `..` resolved: the file itself when it exists, else
+/// its directory's canonical path joined with its name (which must be a plain name).
+fn canonical_target(path: &Path) -> std::io::Result<PathBuf> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return path.canonicalize();
+    }
+    let name = match path.file_name() {
+        Some(n) if n != ".." && n != "." => n,
+        _ => return Err(std::io::Error::other("does not name a file")),
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    Ok(dir.canonicalize()?.join(name))
 }

@@ -33,7 +33,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,8 +63,13 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (replacing a stale socket, refusing any other file), mode 0600.
-    pub fn start(path: &Path, app: Weak<Appliance>) -> std::io::Result<ControlServer> {
+    /// Binds the socket (replacing a stale socket, refusing any other file) with the
+    /// configured owner and mode (0600 by default).
+    pub fn start(
+        control: &config::Control,
+        app: Weak<Appliance>,
+    ) -> std::io::Result<ControlServer> {
+        let path: &Path = &control.socket;
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
             Ok(_) => {
@@ -76,7 +81,7 @@ impl ControlServer {
             Err(_) => {}
         }
         let listener = Arc::new(UnixListener::bind(path)?);
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        crate::perms::apply(path, &control.perms)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let (l2, s2) = (listener.clone(), stopping.clone());
         let thread = std::thread::Builder::new()

@@ -136,7 +136,10 @@ pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<Pat
     }
     if let Some(c) = config {
         let cfg = config::Config::load(c).map_err(|e| e.to_string())?;
-        return cfg.control.ok_or_else(|| format!("{}: has no [control] socket", c.display()));
+        return cfg
+            .control
+            .map(|c| c.socket)
+            .ok_or_else(|| format!("{}: has no [control] socket", c.display()));
     }
     Ok(PathBuf::from(DEFAULT_SOCKET))
 }

@@ -13,6 +13,7 @@ pub mod debug;
 pub mod fuzzing;
 pub mod metrics;
 pub mod nbd;
+pub mod perms;
 pub mod serve;
 pub mod tools;
 pub mod vhost;

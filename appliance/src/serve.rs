@@ -114,6 +114,8 @@ impl Appliance {
     /// disk that fails to open is recorded as failed and the others are served, unless
     /// `strict`, which makes it a start-up error.
     pub fn start(config: Config, strict: bool) -> Result<Arc<Appliance>, ServeError> {
+        // Client credentials first: `driver = "nbd"` disks may need them to open.
+        set_client_tls(config.nbd.as_ref().and_then(|n| n.client_tls.as_ref()))?;
         let a = &config.appliance;
         let reactors = Reactors::start(ReactorOptions {
             cores: a.cores.clone(),
@@ -131,6 +133,7 @@ impl Appliance {
         })?;
         let handles = reactors.handles().to_vec();
         let disks_cfg = config.disks.clone();
+
         let app = Arc::new(Appliance {
             config: Mutex::new(Config { disks: Vec::new(), ..config.clone() }),
             handles,
@@ -192,8 +195,9 @@ impl Appliance {
                 }
             }
         }
-        if let Some(path) = &config.control {
-            match ControlServer::start(path, Arc::downgrade(&app)) {
+        if let Some(control) = &config.control {
+            let path = &control.socket;
+            match ControlServer::start(control, Arc::downgrade(&app)) {
                 Ok(c) => *lock(&app.control) = Some(c),
                 Err(e) => {
                     app.shutdown();
@@ -262,7 +266,8 @@ impl Appliance {
         let vhost = match &d.vhost_user_blk {
             None => None,
             Some(v) => {
-                match VhostServer::start(&v.socket, bdev.clone(), v.queues, self.handles.clone()) {
+                let handles = self.handles.clone();
+                match VhostServer::start(&v.socket, &v.perms, bdev.clone(), v.queues, handles) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         let _ = bdev.close();
@@ -275,7 +280,7 @@ impl Appliance {
             }
         };
         if lock(&self.config).nbd.is_some() {
-            self.exports.add(bdev.clone());
+            self.exports.add(bdev.clone(), d.nbd_allow.clone());
         }
         tracing::info!(disk = d.name, "disk added");
         lock(&self.disks).push(DiskEntry { config: d, state: DiskState::Serving { bdev, vhost } });
@@ -329,7 +334,7 @@ impl Appliance {
                         .nbd
                         .as_ref()
                         .is_some_and(|n| n.listen.contains(&ListenAddr::Unix(v.socket.clone())))
-                    || cfg.control.as_ref() == Some(&v.socket)
+                    || cfg.control.as_ref().is_some_and(|c| c.socket == v.socket)
             })
         };
         if clash {
@@ -448,10 +453,21 @@ impl Appliance {
         let mut report = Vec::new();
         let old = self.config();
         let failed: Vec<String> = self.disk_view().failed;
+        self.reload_security(&new, &mut report);
         {
             let cur = lock(&self.config);
+            let same_nbd = match (&cur.nbd, &new.nbd) {
+                (Some(a), Some(b)) => {
+                    config::Nbd {
+                        tls: a.tls.clone(),
+                        client_tls: a.client_tls.clone(),
+                        ..b.clone()
+                    } == *a
+                }
+                (a, b) => a == b,
+            };
             if cur.appliance != new.appliance
-                || cur.nbd != new.nbd
+                || !same_nbd
                 || cur.metrics != new.metrics
                 || cur.control != new.control
             {
@@ -472,13 +488,20 @@ impl Appliance {
                 }
                 Some(n) if n == d => {}
                 Some(n)
-                    if config::Disk { qos: d.qos, ..n.clone() } == *d
+                    if config::Disk { qos: d.qos, nbd_allow: d.nbd_allow.clone(), ..n.clone() }
+                        == *d
                         && !failed.contains(&n.name) =>
                 {
-                    let q = n.qos.unwrap_or_default();
-                    match self.set_qos(&n.name, q) {
-                        Ok(()) => report.push(format!("QoS of {} changed", n.name)),
-                        Err(e) => report.push(format!("QoS of {}: {e}", n.name)),
+                    if n.qos != d.qos {
+                        let q = n.qos.unwrap_or_default();
+                        match self.set_qos(&n.name, q) {
+                            Ok(()) => report.push(format!("QoS of {} changed", n.name)),
+                            Err(e) => report.push(format!("QoS of {}: {e}", n.name)),
+                        }
+                    }
+                    if n.nbd_allow != d.nbd_allow {
+                        self.set_allow(&n.name, n.nbd_allow.clone());
+                        report.push(format!("NBD allow list of {} changed", n.name));
                     }
                 }
                 Some(n) => {
@@ -499,6 +522,50 @@ impl Appliance {
             }
         }
         report
+    }
+
+    /// Re-reads the TLS credentials of the NBD server and client (reload). A failure
+    /// keeps the ones in use and is reported, naming the file.
+    fn reload_security(&self, new: &Config, report: &mut Vec<String>) {
+        let nbd = new.nbd.as_ref();
+        if let Some(server) = lock(&self.nbd).as_ref() {
+            match server.set_tls(nbd.and_then(|n| n.tls.as_ref())) {
+                Ok(()) if nbd.is_some_and(|n| n.tls.is_some()) => {
+                    report.push("NBD TLS credentials re-read".to_string());
+                    let mut cfg = lock(&self.config);
+                    if let (Some(c), Some(n)) = (cfg.nbd.as_mut(), nbd) {
+                        c.tls = n.tls.clone();
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!("reload: NBD TLS credentials kept: {e}");
+                    report.push(format!("NBD TLS credentials kept: {e}"));
+                }
+            }
+        }
+        match set_client_tls(nbd.and_then(|n| n.client_tls.as_ref())) {
+            Ok(()) => {
+                let mut cfg = lock(&self.config);
+                if let (Some(c), Some(n)) = (cfg.nbd.as_mut(), nbd) {
+                    c.client_tls = n.client_tls.clone();
+                }
+            }
+            Err(e) => {
+                tracing::error!("reload: NBD client TLS credentials kept: {e}");
+                report.push(format!("NBD client TLS credentials kept: {e}"));
+            }
+        }
+    }
+
+    /// Changes who may open a disk's NBD export; open connections stay.
+    fn set_allow(&self, name: &str, allow: Option<Vec<String>>) {
+        self.exports.set_allow(name, allow.clone());
+        let mut disks = lock(&self.disks);
+        if let Some(e) = disks.iter_mut().find(|e| e.config.name == name) {
+            e.config.nbd_allow = allow;
+        }
+        tracing::info!(disk = name, "NBD allow list changed");
     }
 
     /// Stops accepting, drains connections, flushes and closes every disk, stops the
@@ -843,4 +910,17 @@ fn notify_ready() {
     if let Err(e) = res {
         tracing::warn!("sd_notify failed: {e}");
     }
+}
+
+/// Loads `[nbd.client_tls]` for the appliance's NBD client (mirror targets and
+/// `driver = "nbd"` disks with `nbds://` URIs); the error names the file.
+fn set_client_tls(files: Option<&config::TlsFiles>) -> std::io::Result<()> {
+    let cfg = match files {
+        None => None,
+        Some(f) => Some(drivers::io::tls::creds::client_config(f).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("[nbd.client_tls]: {e}"))
+        })?),
+    };
+    drivers::io::nbd::set_client_tls(cfg);
+    Ok(())
 }

@@ -13,6 +13,7 @@
 
 mod raw;
 mod render;
+mod security;
 mod size;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use security::{DEFAULT_SOCKET_MODE, SocketPerms, TlsFiles};
 pub use size::{ByteSize, parse_byte_size};
 
 /// Where the configuration came from, for error messages.
@@ -41,7 +43,7 @@ pub struct Config {
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
     /// `[control]`: the control socket.
-    pub control: Option<PathBuf>,
+    pub control: Option<Control>,
     pub disks: Vec<Disk>,
 }
 
@@ -99,6 +101,16 @@ pub enum Hugepages {
     Off,
 }
 
+/// `[control]`: the control socket and what may be named through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub socket: PathBuf,
+    pub perms: SocketPerms,
+    /// Directories that file targets named over the socket (mirror) must lie in;
+    /// empty: the source disk's own directory.
+    pub allowed_target_dirs: Vec<PathBuf>,
+}
+
 /// `[nbd]`: the NBD export.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nbd {
@@ -112,6 +124,14 @@ pub struct Nbd {
     pub stall_timeout: Duration,
     /// How connections move bytes once their handshake is done.
     pub socket_io: SocketIo,
+    /// Owner and mode of the unix listeners.
+    pub socket_perms: SocketPerms,
+    /// `[nbd.tls]`: every listener requires TLS (with client certificates when `ca`
+    /// is set).
+    pub tls: Option<TlsFiles>,
+    /// `[nbd.client_tls]`: credentials of the appliance's own NBD client for
+    /// `nbds://` and `nbds+unix://` targets.
+    pub client_tls: Option<TlsFiles>,
 }
 
 /// `nbd.socket_io`: the system calls behind a connection's receives and sends.
@@ -238,12 +258,16 @@ pub struct Disk {
     pub vhost_user_blk: Option<VhostUserBlk>,
     /// Limits; `None` means unlimited.
     pub qos: Option<Qos>,
+    /// `[disk.nbd] allow`: the client certificate common names that may open this
+    /// export over NBD; `None`: every client the listener admits.
+    pub nbd_allow: Option<Vec<String>>,
 }
 
 /// `[disk.vhost_user_blk]`: a vhost-user-blk socket for a hypervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserBlk {
     pub socket: PathBuf,
+    pub perms: SocketPerms,
     /// Virtqueues offered (spread over the reactors).
     pub queues: u16,
 }
@@ -396,7 +420,7 @@ impl Validator {
         };
         let control = match raw.control {
             None => None,
-            Some(c) => {
+            Some(mut c) => {
                 let span = c.socket.span();
                 let p = self.resolve(c.socket.get_ref());
                 if nbd.as_ref().is_some_and(|n| n.listen.contains(&ListenAddr::Unix(p.clone()))) {
@@ -406,12 +430,14 @@ impl Validator {
                         format!("{} is also an NBD listener", p.display()),
                     ));
                 }
-                Some(p)
+                let perms = self.socket_perms(c.perms(), "control.")?;
+                let allowed_target_dirs = self.target_dirs(c.allowed_target_dirs.take())?;
+                Some(Control { socket: p, perms, allowed_target_dirs })
             }
         };
         let mut disks: Vec<Disk> = Vec::with_capacity(raw.disk.len());
         for (index, d) in raw.disk.into_iter().enumerate() {
-            let disk = self.disk(index, d, &disks)?;
+            let disk = self.disk(index, d, &disks, nbd.as_ref())?;
             if let (Some(v), Some(n)) = (&disk.vhost_user_blk, &nbd)
                 && n.listen.contains(&ListenAddr::Unix(v.socket.clone()))
             {
@@ -424,12 +450,12 @@ impl Validator {
             disks.push(disk);
         }
         if let Some(c) = &control
-            && disks.iter().any(|d| d.vhost_user_blk.as_ref().is_some_and(|v| &v.socket == c))
+            && disks.iter().any(|d| d.vhost_user_blk.as_ref().is_some_and(|v| v.socket == c.socket))
         {
             return Err(self.err(
                 0..0,
                 "control.socket",
-                format!("{} is also a vhost-user socket", c.display()),
+                format!("{} is also a vhost-user socket", c.socket.display()),
             ));
         }
         Ok(Config { source: None, appliance, nbd, metrics, control, disks })
@@ -527,7 +553,8 @@ impl Validator {
         Ok(Appliance { cores, idle, hugepages, buffer_pool_bytes, state_dir })
     }
 
-    fn nbd(&self, raw: raw::RawNbd) -> Result<Nbd, ConfigError> {
+    fn nbd(&self, mut raw: raw::RawNbd) -> Result<Nbd, ConfigError> {
+        let socket_perms = self.socket_perms(raw.perms(), "nbd.socket_")?;
         let mut listen: Vec<ListenAddr> = Vec::new();
         for item in raw.listen {
             let span = item.span();
@@ -583,11 +610,24 @@ impl Validator {
                 return Err(self.err(span, "nbd.socket_io", m));
             }
         };
-        Ok(Nbd { listen, max_connections, idle_timeout, stall_timeout, socket_io })
+        let tls = raw.tls.map(|t| self.tls_files(t, "nbd.tls", false)).transpose()?;
+        let client_tls =
+            raw.client_tls.map(|t| self.tls_files(t, "nbd.client_tls", true)).transpose()?;
+        Ok(Nbd {
+            listen,
+            max_connections,
+            idle_timeout,
+            stall_timeout,
+            socket_io,
+            socket_perms,
+            tls,
+            client_tls,
+        })
     }
 
     /// The URI of a disk served from an NBD export (`driver = "nbd"`):
-    /// `nbd://HOST[:PORT]/NAME` or `nbd+unix:///NAME?socket=PATH`, kept as written.
+    /// `nbd://HOST[:PORT]/NAME` or `nbd+unix:///NAME?socket=PATH` (or their TLS forms
+    /// `nbds://`, `nbds+unix://`), kept as written.
     fn nbd_uri(
         &self,
         name_span: std::ops::Range<usize>,
@@ -599,14 +639,21 @@ impl Validator {
             return Err(self.err(name_span, &key("path"), m.into()));
         };
         let uri = p.get_ref();
-        if !uri.starts_with("nbd://") && !uri.starts_with("nbd+unix://") {
-            let m = format!("`{uri}` is not an nbd:// or nbd+unix:// URI");
+        let schemes = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"];
+        if !schemes.iter().any(|s| uri.starts_with(s)) {
+            let m = format!("`{uri}` is not an nbd://, nbd+unix://, nbds:// or nbds+unix:// URI");
             return Err(self.err(p.span(), &key("path"), m));
         }
         Ok(PathBuf::from(uri))
     }
 
-    fn disk(&self, index: usize, raw: raw::RawDisk, earlier: &[Disk]) -> Result<Disk, ConfigError> {
+    fn disk(
+        &self,
+        index: usize,
+        mut raw: raw::RawDisk,
+        earlier: &[Disk],
+        nbd: Option<&Nbd>,
+    ) -> Result<Disk, ConfigError> {
         let key = |k: &str| format!("disk[{index}].{k}");
         let name_span = raw.name.span();
         let name = raw.name.into_inner();
@@ -766,7 +813,8 @@ impl Validator {
             None => None,
             Some(v) => {
                 let span = v.span();
-                let v = v.into_inner();
+                let mut v = v.into_inner();
+                let perms = self.socket_perms(v.perms(), &key("vhost_user_blk."))?;
                 let queues = match v.queues {
                     None => 1,
                     Some(q) => {
@@ -794,9 +842,10 @@ impl Validator {
                     ));
                 }
                 let _ = span;
-                Some(VhostUserBlk { socket, queues })
+                Some(VhostUserBlk { socket, perms, queues })
             }
         };
+        let nbd_allow = self.disk_allow(raw.nbd.take(), nbd, &key)?;
         let qos = match raw.qos {
             None => None,
             Some(q) => {
@@ -842,7 +891,25 @@ impl Validator {
             shards,
             vhost_user_blk,
             qos,
+            nbd_allow,
         })
+    }
+
+    /// `[disk.nbd] allow`, which needs client certificates to name anyone.
+    fn disk_allow(
+        &self,
+        raw: Option<security::RawDiskNbd>,
+        nbd: Option<&Nbd>,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(list) = raw.and_then(|n| n.allow) else { return Ok(None) };
+        let span = list.first().map_or(0..0, |e| e.span());
+        let names = self.allow_list(list, &key("nbd.allow"))?;
+        if nbd.and_then(|n| n.tls.as_ref()).and_then(|t| t.ca.as_ref()).is_none() {
+            let m = "needs [nbd.tls] with `ca`: only client certificates name a client";
+            return Err(self.err(span, &key("nbd.allow"), m.into()));
+        }
+        Ok(Some(names))
     }
 
     fn check_image_file(

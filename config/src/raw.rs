@@ -5,6 +5,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::ByteSize;
+use crate::security::{RawDiskNbd, RawId, RawPerms, RawTls};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +45,10 @@ pub(crate) struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawControl {
     pub socket: Spanned<String>,
+    pub owner: Option<Spanned<RawId>>,
+    pub group: Option<Spanned<RawId>>,
+    pub mode: Option<Spanned<i64>>,
+    pub allowed_target_dirs: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +67,11 @@ pub(crate) struct RawNbd {
     pub idle_timeout: Option<Spanned<f64>>,
     pub stall_timeout: Option<Spanned<f64>>,
     pub socket_io: Option<Spanned<String>>,
+    pub socket_owner: Option<Spanned<RawId>>,
+    pub socket_group: Option<Spanned<RawId>>,
+    pub socket_mode: Option<Spanned<i64>>,
+    pub tls: Option<RawTls>,
+    pub client_tls: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +90,7 @@ pub(crate) struct RawDisk {
     pub shards: Option<Spanned<i64>>,
     pub vhost_user_blk: Option<Spanned<RawVhostUserBlk>>,
     pub qos: Option<Spanned<RawQos>>,
+    pub nbd: Option<RawDiskNbd>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,4 +98,29 @@ pub(crate) struct RawDisk {
 pub(crate) struct RawVhostUserBlk {
     pub socket: Spanned<String>,
     pub queues: Option<Spanned<u16>>,
+    pub owner: Option<Spanned<RawId>>,
+    pub group: Option<Spanned<RawId>>,
+    pub mode: Option<Spanned<i64>>,
+}
+
+impl RawControl {
+    pub(crate) fn perms(&mut self) -> RawPerms {
+        RawPerms { owner: self.owner.take(), group: self.group.take(), mode: self.mode.take() }
+    }
+}
+
+impl RawVhostUserBlk {
+    pub(crate) fn perms(&mut self) -> RawPerms {
+        RawPerms { owner: self.owner.take(), group: self.group.take(), mode: self.mode.take() }
+    }
+}
+
+impl RawNbd {
+    pub(crate) fn perms(&mut self) -> RawPerms {
+        RawPerms {
+            owner: self.socket_owner.take(),
+            group: self.socket_group.take(),
+            mode: self.socket_mode.take(),
+        }
+    }
 }

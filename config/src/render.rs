@@ -5,7 +5,7 @@
 
 use toml::{Table, Value};
 
-use crate::{Config, Disk, Driver, Format, Hugepages, IdlePolicy};
+use crate::{Config, Disk, Driver, Format, Hugepages, IdlePolicy, SocketPerms, TlsFiles};
 
 fn int(v: u64) -> Value {
     // TOML integers are i64; every size the appliance accepts fits.
@@ -56,6 +56,13 @@ impl Config {
             t.insert("idle_timeout".into(), secs(n.idle_timeout));
             t.insert("stall_timeout".into(), secs(Some(n.stall_timeout)));
             t.insert("socket_io".into(), Value::String(n.socket_io.name().into()));
+            perms(&mut t, &n.socket_perms, "socket_");
+            if let Some(f) = &n.tls {
+                t.insert("tls".into(), Value::Table(tls(f)));
+            }
+            if let Some(f) = &n.client_tls {
+                t.insert("client_tls".into(), Value::Table(tls(f)));
+            }
             root.insert("nbd".into(), Value::Table(t));
         }
         if let Some(m) = &self.metrics {
@@ -65,7 +72,12 @@ impl Config {
         }
         if let Some(c) = &self.control {
             let mut t = Table::new();
-            t.insert("socket".into(), path(c));
+            t.insert("socket".into(), path(&c.socket));
+            perms(&mut t, &c.perms, "");
+            if !c.allowed_target_dirs.is_empty() {
+                let dirs = c.allowed_target_dirs.iter().map(|p| path(p)).collect();
+                t.insert("allowed_target_dirs".into(), Value::Array(dirs));
+            }
             root.insert("control".into(), Value::Table(t));
         }
         if !self.disks.is_empty() {
@@ -124,6 +136,7 @@ pub fn disk(d: &Disk) -> Table {
         let mut vt = Table::new();
         vt.insert("socket".into(), path(&v.socket));
         vt.insert("queues".into(), int(u64::from(v.queues)));
+        perms(&mut vt, &v.perms, "");
         t.insert("vhost_user_blk".into(), Value::Table(vt));
     }
     if let Some(q) = &d.qos {
@@ -132,6 +145,33 @@ pub fn disk(d: &Disk) -> Table {
         qt.insert("bandwidth".into(), Value::String(q.bandwidth.to_string()));
         qt.insert("burst".into(), Value::Float(q.burst));
         t.insert("qos".into(), Value::Table(qt));
+    }
+    if let Some(allow) = &d.nbd_allow {
+        let mut nt = Table::new();
+        let list = allow.iter().map(|cn| Value::String(format!("CN={cn}"))).collect();
+        nt.insert("allow".into(), Value::Array(list));
+        t.insert("nbd".into(), Value::Table(nt));
+    }
+    t
+}
+
+/// Owner, group and mode keys (with `prefix` before each name).
+fn perms(t: &mut Table, p: &SocketPerms, prefix: &str) {
+    t.insert(format!("{prefix}mode"), int(u64::from(p.mode)));
+    if let Some(o) = p.owner {
+        t.insert(format!("{prefix}owner"), int(u64::from(o)));
+    }
+    if let Some(g) = p.group {
+        t.insert(format!("{prefix}group"), int(u64::from(g)));
+    }
+}
+
+fn tls(f: &TlsFiles) -> Table {
+    let mut t = Table::new();
+    t.insert("cert".into(), path(&f.cert));
+    t.insert("key".into(), path(&f.key));
+    if let Some(ca) = &f.ca {
+        t.insert("ca".into(), path(ca));
     }
     t
 }

@@ -222,7 +222,8 @@ fn metrics_control_and_qos() {
     )
     .unwrap();
     assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
-    assert_eq!(c.control.as_deref(), Some(Path::new("/run/c.sock")));
+    assert_eq!(c.control.as_ref().map(|c| c.socket.as_path()), Some(Path::new("/run/c.sock")));
+    assert_eq!(c.control.as_ref().map(|c| c.perms.mode), Some(0o600));
     assert_eq!(
         c.disks[0].qos,
         Some(Qos { iops: 500, bandwidth: 200 << 20, burst: DEFAULT_QOS_BURST })
@@ -322,6 +323,10 @@ fn the_example_config_is_valid() {
     assert_eq!(vm1.vhost_user_blk.as_ref().unwrap().queues, 2);
     assert_eq!(vm1.qos.unwrap().bandwidth, 200 << 20);
     assert!(c.metrics.is_some() && c.control.is_some());
+    let nbd = c.nbd.as_ref().unwrap();
+    assert!(nbd.tls.as_ref().unwrap().ca.is_some() && nbd.client_tls.is_some());
+    assert_eq!(vm1.nbd_allow.as_deref(), Some(&["host-a".into(), "backup-server".into()][..]));
+    assert_eq!(c.control.as_ref().unwrap().allowed_target_dirs, vec![images]);
 }
 
 #[test]
@@ -342,4 +347,135 @@ fn shards_are_for_qcow2_and_bounded() {
         parse("[[disk]]\nname = \"q\"\npath = \"/etc/hostname\"\nformat = \"qcow2\"\nshards = 3\n")
             .unwrap();
     assert_eq!(c.disks[0].shards, Some(3));
+}
+
+const TLS_NBD: &str = "[nbd]\nlisten = [\"tcp:127.0.0.1:10809\"]\n";
+
+#[test]
+fn nbd_tls_keys() {
+    let c = parse(&format!(
+        "{TLS_NBD}[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\nca = \"/etc/ca.pem\"\n\
+         [nbd.client_tls]\ncert = \"c.pem\"\nkey = \"ck.pem\"\nca = \"ca.pem\"\n"
+    ))
+    .unwrap();
+    let n = c.nbd.unwrap();
+    let t = n.tls.unwrap();
+    assert_eq!(t.cert, Path::new("/s.pem"));
+    assert_eq!(t.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+    assert_eq!(n.client_tls.unwrap().key, Path::new("/ck.pem"));
+    assert_eq!(n.socket_perms, SocketPerms::default());
+    // Without `ca` the server takes clients without certificates.
+    let c = parse(&format!("{TLS_NBD}[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\n")).unwrap();
+    assert_eq!(c.nbd.unwrap().tls.unwrap().ca, None);
+}
+
+#[test]
+fn bad_tls_keys_are_named() {
+    let (k, line, m) = invalid(&format!(
+        "{TLS_NBD}[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\npsk_file = \"keys.psk\"\n"
+    ));
+    assert_eq!((k.as_str(), line), ("nbd.tls.psk_file", 6));
+    assert!(m.contains("PSK"), "{m}");
+    let (k, _, m) =
+        invalid(&format!("{TLS_NBD}[nbd.client_tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"));
+    assert_eq!(k, "nbd.client_tls");
+    assert!(m.contains("ca"), "{m}");
+    let (k, _, _) = invalid(&format!("{TLS_NBD}[nbd.tls]\ncert = \"\"\nkey = \"k.pem\"\n"));
+    assert_eq!(k, "nbd.tls.cert");
+    let e = parse(&format!("{TLS_NBD}[nbd.tls]\ncert = \"s.pem\"\n")).unwrap_err().to_string();
+    assert!(e.contains("key"), "{e}");
+    let e = parse(&format!("{TLS_NBD}[nbd.tls]\ncert = \"s\"\nkey = \"k\"\nverify = 1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("verify"), "{e}");
+}
+
+#[test]
+fn allow_lists() {
+    let disk = "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n";
+    let tls = "[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\nca = \"ca.pem\"\n";
+    let c =
+        parse(&format!("{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=host-a\", \"CN=host b\"]\n"))
+            .unwrap();
+    assert_eq!(c.disks[0].nbd_allow, Some(vec!["host-a".to_string(), "host b".to_string()]));
+    let (k, line, m) =
+        invalid(&format!("{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=a\", \"O=corp\"]\n"));
+    assert_eq!((k.as_str(), line), ("disk[0].nbd.allow", 12));
+    assert!(m.contains("O=corp") && m.contains("CN="), "{m}");
+    let (k, _, m) = invalid(&format!("{TLS_NBD}{tls}{disk}[disk.nbd]\nallow = [\"CN=\"]\n"));
+    assert_eq!(k, "disk[0].nbd.allow");
+    assert!(m.contains("common name"), "{m}");
+    // No client certificates, nobody to name.
+    let no_ca = "[nbd.tls]\ncert = \"s.pem\"\nkey = \"k.pem\"\n";
+    let (k, _, m) = invalid(&format!("{TLS_NBD}{no_ca}{disk}[disk.nbd]\nallow = [\"CN=a\"]\n"));
+    assert_eq!(k, "disk[0].nbd.allow");
+    assert!(m.contains("ca"), "{m}");
+    let (k, _, _) = invalid(&format!("{TLS_NBD}{disk}[disk.nbd]\nallow = [\"CN=a\"]\n"));
+    assert_eq!(k, "disk[0].nbd.allow");
+}
+
+#[test]
+fn socket_owners_and_modes() {
+    let c = parse(
+        "[nbd]\nlisten = [\"unix:/run/n.sock\"]\nsocket_mode = 0o660\nsocket_group = 0\n\
+         [control]\nsocket = \"/run/c.sock\"\nowner = \"root\"\nmode = 0o600\n\
+         [[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n\
+         [disk.vhost_user_blk]\nsocket = \"/run/v.sock\"\nmode = 0o666\ngroup = \"root\"\n",
+    )
+    .unwrap();
+    let n = c.nbd.unwrap();
+    assert_eq!(n.socket_perms, SocketPerms { owner: None, group: Some(0), mode: 0o660 });
+    let ctl = c.control.unwrap();
+    assert_eq!(ctl.perms, SocketPerms { owner: Some(0), group: None, mode: 0o600 });
+    let v = c.disks[0].vhost_user_blk.as_ref().unwrap();
+    assert_eq!(v.perms, SocketPerms { owner: None, group: Some(0), mode: 0o666 });
+    let (k, line, m) = invalid("[control]\nsocket = \"/c\"\nmode = 0o1777\n");
+    assert_eq!((k.as_str(), line), ("control.mode", 3));
+    assert!(m.contains("0o1777"), "{m}");
+    let (k, _, _) = invalid("[control]\nsocket = \"/c\"\nmode = 0o066\n");
+    assert_eq!(k, "control.mode");
+    let (k, _, m) = invalid("[nbd]\nlisten = [\"unix:/n\"]\nsocket_owner = \"no-such-user-x\"\n");
+    assert_eq!(k, "nbd.socket_owner");
+    assert!(m.contains("no-such-user-x"), "{m}");
+    let (k, _, _) = invalid(
+        "[[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n\
+         [disk.vhost_user_blk]\nsocket = \"/v\"\ngroup = \"no-such-group-x\"\n",
+    );
+    assert_eq!(k, "disk[0].vhost_user_blk.group");
+}
+
+#[test]
+fn allowed_target_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[control]\nsocket = \"/c\"\nallowed_target_dirs = [\"{}\", \"rel\"]\n",
+        dir.path().display()
+    );
+    let c = Config::parse_lenient(&text, "t.toml", Path::new("/base")).unwrap();
+    let dirs = c.control.unwrap().allowed_target_dirs;
+    assert_eq!(dirs, vec![dir.path().to_path_buf(), PathBuf::from("/base/rel")]);
+    let (k, line, m) = invalid(&format!(
+        "[control]\nsocket = \"/c\"\nallowed_target_dirs = [\"{}/missing\"]\n",
+        dir.path().display()
+    ));
+    assert_eq!((k.as_str(), line), ("control.allowed_target_dirs", 3));
+    assert!(m.contains("not a directory"), "{m}");
+}
+
+#[test]
+fn security_keys_render_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[nbd]\nlisten = [\"unix:/run/n.sock\"]\nsocket_mode = 0o660\nsocket_group = 5\n\
+         [nbd.tls]\ncert = \"/s.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\n\
+         [nbd.client_tls]\ncert = \"/c.pem\"\nkey = \"/ck.pem\"\nca = \"/ca.pem\"\n\
+         [control]\nsocket = \"/c.sock\"\nowner = 7\nallowed_target_dirs = [\"{}\"]\n\
+         [[disk]]\nname = \"a\"\ndriver = \"mem\"\nsize = 4096\n\
+         [disk.nbd]\nallow = [\"CN=h\"]\n\
+         [disk.vhost_user_blk]\nsocket = \"/v.sock\"\nmode = 0o666\n",
+        dir.path().display()
+    );
+    let c = parse(&text).unwrap();
+    let again = parse(&c.to_toml()).unwrap();
+    assert_eq!(c, again);
 }

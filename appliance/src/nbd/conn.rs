@@ -36,7 +36,7 @@ use super::proto::{self, ReplyMode, Request};
 use super::reader;
 use super::reply::Reply;
 use super::sock::Gather;
-use drivers::io::net::Socket as Sock;
+use drivers::io::tls::Stream as Sock;
 
 /// Extents per block-status reply.
 const MAX_EXTENTS: usize = 128;
@@ -383,6 +383,10 @@ async fn writer(c: Rc<Conn>) {
                 c.drop_replies();
             }
         }
+    }
+    if !c.dead.get() {
+        // Under TLS, a close_notify tells the client the replies ended on purpose.
+        c.sock.close().await;
     }
     c.writer_done.set(true);
     if let Some(w) = c.owner_waker.borrow_mut().take() {

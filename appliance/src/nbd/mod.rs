@@ -14,6 +14,15 @@
 //! greeting and `NBD_REP_ERR_POLICY` ("too many connections") for its options, then the
 //! connection closes, so it sees a reason rather than a reset.
 //!
+//! With `[nbd.tls]` every listener requires TLS (`handshake`): a client must upgrade
+//! with `NBD_OPT_STARTTLS` before anything else, and with `ca` set it must present a
+//! certificate that CA signed. Per-export allow lists (`[disk.nbd] allow`) name the
+//! client certificate common names that may open an export; the others are refused and
+//! do not see it listed. The TLS credentials are swapped on reload
+//! ([`NbdServer::set_tls`]); connections keep the ones they started with.
+//!
+//! Unix listeners get the owner, group and mode `[nbd]` configures (0600 by default).
+//!
 //! Shutdown stops the listeners, then asks every reactor to close its connections
 //! gracefully: reading stops, requests in flight complete and their replies are sent,
 //! then the socket closes.
@@ -41,43 +50,87 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use config::ListenAddr;
+use drivers::io::tls::Stream;
 use drivers::{Bdev, BdevChannel, IoError};
 use poller::ReactorHandle;
 
 /// The disks served, by export name, in configuration order (the first is the default
-/// export for clients that ask for the empty name).
+/// export for clients that ask for the empty name), each with its allow list.
 #[derive(Default)]
 pub struct Exports {
-    list: RwLock<Vec<Arc<Bdev>>>,
+    list: RwLock<Vec<Export>>,
 }
+
+struct Export {
+    bdev: Arc<Bdev>,
+    /// Client certificate common names that may open it; `None`: anyone admitted.
+    allow: Option<Vec<String>>,
+}
+
+/// Who a client is, as far as allow lists go: its certificate's common name.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a>(pub Option<&'a str>);
 
 impl Exports {
     pub fn new(bdevs: Vec<Arc<Bdev>>) -> Arc<Self> {
-        Arc::new(Exports { list: RwLock::new(bdevs) })
+        let list = bdevs.into_iter().map(|bdev| Export { bdev, allow: None }).collect();
+        Arc::new(Exports { list: RwLock::new(list) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Export>> {
+        self.list.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Looks an export up; the empty name selects the default (first) export.
     pub fn find(&self, name: &str) -> Option<Arc<Bdev>> {
-        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        let list = self.read();
         if name.is_empty() {
-            return list.first().cloned();
+            return list.first().map(|e| e.bdev.clone());
         }
-        list.iter().find(|b| b.name() == name).cloned()
+        list.iter().find(|e| e.bdev.name() == name).map(|e| e.bdev.clone())
     }
 
-    pub fn names(&self) -> Vec<String> {
-        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
-        list.iter().map(|b| b.name().to_string()).collect()
+    /// Whether `who` may open export `name` (which exists).
+    pub fn permits(&self, name: &str, who: Identity<'_>) -> bool {
+        let list = self.read();
+        let e = if name.is_empty() {
+            list.first()
+        } else {
+            list.iter().find(|e| e.bdev.name() == name)
+        };
+        e.is_none_or(|e| permitted(e, who))
     }
 
-    pub fn add(&self, bdev: Arc<Bdev>) {
-        self.list.write().unwrap_or_else(|p| p.into_inner()).push(bdev);
+    /// The names of the exports `who` may open.
+    pub fn names(&self, who: Identity<'_>) -> Vec<String> {
+        let list = self.read();
+        list.iter().filter(|e| permitted(e, who)).map(|e| e.bdev.name().to_string()).collect()
+    }
+
+    pub fn add(&self, bdev: Arc<Bdev>, allow: Option<Vec<String>>) {
+        self.list.write().unwrap_or_else(|p| p.into_inner()).push(Export { bdev, allow });
+    }
+
+    /// Replaces an export's allow list (reload); connections already open stay.
+    pub fn set_allow(&self, name: &str, allow: Option<Vec<String>>) {
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = list.iter_mut().find(|e| e.bdev.name() == name) {
+            e.allow = allow;
+        }
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<Bdev>> {
         let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
-        let i = list.iter().position(|b| b.name() == name)?;
-        Some(list.remove(i))
+        let i = list.iter().position(|e| e.bdev.name() == name)?;
+        Some(list.remove(i).bdev)
+    }
+}
+
+fn permitted(e: &Export, who: Identity<'_>) -> bool {
+    match (&e.allow, who.0) {
+        (None, _) => true,
+        (Some(list), Some(cn)) => list.iter().any(|a| a == cn),
+        (Some(_), None) => false,
     }
 }
 
@@ -92,6 +145,8 @@ struct ServerShared {
     max_connections: usize,
     timeouts: conn::Timeouts,
     socket_io: config::SocketIo,
+    /// `[nbd.tls]`, loaded; `None`: plaintext listeners.
+    tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
 }
 
 /// Refused clients answered at once; more are closed without a word.
@@ -129,10 +184,21 @@ impl NbdServer {
             max_connections: config.max_connections as usize,
             timeouts: conn::Timeouts { stall: config.stall_timeout, idle: config.idle_timeout },
             socket_io: config.socket_io,
+            tls: RwLock::new(load_tls(config.tls.as_ref())?),
         });
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+            let l = bind(addr, &config.socket_perms)
+                .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+            if let ListenAddr::Tcp(a) = addr
+                && !a.ip().is_loopback()
+                && config.tls.is_none()
+            {
+                tracing::warn!(
+                    "NBD listener {addr} is reachable from other hosts without TLS: anyone who \
+                     can reach it can read and write every export (configure [nbd.tls])"
+                );
+            }
             listeners.push(l);
         }
         for l in &mut listeners {
@@ -151,6 +217,17 @@ impl NbdServer {
 
     pub fn exports(&self) -> &Arc<Exports> {
         &self.shared.exports
+    }
+
+    /// Re-reads the TLS credentials (reload). On error the ones in use stay and the
+    /// error names the file. Turning TLS on or off needs a restart.
+    pub fn set_tls(&self, files: Option<&config::TlsFiles>) -> io::Result<()> {
+        let mut cur = self.shared.tls.write().unwrap_or_else(|p| p.into_inner());
+        if cur.is_some() != files.is_some() {
+            return Err(io::Error::other("turning [nbd.tls] on or off needs a restart"));
+        }
+        *cur = load_tls(files)?;
+        Ok(())
     }
 
     /// Connections currently open.
@@ -189,12 +266,21 @@ impl NbdServer {
     }
 }
 
-fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+fn load_tls(files: Option<&config::TlsFiles>) -> io::Result<Option<Arc<rustls::ServerConfig>>> {
+    let Some(files) = files else { return Ok(None) };
+    let cfg = drivers::io::tls::creds::server_config(files)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("[nbd.tls]: {e}")))?;
+    Ok(Some(cfg))
+}
+
+fn bind(addr: &ListenAddr, perms: &config::SocketPerms) -> io::Result<Listener> {
     let fd: OwnedFd = match addr {
         ListenAddr::Tcp(a) => TcpListener::bind(a)?.into(),
         ListenAddr::Unix(p) => {
             remove_stale_socket(p)?;
-            UnixListener::bind(p)?.into()
+            let l = UnixListener::bind(p)?;
+            crate::perms::apply(p, perms)?;
+            l.into()
         }
     };
     Ok(Listener {
@@ -274,9 +360,13 @@ fn accept_loop(fd: &OwnedFd, tcp: bool, live: &Arc<AtomicUsize>, shared: &Arc<Se
         let live = live.clone();
         live.fetch_add(1, Ordering::SeqCst);
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        let session = Session {
+            exports: shared.exports.clone(),
+            tls: shared.tls.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            peer: peer_name(&stream),
+        };
         shared.reactors[i].spawn(move || async move {
-            let exports = shared2.exports.clone();
-            serve(stream, exports, shared2.timeouts, shared2.socket_io).await;
+            serve(stream, session, shared2.timeouts, shared2.socket_io).await;
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
             live.fetch_sub(1, Ordering::SeqCst);
         });
@@ -295,6 +385,7 @@ fn refuse(stream: OwnedFd, reactor: &ReactorHandle, shared: &Arc<ServerShared>) 
     let shared = shared.clone();
     reactor.spawn(move || async move {
         if let Ok(sock) = poller::Async::new(stream) {
+            let sock = Stream::plain(drivers::io::net::Socket::Epoll(sock));
             let why = format!("too many connections (this server's max_connections is {max})");
             let _ =
                 poller::timeout(handshake::REFUSE_TIMEOUT, handshake::refuse(&sock, &why)).await;
@@ -332,45 +423,68 @@ pub(crate) fn channel_for(bdev: &Arc<Bdev>) -> Result<Rc<BdevChannel>, IoError> 
     })
 }
 
+/// What a new connection's handshake needs to know.
+pub(crate) struct Session {
+    pub exports: Arc<Exports>,
+    /// TLS is required (and these are the credentials) when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The client's address, for log lines.
+    pub peer: String,
+}
+
+/// The client's address (`ip:port`) or, on a unix socket, its process and user.
+fn peer_name(fd: &OwnedFd) -> String {
+    use nix::sys::socket::{SockaddrStorage, getpeername, getsockopt, sockopt::PeerCredentials};
+    if let Ok(a) = getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        if let Some(v4) = a.as_sockaddr_in() {
+            return std::net::SocketAddrV4::from(*v4).to_string();
+        }
+        if let Some(v6) = a.as_sockaddr_in6() {
+            return std::net::SocketAddrV6::from(*v6).to_string();
+        }
+    }
+    match getsockopt(fd, PeerCredentials) {
+        Ok(c) => format!("unix client (pid {}, uid {})", c.pid(), c.uid()),
+        Err(_) => "unix client".to_string(),
+    }
+}
+
 pub(crate) async fn serve(
     stream: OwnedFd,
-    exports: Arc<Exports>,
+    session: Session,
     timeouts: conn::Timeouts,
     socket_io: config::SocketIo,
 ) {
-    let sock = match poller::Async::new(stream) {
-        Ok(s) => s,
+    let sock = match poller::Async::new(stream)
+        .and_then(|s| drivers::io::net::Socket::new(s, socket_io))
+    {
+        Ok(s) => Stream::plain(s),
         Err(e) => {
             tracing::warn!("cannot register an NBD connection: {e}");
             return;
         }
     };
-    let negotiated =
-        match poller::timeout(handshake::HANDSHAKE_TIMEOUT, handshake::negotiate(&sock, &exports))
-            .await
-        {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!("NBD handshake ended: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::info!("NBD client did not finish its handshake in time; disconnecting");
-                return;
-            }
-        };
+    let mut sock = sock;
+    let negotiate = handshake::negotiate(&mut sock, &session);
+    let negotiated = match poller::timeout(handshake::HANDSHAKE_TIMEOUT, negotiate).await {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(client = session.peer, "NBD handshake ended: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(
+                client = session.peer,
+                "NBD client did not finish its handshake in time; disconnecting"
+            );
+            return;
+        }
+    };
     let ch = match channel_for(&negotiated.bdev) {
         Ok(ch) => ch,
         Err(e) => {
             tracing::error!(export = negotiated.bdev.name(), "cannot open device channel: {e}");
-            return;
-        }
-    };
-    let sock = match drivers::io::net::Socket::new(sock, socket_io) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot set up an NBD connection's socket I/O: {e}");
             return;
         }
     };

@@ -70,6 +70,7 @@ impl VhostServer {
     /// Binds the socket and starts serving front-ends.
     pub fn start(
         socket: &Path,
+        perms: &config::SocketPerms,
         disk: Arc<Bdev>,
         queues: u16,
         reactors: Vec<ReactorHandle>,
@@ -89,6 +90,8 @@ impl VhostServer {
         let mut listener = Listener::new(socket, true).map_err(|e| {
             std::io::Error::other(format!("{}: cannot listen: {e}", socket.display()))
         })?;
+        crate::perms::apply(socket, perms)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
         let listen_fd = listener.as_raw_fd();
         let id = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
         let name = disk.name().to_string();

@@ -23,6 +23,7 @@ pub mod net;
 pub mod null;
 pub mod probe;
 pub mod sim;
+pub mod tls;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};

@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use poller::{ReactorHandle, WaitList};
 
-use super::handshake::{self, Export};
+use super::handshake::{Connected, Export};
 use super::uri::NbdUri;
 use super::wire::*;
 use crate::error::IoError;
-use crate::io::net::Socket;
+use crate::io::tls::Stream as Socket;
 use crate::seg::IoSeg;
 
 /// Requests in flight per connection.
@@ -330,12 +330,12 @@ impl Client {
         let (dialing, closed) = (self.dialing.clone(), self.closed.clone());
         let spawned = std::thread::Builder::new().name("nbd-redial".into()).spawn(move || {
             while !closed.load(Ordering::Relaxed) {
-                match handshake::connect(&uri) {
-                    Ok((fd, e)) if e.size == want.size => {
-                        owner.run(move || super::reconnected(id, fd));
+                match super::connect(&uri) {
+                    Ok(c) if c.export.size == want.size => {
+                        owner.run(move || super::reconnected(id, c));
                         break;
                     }
-                    Ok((_, e)) => {
+                    Ok(Connected { export: e, .. }) => {
                         tracing::warn!(
                             "{uri}: the export is {} bytes now, not {}",
                             e.size,
@@ -459,15 +459,7 @@ impl Client {
                 let mut h = [0u8; REQUEST_LEN];
                 h[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
                 h[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-                // SAFETY: a non-blocking send of a local buffer on our own socket.
-                unsafe {
-                    libc::send(
-                        c.sock.fd(),
-                        h.as_ptr().cast(),
-                        h.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
+                c.sock.send_now(&h);
             }
             c.fail();
         }

@@ -24,13 +24,14 @@ pub mod wire;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use config::SocketIo;
+
+use crate::io::tls::Stream;
 use poller::{MailSender, Mailbox, ReactorHandle};
 
 use self::client::{Client, Op};
@@ -50,6 +51,24 @@ const RING: usize = 1024;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// `[nbd.client_tls]`, loaded: the credentials `nbds://` connections use.
+static CLIENT_TLS: RwLock<Option<Arc<rustls::ClientConfig>>> = RwLock::new(None);
+
+/// Sets the client credentials for `nbds://` and `nbds+unix://` (start-up, reload);
+/// connections already open keep theirs.
+pub fn set_client_tls(cfg: Option<Arc<rustls::ClientConfig>>) {
+    *CLIENT_TLS.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+}
+
+fn client_tls() -> Option<Arc<rustls::ClientConfig>> {
+    CLIENT_TLS.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Connects and negotiates with the current client credentials.
+pub(crate) fn connect(u: &NbdUri) -> Result<handshake::Connected, String> {
+    handshake::connect(u, client_tls().as_ref())
+}
+
 /// What the owner reactor keeps per client.
 struct Owned {
     client: Rc<Client>,
@@ -65,12 +84,13 @@ thread_local! {
 pub fn open(uri: &str, owner: &ReactorHandle) -> Result<Arc<Storage>, OpenError> {
     let path = PathBuf::from(uri);
     let u = NbdUri::parse(uri).map_err(|e| OpenError::invalid(&path, e))?;
-    let (fd, export) = handshake::connect(&u).map_err(|e| OpenError::invalid(&path, e))?;
-    let mut fds = vec![fd];
+    let first = connect(&u).map_err(|e| OpenError::invalid(&path, e))?;
+    let export = first.export;
+    let mut fds = vec![first];
     if export.has(wire::FLAG_CAN_MULTI_CONN) {
         for _ in 1..MULTI_CONNECTIONS {
-            match handshake::connect(&u) {
-                Ok((fd, e)) if e.size == export.size => fds.push(fd),
+            match connect(&u) {
+                Ok(c) if c.export.size == export.size => fds.push(c),
                 _ => break,
             }
         }
@@ -92,7 +112,7 @@ fn start(
     id: u64,
     uri: NbdUri,
     export: handshake::Export,
-    fds: Vec<OwnedFd>,
+    fds: Vec<handshake::Connected>,
 ) -> Result<MailSender<CallPtr<Op>>, String> {
     let mut socks = Vec::with_capacity(fds.len());
     for fd in fds {
@@ -108,12 +128,17 @@ fn start(
     Ok(tx)
 }
 
-fn socket(fd: OwnedFd) -> std::io::Result<crate::io::net::Socket> {
-    crate::io::net::Socket::new(poller::Async::new(fd)?, SocketIo::Auto)
+/// The connection's stream on this reactor, under TLS when it was negotiated so.
+fn socket(c: handshake::Connected) -> std::io::Result<Stream> {
+    let sock = crate::io::net::Socket::new(poller::Async::new(c.fd)?, SocketIo::Auto)?;
+    Ok(match c.tls {
+        None => Stream::plain(sock),
+        Some(conn) => Stream::with_tls(sock, rustls::Connection::Client(conn)),
+    })
 }
 
 /// On the owner: a reconnected socket for client `id`.
-fn reconnected(id: u64, fd: OwnedFd) {
+fn reconnected(id: u64, fd: handshake::Connected) {
     let Some(client) = CLIENTS.with(|c| c.borrow().get(&id).map(|o| o.client.clone())) else {
         return;
     };

@@ -1,7 +1,7 @@
 //! NBD URIs (the NBD project's doc/uri.md, as qemu-img and libnbd take them):
 //! `nbd://HOST[:PORT]/EXPORT` over TCP (port 10809 by default) and
-//! `nbd+unix:///EXPORT?socket=PATH` over a unix socket. TLS (`nbds`, `nbds+unix`) is not
-//! spoken by this client yet, and is refused by name.
+//! `nbd+unix:///EXPORT?socket=PATH` over a unix socket, and their TLS forms `nbds://`
+//! and `nbds+unix://` (STARTTLS with the credentials of `[nbd.client_tls]`).
 
 use std::path::PathBuf;
 
@@ -20,13 +20,18 @@ pub enum Address {
 pub struct NbdUri {
     pub address: Address,
     pub export: String,
+    /// `nbds` or `nbds+unix`: the connection must upgrade to TLS.
+    pub tls: bool,
 }
 
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.tls { "s" } else { "" };
         match &self.address {
-            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Address::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            Address::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export),
+            Address::Unix(p) => {
+                write!(f, "nbd{s}+unix:///{}?socket={}", self.export, p.display())
+            }
         }
     }
 }
@@ -55,9 +60,12 @@ impl NbdUri {
     /// Parses `s`; the error says what is wrong with it.
     pub fn parse(s: &str) -> Result<NbdUri, String> {
         let (scheme, rest) = s.split_once("://").ok_or("not a URI (no `://`)")?;
-        if scheme == "nbds" || scheme == "nbds+unix" {
-            return Err(format!("`{scheme}`: TLS is not supported by this client yet"));
-        }
+        let tls = scheme == "nbds" || scheme == "nbds+unix";
+        let scheme = match scheme {
+            "nbds" => "nbd",
+            "nbds+unix" => "nbd+unix",
+            other => other,
+        };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -100,9 +108,13 @@ impl NbdUri {
                     .ok_or("no `socket=PATH` in the query")?;
                 Address::Unix(PathBuf::from(unescape(socket)?))
             }
-            other => return Err(format!("scheme `{other}` is not nbd:// or nbd+unix://")),
+            other => {
+                return Err(format!(
+                    "scheme `{other}` is not nbd://, nbd+unix://, nbds:// or nbds+unix://"
+                ));
+            }
         };
-        Ok(NbdUri { address, export })
+        Ok(NbdUri { address, export, tls })
     }
 }
 
@@ -124,13 +136,19 @@ mod tests {
         let u = NbdUri::parse("nbd+unix:///d?socket=/run/x.sock").unwrap();
         assert_eq!(u.address, Address::Unix("/run/x.sock".into()));
         assert_eq!(u.to_string(), "nbd+unix:///d?socket=/run/x.sock");
+        assert!(!u.tls);
+        let u = NbdUri::parse("nbds://h:1/e").unwrap();
+        assert!(u.tls && u.export == "e");
+        assert_eq!(u.to_string(), "nbds://h:1/e");
+        let u = NbdUri::parse("nbds+unix:///e?socket=/s").unwrap();
+        assert!(u.tls && u.address == Address::Unix("/s".into()));
     }
 
     #[test]
     fn bad_uris_say_why() {
         for (s, why) in [
             ("/tmp/x", "://"),
-            ("nbds://h/x", "TLS"),
+            ("nbds:///x", "host"),
             ("http://h/x", "scheme"),
             ("nbd://h:port/x", "port"),
             ("nbd:///x", "host"),
