@@ -207,7 +207,9 @@ fn job_progress_and_state_are_in_the_metrics() {
     let port = appliance_tests::free_port();
     let setup = appliance_tests::Setup {
         disks: "[[disk]]\nname = \"vm\"\ndriver = \"mem\"\nsize = \"64MiB\"\n".into(),
-        extra: appliance_tests::ops::control_extra(Some(port)),
+        // A disk in memory has no directory of its own for targets.
+        extra: appliance_tests::ops::control_extra(Some(port))
+            .replace("[control]\n", "[control]\nallowed_target_dirs = [\"{dir}\"]\n"),
         ..appliance_tests::Setup::default()
     };
     let mut a = appliance_tests::Appliance::start(setup, |_| {});
