@@ -321,6 +321,7 @@ fn bdev_checks_ranges_and_read_only() {
         shards: None,
         vhost_user_blk: None,
         qos: None,
+        nbd_allow: None,
     };
     let owner = r.handles()[0].clone();
     let rw = Bdev::open(&disk(false), std::slice::from_ref(&owner)).unwrap();

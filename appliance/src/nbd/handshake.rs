@@ -203,10 +203,10 @@ pub async fn negotiate(
 ) -> Result<Option<Negotiated>, HandshakeError> {
     let client_flags = send_greeting(sock).await?;
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
-    if let Some(tls) = &session.tls {
-        if !require_tls(sock, session, tls).await? {
-            return Ok(None);
-        }
+    if let Some(tls) = &session.tls
+        && !require_tls(sock, session, tls).await?
+    {
+        return Ok(None);
     }
     let exports = &*session.exports;
     let mut st = State { cn: sock.peer_common_name(), ..State::default() };

@@ -197,6 +197,10 @@ impl Stream {
 
     /// Hands buffered ciphertext to rustls, receiving more first when none is
     /// buffered. False at end of stream.
+    // The receive buffer stays borrowed across the socket read: only the connection's
+    // reader task receives, so no other borrow of `rx` can happen meanwhile (a second
+    // one would panic, not corrupt).
+    #[allow(clippy::await_holding_refcell_ref)]
     async fn receive(&self, tls: &Tls) -> io::Result<bool> {
         let mut rx = tls.rx.borrow_mut();
         if rx.lo == rx.hi {
@@ -276,6 +280,9 @@ impl Stream {
         r
     }
 
+    // The send buffer stays borrowed across the socket send: `sending` admits one
+    // flusher at a time, so no other borrow of `tx` can happen meanwhile.
+    #[allow(clippy::await_holding_refcell_ref)]
     async fn flush_queued(&self, tls: &Tls) -> io::Result<()> {
         let mut tx = tls.tx.borrow_mut();
         loop {
