@@ -571,7 +571,7 @@ async fn copy_loop(job: &Job, ctx: &Rc<Ctx>, filter: &MirrorFilter, opts: &Mirro
             job.set_detail("write_blocking", true.into());
             adaptive = None;
         }
-        if ctx.in_flight.get() >= opts.buf_size || pool.is_full() {
+        if ctx.in_flight.get() >= in_flight_cap(opts, job.speed()) || pool.is_full() {
             pool.finished().await;
             continue;
         }
@@ -619,6 +619,14 @@ async fn copy_loop(job: &Job, ctx: &Rc<Ctx>, filter: &MirrorFilter, opts: &Mirro
     pool.drain().await;
     publish(job, ctx);
     stop
+}
+
+/// Bytes of copies in flight at most. The limiter charges the data a copy moved once
+/// it is known (zeroes are not charged, as in QEMU), so under a speed limit no more
+/// than a tenth of a second's worth may be in flight: otherwise a whole buffer of
+/// copies would go out before the first charge.
+fn in_flight_cap(opts: &MirrorOptions, speed: u64) -> u64 {
+    if speed == 0 { opts.buf_size } else { opts.buf_size.min((speed / 10).max(1)) }
 }
 
 /// Publishes progress: bytes copied, and the total as now known.
