@@ -17,7 +17,7 @@ use std::sync::Arc;
 use jobs::{CopyMode, Ending, ErrorPolicy, Job, JobError, Mirror, MirrorOptions, SyncMode};
 use serde_json::{Value, json};
 
-use crate::control::{FAILED, Fail, INVALID_PARAMS, Params, only};
+use crate::control::{Args, FAILED, Fail, INVALID_PARAMS, Params, only};
 use crate::serve::Appliance;
 
 /// The methods this module answers.
@@ -41,61 +41,6 @@ impl From<JobError> for Fail {
             JobError::Invalid(_) => None,
         };
         Fail(FAILED, e.to_string(), data)
-    }
-}
-
-/// Typed access to a method's parameters; every error names the key.
-struct Args<'a> {
-    method: &'a str,
-    params: &'a Params,
-}
-
-impl Args<'_> {
-    fn bad(&self, key: &str, what: &str) -> Fail {
-        Fail(INVALID_PARAMS, format!("{}: `{key}` {what}", self.method), Some(json!({"key": key})))
-    }
-
-    fn opt_str(&self, key: &str) -> Result<Option<&str>, Fail> {
-        match self.params.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
-            Some(_) => Err(self.bad(key, "must be a non-empty string")),
-        }
-    }
-
-    fn str(&self, key: &str) -> Result<&str, Fail> {
-        self.opt_str(key)?.ok_or_else(|| self.bad(key, "is required"))
-    }
-
-    fn opt_u64(&self, key: &str) -> Result<Option<u64>, Fail> {
-        match self.params.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                v.as_u64().map(Some).ok_or_else(|| self.bad(key, "must be a non-negative integer"))
-            }
-        }
-    }
-
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>, Fail> {
-        match self.params.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "must be true or false")),
-        }
-    }
-
-    /// One of `choices`, parsed by `parse`.
-    fn opt_enum<T>(
-        &self,
-        key: &str,
-        choices: &str,
-        parse: impl Fn(&str) -> Option<T>,
-    ) -> Result<Option<T>, Fail> {
-        match self.opt_str(key)? {
-            None => Ok(None),
-            Some(s) => parse(s)
-                .map(Some)
-                .ok_or_else(|| self.bad(key, &format!("must be one of {choices}, not \"{s}\""))),
-        }
     }
 }
 

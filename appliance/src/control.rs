@@ -291,9 +291,67 @@ fn name_param(params: &Params, method: &str) -> Result<String, Fail> {
     }
 }
 
+/// Typed access to a method's parameters; every error names the key.
+pub(crate) struct Args<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) params: &'a Params,
+}
+
+impl Args<'_> {
+    pub(crate) fn bad(&self, key: &str, what: &str) -> Fail {
+        Fail(INVALID_PARAMS, format!("{}: `{key}` {what}", self.method), Some(json!({"key": key})))
+    }
+
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&str>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+            Some(_) => Err(self.bad(key, "must be a non-empty string")),
+        }
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<&str, Fail> {
+        self.opt_str(key)?.ok_or_else(|| self.bad(key, "is required"))
+    }
+
+    pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| self.bad(key, "must be a non-negative integer"))
+            }
+        }
+    }
+
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>, Fail> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "must be true or false")),
+        }
+    }
+
+    /// One of `choices`, parsed by `parse`.
+    pub(crate) fn opt_enum<T>(
+        &self,
+        key: &str,
+        choices: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, Fail> {
+        match self.opt_str(key)? {
+            None => Ok(None),
+            Some(s) => parse(s)
+                .map(Some)
+                .ok_or_else(|| self.bad(key, &format!("must be one of {choices}, not \"{s}\""))),
+        }
+    }
+}
+
 fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fail> {
     if crate::block_jobs::METHODS.contains(&method) {
         return crate::block_jobs::call(app, method, params);
+    }
+    if crate::bitmaps::METHODS.contains(&method) {
+        return crate::bitmaps::call(app, method, params);
     }
     match method {
         "disk_list" => {
@@ -402,8 +460,9 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}",
-                crate::block_jobs::METHODS.join(", ")
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}",
+                crate::block_jobs::METHODS.join(", "),
+                crate::bitmaps::METHODS.join(", ")
             ),
             None,
         )),

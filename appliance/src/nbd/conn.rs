@@ -32,16 +32,12 @@ use poller::{DmaBuf, TaskPool, dma};
 
 use super::budget::{Budget, MAX_IN_FLIGHT, Ticket};
 use super::handshake::Negotiated;
+use super::meta;
 use super::proto::{self, ReplyMode, Request};
 use super::reader;
 use super::reply::Reply;
 use super::sock::Gather;
 use drivers::io::tls::Stream as Sock;
-
-/// Extents per block-status reply.
-const MAX_EXTENTS: usize = 128;
-/// The buffer a block-status reply needs (context id, count, descriptors).
-pub const BLOCK_STATUS_BYTES: usize = 8 + MAX_EXTENTS * 16;
 
 /// How long the server waits on a client before giving up on the connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,7 +53,10 @@ pub struct Conn {
     pub(super) sock: Sock,
     ch: Rc<BdevChannel>,
     pub(super) mode: ReplyMode,
-    base_allocation: bool,
+    /// The metadata contexts selected, in id order (none: block status is refused).
+    contexts: Vec<meta::Context>,
+    /// The buffer a block-status reply takes (all the contexts' chunks).
+    pub(super) status_bytes: usize,
     pub(super) max_block: u32,
     pub(super) budget: Rc<Budget>,
     out: RefCell<VecDeque<Reply>>,
@@ -89,7 +88,8 @@ impl Conn {
             sock,
             ch,
             mode: n.mode,
-            base_allocation: n.base_allocation,
+            contexts: n.contexts.clone(),
+            status_bytes: meta::reply_bytes(n.contexts.len()),
             max_block: n.max_block,
             budget: Budget::new(),
             out: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT as usize)),
@@ -239,33 +239,24 @@ impl Conn {
     }
 
     async fn block_status(&self, req: Request) -> Reply {
-        if !self.base_allocation {
+        if self.contexts.is_empty() {
             return self.error(&req, proto::EINVAL, "no metadata context was negotiated");
         }
         if let Err(e) = self.ch.info().admit(ReqKind::BlockStatus, req.offset, req.length) {
             return Reply::io_error(self.mode, &req, e);
         }
-        let mut buf = match dma::alloc_wait(BLOCK_STATUS_BYTES).await {
+        let mut buf = match dma::alloc_wait(self.status_bytes).await {
             Ok(b) => b,
             Err(_) => return self.error(&req, proto::ENOMEM, "no buffer for block status"),
         };
         let one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
-        let mut extents = Extents::new(&mut buf, self.mode == ReplyMode::Extended, one);
-        let end = req.offset + req.length;
-        let mut off = req.offset;
-        while off < end && !extents.full() {
-            let st = match self.ch.block_status(off, end - off).await {
-                Ok(s) => s,
-                Err(e) => return Reply::io_error(self.mode, &req, e),
-            };
-            let flags = if st.hole { proto::STATE_HOLE } else { 0 }
-                | if st.zero { proto::STATE_ZERO } else { 0 };
-            let len = st.len.clamp(1, end - off);
-            extents.add(len, flags);
-            off += len;
+        let range = (req.offset, req.length, one);
+        match meta::block_status(&self.ch, &self.contexts, self.mode, req.cookie, range, &mut buf)
+            .await
+        {
+            Ok(()) => Reply::chunks(buf),
+            Err(e) => Reply::io_error(self.mode, &req, e),
         }
-        extents.finish();
-        Reply::block_status(self.mode, &req, buf)
     }
 
     // --- sending --------------------------------------------------------------------
@@ -286,70 +277,6 @@ impl Conn {
             q.pop_front();
         }
         self.out_sent.set(left);
-    }
-}
-
-/// Builds the descriptors of a block-status reply in place, merging neighbours with
-/// the same flags.
-struct Extents<'a> {
-    buf: &'a mut DmaBuf,
-    ext: bool,
-    limit: usize,
-    count: usize,
-    pending: Option<(u64, u32)>,
-}
-
-impl<'a> Extents<'a> {
-    fn new(buf: &'a mut DmaBuf, ext: bool, one: bool) -> Self {
-        buf.set_len(buf.capacity());
-        Extents { buf, ext, limit: if one { 1 } else { MAX_EXTENTS }, count: 0, pending: None }
-    }
-
-    fn head(&self) -> usize {
-        if self.ext { 8 } else { 4 }
-    }
-
-    fn full(&self) -> bool {
-        self.count == self.limit
-    }
-
-    fn emit(&mut self, len: u64, flags: u32) {
-        let p = self.head() + self.count * if self.ext { 16 } else { 8 };
-        let b = self.buf.as_mut_slice();
-        if self.ext {
-            b[p..p + 8].copy_from_slice(&len.to_be_bytes());
-            b[p + 8..p + 16].copy_from_slice(&u64::from(flags).to_be_bytes());
-        } else {
-            b[p..p + 4].copy_from_slice(&(len as u32).to_be_bytes());
-            b[p + 4..p + 8].copy_from_slice(&flags.to_be_bytes());
-        }
-        self.count += 1;
-    }
-
-    fn add(&mut self, len: u64, flags: u32) {
-        self.pending = match self.pending {
-            Some((l, f)) if f == flags => Some((l + len, f)),
-            Some((l, f)) => {
-                self.emit(l, f);
-                if self.full() { None } else { Some((len, flags)) }
-            }
-            None => Some((len, flags)),
-        };
-    }
-
-    fn finish(mut self) {
-        if let Some((l, f)) = self.pending.take()
-            && !self.full()
-        {
-            self.emit(l, f);
-        }
-        let (ext, count, head) = (self.ext, self.count, self.head());
-        let b = self.buf.as_mut_slice();
-        b[0..4].copy_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
-        if ext {
-            b[4..8].copy_from_slice(&(count as u32).to_be_bytes());
-        }
-        self.buf.set_len(head + count * if ext { 16 } else { 8 });
     }
 }
 

@@ -1,7 +1,7 @@
 //! Fixed newstyle option haggling, run as a task on the connection's reactor.
 //!
 //! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS,
-//! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`), and STARTTLS when
+//! LIST_META_CONTEXT and SET_META_CONTEXT (see `meta`), and STARTTLS when
 //! `[nbd.tls]` is configured; unknown options get `NBD_REP_ERR_UNSUP` and haggling
 //! continues. A client that breaks a MUST (bad magic, unknown client flags, an option
 //! too large to be honest) is disconnected. The whole handshake runs under a timeout
@@ -27,6 +27,7 @@ use std::time::Duration;
 use drivers::io::tls::Stream;
 use drivers::{Bdev, DeviceInfo};
 
+use super::meta;
 use super::proto::{self, ReplyMode};
 use super::{Exports, Identity, Session};
 
@@ -43,8 +44,8 @@ pub const MAX_OPTIONS_BEFORE_TLS: usize = 16;
 pub struct Negotiated {
     pub bdev: Arc<Bdev>,
     pub mode: ReplyMode,
-    /// `base:allocation` was selected for this export.
-    pub base_allocation: bool,
+    /// The metadata contexts selected for this export, in id order.
+    pub contexts: Vec<meta::Context>,
     /// The largest request payload accepted.
     pub max_block: u32,
 }
@@ -61,8 +62,8 @@ pub enum HandshakeError {
 struct State {
     structured: bool,
     extended: bool,
-    /// The export `base:allocation` was selected for, if any.
-    meta_for: Option<String>,
+    /// The export metadata contexts were selected for, and those contexts.
+    meta: Option<(String, Vec<meta::Context>)>,
     /// The client certificate's common name, once TLS is up.
     cn: Option<String>,
 }
@@ -324,7 +325,7 @@ pub async fn negotiate(
                 st.structured = true;
                 st.extended |= opt == proto::OPT_EXTENDED_HEADERS;
                 // A change of reply framing resets the selected metadata contexts.
-                st.meta_for = None;
+                st.meta = None;
                 send_rep(sock, opt, proto::REP_ACK, &[]).await?;
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
@@ -362,21 +363,17 @@ async fn meta_context(
     if !exports.permits(req.name, st.who()) {
         return refuse_export(sock, opt, session, st, bdev.name()).await;
     }
-    let selected = if set {
-        req.queries.iter().any(|q| proto::query_matches_base_allocation(q, false))
-    } else {
-        req.queries.is_empty()
-            || req.queries.iter().any(|q| proto::query_matches_base_allocation(q, true))
-    };
-    if set {
-        st.meta_for = selected.then(|| bdev.name().to_string());
-    }
-    if selected {
-        let mut p = Vec::with_capacity(4 + proto::BASE_ALLOCATION.len());
-        let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+    let selected = meta::select(&bdev, &req.queries, !set);
+    for (i, c) in selected.iter().enumerate() {
+        let name = c.name();
+        let mut p = Vec::with_capacity(4 + name.len());
+        let id = if set { i as u32 + 1 } else { 0 };
         p.extend_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+        p.extend_from_slice(name.as_bytes());
         send_rep(sock, opt, proto::REP_META_CONTEXT, &p).await?;
+    }
+    if set {
+        st.meta = Some((bdev.name().to_string(), selected));
     }
     send_rep(sock, opt, proto::REP_ACK, &[]).await
 }
@@ -473,7 +470,10 @@ async fn refuse_export(
 }
 
 fn finish(bdev: Arc<Bdev>, st: &State) -> Negotiated {
-    let base_allocation = st.meta_for.as_deref() == Some(bdev.name());
+    let contexts = match &st.meta {
+        Some((name, c)) if name == bdev.name() => c.clone(),
+        _ => Vec::new(),
+    };
     let (_, _, max_block) = block_sizes(bdev.info());
-    Negotiated { bdev, mode: st.mode(), base_allocation, max_block }
+    Negotiated { bdev, mode: st.mode(), contexts, max_block }
 }

@@ -30,6 +30,7 @@
 mod budget;
 pub(crate) mod conn;
 mod handshake;
+mod meta;
 pub mod proto;
 mod reader;
 mod reply;

@@ -210,12 +210,6 @@ pub fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
     r.is_empty().then_some(MetaRequest { name, queries })
 }
 
-/// Whether a meta-context query selects `base:allocation`. `list` queries may name the
-/// namespace only (`base:`) or be absent (all contexts).
-pub fn query_matches_base_allocation(query: &str, list: bool) -> bool {
-    query == BASE_ALLOCATION || (list && query == "base:")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

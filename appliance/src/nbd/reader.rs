@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use poller::{DmaBuf, TaskPool, dma};
 
-use super::conn::{Admitted, BLOCK_STATUS_BYTES, Conn};
+use super::conn::{Admitted, Conn};
 use super::proto::{self, ReplyMode, Request};
 
 /// The receive buffer for request headers (and small payload fragments).
@@ -97,7 +97,7 @@ fn buffer_bytes(c: &Conn, req: &Request, payload_len: u64) -> usize {
     match req.kind {
         proto::CMD_WRITE => fits(payload_len),
         proto::CMD_READ => fits(req.length),
-        proto::CMD_BLOCK_STATUS => BLOCK_STATUS_BYTES,
+        proto::CMD_BLOCK_STATUS => c.status_bytes,
         _ => 0,
     }
 }

@@ -127,23 +127,10 @@ impl Reply {
         r
     }
 
-    /// A block-status chunk whose payload (context id, descriptors) is in `buf`.
-    pub fn block_status(mode: ReplyMode, req: &Request, buf: DmaBuf) -> Reply {
+    /// Chunks encoded whole (headers and payloads) in `buf`: a block-status reply
+    /// with one chunk per metadata context.
+    pub fn chunks(buf: DmaBuf) -> Reply {
         let mut r = Self::blank();
-        let kind = if mode == ReplyMode::Extended {
-            proto::REPLY_TYPE_BLOCK_STATUS_EXT
-        } else {
-            proto::REPLY_TYPE_BLOCK_STATUS
-        };
-        r.hdr_len = proto::encode_chunk(
-            &mut r.hdr,
-            mode,
-            proto::REPLY_FLAG_DONE,
-            kind,
-            req.cookie,
-            req.offset,
-            buf.len() as u64,
-        ) as u16;
         r.data = Some(buf);
         r
     }

@@ -20,6 +20,7 @@ use crate::driver::{BlockStatus, DriverChannel, ZeroFlags};
 use crate::error::IoError;
 use crate::seg::{self, IoSeg};
 
+use super::bitmap::DirtyBitmap;
 use super::filter::{Decision, WriteFilter};
 
 /// How long a change waits before asking a filter again about a busy range (a copy of
@@ -34,6 +35,8 @@ pub(crate) struct Current {
     /// The filter's target's driver on this reactor, for mirrored changes (requests
     /// here are already validated against a disk of the same size).
     target: Option<Box<dyn DriverChannel>>,
+    /// The disk's enabled named bitmaps.
+    tracking: Arc<[Arc<DirtyBitmap>]>,
 }
 
 /// A device's handle on one reactor.
@@ -152,10 +155,26 @@ impl BdevChannel {
         self.change(Change::Discard, off, len).await
     }
 
-    /// A change of the disk's contents, through the filter if there is one.
+    /// A change of the disk's contents, through the filter if there is one, marked in
+    /// the enabled bitmaps once it reached the driver (failed or not: a failed write
+    /// may have changed part of the range).
     async fn change(&self, c: Change<'_>, off: u64, len: u64) -> Result<(), IoError> {
         let _in = self.gate().await;
         let cur = self.current()?;
+        let r = self.filtered(&cur, c, off, len).await;
+        for b in cur.tracking.iter() {
+            b.set_range(off, len);
+        }
+        r
+    }
+
+    async fn filtered(
+        &self,
+        cur: &Current,
+        c: Change<'_>,
+        off: u64,
+        len: u64,
+    ) -> Result<(), IoError> {
         let Some(f) = &cur.filter else {
             return c.apply(&*cur.ch, off, len).await;
         };
@@ -218,5 +237,11 @@ pub(crate) fn current_of(bdev: &Bdev) -> Result<Current, IoError> {
         Some(t) => Some(t.driver().open_channel()?),
         None => None,
     };
-    Ok(Current { generation, ch: stack.driver.open_channel()?, filter: stack.filter, target })
+    Ok(Current {
+        generation,
+        ch: stack.driver.open_channel()?,
+        filter: stack.filter,
+        target,
+        tracking: stack.tracking,
+    })
 }

@@ -18,6 +18,8 @@
 //! Checking costs each request one atomic load of a value that changes a few times in
 //! a disk's life.
 
+pub mod bitmap;
+pub mod bitmaps;
 mod channel;
 pub mod filter;
 mod gate;
@@ -107,6 +109,8 @@ impl DeviceInfo {
 struct Stack {
     driver: Arc<dyn BlockDriver>,
     filter: Option<Arc<dyn WriteFilter>>,
+    /// The enabled named bitmaps, which every change marks.
+    tracking: Arc<[Arc<bitmap::DirtyBitmap>]>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -122,6 +126,7 @@ pub struct Bdev {
     qos: Qos,
     /// Set when the disk is being removed: no new channel opens.
     retired: AtomicBool,
+    bitmaps: bitmaps::Bitmaps,
 }
 
 impl std::fmt::Debug for Bdev {
@@ -137,10 +142,11 @@ impl Bdev {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             info: driver.info().clone(),
-            stack: Mutex::new(Stack { driver, filter: None }),
+            stack: Mutex::new(Stack { driver, filter: None, tracking: Arc::new([]) }),
             generation: AtomicU64::new(0),
             qos: Qos::default(),
             retired: AtomicBool::new(false),
+            bitmaps: bitmaps::Bitmaps::default(),
         });
         b.set_qos(qos);
         b
