@@ -110,7 +110,7 @@ fn add(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {
         ));
     }
     let enabled = !a.opt_bool("disabled")?.unwrap_or(false);
-    bdev.bitmaps().check_new(name, granularity).map_err(|e| match e {
+    bdev.bitmaps().check_new(name, granularity, bdev.info().size).map_err(|e| match e {
         BitmapError::Invalid(m) if m.starts_with("granularity") => a.bad("granularity", &m),
         BitmapError::Invalid(m) => a.bad("name", &m),
         e => e.into(),

@@ -9,7 +9,8 @@
 //! - `rogue/`: a client certificate with CN=host-a from another CA; its `ca-cert.pem`
 //!   holds both CAs (a QEMU client refuses its own certificate otherwise);
 //! - `nocert/`: the test CA only, no client certificate;
-//! - `expired/`: a server certificate from the test CA that expired yesterday.
+//! - `expired/`: a server certificate from the test CA that expired yesterday;
+//! - `server-other/`: a server certificate from the other CA.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -159,6 +160,7 @@ pub fn make(root: &Path) -> Certs {
     ca(&work, "other-ca");
     for (name, cn, signer, days, ext) in [
         ("server", "appliance", "test-ca", 30, SERVER_EXT),
+        ("server-other", "appliance", "other-ca", 30, SERVER_EXT),
         ("expired", "appliance", "test-ca", -1, SERVER_EXT),
         ("host-a", "host-a", "test-ca", 30, CLIENT_EXT),
         ("host-b", "host-b", "test-ca", 30, CLIENT_EXT),
@@ -169,6 +171,7 @@ pub fn make(root: &Path) -> Certs {
     }
     role(root, &work, "server", &["test-ca"], "server", "server");
     role(root, &work, "expired", &["test-ca"], "server", "expired");
+    role(root, &work, "server-other", &["other-ca"], "server", "server-other");
     role(root, &work, "host-a", &["test-ca"], "client", "host-a");
     role(root, &work, "host-b", &["test-ca"], "client", "host-b");
     role(root, &work, "rogue", &["test-ca", "other-ca"], "client", "rogue");

@@ -115,17 +115,21 @@ fn allocation_depth_and_allocation_agree_with_qemu_nbd() {
     assert_eq!(ours_alloc, theirs_alloc, "base:allocation");
 }
 
-/// A 64 MiB raw disk on two reactors with a control socket.
+/// A 64 MiB raw disk `d` on two reactors with a control socket (and a sparse 1 TiB
+/// disk `big`).
 fn start_raw() -> Appliance {
     tools();
     let setup = Setup {
         cores: "[0, 1]",
-        disks: "[[disk]]\nname = \"d\"\npath = \"{dir}/d.raw\"\nformat = \"raw\"\n".into(),
+        disks: "[[disk]]\nname = \"d\"\npath = \"{dir}/d.raw\"\nformat = \"raw\"\n\
+                [[disk]]\nname = \"big\"\npath = \"{dir}/big.raw\"\nformat = \"raw\"\n"
+            .into(),
         extra: control_extra(None),
         ..Setup::default()
     };
     Appliance::start(setup, |dir| {
         std::fs::File::create(dir.join("d.raw")).unwrap().set_len(64 * MIB).unwrap();
+        std::fs::File::create(dir.join("big.raw")).unwrap().set_len(1 << 40).unwrap();
     })
 }
 
@@ -214,6 +218,9 @@ fn bad_bitmap_requests_are_refused_naming_the_field() {
         ("bitmap_add", json!({"disk": "d", "name": "b"}), "exists"),
         ("bitmap_add", json!({"disk": "d", "name": "c", "granularity": 1000}), "granularity"),
         ("bitmap_add", json!({"disk": "d", "name": "c", "granularity": 256}), "granularity"),
+        ("bitmap_add", json!({"disk": "d", "name": "c", "granularity": 1u64 << 32}), "granularity"),
+        // A bit per 512 B of 1 TiB would take 256 MiB: refused, naming what fits.
+        ("bitmap_add", json!({"disk": "big", "name": "c", "granularity": 512}), "use 8192"),
         ("bitmap_add", json!({"disk": "d", "name": ""}), "name"),
         ("bitmap_add", json!({"disk": "d", "name": "c", "persistent": true}), "persistent"),
         ("bitmap_add", json!({"disk": "nope", "name": "c"}), "nope"),

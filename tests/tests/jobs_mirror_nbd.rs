@@ -3,8 +3,9 @@
 //!
 //! Under a writer's load the mirror to another appliance becomes ready and pivots; the
 //! disk is then served from the remote export (every write reads back through it, and
-//! the remote image checks clean). A ready mirror to qemu-nbd cancelled leaves a copy
-//! equal to the source. A target server killed mid-mirror ends the job with the error
+//! the remote image checks clean). The same to qemu-nbd under fio (verify=crc32c) and
+//! the writer, both running through the pivot. A ready mirror to qemu-nbd cancelled
+//! leaves a copy equal to the source. A target server killed mid-mirror ends the job with the error
 //! (`report`) or stops it until `job_resume` once the server is back (`stop`), while the
 //! disk keeps serving; bad URIs and a mirror into the disk's own export are refused.
 
@@ -37,9 +38,13 @@ fn uri(sock: &Path, export: &str) -> String {
 
 /// qemu-nbd serving `file` (raw) on `sock`, persistently, one client at a time.
 fn qemu_nbd(file: &Path, sock: &Path) -> Child {
+    qemu_nbd_as(file, "raw", sock)
+}
+
+fn qemu_nbd_as(file: &Path, format: &str, sock: &Path) -> Child {
     let _ = std::fs::remove_file(sock);
     let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-t", "-x", "t", "--cache=none", "-k"])
+        .args(["-f", format, "-t", "-x", "t", "--cache=none", "-k"])
         .arg(sock)
         .arg(file)
         .stdout(Stdio::null())
@@ -82,6 +87,39 @@ fn mirror_to_another_appliance_pivots_and_serves_from_it() {
     assert!(b.stop().success(), "{}", b.logs());
     qemu_img_clean(&b.path("tgt.qcow2"));
     assert!(sparse(&b.path("tgt.qcow2"), "qcow2", 16 * MIB, 8 * MIB), "zeroes stay sparse");
+}
+
+#[test]
+fn mirror_to_qemu_nbd_under_fio_pivots_onto_it() {
+    require_tool("qemu-nbd", "qemu-utils");
+    require_tool("fio", "fio");
+    let mut a = start_vm();
+    let target = a.path("remote.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&target).arg("128M"));
+    let sock = a.path("qnbd.sock");
+    let mut server = qemu_nbd_as(&target, "qcow2", &sock);
+    let writer = Writer::start(&a.sock);
+    let fio = fio_background(&a.uri("vm"), 14);
+    let job = start_mirror(&a, json!({"disk": "vm", "target": uri(&sock, "t")}));
+    wait_state(&a, &job, &["ready"], Duration::from_secs(90));
+    assert!(rpc(&a, "job_complete", json!({"job": job}))["result"].is_object());
+    wait_state(&a, &job, &["concluded"], Duration::from_secs(60));
+    let list = rpc(&a, "disk_list", json!({}));
+    assert_eq!(list["result"][0]["path"], uri(&sock, "t"), "{list}");
+    // fio and the writer go on, now through qemu-nbd, and verify.
+    std::thread::sleep(Duration::from_secs(1));
+    let last = writer.finish();
+    fio_ok(fio);
+    check_writer(&a.sock, &last);
+    read_pattern_ok(&a, "read -P 0x11 0 8M");
+    read_pattern_ok(&a, "read -P 0 16M 8M");
+    read_pattern_ok(&a, "read -P 0x22 32M 4M");
+    assert!(a.stop().success(), "{}", a.logs());
+    let _ = server.kill();
+    let _ = server.wait();
+    qemu_img_clean(&target);
+    assert!(sparse(&target, "qcow2", 16 * MIB, 8 * MIB), "zeroes stay sparse");
+    assert!(sparse(&target, "qcow2", 40 * MIB, 24 * MIB), "unwritten space stays sparse");
 }
 
 #[test]

@@ -8,6 +8,9 @@
 //!   is not in an export's allow list (`NBD_REP_ERR_POLICY`, and the export is not
 //!   listed to it): each fails, and the log names the client and the reason. An expired
 //!   server certificate stops start-up, naming the file.
+//! - Reload re-reads the server's certificate: an expired one is refused and the old one
+//!   kept; one from another CA is taken, and clients trusting only the first CA fail
+//!   until the first certificate is back.
 //! - The appliance's own NBD client mirrors a disk to qemu-nbd running with
 //!   `--tls-creds ... verify-peer=on`, over TCP, and the copy equals the source.
 
@@ -336,4 +339,57 @@ fn mirror_to_qemu_nbd_over_tls() {
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "source and TLS copy differ: {}", stdout(&out));
+}
+
+/// Copies `role`'s server certificate and key over the ones in `live`.
+fn install_server_cert(certs: &Certs, role: &str, live: &Path) {
+    for f in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(certs.dir(role).join(f), live.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn reload_rereads_the_server_certificate() {
+    tools();
+    let t = tempfile::tempdir().unwrap();
+    let certs = tls::make(t.path());
+    let live = t.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::copy(certs.dir("server").join("ca-cert.pem"), live.join("ca-cert.pem")).unwrap();
+    install_server_cert(&certs, "server", &live);
+    let setup = Setup {
+        nbd: format!(
+            "[nbd.tls]\ncert = \"{0}/server-cert.pem\"\nkey = \"{0}/server-key.pem\"\n\
+             ca = \"{0}/ca-cert.pem\"\n",
+            live.display()
+        ),
+        disks: "[[disk]]\nname = \"d\"\npath = \"{dir}/d.raw\"\n".into(),
+        extra: control_extra(None),
+        ..Setup::default()
+    };
+    let mut a = Appliance::start(setup, |dir| {
+        std::fs::File::create(dir.join("d.raw")).unwrap().set_len(4 * MIB).unwrap();
+    });
+    let read = |a: &Appliance| {
+        qemu_io_cmd(&certs, "host-a")
+            .args(["--image-opts", &image_opts(a, "d"), "-c", "read 0 4k"])
+            .output()
+            .unwrap()
+    };
+    assert!(read(&a).status.success());
+    // An expired certificate: the reload says so, naming the file, and keeps the old.
+    install_server_cert(&certs, "expired", &live);
+    let r = rpc(&a, "reload", json!({}));
+    let said = r.to_string();
+    assert!(said.contains("expired") && said.contains("server-cert.pem"), "{said}");
+    assert!(read(&a).status.success(), "the old certificate is still served");
+    // Another CA's certificate is taken: host-a, trusting only the test CA, now fails.
+    install_server_cert(&certs, "server-other", &live);
+    let r = rpc(&a, "reload", json!({}));
+    assert!(r.to_string().contains("re-read"), "{r}");
+    assert!(!read(&a).status.success(), "the new certificate is served");
+    install_server_cert(&certs, "server", &live);
+    assert!(rpc(&a, "reload", json!({})).to_string().contains("re-read"));
+    assert!(read(&a).status.success());
+    assert!(a.stop().success(), "{}", a.logs());
 }

@@ -24,6 +24,10 @@ pub const MAX_GRANULARITY: u64 = 2 << 30;
 pub const MAX_BITMAPS: usize = 64;
 /// The longest name (QEMU's limit for a qcow2 bitmap name).
 pub const MAX_NAME: usize = 1023;
+/// The most memory one bitmap may take (a bit per chunk): 8 TiB at 64 KiB, 1 TiB at
+/// 8 KiB; a finer granularity over a large disk is refused, naming the coarsest that
+/// fits.
+pub const MAX_BITMAP_BYTES: u64 = 16 << 20;
 
 /// One named bitmap.
 #[derive(Clone)]
@@ -73,8 +77,8 @@ impl Bitmaps {
         self.list().iter().filter(|b| b.enabled).map(|b| b.map.clone()).collect()
     }
 
-    /// Checks a new bitmap's name and granularity.
-    pub fn check_new(&self, name: &str, granularity: u64) -> Result<(), BitmapError> {
+    /// Checks a new bitmap's name and granularity over a disk of `size` bytes.
+    pub fn check_new(&self, name: &str, granularity: u64, size: u64) -> Result<(), BitmapError> {
         if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
             return Err(BitmapError::Invalid(format!(
                 "bitmap name {name:?} must be 1 to {MAX_NAME} bytes without control characters"
@@ -86,6 +90,13 @@ impl Bitmaps {
             return Err(BitmapError::Invalid(format!(
                 "granularity {granularity} is not a power of two from {MIN_GRANULARITY} to \
                  {MAX_GRANULARITY}"
+            )));
+        }
+        if size.div_ceil(granularity).div_ceil(8) > MAX_BITMAP_BYTES {
+            let least = (size.div_ceil(MAX_BITMAP_BYTES * 8)).next_power_of_two();
+            return Err(BitmapError::Invalid(format!(
+                "granularity {granularity} over {size} bytes needs more than {MAX_BITMAP_BYTES} \
+                 bytes of bitmap; use {least} or more"
             )));
         }
         let l = self.list();
@@ -101,7 +112,7 @@ impl Bitmaps {
     }
 
     pub(crate) fn add(&self, b: NamedBitmap) -> Result<(), BitmapError> {
-        self.check_new(&b.name, b.map.granularity())?;
+        self.check_new(&b.name, b.map.granularity(), b.map.len())?;
         self.list().push(b);
         Ok(())
     }
@@ -141,7 +152,7 @@ impl super::Bdev {
         granularity: u64,
         enabled: bool,
     ) -> Result<Arc<DirtyBitmap>, BitmapError> {
-        self.bitmaps.check_new(name, granularity)?;
+        self.bitmaps.check_new(name, granularity, self.info.size)?;
         let map = Arc::new(DirtyBitmap::new(self.info.size, granularity));
         self.bitmaps.add(NamedBitmap { name: name.to_string(), map: map.clone(), enabled })?;
         self.retrack(q);
