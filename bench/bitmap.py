@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""What an enabled dirty bitmap costs on the write path: fio 4k random writes at QD32
+over NBD against the appliance and against qemu-storage-daemon, each with no bitmap
+and with one enabled bitmap (64 KiB granularity), in alternating rounds.
+
+    python3 bench/bitmap.py [--rounds 3] [--secs 15] [--size 1G] [--work /var/tmp]
+
+The disk is a raw file (O_DIRECT on both servers, written in full first so no write
+allocates); the servers run on CPU 0, fio on CPU 1. Reported: median IOPS (min..max)
+per server and setting, and each server's with/without ratio.
+"""
+import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+APPLIANCE = os.environ.get("APPLIANCE", "target/release/appliance")
+
+
+def sh(*a):
+    return subprocess.run(a, check=True, capture_output=True, text=True)
+
+
+def wait_sock(path, proc, what):
+    for _ in range(400):
+        if os.path.exists(path):
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                s.close()
+                return
+            except OSError:
+                pass
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early")
+        time.sleep(0.05)
+    sys.exit(f"{what} did not listen on {path}")
+
+
+class Rpc:
+    """One JSON object per line: the appliance's control socket and QMP alike."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.f = self.s.makefile("rw")
+
+    def send(self, obj):
+        self.f.write(json.dumps(obj) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "event" not in r:
+                return r
+
+
+def fio(sock, secs):
+    out = sh("taskset", "-c", "1", "fio", "--name=w", "--ioengine=nbd",
+             f"--uri=nbd+unix:///d?socket={sock}", "--rw=randwrite", "--bs=4k",
+             "--iodepth=32", "--time_based", f"--runtime={secs}", "--ramp_time=2",
+             "--output-format=json").stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+
+
+def appliance(work, img, bitmap, secs):
+    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
+    with open(cfg, "w") as f:
+        f.write(f'[appliance]\ncores = [0]\nidle = "busy"\n[nbd]\nlisten = ["unix:{sock}"]\n'
+                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\npath = "{img}"\n'
+                'format = "raw"\n')
+    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_sock(ctl, p, "appliance")
+        if bitmap:
+            r = Rpc(ctl).send({"jsonrpc": "2.0", "id": 1, "method": "bitmap_add",
+                               "params": {"disk": "d", "name": "b", "granularity": 65536}})
+            if "error" in r:
+                sys.exit(f"bitmap_add: {r}")
+        return fio(sock, secs)
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def qsd(work, img, bitmap, secs):
+    sock, qmp = os.path.join(work, "q.sock"), os.path.join(work, "q-qmp.sock")
+    p = subprocess.Popen(
+        ["taskset", "-c", "0", "qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
+         "--blockdev", "driver=raw,node-name=d,file=f",
+         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+         "--export", "type=nbd,id=e,node-name=d,name=d,writable=on",
+         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_sock(qmp, p, "qemu-storage-daemon")
+        wait_sock(sock, p, "qemu-storage-daemon")
+        q = Rpc(qmp)
+        json.loads(q.f.readline())  # greeting
+        q.send({"execute": "qmp_capabilities"})
+        if bitmap:
+            r = q.send({"execute": "block-dirty-bitmap-add",
+                        "arguments": {"node": "d", "name": "b", "granularity": 65536}})
+            if "error" in r:
+                sys.exit(f"block-dirty-bitmap-add: {r}")
+        return fio(sock, secs)
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secs", type=int, default=15)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--work", default="/var/tmp")
+    o = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bitmap-bench-", dir=o.work)
+    try:
+        img = os.path.join(work, "d.raw")
+        sh("fio", "--name=fill", f"--filename={img}", f"--size={o.size}", "--rw=write",
+           "--bs=1M", "--direct=1")
+        combos = [(s, b) for s in ("appliance", "qsd") for b in (False, True)]
+        res = {c: [] for c in combos}
+        for r in range(o.rounds):
+            for c in (combos if r % 2 == 0 else combos[::-1]):
+                run = appliance if c[0] == "appliance" else qsd
+                res[c].append(run(work, img, c[1], o.secs))
+                print(f"round {r} {c[0]} bitmap={c[1]}: {res[c][-1]:.0f}", file=sys.stderr)
+        print(f"{o.rounds} alternating rounds of {o.secs} s, 4k randwrite QD32; median (min..max)\n")
+        print("| server | no bitmap | one enabled bitmap | with/without |")
+        print("|---|---:|---:|---:|")
+        for s in ("appliance", "qsd"):
+            a, b = res[(s, False)], res[(s, True)]
+            print(f"| {s} | {statistics.median(a):.0f} ({min(a):.0f}..{max(a):.0f}) | "
+                  f"{statistics.median(b):.0f} ({min(b):.0f}..{max(b):.0f}) | "
+                  f"{statistics.median(b) / statistics.median(a):.3f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
