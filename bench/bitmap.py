@@ -3,7 +3,7 @@
 over NBD against the appliance and against qemu-storage-daemon, each with no bitmap
 and with one enabled bitmap (64 KiB granularity), in alternating rounds.
 
-    python3 bench/bitmap.py [--rounds 3] [--secs 15] [--size 1G] [--work /var/tmp]
+    python3 bench/bitmap.py [--rounds 3] [--secs 15] [--size 1G] [--work /var/tmp] [--mem]
 
 The disk is a raw file (O_DIRECT on both servers, written in full first so no write
 allocates); the servers run on CPU 0, fio on CPU 1. Reported: median IOPS (min..max)
@@ -59,12 +59,15 @@ def fio(sock, secs):
     return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
 
 
+MEM = False
+
+
 def appliance(work, img, bitmap, secs):
     sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
     with open(cfg, "w") as f:
         f.write(f'[appliance]\ncores = [0]\nidle = "busy"\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\npath = "{img}"\n'
-                'format = "raw"\n')
+                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\n')
+        f.write('driver = "mem"\nsize = "1GiB"\n' if MEM else f'path = "{img}"\nformat = "raw"\n')
     p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -113,13 +116,18 @@ def main():
     ap.add_argument("--secs", type=int, default=15)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--work", default="/var/tmp")
+    ap.add_argument("--mem", action="store_true",
+                    help="the appliance only, on a RAM disk: the bitmap's cost without the device")
     o = ap.parse_args()
+    global MEM
+    MEM = o.mem
     work = tempfile.mkdtemp(prefix="bitmap-bench-", dir=o.work)
     try:
         img = os.path.join(work, "d.raw")
         sh("fio", "--name=fill", f"--filename={img}", f"--size={o.size}", "--rw=write",
            "--bs=1M", "--direct=1")
-        combos = [(s, b) for s in ("appliance", "qsd") for b in (False, True)]
+        servers = ("appliance",) if MEM else ("appliance", "qsd")
+        combos = [(s, b) for s in servers for b in (False, True)]
         res = {c: [] for c in combos}
         for r in range(o.rounds):
             for c in (combos if r % 2 == 0 else combos[::-1]):
@@ -129,7 +137,7 @@ def main():
         print(f"{o.rounds} alternating rounds of {o.secs} s, 4k randwrite QD32; median (min..max)\n")
         print("| server | no bitmap | one enabled bitmap | with/without |")
         print("|---|---:|---:|---:|")
-        for s in ("appliance", "qsd"):
+        for s in servers:
             a, b = res[(s, False)], res[(s, True)]
             print(f"| {s} | {statistics.median(a):.0f} ({min(a):.0f}..{max(a):.0f}) | "
                   f"{statistics.median(b):.0f} ({min(b):.0f}..{max(b):.0f}) | "
