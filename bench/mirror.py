@@ -17,44 +17,7 @@ copy at most that many bytes per second, which a write load then outruns.
 """
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
-APPLIANCE = os.environ.get("APPLIANCE", "target/release/appliance")
-
-
-def sh(*a, **kw):
-    return subprocess.run(a, check=True, capture_output=True, text=True, **kw)
-
-
-def wait_sock(path, proc, what):
-    for _ in range(400):
-        if os.path.exists(path):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(path)
-                s.close()
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited early")
-        time.sleep(0.05)
-    sys.exit(f"{what} did not listen on {path}")
-
-
-class Rpc:
-    """One JSON object per line: the appliance's control socket and QMP alike."""
-
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rw")
-
-    def send(self, obj):
-        self.f.write(json.dumps(obj) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" not in r:
-                return r
+from benchlib import APPLIANCE, Rpc, sh, wait_sock
 
 
 def fio_load(sock, secs):

@@ -14,12 +14,9 @@ the ratio of the two servers' TLS costs.
 """
 import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
-APPLIANCE = os.environ.get("APPLIANCE", "target/release/appliance")
+from benchlib import APPLIANCE, sh
+
 JOBS = [("4k-randread-qd32", "randread", "4k", 32), ("64k-read-qd8", "read", "64k", 8)]
-
-
-def sh(*a, **kw):
-    return subprocess.run(a, check=True, capture_output=True, text=True, **kw)
 
 
 def openssl(cwd, *args):
