@@ -7,8 +7,11 @@
 //! as the `qemu:dirty-bitmap:NAME` metadata context. Adding, removing, enabling and
 //! disabling quiesce the disk for an instant (see `drivers::api::bitmaps`), so a
 //! bitmap starts or stops at a point no change straddles. Bitmaps live in memory for as
-//! long as the disk is served, on raw and qcow2 disks alike; `persistent = true`
-//! (stored in the qcow2 image) is refused until that is built.
+//! long as the disk is served, on raw and qcow2 disks alike; `persistent = true` ones
+//! (qcow2 only) are also stored in the image when the disk closes, and those the image
+//! stores are loaded when it opens. One found in use at open (the appliance or QEMU
+//! died before storing it) is listed `inconsistent` and refused for reading, merging
+//! and enabling until it is cleared or removed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +43,9 @@ const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 impl From<BitmapError> for Fail {
     fn from(e: BitmapError) -> Fail {
         let data = match &e {
-            BitmapError::NotFound(n) | BitmapError::Exists(n) => Some(json!({"bitmap": n})),
+            BitmapError::NotFound(n) | BitmapError::Exists(n) | BitmapError::Inconsistent(n) => {
+                Some(json!({"bitmap": n}))
+            }
             BitmapError::Invalid(_) => None,
         };
         Fail(FAILED, e.to_string(), data)
@@ -62,7 +67,7 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
         "bitmap_clear" => {
             only(params, method, &["disk", "name"])?;
             let bdev = disk(app, &a)?;
-            bdev.bitmaps().get(a.str("name")?)?.map.clear_all();
+            bdev.bitmaps().clear(a.str("name")?)?;
             Ok(list(&bdev))
         }
         "bitmap_merge" => merge(app, &a),
@@ -103,11 +108,9 @@ fn add(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {
     let bdev = disk(app, a)?;
     let name = a.str("name")?;
     let granularity = a.opt_u64("granularity")?.unwrap_or(DEFAULT_GRANULARITY);
-    if a.opt_bool("persistent")?.unwrap_or(false) {
-        return Err(a.bad(
-            "persistent",
-            "is not built yet: bitmaps live in memory while the disk is served",
-        ));
+    let persistent = a.opt_bool("persistent")?.unwrap_or(false);
+    if persistent && let Some(why) = bdev.driver().bitmap_store_refusal() {
+        return Err(a.bad("persistent", &format!("is refused for disk {}: {why}", bdev.name())));
     }
     let enabled = !a.opt_bool("disabled")?.unwrap_or(false);
     bdev.bitmaps().check_new(name, granularity, bdev.info().size).map_err(|e| match e {
@@ -115,8 +118,15 @@ fn add(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {
         BitmapError::Invalid(m) => a.bad("name", &m),
         e => e.into(),
     })?;
-    quiesced(app, &bdev, |q| bdev.add_bitmap(q, name, granularity, enabled))?;
-    tracing::info!(disk = bdev.name(), bitmap = name, granularity, enabled, "bitmap added");
+    quiesced(app, &bdev, |q| bdev.add_bitmap(q, name, granularity, enabled, persistent))?;
+    tracing::info!(
+        disk = bdev.name(),
+        bitmap = name,
+        granularity,
+        enabled,
+        persistent,
+        "bitmap added"
+    );
     Ok(list(&bdev))
 }
 
@@ -140,6 +150,7 @@ fn merge(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {
     only(a.params, a.method, &["disk", "target", "sources"])?;
     let bdev = disk(app, a)?;
     let target = bdev.bitmaps().get(a.str("target")?)?;
+    target.usable()?;
     let names = match a.params.get("sources") {
         Some(Value::Array(v)) if !v.is_empty() => v,
         _ => return Err(a.bad("sources", "must be a non-empty list of bitmap names")),
@@ -147,7 +158,9 @@ fn merge(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {
     let mut sources = Vec::with_capacity(names.len());
     for n in names {
         let n = n.as_str().ok_or_else(|| a.bad("sources", "must list bitmap names"))?;
-        sources.push(bdev.bitmaps().get(n)?);
+        let s = bdev.bitmaps().get(n)?;
+        s.usable()?;
+        sources.push(s);
     }
     for s in &sources {
         target.map.merge_from(&s.map);
@@ -167,7 +180,8 @@ fn list(bdev: &Bdev) -> Value {
                 "granularity": b.map.granularity(),
                 "count": b.map.dirty_bytes(),
                 "recording": b.enabled,
-                "persistent": false,
+                "persistent": b.persistent,
+                "inconsistent": b.inconsistent,
             })
         })
         .collect();

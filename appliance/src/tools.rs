@@ -161,6 +161,13 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
                     "extended-l2": false,
                 }
             });
+            if !i.bitmaps.is_empty() {
+                v["format-specific"]["data"]["bitmaps"] = json!(i
+                    .bitmaps
+                    .iter()
+                    .map(|b| json!({"flags": b.flags, "name": b.name, "granularity": b.granularity}))
+                    .collect::<Vec<_>>());
+            }
         }
         if let Some(b) = &i.backing_filename {
             v["backing-filename"] = json!(b);
@@ -205,6 +212,18 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
             println!("    compression type: {t}");
         }
         println!("    lazy refcounts: {}", i.lazy_refcounts);
+        if !i.bitmaps.is_empty() {
+            println!("    bitmaps:");
+            for (k, b) in i.bitmaps.iter().enumerate() {
+                println!("        [{k}]:");
+                println!("            flags:");
+                for (j, f) in b.flags.iter().enumerate() {
+                    println!("                [{j}]: {f}");
+                }
+                println!("            name: {}", b.name);
+                println!("            granularity: {}", b.granularity);
+            }
+        }
         println!("    refcount bits: {}", i.refcount_bits.unwrap_or(16));
         println!("    corrupt: {}", i.corrupt);
         if i.dirty {

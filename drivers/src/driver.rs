@@ -106,6 +106,18 @@ pub struct ChainLink {
     pub format: &'static str,
 }
 
+/// A dirty bitmap the image stores (a qcow2 persistent bitmap): loaded at open, and
+/// handed back at close to be stored.
+#[derive(Clone)]
+pub struct StoredBitmap {
+    pub name: String,
+    pub map: std::sync::Arc<crate::api::bitmap::DirtyBitmap>,
+    /// Recording writes (qcow2's `auto` flag).
+    pub auto: bool,
+    /// Found in use at open (not stored by a clean close): its bits are not trusted.
+    pub inconsistent: bool,
+}
+
 /// A block driver: shared by every reactor (`Send + Sync`), opened on the control
 /// plane.
 pub trait BlockDriver: Send + Sync + 'static {
@@ -118,6 +130,24 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Makes every completed write durable and releases the driver's per-reactor state.
     /// Control plane, after the last request.
     fn close(&self) -> Result<(), IoError>;
+
+    /// The bitmaps the image stores, as loaded at open (a read-write open flags them
+    /// in use until [`BlockDriver::close_storing`]). Control plane.
+    fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
+        Vec::new()
+    }
+
+    /// Why the driver cannot store persistent bitmaps; `None` when it can.
+    fn bitmap_store_refusal(&self) -> Option<String> {
+        Some("persistent bitmaps are stored in qcow2 images only".into())
+    }
+
+    /// [`BlockDriver::close`], then stores `bitmaps` as the image's persistent bitmaps
+    /// (replacing those it held). Drivers that store none just close.
+    fn close_storing(&self, bitmaps: &[StoredBitmap]) -> Result<(), IoError> {
+        let _ = bitmaps;
+        self.close()
+    }
 
     /// Counters for the metrics endpoint: (name, value), exported as
     /// `appliance_<name>_total` (`qcow2_l2_cache_hits`, say). Control plane.

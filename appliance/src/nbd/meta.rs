@@ -54,7 +54,9 @@ impl Context {
 /// Every context `bdev` offers now.
 fn offered(bdev: &Bdev) -> Vec<Context> {
     let mut v = vec![Context::Base, Context::Depth];
-    v.extend(bdev.bitmaps().all().into_iter().map(|b| Context::Dirty(b.name, b.map)));
+    // An inconsistent bitmap's bits are not trusted: it is not offered.
+    let usable = bdev.bitmaps().all().into_iter().filter(|b| !b.inconsistent);
+    v.extend(usable.map(|b| Context::Dirty(b.name, b.map)));
     v
 }
 

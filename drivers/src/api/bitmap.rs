@@ -173,6 +173,34 @@ impl DirtyBitmap {
         }
     }
 
+    /// Words (64 chunks each, chunk `64 * w + k` in bit `k`): the layout of a qcow2
+    /// bitmap's data clusters once each word is stored little-endian.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Word `w` (see [`DirtyBitmap::words`]).
+    pub fn word(&self, w: usize) -> u64 {
+        self.words[w].load(Ordering::SeqCst)
+    }
+
+    /// Sets the chunks `v` has set in word `w` (bits past the last chunk are ignored).
+    pub fn or_word(&self, w: usize, v: u64) {
+        let first = w as u64 * 64;
+        let valid = self.chunks().saturating_sub(first).min(64);
+        let v = if valid == 64 { v } else { v & ((1u64 << valid) - 1) };
+        if v == 0 {
+            return;
+        }
+        let old = self.words[w].fetch_or(v, Ordering::SeqCst);
+        let added = (v & !old).count_ones();
+        if added > 0 {
+            let c = self.counter();
+            c.count.fetch_add(i64::from(added), Ordering::Relaxed);
+            c.sets.fetch_add(u64::from(added), Ordering::Relaxed);
+        }
+    }
+
     /// Sets every chunk `other` has set; `other` may have another granularity (a chunk
     /// here is set when it overlaps a set chunk there).
     pub fn merge_from(&self, other: &DirtyBitmap) {

@@ -10,8 +10,12 @@
 //! exactly the changes that completed after it; clearing and merging need no quiesce
 //! (a change racing a clear stays marked, which only copies a range once more).
 //!
-//! These bitmaps live in memory: they last as long as the disk is served. Storing them
-//! in the qcow2 image (the bitmaps extension) is not built yet.
+//! A bitmap lives in memory while the disk is served. A *persistent* one (qcow2 disks
+//! only) is also stored in the image when the disk closes and loaded again when it
+//! opens (see `crate::format::qcow2::bitmaps`); one the image held in use at open (a
+//! crash before it was stored) is *inconsistent*: it records nothing and may not be
+//! read, merged or enabled until it is cleared (which makes it a fresh start) or
+//! removed.
 
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +39,20 @@ pub struct NamedBitmap {
     pub name: String,
     pub map: Arc<DirtyBitmap>,
     pub enabled: bool,
+    /// Stored in the image at close.
+    pub persistent: bool,
+    /// Loaded in use after a crash: its bits are not trusted.
+    pub inconsistent: bool,
+}
+
+impl NamedBitmap {
+    /// Refuses a bitmap whose bits are not trusted.
+    pub fn usable(&self) -> Result<&Self, BitmapError> {
+        if self.inconsistent {
+            return Err(BitmapError::Inconsistent(self.name.clone()));
+        }
+        Ok(self)
+    }
 }
 
 /// What a bitmap request got wrong (the message names the bitmap or the value).
@@ -44,6 +62,11 @@ pub enum BitmapError {
     NotFound(String),
     #[error("a bitmap named {0:?} exists")]
     Exists(String),
+    #[error(
+        "bitmap {0:?} is inconsistent (the image was not closed cleanly while it was in use): \
+         clear it to start afresh, or remove it"
+    )]
+    Inconsistent(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -133,7 +156,51 @@ impl Bitmaps {
             .iter_mut()
             .find(|b| b.name == name)
             .ok_or_else(|| BitmapError::NotFound(name.to_string()))?;
+        if on {
+            b.usable()?;
+        }
         Ok(std::mem::replace(&mut b.enabled, on) != on)
+    }
+
+    /// Clears every bit of `name`, which makes an inconsistent bitmap a fresh start.
+    pub fn clear(&self, name: &str) -> Result<(), BitmapError> {
+        let mut l = self.list();
+        let b = l
+            .iter_mut()
+            .find(|b| b.name == name)
+            .ok_or_else(|| BitmapError::NotFound(name.to_string()))?;
+        b.map.clear_all();
+        b.inconsistent = false;
+        Ok(())
+    }
+
+    /// The persistent bitmaps, as the driver stores them.
+    pub(crate) fn persistent(&self) -> Vec<crate::driver::StoredBitmap> {
+        self.list()
+            .iter()
+            .filter(|b| b.persistent)
+            .map(|b| crate::driver::StoredBitmap {
+                name: b.name.clone(),
+                map: b.map.clone(),
+                auto: b.enabled,
+                inconsistent: b.inconsistent,
+            })
+            .collect()
+    }
+
+    /// Registers the bitmaps a driver loaded from its image (recording as stored,
+    /// unless the disk is read-only or the bitmap inconsistent).
+    pub(crate) fn restore(&self, stored: Vec<crate::driver::StoredBitmap>, read_only: bool) {
+        let mut l = self.list();
+        for s in stored {
+            l.push(NamedBitmap {
+                enabled: s.auto && !s.inconsistent && !read_only,
+                name: s.name,
+                map: s.map,
+                persistent: true,
+                inconsistent: s.inconsistent,
+            });
+        }
     }
 }
 
@@ -143,18 +210,30 @@ impl super::Bdev {
         &self.bitmaps
     }
 
-    /// Adds a clean bitmap, tracking changes from now on when `enabled`; the disk is
-    /// quiesced, so no change in flight is half-seen.
+    /// Adds a clean bitmap, tracking changes from now on when `enabled`, stored in the
+    /// image at close when `persistent`; the disk is quiesced, so no change in flight
+    /// is half-seen.
     pub fn add_bitmap(
         &self,
         q: &super::Quiesced,
         name: &str,
         granularity: u64,
         enabled: bool,
+        persistent: bool,
     ) -> Result<Arc<DirtyBitmap>, BitmapError> {
         self.bitmaps.check_new(name, granularity, self.info.size)?;
+        if persistent && let Some(why) = self.driver().bitmap_store_refusal() {
+            return Err(BitmapError::Invalid(format!("bitmap {name:?} cannot persist: {why}")));
+        }
         let map = Arc::new(DirtyBitmap::new(self.info.size, granularity));
-        self.bitmaps.add(NamedBitmap { name: name.to_string(), map: map.clone(), enabled })?;
+        let b = NamedBitmap {
+            name: name.to_string(),
+            map: map.clone(),
+            enabled,
+            persistent,
+            inconsistent: false,
+        };
+        self.bitmaps.add(b)?;
         self.retrack(q);
         Ok(map)
     }

@@ -149,6 +149,11 @@ impl Bdev {
             bitmaps: bitmaps::Bitmaps::default(),
         });
         b.set_qos(qos);
+        let stored = b.driver().stored_bitmaps();
+        b.bitmaps.restore(stored, b.info.read_only);
+        // No channel exists yet: the tracking set needs no quiesce.
+        let tracking = b.bitmaps.tracking();
+        b.stack.lock().unwrap_or_else(|p| p.into_inner()).tracking = tracking;
         b
     }
 
@@ -190,7 +195,7 @@ impl Bdev {
     /// (writing qcow2 metadata back and clearing its dirty bit). Control plane, after
     /// the last request.
     pub fn close(&self) -> Result<(), IoError> {
-        self.driver().close()
+        self.driver().close_storing(&self.bitmaps.persistent())
     }
 
     /// The driver's counters (cache hits, allocations...), for the metrics endpoint.

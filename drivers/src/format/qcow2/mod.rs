@@ -23,6 +23,7 @@
 //! published mapping hints (`hints`, `direct`); everything else runs on the shard
 //! owning it, one hop there and back from another reactor.
 
+pub mod bitmaps;
 mod build;
 mod cache;
 mod compress;
@@ -55,7 +56,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use poller::{MailSender, Mailbox, ReactorHandle};
 
-use crate::driver::{BlockDriver, ChainLink, DeviceInfo, DriverChannel};
+use crate::driver::{BlockDriver, ChainLink, DeviceInfo, DriverChannel, StoredBitmap};
 use crate::error::{IoError, OpenError};
 use crate::io::probe::Alignment;
 
@@ -98,6 +99,16 @@ pub struct Qcow2Device {
     top: Arc<crate::io::Storage>,
     /// The top file for channels' zero-hop path (`None`: always hop).
     direct: Option<Arc<crate::io::Storage>>,
+    /// The persistent bitmaps loaded at open.
+    stored: Vec<StoredBitmap>,
+    /// The storage metadata tools go through when it is not the file (tests).
+    meta: Option<Arc<crate::io::Storage>>,
+}
+
+/// A buffered handle on the image for control-plane metadata work (the image's own
+/// handle may be O_DIRECT, with aligned buffers).
+fn meta_file(path: &Path, read_only: bool) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(!read_only).open(path)
 }
 
 impl std::fmt::Debug for Qcow2Device {
@@ -145,21 +156,15 @@ impl Qcow2Device {
             }
         }
         let mut img = open::open_image(path, &opts)?;
-        if !opts.read_only && img.top.header.autoclear & types::AUTOCLEAR_BITMAPS != 0 {
-            // Through a buffered handle: the image's own may be O_DIRECT.
-            match &opts.storage {
-                Some(s) => check::invalidate_bitmaps(path, &**s, &img.top.header)?,
-                None => {
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(path)
-                        .map_err(|e| OpenError::io(path, e))?;
-                    check::invalidate_bitmaps(path, &f, &img.top.header)?
-                }
-            };
-            img.top.header.autoclear &= !types::AUTOCLEAR_BITMAPS;
-        }
+        let stored = match &opts.storage {
+            Some(s) => bitmaps::load_all(&**s, path, &mut img.top.header, opts.read_only)?,
+            None if img.top.header.autoclear & types::AUTOCLEAR_BITMAPS != 0 => {
+                // Through a buffered handle: the image's own may be O_DIRECT.
+                let f = meta_file(path, opts.read_only).map_err(|e| OpenError::io(path, e))?;
+                bitmaps::load_all(&f, path, &mut img.top.header, opts.read_only)?
+            }
+            None => Vec::new(),
+        };
         let header = img.top.header.clone();
         let align = img.top.storage.alignment();
         let chain = chain_of(&img);
@@ -199,7 +204,46 @@ impl Qcow2Device {
             chain: std::sync::Mutex::new(chain),
             top,
             direct,
+            stored,
+            meta: opts.storage.clone(),
         }))
+    }
+
+    /// The bitmaps the image stored, as loaded at open.
+    pub fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
+        self.stored.clone()
+    }
+
+    /// Closes (see [`Qcow2Device::close`]), then stores `list` as the image's
+    /// persistent bitmaps (see `bitmaps::store`). A read-only image stores nothing.
+    pub fn close_storing(&self, list: &[StoredBitmap]) -> Result<(), IoError> {
+        self.close()?;
+        if self.read_only {
+            return Ok(());
+        }
+        let to: Vec<bitmaps::ToStore<'_>> = list
+            .iter()
+            .map(|b| bitmaps::ToStore {
+                name: &b.name,
+                map: &b.map,
+                auto: b.auto,
+                inconsistent: b.inconsistent,
+            })
+            .collect();
+        let r = match &self.meta {
+            Some(s) => bitmaps::store(&**s, &self.path, &to),
+            None => meta_file(&self.path, false)
+                .map_err(|e| OpenError::io(&self.path, e))
+                .and_then(|f| bitmaps::store(&f, &self.path, &to)),
+        };
+        r.map_err(|e| {
+            tracing::error!(image = %self.path.display(), "storing the persistent bitmaps failed: {e}");
+            IoError::Os(libc::EIO)
+        })?;
+        if !list.is_empty() {
+            tracing::info!(image = %self.path.display(), bitmaps = list.len(), "persistent bitmaps stored");
+        }
+        Ok(())
     }
 
     /// The image files, this one first.
@@ -417,6 +461,24 @@ impl BlockDriver for Qcow2Driver {
         self.dev.close()
     }
 
+    fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
+        self.dev.stored_bitmaps()
+    }
+
+    fn bitmap_store_refusal(&self) -> Option<String> {
+        if self.dev.read_only {
+            Some("the disk is read-only".into())
+        } else if self.dev.header.version < 3 {
+            Some("compat=0.10 (version 2) images cannot store bitmaps".into())
+        } else {
+            None
+        }
+    }
+
+    fn close_storing(&self, bitmaps: &[StoredBitmap]) -> Result<(), IoError> {
+        self.dev.close_storing(bitmaps)
+    }
+
     fn chain(&self) -> Vec<ChainLink> {
         self.dev.chain()
     }
@@ -458,7 +520,7 @@ fn chain_of(img: &open::OpenedImage) -> Vec<ChainLink> {
 }
 
 /// Where a serialised header's used bytes end: past its extensions and backing name.
-fn header_area_end(cluster: &[u8]) -> u64 {
+pub(crate) fn header_area_end(cluster: &[u8]) -> u64 {
     let name_off = u64::from_be_bytes(cluster[8..16].try_into().unwrap_or_default());
     let name_len = u64::from(u32::from_be_bytes(cluster[16..20].try_into().unwrap_or_default()));
     if name_off != 0 {

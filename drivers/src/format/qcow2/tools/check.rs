@@ -215,7 +215,7 @@ impl Walk<'_> {
 
 /// The stored refcount of every cluster (0 where no block covers it), reading blocks
 /// from `table`; invalid table entries are reported.
-fn stored_refcounts(
+pub(crate) fn stored_refcounts(
     f: &dyn MetaIo,
     g: &Geometry,
     table: &[u64],
@@ -563,11 +563,24 @@ fn fix_leaks(
     counts: &[u64],
     leaked: &[usize],
 ) -> std::io::Result<()> {
+    let pairs: Vec<(u64, u64)> = leaked.iter().map(|&c| (c as u64, counts[c])).collect();
+    set_refcounts(f, g, table, &pairs)
+}
+
+/// Writes refcount `v` for each `(cluster, v)` (sorted by cluster) into the blocks of
+/// refcount table `table` (each block read, changed and written once), then syncs.
+/// Every cluster must lie inside an existing block.
+pub(crate) fn set_refcounts(
+    f: &dyn MetaIo,
+    g: &Geometry,
+    table: &[u64],
+    pairs: &[(u64, u64)],
+) -> std::io::Result<()> {
     let per = g.refblock_entries();
     let mut current: Option<(u64, Vec<u8>)> = None;
-    for &c in leaked {
-        let ti = c as u64 / per;
-        let block = table[ti as usize] & !REFT_RESERVED;
+    for &(c, v) in pairs {
+        let block = table[(c / per) as usize] & !REFT_RESERVED;
+        assert!(block != 0, "cluster {c} lies inside an existing refcount block");
         if current.as_ref().is_none_or(|(b, _)| *b != block) {
             if let Some((b, data)) = current.take() {
                 f.meta_write(&data, b)?;
@@ -575,7 +588,7 @@ fn fix_leaks(
             current = Some((block, read_at(f, block, g.cluster_size() as usize)?));
         }
         let (_, data) = current.as_mut().expect("block");
-        set_refcount(data, (c as u64 % per) as usize, g.refcount_order, counts[c]);
+        set_refcount(data, (c % per) as usize, g.refcount_order, v);
     }
     if let Some((b, data)) = current {
         f.meta_write(&data, b)?;
@@ -670,10 +683,10 @@ pub fn repair_if_dirty_io(path: &Path, f: &dyn MetaIo) -> Result<(), OpenError> 
     Ok(())
 }
 
-/// Clears the persistent-bitmaps autoclear bit before a read-write open, as the qcow2
-/// spec asks of software that writes an image without maintaining a feature: this
-/// engine does not update dirty bitmaps, so they stop being valid (an incremental
-/// backup would otherwise miss the writes). Returns whether the bit was set.
+/// Clears the persistent-bitmaps autoclear bit, as the qcow2 spec asks of software
+/// that writes an image without maintaining its bitmaps (an offline resize, or an
+/// open that found them invalid): they stop being valid, where an incremental backup
+/// would otherwise miss the writes. Returns whether the bit was set.
 pub(crate) fn invalidate_bitmaps(
     path: &Path,
     f: &dyn MetaIo,
@@ -682,7 +695,7 @@ pub(crate) fn invalidate_bitmaps(
     if h.autoclear & AUTOCLEAR_BITMAPS == 0 {
         return Ok(false);
     }
-    tracing::warn!(image = %path.display(), "persistent dirty bitmaps are not maintained by this appliance: invalidating them (autoclear bit cleared)");
+    tracing::warn!(image = %path.display(), "invalidating the persistent dirty bitmaps (autoclear bit cleared)");
     let v = h.autoclear & !AUTOCLEAR_BITMAPS;
     f.meta_write(&v.to_be_bytes(), OFF_AUTOCLEAR).map_err(|e| OpenError::io(path, e))?;
     f.meta_sync().map_err(|e| OpenError::io(path, e))?;

@@ -4,6 +4,8 @@
 
 pub mod check;
 pub mod create;
+#[cfg(test)]
+pub(crate) mod powercut;
 pub mod resize;
 
 use std::collections::HashMap;
@@ -35,6 +37,34 @@ pub struct ImageInfo {
     pub backing_filename: Option<String>,
     pub backing_format: Option<String>,
     pub snapshots: Vec<SnapshotInfo>,
+    /// The persistent bitmaps, as `qemu-img info` lists them.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// One persistent bitmap of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub granularity: u64,
+    /// `in-use` and `auto`, as QEMU names them.
+    pub flags: Vec<&'static str>,
+}
+
+fn bitmap_infos(f: &File, h: &Header, file_size: u64) -> Vec<BitmapInfo> {
+    let Ok(Some(dir)) = crate::format::qcow2::bitmaps::read_directory(f, h, file_size) else {
+        return Vec::new();
+    };
+    dir.entries
+        .iter()
+        .map(|e| BitmapInfo {
+            name: e.name.clone(),
+            granularity: e.granularity(),
+            flags: [(e.in_use(), "in-use"), (e.auto(), "auto")]
+                .into_iter()
+                .filter_map(|(on, n)| on.then_some(n))
+                .collect(),
+        })
+        .collect()
 }
 
 fn is_qcow2(f: &dyn MetaIo) -> bool {
@@ -62,6 +92,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
             backing_filename: None,
             backing_format: None,
             snapshots: Vec::new(),
+            bitmaps: Vec::new(),
         });
     }
     let (h, file_size) = read_header(path, &f)?;
@@ -85,6 +116,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
         backing_filename: h.backing_file.clone(),
         backing_format: h.backing_format(),
         snapshots,
+        bitmaps: bitmap_infos(&f, &h, file_size),
     })
 }
 

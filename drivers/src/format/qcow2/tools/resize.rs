@@ -152,56 +152,9 @@ mod tests {
     //! the cut on disk and with only what the last sync before it made durable. Every
     //! such image must check without corruption, at the old or the new size.
 
-    use std::cell::RefCell;
-
     use super::*;
     use crate::format::qcow2::create::{CreateOptions, create};
-
-    enum Op {
-        Write(u64, Vec<u8>),
-        Sync,
-    }
-
-    #[derive(Default)]
-    struct Mem {
-        data: RefCell<Vec<u8>>,
-        log: RefCell<Vec<Op>>,
-    }
-
-    impl Mem {
-        fn with(data: Vec<u8>) -> Self {
-            Mem { data: RefCell::new(data), log: RefCell::default() }
-        }
-        fn apply(data: &mut Vec<u8>, off: u64, buf: &[u8]) {
-            let end = off as usize + buf.len();
-            if data.len() < end {
-                data.resize(end, 0);
-            }
-            data[off as usize..end].copy_from_slice(buf);
-        }
-    }
-
-    impl MetaIo for Mem {
-        fn meta_read(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-            let d = self.data.borrow();
-            let start = (off as usize).min(d.len());
-            let n = buf.len().min(d.len() - start);
-            buf[..n].copy_from_slice(&d[start..start + n]);
-            Ok(n)
-        }
-        fn meta_write(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-            Self::apply(&mut self.data.borrow_mut(), off, buf);
-            self.log.borrow_mut().push(Op::Write(off, buf.to_vec()));
-            Ok(())
-        }
-        fn meta_sync(&self) -> std::io::Result<()> {
-            self.log.borrow_mut().push(Op::Sync);
-            Ok(())
-        }
-        fn meta_len(&self) -> std::io::Result<u64> {
-            Ok(self.data.borrow().len() as u64)
-        }
-    }
+    use crate::format::qcow2::tools::powercut::{Mem, cut};
 
     fn image(version: u32, cluster_size: u64, refcount_bits: u32) -> (tempfile::TempDir, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
@@ -244,24 +197,9 @@ mod tests {
             assert_eq!((done.corruptions, done.leaks), (0, 0), "{:?}", done.messages);
             let log = m.log.into_inner();
             let sizes = [256 << 10, new_size];
-            for cut in 0..=log.len() {
-                let mut all = initial.clone();
-                let mut synced = initial.clone();
-                let mut pending: Vec<(u64, &[u8])> = Vec::new();
-                for op in &log[..cut] {
-                    match op {
-                        Op::Write(off, buf) => {
-                            Mem::apply(&mut all, *off, buf);
-                            pending.push((*off, buf));
-                        }
-                        Op::Sync => {
-                            for (off, buf) in pending.drain(..) {
-                                Mem::apply(&mut synced, off, buf);
-                            }
-                        }
-                    }
-                }
-                let what = format!("v{version} cluster {cs} refcount {bits}, cut at op {cut}");
+            for k in 0..=log.len() {
+                let (all, synced) = cut(&initial, &log, k);
+                let what = format!("v{version} cluster {cs} refcount {bits}, cut at op {k}");
                 verify(&path, all, sizes, &format!("{what} (all written)"));
                 verify(&path, synced, sizes, &format!("{what} (synced only)"));
             }
