@@ -14,6 +14,7 @@ pub mod guest;
 pub mod jobs;
 pub mod nbd_client;
 pub mod ops;
+pub mod qemu_nbd;
 pub mod tls;
 
 /// The workspace root.

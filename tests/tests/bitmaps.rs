@@ -16,7 +16,7 @@ use std::process::Command;
 
 use appliance_tests::jobs::qemu_io;
 use appliance_tests::ops::{control_extra, rpc, rpc_error};
-use appliance_tests::{Appliance, Setup, require_tool, run, stdout};
+use appliance_tests::{Appliance, Setup, qemu_nbd, require_tool, run, stdout};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -88,23 +88,15 @@ fn allocation_depth_and_allocation_agree_with_qemu_nbd() {
     assert!(a.stop().success(), "{}", a.logs());
     // qemu-nbd on the same chain, once the appliance let go of it.
     let sock = a.path("qemu-nbd.sock");
-    let mut q = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-A", "-f", "qcow2", "-k"])
-        .arg(&sock)
-        .arg(a.path("top.qcow2"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-nbd");
+    let q = qemu_nbd::start(
+        &["-r", "-t", "-A", "-f", "qcow2"],
+        &a.path("top.qcow2"),
+        qemu_nbd::Listen::Unix(&sock),
+    );
     let quri = format!("nbd+unix:///?socket={}", sock.display());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(std::time::Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     let theirs = map(&quri, "qemu:allocation-depth");
     let theirs_alloc = map(&quri, "base:allocation");
-    let _ = q.kill();
-    let _ = q.wait();
+    qemu_nbd::stop(q);
     assert_eq!(ours, theirs, "qemu:allocation-depth");
     // What the chain says: top at 6M and 20M, mid at 4..6M, 7..9M, base elsewhere
     // below 12M and at 40M, nothing elsewhere.

@@ -10,7 +10,7 @@
 //! disk keeps serving; bad URIs and a mirror into the disk's own export are refused.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use appliance_tests::jobs::*;
@@ -42,21 +42,8 @@ fn qemu_nbd(file: &Path, sock: &Path) -> Child {
 }
 
 fn qemu_nbd_as(file: &Path, format: &str, sock: &Path) -> Child {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args(["-f", format, "-t", "-x", "t", "--cache=none", "-k"])
-        .arg(sock)
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-nbd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    let args = ["-f", format, "-t", "-x", "t", "--cache=none"];
+    appliance_tests::qemu_nbd::start(&args, file, appliance_tests::qemu_nbd::Listen::Unix(sock))
 }
 
 #[test]

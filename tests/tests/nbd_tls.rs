@@ -15,7 +15,7 @@
 //!   `--tls-creds ... verify-peer=on`, over TCP, and the copy equals the source.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use appliance_tests::jobs::{qemu_io, start_mirror, wait_state};
@@ -279,20 +279,9 @@ fn qemu_nbd_tls(file: &Path, port: u16, certs: &Certs) -> Child {
         "tls-creds-x509,id=s0,endpoint=server,dir={},verify-peer=on",
         certs.dir("server").display()
     );
-    let child = Command::new("qemu-nbd")
-        .args(["--object", &obj, "--tls-creds", "s0", "-f", "raw", "-t", "-x", "t"])
-        .args(["--cache=none", "-b", "127.0.0.1", "-p", &port.to_string()])
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-nbd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    let args =
+        ["--object", &obj, "--tls-creds", "s0", "-f", "raw", "-t", "-x", "t", "--cache=none"];
+    appliance_tests::qemu_nbd::start(&args, file, appliance_tests::qemu_nbd::Listen::Tcp(port))
 }
 
 #[test]
