@@ -216,7 +216,7 @@ fn start(
 }
 
 /// Opens an NBD export as a raw target, refusing one that is this very disk.
-fn open_nbd_target(
+pub(crate) fn open_nbd_target(
     app: &Appliance,
     a: &Args<'_>,
     disk: &str,
@@ -243,7 +243,7 @@ fn open_nbd_target(
 }
 
 /// Makes or checks the target file; returns its format.
-fn prepare_target(
+pub(crate) fn prepare_target(
     a: &Args<'_>,
     path: &Path,
     create: bool,
@@ -291,7 +291,11 @@ fn is_qcow2(path: &Path) -> bool {
 }
 
 /// The target opened the way the disk is (same engine, O_DIRECT as the disk).
-fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> config::Disk {
+pub(crate) fn target_config(
+    disk: &config::Disk,
+    path: &Path,
+    format: config::Format,
+) -> config::Disk {
     let dir: PathBuf = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
     config::Disk {
         name: format!("{}.mirror", disk.name),
@@ -314,7 +318,10 @@ fn target_config(disk: &config::Disk, path: &Path, format: config::Format) -> co
 }
 
 /// The served disk a job names (`disk`), with its configuration; the error names the key.
-fn job_disk(app: &Appliance, a: &Args<'_>) -> Result<(Arc<drivers::Bdev>, config::Disk), Fail> {
+pub(crate) fn job_disk(
+    app: &Appliance,
+    a: &Args<'_>,
+) -> Result<(Arc<drivers::Bdev>, config::Disk), Fail> {
     let disk = a.str("disk")?;
     app.served_disk(disk).map_err(|e| {
         let mut f = Fail::from(e);
@@ -431,7 +438,7 @@ fn commit_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
 
 /// The target's canonical path, if it lies inside an allowed directory: those of
 /// `[control] allowed_target_dirs`, or else the directory of the disk's own image.
-fn confine(
+pub(crate) fn confine(
     app: &Appliance,
     a: &Args<'_>,
     path: &Path,

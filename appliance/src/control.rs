@@ -24,7 +24,10 @@
 //!   granularity?, buf_size?, copy_mode?, speed?, unmap?, on_source_error?,
 //!   on_target_error?}` → `{job}`; `job_list {job?}`; `job_complete {job}`;
 //!   `job_cancel {job, force?}`; `job_pause`, `job_resume {job}`; `job_set_speed {job,
-//!   speed}`; `stream_start {disk, speed?}`; `commit_start {disk, base?, speed?}`.
+//!   speed}`; `stream_start {disk, speed?}`; `commit_start {disk, base?, speed?}`;
+//!   `backup_start {disk, target, sync?, bitmap?, speed?, create?, format?}` (`backup`).
+//! - dirty bitmaps (`bitmaps`): `bitmap_add`, `bitmap_remove`, `bitmap_clear`,
+//!   `bitmap_enable`, `bitmap_disable`, `bitmap_merge`, `bitmap_list`.
 //!
 //! Errors use JSON-RPC's codes: -32700 parse error, -32600 invalid request, -32601
 //! unknown method, -32602 invalid params (with `data.key` naming the offending key when
@@ -353,6 +356,9 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
     if crate::bitmaps::METHODS.contains(&method) {
         return crate::bitmaps::call(app, method, params);
     }
+    if crate::backup::METHODS.contains(&method) {
+        return crate::backup::call(app, method, params);
+    }
     match method {
         "disk_list" => {
             only(params, method, &[])?;
@@ -460,9 +466,10 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}",
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}",
                 crate::block_jobs::METHODS.join(", "),
-                crate::bitmaps::METHODS.join(", ")
+                crate::bitmaps::METHODS.join(", "),
+                crate::backup::METHODS.join(", ")
             ),
             None,
         )),

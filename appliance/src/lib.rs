@@ -5,6 +5,7 @@
 //! [`control`]) and the image tools ([`tools`]). The data path lives in the `poller`
 //! (reactors) and `drivers` (block devices) crates; this crate wires them to sockets.
 
+mod backup;
 mod bitmaps;
 mod block_jobs;
 pub mod cli;

@@ -33,6 +33,7 @@ pub enum JobKind {
     Mirror,
     Stream,
     Commit,
+    Backup,
 }
 
 impl JobKind {
@@ -41,6 +42,7 @@ impl JobKind {
             JobKind::Mirror => "mirror",
             JobKind::Stream => "stream",
             JobKind::Commit => "commit",
+            JobKind::Backup => "backup",
         }
     }
 }
@@ -401,6 +403,7 @@ impl Jobs {
         let kind = match e["type"].as_str() {
             Some("stream") => JobKind::Stream,
             Some("commit") => JobKind::Commit,
+            Some("backup") => JobKind::Backup,
             _ => JobKind::Mirror,
         };
         if let Some(n) = id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
@@ -412,6 +415,10 @@ impl Jobs {
             JobKind::Mirror => "its target is a consistent partial copy",
             JobKind::Stream => "the image keeps its backing file and what was pulled up",
             JobKind::Commit => "the base holds part of the commit, the disk its old image",
+            JobKind::Backup => {
+                "the target is an incomplete backup (an incremental one's bitmap was \
+                 cleared at its start: take a full backup)"
+            }
         };
         let msg = format!(
             "ended when the appliance stopped: {} of `{disk}`{target}; {what}; start it again",

@@ -9,12 +9,15 @@
 //! - [`mirror`]: the mirror job (QEMU's block/mirror.c is the model), with
 //!   background, write-blocking and adaptive copy modes and the pivot;
 //! - [`stream`]: the stream job (pull a backing chain up, drop the link);
+//! - [`backup`]: the backup job (a point-in-time copy through copy-before-write, full
+//!   or of what a dirty bitmap marks);
 //! - [`speed`]: the speed limit.
 //!
 //! A job runs as a task on one reactor and reaches its disk through the consumer API
 //! like any export (internal channels, which a quiesce does not hold back); it takes
 //! no lock the data path takes.
 
+pub mod backup;
 pub mod bitmap;
 pub mod filter;
 pub mod job;

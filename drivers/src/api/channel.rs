@@ -199,6 +199,23 @@ impl BdevChannel {
                 f.mirrored(off, len, r.is_ok(), target_ok);
                 r
             }
+            Decision::CopyBefore => {
+                let mut pos = off;
+                while pos < off + len
+                    && let Some((o, l)) = f.copy_before(pos, off + len)
+                {
+                    assert!(l > 0 && o + l > pos, "copy-before ranges move forward");
+                    let ok = match &cur.target {
+                        Some(t) => copy_old(&*cur.ch, &**t, o, l).await.is_ok(),
+                        None => false,
+                    };
+                    f.copied(o, l, ok);
+                    pos = o + l;
+                }
+                let r = c.apply(&*cur.ch, off, len).await;
+                f.release(off, len);
+                r
+            }
         }
     }
 
@@ -226,6 +243,20 @@ impl BdevChannel {
     pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
         self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())
     }
+}
+
+/// Copies `off..off+len` of the disk to the target (a copy-before-write), through a
+/// buffer of the reactor's DMA pool: it happens once per backup chunk, not per request.
+async fn copy_old(
+    from: &dyn DriverChannel,
+    to: &dyn DriverChannel,
+    off: u64,
+    len: u64,
+) -> Result<(), IoError> {
+    let mut buf = poller::dma::alloc_wait(len as usize).await.map_err(|_| IoError::TooLarge)?;
+    let seg = [IoSeg::from_dma(&mut buf)];
+    from.read(off, &seg).await?;
+    to.write(off, &seg, false).await
 }
 
 /// What a channel opens at the disk's current generation.

@@ -7,7 +7,11 @@
 //! before it goes to the driver decides whether the change is only *tracked* (marked
 //! dirty once it has reached the disk, for the job to copy later), *mirrored* (also
 //! written to [`WriteFilter::target`] by the request itself, then reported with
-//! [`WriteFilter::mirrored`]), or must wait for a copy of its range to finish first. A filter is put in or taken out only while the disk is
+//! [`WriteFilter::mirrored`]), *copied before* (a backup's copy-before-write: the old
+//! contents of the ranges [`WriteFilter::copy_before`] names are read from the disk and
+//! written to the target first, reported with [`WriteFilter::copied`], then the change
+//! is applied and the filter's reservation released with [`WriteFilter::release`]), or
+//! must wait for a copy of its range to finish first. A filter is put in or taken out only while the disk is
 //! quiesced (see `gate`), so no change is ever half-seen, and it costs a disk without a
 //! job nothing but a branch. Filters set bits in shared bitmaps with atomic operations;
 //! they never lock or allocate.
@@ -24,6 +28,10 @@ pub enum Decision {
     /// Write the change to the target as well, then report it with
     /// [`WriteFilter::mirrored`]; the filter has reserved the range meanwhile.
     Mirror,
+    /// Copy the old contents of what [`WriteFilter::copy_before`] names to the target
+    /// first, then apply the change, then [`WriteFilter::release`] the range; the
+    /// filter has reserved it meanwhile.
+    CopyBefore,
     /// The range is busy (being copied): ask again shortly.
     Wait,
 }
@@ -41,6 +49,19 @@ pub trait WriteFilter: Send + Sync + 'static {
     /// target did too (it is not tried when the disk failed). Releases the range.
     fn mirrored(&self, off: u64, len: u64, source_ok: bool, target_ok: bool);
 
-    /// Where mirrored changes go.
+    /// Where mirrored changes and copied-before contents go.
     fn target(&self) -> Option<Arc<Bdev>>;
+
+    /// After [`Decision::CopyBefore`]: the first range at or after `off`, inside
+    /// `off..end`, whose old contents must reach the target before the change does.
+    fn copy_before(&self, _off: u64, _end: u64) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// A range [`WriteFilter::copy_before`] named was copied (`ok`) or not.
+    fn copied(&self, _off: u64, _len: u64, _ok: bool) {}
+
+    /// After a [`Decision::CopyBefore`] change was applied (whether it succeeded or
+    /// not): the reservation ends.
+    fn release(&self, _off: u64, _len: u64) {}
 }

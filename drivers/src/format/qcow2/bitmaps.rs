@@ -368,7 +368,8 @@ pub fn store(f: &dyn MetaIo, path: &Path, bitmaps: &[ToStore<'_>]) -> Result<(),
     // 1. Refcounts first (a crash from here leaks them at worst); without room for
     //    them, everything goes after the end and the refcounts are rebuilt after it.
     let mut rebuild = None;
-    let clusters: Vec<u64> = match free_clusters(f, &g, &rt, need).map_err(io)? {
+    let (free, stored) = free_clusters(f, &g, &rt, need).map_err(io)?;
+    let clusters: Vec<u64> = match free {
         Some(v) => {
             let pairs: Vec<(u64, u64)> = v.iter().map(|&c| (c, 1)).collect();
             set_refcounts(f, &g, &rt, &pairs).map_err(io)?;
@@ -412,7 +413,10 @@ pub fn store(f: &dyn MetaIo, path: &Path, bitmaps: &[ToStore<'_>]) -> Result<(),
     if rebuild.is_some() {
         check_io(path, f, Repair::Leaks, &mut |_, _| {})?;
     } else if !old.is_empty() {
-        let pairs: Vec<(u64, u64)> = old.iter().map(|&c| (c, 0)).collect();
+        // Bitmap clusters are never shared: one whose refcount is not 1 is also
+        // something else in a corrupt image, and is left alone (leaked at worst).
+        let only = |c: &&u64| stored.get(**c as usize) == Some(&1);
+        let pairs: Vec<(u64, u64)> = old.iter().filter(only).map(|&c| (c, 0)).collect();
         set_refcounts(f, &g, &rt, &pairs).map_err(io)?;
     }
     Ok(())
@@ -440,28 +444,30 @@ fn write_run(
 
 /// `need` free clusters inside the existing refcount blocks, as one run from the first
 /// long enough gap (tables and directories span clusters and must be contiguous);
-/// `None` when there is no such run.
+/// `None` when there is no such run. Also the stored refcounts it read.
+type Placement = (Option<Vec<u64>>, Vec<u64>);
+
 fn free_clusters(
     f: &dyn MetaIo,
     g: &Geometry,
     rt: &[u64],
     need: u64,
-) -> std::io::Result<Option<Vec<u64>>> {
-    if need == 0 {
-        return Ok(Some(Vec::new()));
-    }
+) -> std::io::Result<Placement> {
     let covered =
         rt.iter().take_while(|&&e| e & !REFT_RESERVED != 0).count() as u64 * g.refblock_entries();
     let mut report = Default::default();
     let stored = stored_refcounts(f, g, rt, covered, &mut report)?;
+    if need == 0 {
+        return Ok((Some(Vec::new()), stored));
+    }
     let mut run = 0u64;
     for c in 1..covered {
         run = if stored[c as usize] == 0 { run + 1 } else { 0 };
         if run == need {
-            return Ok(Some((c + 1 - need..=c).collect()));
+            return Ok((Some((c + 1 - need..=c).collect()), stored));
         }
     }
-    Ok(None)
+    Ok((None, stored))
 }
 
 /// The header area with the bitmaps extension replaced (or removed with `None`) and
@@ -519,6 +525,15 @@ pub fn load_all(
         Ok(None) => return Ok(Vec::new()),
         Err(m) => return drop_invalid(f, path, h, read_only, &m),
     };
+    if dir.entries.len() > MAX_BITMAPS {
+        let n = dir.entries.len();
+        let m = format!("the image stores {n} bitmaps; at most {MAX_BITMAPS} are served");
+        if read_only {
+            tracing::warn!(image = %path.display(), "{m}; they are ignored");
+            return Ok(Vec::new());
+        }
+        return Err(OpenError::invalid(path, m));
+    }
     let mut out = Vec::with_capacity(dir.entries.len());
     for e in &dir.entries {
         if let Err(m) = fits_memory(h.size, e) {
@@ -544,12 +559,6 @@ pub fn load_all(
             auto: e.auto(),
             inconsistent,
         });
-    }
-    if out.len() > MAX_BITMAPS {
-        return Err(OpenError::invalid(
-            path,
-            format!("the image stores {} bitmaps; at most {MAX_BITMAPS} are served", out.len()),
-        ));
     }
     if !read_only {
         mark_in_use(f, &dir).map_err(|e| OpenError::io(path, e))?;

@@ -10,6 +10,8 @@
 //! that reaches outside the image's own file is a bug.
 //!
 //! Invariants checked beyond "no panic":
+//! - an image the checker finds consistent is still consistent after a read-write
+//!   open, the requests and a close that stores its bitmaps;
 //! - on an image the checker finds consistent, a successful write followed by a
 //!   successful read of the same range returns the written bytes;
 //! - after `Repair::All`, a fresh check finds what the repair reported as left, and
@@ -91,7 +93,19 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
         let seed = mix(data);
         let d2 = dev.clone();
         owner.block_on(move || async move { drive(d2, seed, read_only, consistent).await });
-        let _ = dev.close();
+        // Closing stores the bitmaps it loaded (a read-write open flagged them in use):
+        // an image that was consistent stays so.
+        let stored = dev.close_storing(&dev.stored_bitmaps());
+        if consistent && !read_only && stored.is_ok() {
+            let r = check(&path, Repair::None, &mut |_, _| {});
+            if let Ok(r) = r {
+                assert_eq!(
+                    r.corruptions, 0,
+                    "storing bitmaps corrupted the image: {:?}",
+                    r.messages
+                );
+            }
+        }
     }
 
     // Repair a copy. The report tells what is left (a fresh check agrees), and what is
