@@ -25,7 +25,9 @@
 //!   on_target_error?}` → `{job}`; `job_list {job?}`; `job_complete {job}`;
 //!   `job_cancel {job, force?}`; `job_pause`, `job_resume {job}`; `job_set_speed {job,
 //!   speed}`; `stream_start {disk, speed?}`; `commit_start {disk, base?, speed?}`;
-//!   `backup_start {disk, target, sync?, bitmap?, speed?, create?, format?}` (`backup`).
+//!   `backup_start {disk, target, sync?, bitmap?, speed?, create?, format?}` (`backup`);
+//!   `export_snapshot {disk, name, bitmap?, temp?}`, `export_snapshot_remove {name}`
+//!   (`fleece`: point-in-time NBD exports for pull backups).
 //! - dirty bitmaps (`bitmaps`): `bitmap_add`, `bitmap_remove`, `bitmap_clear`,
 //!   `bitmap_enable`, `bitmap_disable`, `bitmap_merge`, `bitmap_list`.
 //!
@@ -359,6 +361,9 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
     if crate::backup::METHODS.contains(&method) {
         return crate::backup::call(app, method, params);
     }
+    if crate::fleece::METHODS.contains(&method) {
+        return crate::fleece::call(app, method, params);
+    }
     match method {
         "disk_list" => {
             only(params, method, &[])?;
@@ -466,10 +471,11 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}",
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}, {}",
                 crate::block_jobs::METHODS.join(", "),
                 crate::bitmaps::METHODS.join(", "),
-                crate::backup::METHODS.join(", ")
+                crate::backup::METHODS.join(", "),
+                crate::fleece::METHODS.join(", ")
             ),
             None,
         )),

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod control;
 pub mod ctl;
 pub mod debug;
+mod fleece;
 pub mod fuzzing;
 pub mod metrics;
 pub mod nbd;

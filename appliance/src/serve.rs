@@ -609,6 +609,31 @@ impl Appliance {
 
 /// Block jobs (see `block_jobs`).
 impl Appliance {
+    /// Exports `bdev` over NBD (a point-in-time view) with the allow list `allow`;
+    /// false when no NBD server is configured or the name is taken.
+    pub(crate) fn export_view(&self, bdev: Arc<Bdev>, allow: Option<Vec<String>>) -> bool {
+        if lock(&self.config).nbd.is_none() || self.exports.find(bdev.name()).is_some() {
+            return false;
+        }
+        self.exports.add(bdev, allow);
+        true
+    }
+
+    /// Stops exporting a view: new clients are refused, connected ones drained.
+    pub(crate) fn unexport_view(&self, name: &str) -> Option<Arc<Bdev>> {
+        let b = self.exports.remove(name)?;
+        b.retire();
+        if let Some(n) = lock(&self.nbd).as_ref() {
+            n.close_export(name);
+        }
+        Some(b)
+    }
+
+    /// Whether `name` is an NBD export now.
+    pub(crate) fn exports_name(&self, name: &str) -> bool {
+        !name.is_empty() && self.exports.find(name).is_some()
+    }
+
     pub(crate) fn jobs(&self) -> &Arc<jobs::Jobs> {
         &self.jobs
     }

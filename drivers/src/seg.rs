@@ -95,6 +95,25 @@ pub fn window<'a, 'o, const N: usize>(
     Ok(&out[..n])
 }
 
+/// The bytes from `skip` into `segs` that at most `n` segments hold.
+pub fn reach(segs: &[IoSeg<'_>], mut skip: usize, n: usize) -> usize {
+    let mut bytes = 0;
+    let mut taken = 0;
+    for s in segs {
+        if taken == n {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        bytes += s.len - skip;
+        skip = 0;
+        taken += 1;
+    }
+    bytes
+}
+
 /// Total bytes of `segs`.
 pub fn total_len(segs: &[IoSeg<'_>]) -> usize {
     segs.iter().map(|s| s.len).sum()

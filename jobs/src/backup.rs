@@ -55,6 +55,37 @@ pub enum BackupSync {
     /// cleared at the start, and its bits merged back if the backup fails
     /// (`incremental`), else left as it is (`bitmap`).
     Bitmap { name: String, map: Arc<DirtyBitmap>, clear: bool },
+    /// Image fleecing: no copies of its own, only copy-before-write, until cancelled
+    /// (the point-in-time export is removed), which ends it `concluded`. `bitmap`: the
+    /// disk's bitmap, copied into the second (which the export offers) and cleared at
+    /// the instant.
+    Fleece { bitmap: Option<(Arc<DirtyBitmap>, Arc<DirtyBitmap>)>, view: Arc<FleeceView> },
+}
+
+/// What a point-in-time export reads: the chunks not saved yet from the disk (see
+/// `drivers::api::view`).
+pub struct FleeceView {
+    origin: Arc<Bdev>,
+    todo: Arc<DirtyBitmap>,
+}
+
+impl FleeceView {
+    /// A view of `origin` where nothing is saved yet.
+    pub fn new(origin: Arc<Bdev>) -> Arc<FleeceView> {
+        let todo = Arc::new(DirtyBitmap::new(origin.info().size, DEFAULT_GRANULARITY));
+        todo.set_all();
+        Arc::new(FleeceView { origin, todo })
+    }
+}
+
+impl drivers::api::view::PointInTime for FleeceView {
+    fn origin(&self) -> &Arc<Bdev> {
+        &self.origin
+    }
+
+    fn extent(&self, off: u64, max: u64) -> (bool, u64) {
+        self.todo.extent(off, max)
+    }
 }
 
 /// A backup to start.
@@ -166,6 +197,7 @@ pub fn start(jobs: &Arc<Jobs>, b: Backup) -> Result<Arc<Job>, JobError> {
         BackupSync::Full => "full".to_string(),
         BackupSync::Bitmap { name, clear: true, .. } => format!("incremental ({name})"),
         BackupSync::Bitmap { name, clear: false, .. } => format!("bitmap ({name})"),
+        BackupSync::Fleece { .. } => "none (point-in-time export)".to_string(),
     };
     job.set_detail("sync", sync.into());
     jobs.add_tracked(job.clone())?;
@@ -229,10 +261,13 @@ async fn backup(
 ) -> Result<bool, String> {
     let size = source.info().size;
     let granularity = match sync {
-        BackupSync::Full => DEFAULT_GRANULARITY,
+        BackupSync::Full | BackupSync::Fleece { .. } => DEFAULT_GRANULARITY,
         BackupSync::Bitmap { map, .. } => map.granularity().max(DEFAULT_GRANULARITY),
     };
-    let todo = Arc::new(DirtyBitmap::new(size, granularity));
+    let todo = match sync {
+        BackupSync::Fleece { view, .. } => view.todo.clone(),
+        _ => Arc::new(DirtyBitmap::new(size, granularity)),
+    };
     let filter = Arc::new(BackupFilter {
         busy: Arc::new(Busy::new(todo.chunks())),
         todo: todo.clone(),
@@ -258,6 +293,14 @@ async fn backup(
                 todo.set_all();
                 None
             }
+            BackupSync::Fleece { bitmap, .. } => {
+                todo.set_all();
+                if let Some((map, copy)) = bitmap {
+                    copy.merge_from(map);
+                    map.clear_all();
+                }
+                None
+            }
             BackupSync::Bitmap { map, clear, .. } => {
                 todo.merge_from(map);
                 let frozen = DirtyBitmap::new(size, map.granularity());
@@ -271,7 +314,10 @@ async fn backup(
     };
     job.set_state(JobState::Running);
     job.set_detail("total", todo.dirty_bytes().into());
-    let r = copy_loop(job, &ctx).await;
+    let r = match sync {
+        BackupSync::Fleece { .. } => hold(job, &ctx).await,
+        _ => copy_loop(job, &ctx).await,
+    };
     let q = quiesce(source, reactors)
         .await
         .map_err(|e| format!("{e}; the disk still has the backup's filter"))?;
@@ -298,6 +344,22 @@ async fn quiesce(
         .quiesce(reactors, QUIESCE_TIMEOUT)
         .await
         .map_err(|e| format!("the disk's requests did not finish within {QUIESCE_TIMEOUT:?}: {e}"))
+}
+
+/// Fleecing: copy-before-write only, until cancelled (a normal end) or broken.
+async fn hold(job: &Job, ctx: &Ctx) -> Result<bool, String> {
+    loop {
+        if job.cancel_requested() {
+            return Ok(true);
+        }
+        if ctx.filter.failed.load(Ordering::Relaxed) > 0 {
+            return Err("a guest write could not save the old contents of its range to the \
+                        temporary image; the point-in-time export is broken"
+                .into());
+        }
+        publish(job, ctx);
+        poller::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Copies every to-do chunk; `Ok(false)` when cancelled.

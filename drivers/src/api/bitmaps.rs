@@ -238,6 +238,19 @@ impl super::Bdev {
         Ok(map)
     }
 
+    /// Offers `map` as the disk's bitmap `name`, recording nothing (a point-in-time
+    /// export's copy of its origin's bitmap).
+    pub fn add_frozen_bitmap(&self, name: &str, map: Arc<DirtyBitmap>) -> Result<(), BitmapError> {
+        let b = NamedBitmap {
+            name: name.to_string(),
+            map,
+            enabled: false,
+            persistent: false,
+            inconsistent: false,
+        };
+        self.bitmaps.add(b)
+    }
+
     pub fn remove_bitmap(&self, q: &super::Quiesced, name: &str) -> Result<(), BitmapError> {
         self.bitmaps.remove(name)?;
         self.retrack(q);

@@ -22,6 +22,10 @@ use crate::seg::{self, IoSeg};
 
 use super::bitmap::DirtyBitmap;
 use super::filter::{Decision, WriteFilter};
+use super::view::PointInTime;
+
+/// Segments one read of a view passes down at once (a large request is read in parts).
+const MAX_VIEW_SEGS: usize = 64;
 
 /// How long a change waits before asking a filter again about a busy range (a copy of
 /// it is under way, typically for a millisecond).
@@ -37,6 +41,8 @@ pub(crate) struct Current {
     target: Option<Box<dyn DriverChannel>>,
     /// The disk's enabled named bitmaps.
     tracking: Arc<[Arc<DirtyBitmap>]>,
+    /// A point-in-time view's origin, with a channel to its driver.
+    view: Option<(Arc<dyn PointInTime>, Box<dyn DriverChannel>)>,
 }
 
 /// A device's handle on one reactor.
@@ -121,7 +127,11 @@ impl BdevChannel {
             return Ok(());
         }
         let _in = self.gate().await;
-        self.current()?.ch.read(off, segs).await
+        let cur = self.current()?;
+        match &cur.view {
+            None => cur.ch.read(off, segs).await,
+            Some((v, origin)) => view_read(&**v, &**origin, &*cur.ch, off, segs).await,
+        }
     }
 
     /// Writes `segs` at `off`; with `fua` the data is durable on completion.
@@ -223,7 +233,15 @@ impl BdevChannel {
     pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
         self.bdev.info.admit(ReqKind::BlockStatus, off, len)?;
         let _in = self.gate().await;
-        let st = self.current()?.ch.block_status(off, len).await?;
+        let cur = self.current()?;
+        let st = match &cur.view {
+            None => cur.ch.block_status(off, len).await?,
+            Some((v, origin)) => match v.extent(off, len) {
+                (true, n) => origin.block_status(off, n).await?,
+                // Saved: data in the temporary image, the view's own.
+                (false, n) => BlockStatus { len: n, hole: false, zero: false, depth: 1 },
+            },
+        };
         debug_assert!(st.len > 0 && st.len <= len, "block status of {} bytes for {len}", st.len);
         Ok(BlockStatus { len: st.len.clamp(1, len), ..st })
     }
@@ -268,11 +286,50 @@ pub(crate) fn current_of(bdev: &Bdev) -> Result<Current, IoError> {
         Some(t) => Some(t.driver().open_channel()?),
         None => None,
     };
+    let view = match stack.view {
+        Some(v) => {
+            let origin = v.origin().driver().open_channel()?;
+            Some((v, origin))
+        }
+        None => None,
+    };
     Ok(Current {
         generation,
         ch: stack.driver.open_channel()?,
         filter: stack.filter,
         target,
         tracking: stack.tracking,
+        view,
     })
+}
+
+/// A read of a point-in-time view (see `view`): runs still on the origin read from
+/// it and are checked again after; saved runs read from the view's own driver.
+async fn view_read(
+    v: &dyn PointInTime,
+    origin: &dyn DriverChannel,
+    own: &dyn DriverChannel,
+    off: u64,
+    segs: &[IoSeg<'_>],
+) -> Result<(), IoError> {
+    let len = seg::total_len(segs) as u64;
+    let mut pos = off;
+    while pos < off + len {
+        let skip = (pos - off) as usize;
+        let reach = seg::reach(segs, skip, MAX_VIEW_SEGS) as u64;
+        let (on_origin, n) = v.extent(pos, (off + len - pos).min(reach));
+        let mut w: [IoSeg<'_>; MAX_VIEW_SEGS] = std::array::from_fn(|_| IoSeg::new(&mut []));
+        let part = seg::window(segs, skip, n as usize, &mut w)?;
+        if !on_origin {
+            own.read(pos, part).await?;
+            pos += n;
+            continue;
+        }
+        origin.read(pos, part).await?;
+        // Saved meanwhile: a change may have reached the origin during the read.
+        if v.extent(pos, n) == (true, n) {
+            pos += n;
+        }
+    }
+    Ok(())
 }

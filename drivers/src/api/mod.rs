@@ -25,6 +25,7 @@ pub mod filter;
 mod gate;
 pub mod open;
 pub mod qos;
+pub mod view;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,6 +112,8 @@ struct Stack {
     filter: Option<Arc<dyn WriteFilter>>,
     /// The enabled named bitmaps, which every change marks.
     tracking: Arc<[Arc<bitmap::DirtyBitmap>]>,
+    /// A point-in-time view: what of the origin reads from the driver.
+    view: Option<Arc<dyn view::PointInTime>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -142,7 +145,7 @@ impl Bdev {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             info: driver.info().clone(),
-            stack: Mutex::new(Stack { driver, filter: None, tracking: Arc::new([]) }),
+            stack: Mutex::new(Stack { driver, filter: None, tracking: Arc::new([]), view: None }),
             generation: AtomicU64::new(0),
             qos: Qos::default(),
             retired: AtomicBool::new(false),
@@ -154,6 +157,20 @@ impl Bdev {
         // No channel exists yet: the tracking set needs no quiesce.
         let tracking = b.bitmaps.tracking();
         b.stack.lock().unwrap_or_else(|p| p.into_inner()).tracking = tracking;
+        b
+    }
+
+    /// A read-only point-in-time view of `view.origin()` whose saved chunks `driver`
+    /// (the temporary image) holds (see `view`).
+    pub fn point_in_time(
+        name: &str,
+        driver: Arc<dyn BlockDriver>,
+        view: Arc<dyn view::PointInTime>,
+    ) -> Arc<Bdev> {
+        assert!(driver.info().read_only, "a point-in-time view is read-only");
+        assert_eq!(driver.info().size, view.origin().info.size, "a view has its origin's size");
+        let b = Self::new(name, driver, QosLimits::default());
+        b.stack.lock().unwrap_or_else(|p| p.into_inner()).view = Some(view);
         b
     }
 
