@@ -92,6 +92,23 @@ pub enum Command {
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
+    /// List, create, apply or delete internal snapshots of a qcow2 image that is not in
+    /// use (qemu-img snapshot's flags).
+    Snapshot {
+        /// List the snapshots.
+        #[arg(short = 'l', conflicts_with_all = ["create", "apply", "delete"])]
+        list: bool,
+        /// Create a snapshot named NAME.
+        #[arg(short = 'c', value_name = "NAME")]
+        create: Option<String>,
+        /// Revert the image to snapshot NAME (name or id).
+        #[arg(short = 'a', value_name = "NAME", conflicts_with_all = ["create", "delete"])]
+        apply: Option<String>,
+        /// Delete snapshot NAME (name or id).
+        #[arg(short = 'd', value_name = "NAME", conflicts_with_all = ["create"])]
+        delete: Option<String>,
+        file: PathBuf,
+    },
     /// Show where each range of an image lives, through its backing chain.
     Map {
         #[arg(long)]
@@ -184,6 +201,10 @@ pub fn main() -> ExitCode {
         }
         Command::Resize { file, size } => {
             report(crate::tools::resize(&file, &size).map(|()| 0), &file)
+        }
+        Command::Snapshot { list, create, apply, delete, file } => {
+            let r = crate::tools::snapshot(&file, list, create, apply, delete);
+            report(r.map(|()| 0), &file)
         }
         Command::Map { json, allowed_backing_dirs, file } => {
             report(crate::tools::map(&file, &allowed_backing_dirs, json).map(|()| 0), &file)

@@ -103,6 +103,65 @@ pub fn create_image(
 
 /// `appliance resize`: grows an image (qcow2 or raw) that is not in use. `size` is
 /// absolute (`20G`) or relative (`+10G`).
+/// `appliance snapshot -l|-c|-a|-d NAME FILE`.
+pub fn snapshot(
+    path: &Path,
+    list: bool,
+    create: Option<String>,
+    apply: Option<String>,
+    delete: Option<String>,
+) -> Result<(), String> {
+    use drivers::qcow2::snapshots::{Op, change};
+    let e = |e: drivers::OpenError| e.to_string();
+    let op = match (&create, &apply, &delete) {
+        (Some(n), None, None) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            Op::Create { name: n, now: (now.as_secs() as u32, now.subsec_nanos()) }
+        }
+        (None, Some(n), None) => Op::Apply(n),
+        (None, None, Some(n)) => Op::Delete(n),
+        (None, None, None) if list => {
+            let snaps = drivers::qcow2::snapshots::list(path).map_err(e)?;
+            println!("Snapshot list:");
+            println!("{:<10}{:<20}{:>10} {:<20}{:>15}", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK");
+            for s in snaps {
+                let clock = s.vm_clock_nsec / 1_000_000;
+                let (h, m, sec, ms) =
+                    (clock / 3_600_000, clock / 60_000 % 60, clock / 1000 % 60, clock % 1000);
+                println!(
+                    "{:<10}{:<20}{:>10} {:<20}{:>15}",
+                    s.id,
+                    s.name,
+                    human(s.vm_state_size),
+                    date(u64::from(s.date_sec)),
+                    format!("{h:02}:{m:02}:{sec:02}.{ms:03}")
+                );
+            }
+            return Ok(());
+        }
+        _ => return Err("give one of -l, -c NAME, -a NAME, -d NAME".into()),
+    };
+    change(path, op).map_err(e)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.
+fn date(t: u64) -> String {
+    let (days, rem) = (t / 86400, t % 86400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
 pub fn resize(path: &Path, size: &str) -> Result<(), String> {
     let current = tools::info(path).map_err(|e| e.to_string())?;
     let new_size = match size.strip_prefix('+') {

@@ -44,7 +44,7 @@ mod shard;
 pub mod snapshot;
 pub mod tools;
 
-pub use tools::{check, create, resize};
+pub use tools::{check, create, resize, snapshots};
 pub mod types;
 
 use std::cell::RefCell;

@@ -1,7 +1,7 @@
 //! The internal snapshot table: parsed and bounds-checked so that an image with
-//! snapshots opens safely (and `check` can count the snapshots' clusters). Applying,
-//! creating or deleting snapshots is not supported; writes respect the clusters the
-//! snapshots share through their refcounts (COPIED flag clear means copy on write).
+//! snapshots opens safely (and `check` can count the snapshots' clusters). Writes
+//! respect the clusters the snapshots share through their refcounts (COPIED flag clear
+//! means copy on write); `tools::snapshots` creates, applies and deletes them offline.
 
 use std::path::Path;
 
@@ -19,6 +19,13 @@ pub struct SnapshotInfo {
     pub id: String,
     pub name: String,
     pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    /// The disk's size when the snapshot was taken (version 3 extra data).
+    pub disk_size: Option<u64>,
+    /// The entry as stored (padded to 8 bytes), for rewriting the table.
+    pub raw: Vec<u8>,
 }
 
 /// The snapshot table's extent in bytes, and its entries.
@@ -72,8 +79,21 @@ pub(crate) fn read_snapshots(
         }
         let id = String::from_utf8_lossy(&e[40 + extra..40 + extra + id_len]).into_owned();
         let name = String::from_utf8_lossy(&e[40 + extra + id_len..len]).into_owned();
-        out.push(SnapshotInfo { l1_offset, l1_size, id, name, vm_state_size });
-        off += len.div_ceil(8) * 8;
+        let be32 = |o: usize| u32::from_be_bytes(e[o..o + 4].try_into().expect("4"));
+        let padded = len.div_ceil(8) * 8;
+        out.push(SnapshotInfo {
+            l1_offset,
+            l1_size,
+            id,
+            name,
+            vm_state_size,
+            date_sec: be32(16),
+            date_nsec: be32(20),
+            vm_clock_nsec: u64::from_be_bytes(e[24..32].try_into().expect("8")),
+            disk_size: (extra >= 16).then(|| u64::from_be_bytes(e[48..56].try_into().expect("8"))),
+            raw: e[..padded.min(e.len())].to_vec(),
+        });
+        off += padded;
     }
     Ok((off as u64, out))
 }

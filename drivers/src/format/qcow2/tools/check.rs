@@ -600,6 +600,22 @@ pub(crate) fn set_refcounts(
 /// (references excluding any refcount structure), syncs, switches the header to them in
 /// one write, and syncs again. The old structure's clusters become free.
 pub(crate) fn rebuild_refcounts(f: &dyn MetaIo, h: &Header, counts: &[u64]) -> std::io::Result<()> {
+    let (table, clusters) = write_refcounts(f, h, counts)?;
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&table.to_be_bytes());
+    hdr[8..].copy_from_slice(&clusters.to_be_bytes());
+    f.meta_write(&hdr, OFF_REFCOUNT_TABLE)?;
+    f.meta_sync()
+}
+
+/// Writes a refcount table and blocks for `counts` (references excluding any refcount
+/// structure) at cluster `counts.len()` onwards, counting themselves, and syncs; the
+/// header is left alone. Returns the table's offset and clusters.
+pub(crate) fn write_refcounts(
+    f: &dyn MetaIo,
+    h: &Header,
+    counts: &[u64],
+) -> std::io::Result<(u64, u32)> {
     let g = h.geometry();
     let cs = g.cluster_size();
     let per = g.refblock_entries();
@@ -647,11 +663,7 @@ pub(crate) fn rebuild_refcounts(f: &dyn MetaIo, h: &Header, counts: &[u64]) -> s
     }
     f.meta_write(&table, start * cs)?;
     f.meta_sync()?;
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
-    hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-    f.meta_write(&hdr, OFF_REFCOUNT_TABLE)?;
-    f.meta_sync()
+    Ok((start * cs, t as u32))
 }
 
 /// Repairs a read-write open of an image whose dirty bit is set (lazy refcounts after

@@ -7,6 +7,7 @@ pub mod create;
 #[cfg(test)]
 pub(crate) mod powercut;
 pub mod resize;
+pub mod snapshots;
 
 use std::collections::HashMap;
 use std::fs::File;
