@@ -16,7 +16,9 @@ use std::sync::Arc;
 use jobs::backup::{Backup, BackupSync};
 use serde_json::{Value, json};
 
-use crate::block_jobs::{confine, job_disk, open_nbd_target, prepare_target, target_config};
+use crate::block_jobs::{
+    confine, job_disk, open_nbd_target, prepare_target, target_config, target_format,
+};
 use crate::control::{Args, Fail, Params, only};
 use crate::serve::Appliance;
 
@@ -41,11 +43,7 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
     let speed = a.opt_u64("speed")?.unwrap_or(0);
     let target = a.str("target")?;
     let create = a.opt_bool("create")?.unwrap_or(false);
-    let format = a.opt_enum("format", "raw, qcow2", |s| match s {
-        "raw" => Some(config::Format::Raw),
-        "qcow2" => Some(config::Format::Qcow2),
-        _ => None,
-    })?;
+    let format = target_format(&a)?;
     let reactors = app.job_reactors();
     let disk = disk_cfg.name.clone();
     let (tbdev, name, zeroed) = if target.contains("://") {

@@ -146,11 +146,7 @@ fn mirror_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
     let opts = options(a)?;
     let target = a.str("target")?;
     let create = a.opt_bool("create")?.unwrap_or(false);
-    let format = a.opt_enum("format", "raw, qcow2", |s| match s {
-        "raw" => Some(config::Format::Raw),
-        "qcow2" => Some(config::Format::Qcow2),
-        _ => None,
-    })?;
+    let format = target_format(a)?;
     let reactors = app.job_reactors();
     if target.contains("://") {
         let tbdev = open_nbd_target(app, a, disk, target, create, format, &reactors)?;
@@ -213,6 +209,15 @@ fn start(
     };
     let job = jobs::mirror::start(app.jobs(), m)?;
     Ok(json!({"job": job.id}))
+}
+
+/// The target's `format`, if given.
+pub(crate) fn target_format(a: &Args<'_>) -> Result<Option<config::Format>, Fail> {
+    a.opt_enum("format", "raw, qcow2", |s| match s {
+        "raw" => Some(config::Format::Raw),
+        "qcow2" => Some(config::Format::Qcow2),
+        _ => None,
+    })
 }
 
 /// Opens an NBD export as a raw target, refusing one that is this very disk.

@@ -35,16 +35,14 @@ use drivers::{Bdev, BdevChannel, Decision, IoError, WriteFilter, ZeroFlags};
 use poller::{ReactorHandle, TaskPool};
 
 use crate::bitmap::{Busy, DirtyBitmap};
-use crate::job::{Job, JobError, JobKind, JobState, Jobs, off_reactor};
-use crate::mirror::MAX_COPY;
+use crate::job::{Job, JobError, JobKind, JobState, Jobs, end_off_reactor};
+use crate::mirror::{MAX_COPY, quiesce};
 use crate::speed::Limiter;
 
 /// The job's chunk unless a bitmap's coarser one is used.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// Copies in flight at most.
 const MAX_COPIES: u32 = 8;
-/// How long a quiesce may wait for the disk's requests in flight.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the backup copies.
 #[derive(Clone)]
@@ -222,21 +220,14 @@ async fn run(job: Arc<Job>, b: Backup) {
     };
     // Ended once the target is closed (its metadata written, its file unlocked).
     let ended = if done { JobState::Concluded } else { JobState::Aborted };
-    let j = job.clone();
-    let end = off_reactor(move || {
+    let id = job.id.clone();
+    end_off_reactor(&job, ended, move || {
         if let Err(e) = target.close() {
-            tracing::warn!(job = j.id, "closing the backup target: {e}");
+            tracing::warn!(job = id, "closing the backup target: {e}");
         }
         on_end(done);
-        j.set_state(ended);
-        j.finish();
     })
     .await;
-    if let Err(e) = end {
-        tracing::error!(job = job.id, "{e}");
-        job.set_state(ended);
-        job.finish();
-    }
 }
 
 /// What the copies share.
@@ -334,16 +325,6 @@ async fn backup(
         tracing::info!(job = job.id, bitmap = %name, "the backup did not complete: the bitmap keeps its bits");
     }
     r
-}
-
-async fn quiesce(
-    source: &Arc<Bdev>,
-    reactors: &[ReactorHandle],
-) -> Result<drivers::Quiesced, String> {
-    source
-        .quiesce(reactors, QUIESCE_TIMEOUT)
-        .await
-        .map_err(|e| format!("the disk's requests did not finish within {QUIESCE_TIMEOUT:?}: {e}"))
 }
 
 /// Fleecing: copy-before-write only, until cancelled (a normal end) or broken.

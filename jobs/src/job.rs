@@ -550,3 +550,21 @@ pub async fn off_reactor<R: Send + 'static>(
         poller::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// Ends a job: `f` (closing drivers, telling the appliance: control-plane work) runs off
+/// the reactor, then the job is marked `state` and finished; if no helper thread can
+/// run it, the job is still marked and finished.
+pub async fn end_off_reactor(job: &Arc<Job>, state: JobState, f: impl FnOnce() + Send + 'static) {
+    let j = job.clone();
+    let r = off_reactor(move || {
+        f();
+        j.set_state(state);
+        j.finish();
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::error!(job = job.id, "{e}");
+        job.set_state(state);
+        job.finish();
+    }
+}

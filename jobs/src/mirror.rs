@@ -35,7 +35,7 @@ use poller::{ReactorHandle, TaskPool};
 
 use crate::bitmap::{Busy, DirtyBitmap, MAX_GRANULARITY, MIN_GRANULARITY};
 use crate::filter::MirrorFilter;
-use crate::job::{ErrorPolicy, Job, JobError, JobKind, JobState, Jobs, off_reactor};
+use crate::job::{ErrorPolicy, Job, JobError, JobKind, JobState, Jobs, end_off_reactor};
 use crate::speed::Limiter;
 
 /// The largest single copy.
@@ -244,33 +244,26 @@ async fn run(job: Arc<Job>, m: Mirror) {
     // a pivot the disk's old driver is closed (its metadata written, its file
     // unlocked) and the target takes its image locks (a commit's base was opened
     // without them); otherwise the target is closed.
-    let j = job.clone();
-    let end = off_reactor(move || {
+    let id = job.id.clone();
+    // Ended once everything is closed and the disk's configuration follows it.
+    end_off_reactor(&job, ended, move || {
         let closed = match &old {
             Some(old) => old.close(),
             None => target.close(),
         };
         if let Err(e) = closed {
             let what = if old.is_some() { "the disk's old image" } else { "the target" };
-            tracing::warn!(job = j.id, "closing {what}: {e}");
+            tracing::warn!(job = id, "closing {what}: {e}");
         }
         drop(old);
         if ending == Ending::Pivoted
             && let Err(e) = target.driver().lock_images()
         {
-            tracing::warn!(job = j.id, "locking the disk's new image: {e}");
+            tracing::warn!(job = id, "locking the disk's new image: {e}");
         }
         on_end(ending);
-        // Ended once everything is closed and the disk's configuration follows it.
-        j.set_state(ended);
-        j.finish();
     })
     .await;
-    if let Err(e) = end {
-        tracing::error!(job = job.id, "{e}");
-        job.set_state(ended);
-        job.finish();
-    }
 }
 
 /// The whole job; returns how it ended (with the disk's old driver after a pivot), or
@@ -352,7 +345,8 @@ async fn mirror(
     }
 }
 
-async fn quiesce(
+/// Quiesces `source` on `reactors`, the error saying how long it waited.
+pub(crate) async fn quiesce(
     source: &Arc<Bdev>,
     reactors: &[ReactorHandle],
 ) -> Result<drivers::Quiesced, String> {

@@ -201,3 +201,25 @@ pub fn qemu_img_clean_after_crash(path: &Path) {
         return;
     }
 }
+
+/// Export `export` as it is now, read over NBD into the raw file `name` of the test's
+/// directory.
+pub fn dump(a: &Appliance, export: &str, name: &str) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &a.uri(export)])
+        .arg(a.path(name)));
+}
+
+/// Starts the writers on disk `vm`: the block writer (one write at a time, until
+/// stopped) and fio for 3 seconds (random 4k writes at QD8, verified).
+pub fn writers(a: &Appliance) -> (Writer, Child) {
+    (Writer::start(&a.sock), fio_background(&a.uri("vm"), 3))
+}
+
+/// Stops the block writer and waits for fio to end on its own: a client killed with
+/// requests in flight could have them land after it is gone, and the next instant
+/// would not be one.
+pub fn stop_writers(w: (Writer, Child)) {
+    w.0.finish();
+    fio_ok(w.1);
+}

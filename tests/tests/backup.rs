@@ -12,13 +12,6 @@ use appliance_tests::ops::{rpc, rpc_error};
 use appliance_tests::{Appliance, require_tool, run, run_unchecked, stdout};
 use serde_json::{Value, json};
 
-/// The disk as it is now, read over NBD into `name` (raw).
-fn dump(a: &Appliance, name: &str) {
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &a.uri("vm")])
-        .arg(a.path(name)));
-}
-
 /// `qemu-img compare` of the copy `reference` (raw) and `backup` (qcow2).
 fn same(a: &Appliance, reference: &str, backup: &str) {
     let out = run_unchecked(
@@ -28,33 +21,12 @@ fn same(a: &Appliance, reference: &str, backup: &str) {
             .arg(a.path(backup)),
         Duration::from_secs(120),
     );
-    if !out.status.success() {
-        let dir = a.path("");
-        let keep = std::path::Path::new("/tmp/backup-debug");
-        let _ = std::fs::remove_dir_all(keep);
-        run(Command::new("cp").arg("-r").arg(&dir).arg(keep));
-        std::fs::write(keep.join("log"), a.logs()).unwrap();
-    }
     assert!(out.status.success(), "{backup} differs from {reference}: {}", stdout(&out));
 }
 
 fn backup(a: &Appliance, params: Value) -> String {
     let r = rpc(a, "backup_start", params);
     r["result"]["job"].as_str().unwrap_or_else(|| panic!("backup_start: {r}\n{}", a.logs())).into()
-}
-
-/// Starts the writers: the nbd client's block writer (one write at a time, until
-/// stopped) and fio for 3 seconds (random 4k writes at QD8, verified).
-fn writers(a: &Appliance) -> (Writer, std::process::Child) {
-    (Writer::start(&a.sock), fio_background(&a.uri("vm"), 3))
-}
-
-/// Stops the block writer and waits for fio to finish on its own: a client killed
-/// with requests in flight could have them land after it is gone, and the next
-/// instant would not be one.
-fn stop_writers(w: (Writer, std::process::Child)) {
-    w.0.finish();
-    fio_ok(w.1);
 }
 
 fn tools() {
@@ -67,7 +39,7 @@ fn full_and_incremental_backups_under_writes_restore_each_instant() {
     tools();
     let a = start_vm();
     // T0: the full backup and the bitmap start at one instant (nothing writes between).
-    dump(&a, "ref0.raw");
+    dump(&a, "vm", "ref0.raw");
     let r = rpc(&a, "bitmap_add", json!({"disk": "vm", "name": "inc"}));
     assert!(r["result"].is_object(), "{r}");
     let job = backup(
@@ -90,7 +62,7 @@ fn full_and_incremental_backups_under_writes_restore_each_instant() {
     let mut prev = "full.qcow2".to_string();
     for k in 1..=2 {
         let (reference, target) = (format!("ref{k}.raw"), format!("inc{k}.qcow2"));
-        dump(&a, &reference);
+        dump(&a, "vm", &reference);
         run(Command::new("qemu-img")
             .current_dir(a.path(""))
             .args(["create", "-q", "-f", "qcow2", "-b", &prev, "-F", "qcow2", &target]));

@@ -19,13 +19,6 @@ fn ok(a: &Appliance, method: &str, params: Value) -> Value {
     r["result"].clone()
 }
 
-/// The disk as it is now, read over NBD into `name` (raw).
-fn dump(a: &Appliance, export: &str, name: &str) {
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &a.uri(export)])
-        .arg(a.path(name)));
-}
-
 fn same(a: &Appliance, x: &str, y: &str) {
     let out = run_unchecked(
         Command::new("qemu-img")
@@ -71,17 +64,6 @@ fn pull_dirty(a: &Appliance, uri: &str, context: &str, file: &std::path::Path) -
         a.logs()
     );
     list.iter().map(|e| e[1]).sum()
-}
-
-fn writers(a: &Appliance) -> (Writer, std::process::Child) {
-    (Writer::start(&a.sock), fio_background(&a.uri("vm"), 3))
-}
-
-/// Stops the block writer and waits for fio to end on its own (no request of a killed
-/// client may land after the next instant).
-fn stop_writers(w: (Writer, std::process::Child)) {
-    w.0.finish();
-    fio_ok(w.1);
 }
 
 #[test]

@@ -205,6 +205,12 @@ impl Txn<'_> {
         Ok(off)
     }
 
+    /// The entries of the L2 table at `l2`.
+    fn read_l2(&self, l2: u64) -> std::io::Result<Vec<u64>> {
+        let t = read_at(self.f, l2, self.cs as usize)?;
+        Ok(t.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8"))).collect())
+    }
+
     fn put_table(&mut self, t: &[u64]) -> std::io::Result<u64> {
         let bytes: Vec<u8> = t.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.put_bytes(&bytes)
@@ -219,12 +225,7 @@ impl Txn<'_> {
             if l2 == 0 {
                 continue;
             }
-            let t = read_at(self.f, l2, self.cs as usize)?;
-            let new: Vec<u64> = t
-                .chunks_exact(8)
-                .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
-                .map(|x| map(l2, x))
-                .collect();
+            let new: Vec<u64> = self.read_l2(l2)?.into_iter().map(|x| map(l2, x)).collect();
             out[i] = self.put_table(&new)?;
         }
         Ok(out)
@@ -244,9 +245,7 @@ impl Txn<'_> {
             if l2 == 0 {
                 continue;
             }
-            let t = read_at(self.f, l2, self.cs as usize)?;
-            let old: Vec<u64> =
-                t.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8"))).collect();
+            let old = self.read_l2(l2)?;
             let new: Vec<u64> = old.iter().map(|&x| with_copied(x, one)).collect();
             out[i] = if new == old {
                 l2 | if one(l2) { OFLAG_COPIED } else { 0 }
