@@ -13,6 +13,7 @@ pub mod fuzz_seeds;
 pub mod guest;
 pub mod jobs;
 pub mod nbd_client;
+pub mod nbd_map;
 pub mod ops;
 pub mod qemu_nbd;
 pub mod tls;

@@ -54,6 +54,13 @@ pub fn rpc(a: &Appliance, method: &str, params: Value) -> Value {
     rpc_raw(a, &json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string())
 }
 
+/// A call that must succeed; its result.
+pub fn rpc_ok(a: &Appliance, method: &str, params: Value) -> Value {
+    let r = rpc(a, method, params);
+    assert!(r["result"].is_object(), "{method}: {r}\n{}", a.logs());
+    r["result"].clone()
+}
+
 pub fn rpc_error(a: &Appliance, method: &str, params: Value) -> (i64, String) {
     let r = rpc(a, method, params.clone());
     assert_eq!(r["id"], 7, "{r}");

@@ -15,46 +15,15 @@ use std::path::Path;
 use std::process::Command;
 
 use appliance_tests::jobs::qemu_io;
-use appliance_tests::ops::{control_extra, rpc, rpc_error};
+use appliance_tests::nbd_map::{self, dirty_ranges, map, ranges_of};
+use appliance_tests::ops::{control_extra, rpc_error, rpc_ok};
 use appliance_tests::{Appliance, Setup, qemu_nbd, require_tool, run, stdout};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
 fn qemu_img(args: &[&str], dir: &Path) {
     run(Command::new("qemu-img").current_dir(dir).args(args));
-}
-
-/// `nbdinfo --map=CONTEXT --json`: (offset, length, type) per extent.
-fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
-    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg("--json").arg(uri));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json");
-    v.as_array()
-        .expect("extents")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap(),
-                e["length"].as_u64().unwrap(),
-                e["type"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The ranges of a map whose type is `t`, adjacent ones merged.
-fn ranges_of(m: &[(u64, u64, u64)], t: u64) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = Vec::new();
-    for &(o, l, ty) in m {
-        if ty != t {
-            continue;
-        }
-        match v.last_mut() {
-            Some((po, pl)) if *po + *pl == o => *pl += l,
-            _ => v.push((o, l)),
-        }
-    }
-    v
 }
 
 fn tools() {
@@ -125,33 +94,20 @@ fn start_raw() -> Appliance {
     })
 }
 
-/// qemu-io commands against the served disk over NBD.
-fn io(a: &Appliance, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = run(c.arg(a.uri("d")));
-    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
-}
-
-fn ok(a: &Appliance, method: &str, params: Value) -> Value {
-    let r = rpc(a, method, params);
-    assert!(r["result"].is_object(), "{method}: {r}\n{}", a.logs());
-    r["result"].clone()
-}
-
 fn dirty(a: &Appliance, bitmap: &str) -> Vec<(u64, u64)> {
-    ranges_of(&map(&a.uri("d"), &format!("qemu:dirty-bitmap:{bitmap}")), 1)
+    dirty_ranges(&a.uri("d"), &format!("qemu:dirty-bitmap:{bitmap}"))
+}
+
+fn io(a: &Appliance, cmds: &[&str]) {
+    nbd_map::io(a, "d", cmds)
 }
 
 #[test]
 fn a_bitmap_records_exactly_the_changes() {
     let mut a = start_raw();
     io(&a, &["write -P 9 0 1M"]);
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "b0", "granularity": 65536}));
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "off", "disabled": true}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "b0", "granularity": 65536}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "off", "disabled": true}));
     assert_eq!(dirty(&a, "b0"), vec![], "a new bitmap is clean");
     // Two connections (the reactors take turns), writes, a zero write, a discard,
     // unaligned and spanning chunks.
@@ -173,29 +129,29 @@ fn a_bitmap_records_exactly_the_changes() {
         assert!(s.contains(c), "{c} not listed: {s}");
     }
     // Enabled, it records what follows only.
-    ok(&a, "bitmap_enable", json!({"disk": "d", "name": "off"}));
+    rpc_ok(&a, "bitmap_enable", json!({"disk": "d", "name": "off"}));
     io(&a, &["write -P 4 32M 4k"]);
     assert_eq!(dirty(&a, "off"), vec![(32 * MIB, k)]);
-    ok(&a, "bitmap_disable", json!({"disk": "d", "name": "off"}));
+    rpc_ok(&a, "bitmap_disable", json!({"disk": "d", "name": "off"}));
     io(&a, &["write -P 5 40M 4k"]);
     assert_eq!(dirty(&a, "off"), vec![(32 * MIB, k)]);
     // Merge into a coarser bitmap, then clear and remove.
-    ok(
+    rpc_ok(
         &a,
         "bitmap_add",
         json!({"disk": "d", "name": "m", "granularity": 1 << 20, "disabled": true}),
     );
-    ok(&a, "bitmap_merge", json!({"disk": "d", "target": "m", "sources": ["b0", "off"]}));
+    rpc_ok(&a, "bitmap_merge", json!({"disk": "d", "target": "m", "sources": ["b0", "off"]}));
     let mb = |o: u64| (o * MIB, MIB);
     // b0 saw the write at 40M too.
     assert_eq!(dirty(&a, "m"), vec![mb(1), mb(3), mb(8), mb(16), mb(24), mb(32), mb(40)]);
-    let list = ok(&a, "bitmap_list", json!({"disk": "d"}));
+    let list = rpc_ok(&a, "bitmap_list", json!({"disk": "d"}));
     let b0 = list["bitmaps"].as_array().unwrap().iter().find(|b| b["name"] == "b0").unwrap();
     assert_eq!(b0["count"], json!(want.iter().map(|r| r.1).sum::<u64>() + 2 * k), "{list}");
     assert_eq!(b0["recording"], true);
-    ok(&a, "bitmap_clear", json!({"disk": "d", "name": "b0"}));
+    rpc_ok(&a, "bitmap_clear", json!({"disk": "d", "name": "b0"}));
     assert_eq!(dirty(&a, "b0"), vec![]);
-    ok(&a, "bitmap_remove", json!({"disk": "d", "name": "b0"}));
+    rpc_ok(&a, "bitmap_remove", json!({"disk": "d", "name": "b0"}));
     let gone =
         Command::new("nbdinfo").arg("--map=qemu:dirty-bitmap:b0").arg(a.uri("d")).output().unwrap();
     assert!(!gone.status.success(), "a removed bitmap is no context any more");
@@ -205,7 +161,7 @@ fn a_bitmap_records_exactly_the_changes() {
 #[test]
 fn bad_bitmap_requests_are_refused_naming_the_field() {
     let mut a = start_raw();
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "b"}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "b"}));
     let cases = [
         ("bitmap_add", json!({"disk": "d", "name": "b"}), "exists"),
         ("bitmap_add", json!({"disk": "d", "name": "c", "granularity": 1000}), "granularity"),
@@ -227,7 +183,7 @@ fn bad_bitmap_requests_are_refused_naming_the_field() {
         assert!(msg.contains(word), "{m} {p}: {msg}");
     }
     for i in 1..64 {
-        ok(&a, "bitmap_add", json!({"disk": "d", "name": format!("n{i}")}));
+        rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": format!("n{i}")}));
     }
     let (_, msg) = rpc_error(&a, "bitmap_add", json!({"disk": "d", "name": "one-too-many"}));
     assert!(msg.contains("64 bitmaps"), "{msg}");
@@ -242,7 +198,7 @@ fn an_incremental_pull_backup_reproduces_the_disk() {
     let mut a = start_raw();
     io(&a, &["write -P 1 0 8M", "write -P 2 20M 3M"]);
     // Full backup, with the bitmap added at the same instant (no writes between).
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "inc"}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "inc"}));
     let backup = a.path("backup.raw");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &a.uri("d")])

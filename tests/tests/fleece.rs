@@ -9,15 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use appliance_tests::jobs::*;
-use appliance_tests::ops::{rpc, rpc_error};
+use appliance_tests::ops::{rpc_error, rpc_ok};
 use appliance_tests::{Appliance, require_tool, run, run_unchecked, stdout};
 use serde_json::{Value, json};
-
-fn ok(a: &Appliance, method: &str, params: Value) -> Value {
-    let r = rpc(a, method, params);
-    assert!(r["result"].is_object(), "{method}: {r}\n{}", a.logs());
-    r["result"].clone()
-}
 
 fn same(a: &Appliance, x: &str, y: &str) {
     let out = run_unchecked(
@@ -74,8 +68,8 @@ fn pull_backups_from_point_in_time_exports_under_writes() {
     let a = start_vm();
     // T0: the full backup's export and the bitmap at one instant.
     dump(&a, "vm", "ref0.raw");
-    ok(&a, "bitmap_add", json!({"disk": "vm", "name": "inc"}));
-    let s = ok(&a, "export_snapshot", json!({"disk": "vm", "name": "snap0"}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "vm", "name": "inc"}));
+    let s = rpc_ok(&a, "export_snapshot", json!({"disk": "vm", "name": "snap0"}));
     let temp = std::path::PathBuf::from(s["temp"].as_str().unwrap());
     assert!(temp.exists(), "{s}");
     let w = writers(&a);
@@ -91,27 +85,27 @@ fn pull_backups_from_point_in_time_exports_under_writes() {
         Duration::from_secs(30),
     );
     assert!(!out.status.success() || stdout(&out).contains("fail"), "{}", stdout(&out));
-    ok(&a, "export_snapshot_remove", json!({"name": "snap0"}));
+    rpc_ok(&a, "export_snapshot_remove", json!({"name": "snap0"}));
     assert!(!temp.exists(), "the temporary image outlived its export");
     assert_eq!(job_of(&a, job)["state"], "concluded");
     // Two incrementals: the bitmap copied and cleared at each export's instant.
     for k in 1..=2 {
         let (name, reference) = (format!("snap{k}"), format!("ref{k}.raw"));
         dump(&a, "vm", &reference);
-        ok(&a, "export_snapshot", json!({"disk": "vm", "name": name, "bitmap": "inc"}));
+        rpc_ok(&a, "export_snapshot", json!({"disk": "vm", "name": name, "bitmap": "inc"}));
         let w = writers(&a);
         let copied = pull_dirty(&a, &a.uri(&name), "qemu:dirty-bitmap:inc", &a.path("backup.raw"));
         stop_writers(w);
         assert!(copied > 0 && copied <= 64 * MIB, "incremental {k} read {copied} bytes");
         same(&a, "backup.raw", &reference);
-        ok(&a, "export_snapshot_remove", json!({"name": name}));
+        rpc_ok(&a, "export_snapshot_remove", json!({"name": name}));
     }
 }
 
 #[test]
 fn point_in_time_export_requests_are_checked() {
     let a = start_vm();
-    ok(&a, "bitmap_add", json!({"disk": "vm", "name": "inc"}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "vm", "name": "inc"}));
     for (params, word) in [
         (json!({"disk": "vm", "name": "vm"}), "name"),
         (json!({"disk": "vm", "name": "s", "bitmap": "nope"}), "nope"),
@@ -123,7 +117,7 @@ fn point_in_time_export_requests_are_checked() {
     }
     let (_, m) = rpc_error(&a, "export_snapshot_remove", json!({"name": "nope"}));
     assert!(m.contains("nope"), "{m}");
-    ok(&a, "export_snapshot", json!({"disk": "vm", "name": "s"}));
+    rpc_ok(&a, "export_snapshot", json!({"disk": "vm", "name": "s"}));
     // One job per disk: a mirror waits for the export to go.
     let (_, m) = rpc_error(
         &a,
@@ -131,5 +125,5 @@ fn point_in_time_export_requests_are_checked() {
         json!({"disk": "vm", "target": a.path("m.qcow2").to_str().unwrap(), "create": true}),
     );
     assert!(m.contains("job"), "{m}");
-    ok(&a, "export_snapshot_remove", json!({"name": "s"}));
+    rpc_ok(&a, "export_snapshot_remove", json!({"name": "s"}));
 }

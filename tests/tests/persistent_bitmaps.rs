@@ -16,7 +16,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use appliance_tests::ops::{control_extra, rpc, rpc_error};
+use appliance_tests::nbd_map::{self, dirty_ranges};
+use appliance_tests::ops::{control_extra, rpc_error, rpc_ok};
 use appliance_tests::{Appliance, Setup, qemu_nbd, require_tool, run, run_unchecked, stdout};
 use serde_json::{Value, json};
 
@@ -51,26 +52,12 @@ fn start(prepare: impl FnOnce(&Path)) -> Appliance {
     })
 }
 
-/// The dirty ranges of `context` at `uri` (`nbdinfo --map`), adjacent ones merged.
-fn dirty_at(uri: &str, context: &str) -> Vec<(u64, u64)> {
-    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg("--json").arg(uri));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json");
-    let mut r: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().expect("extents") {
-        let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        if e["type"].as_u64() != Some(1) {
-            continue;
-        }
-        match r.last_mut() {
-            Some((po, pl)) if *po + *pl == o => *pl += l,
-            _ => r.push((o, l)),
-        }
-    }
-    r
+fn io(a: &Appliance, cmds: &[&str]) {
+    nbd_map::io(a, "d", cmds)
 }
 
 fn dirty(a: &Appliance, bitmap: &str) -> Vec<(u64, u64)> {
-    dirty_at(&a.uri("d"), &format!("qemu:dirty-bitmap:{bitmap}"))
+    dirty_ranges(&a.uri("d"), &format!("qemu:dirty-bitmap:{bitmap}"))
 }
 
 /// What qemu-nbd serving the stopped image with `-B bitmap` reports for it.
@@ -82,30 +69,14 @@ fn dirty_by_qemu(a: &Appliance, bitmap: &str) -> Vec<(u64, u64)> {
         qemu_nbd::Listen::Unix(&sock),
     );
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let r = dirty_at(&uri, &format!("qemu:dirty-bitmap:{bitmap}"));
+    let r = dirty_ranges(&uri, &format!("qemu:dirty-bitmap:{bitmap}"));
     qemu_nbd::stop(q);
     r
 }
 
-fn io(a: &Appliance, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = run(c.arg(a.uri("d")));
-    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
-}
-
-fn ok(a: &Appliance, method: &str, params: Value) -> Value {
-    let r = rpc(a, method, params);
-    assert!(r["result"].is_object(), "{method}: {r}\n{}", a.logs());
-    r["result"].clone()
-}
-
 /// `bitmap_list`'s entry for `name`.
 fn listed(a: &Appliance, name: &str) -> Value {
-    let l = ok(a, "bitmap_list", json!({"disk": "d"}));
+    let l = rpc_ok(a, "bitmap_list", json!({"disk": "d"}));
     l["bitmaps"].as_array().unwrap().iter().find(|b| b["name"] == name).cloned().unwrap_or_default()
 }
 
@@ -192,8 +163,8 @@ fn a_bitmap_qemu_added_is_maintained_and_qemu_reads_it_back() {
 #[test]
 fn a_bitmap_the_appliance_adds_persists_and_qemu_honours_it() {
     let mut a = start(|_| {});
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "nightly", "persistent": true}));
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "mem"}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "nightly", "persistent": true}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "mem"}));
     let (_, m) = rpc_error(&a, "bitmap_add", json!({"disk": "r", "name": "x", "persistent": true}));
     assert!(m.contains("persistent") && m.contains("qcow2"), "{m}");
     io(&a, &["write -P 1 2M 4k", "write -z 10M 128k"]);
@@ -212,7 +183,7 @@ fn a_bitmap_the_appliance_adds_persists_and_qemu_honours_it() {
     io(&a, &["write -P 2 40M 4k"]);
     assert_eq!(dirty(&a, "nightly"), [first.clone(), vec![(40 * MIB, K64)]].concat());
     // Removed: stored as gone, nothing leaked.
-    ok(&a, "bitmap_remove", json!({"disk": "d", "name": "nightly"}));
+    rpc_ok(&a, "bitmap_remove", json!({"disk": "d", "name": "nightly"}));
     assert!(a.stop().success(), "{}", a.logs());
     assert_eq!(qemu_bitmaps(&a, false), vec![]);
     check_clean(&a);
@@ -239,7 +210,7 @@ fn a_crash_leaves_the_bitmap_inconsistent_until_cleared() {
         std::time::Duration::from_secs(30),
     );
     assert!(!out.status.success(), "an inconsistent bitmap was served: {}", stdout(&out));
-    ok(&a, "bitmap_add", json!({"disk": "d", "name": "t", "disabled": true}));
+    rpc_ok(&a, "bitmap_add", json!({"disk": "d", "name": "t", "disabled": true}));
     for (method, params) in [
         ("bitmap_merge", json!({"disk": "d", "target": "t", "sources": ["b0"]})),
         ("bitmap_enable", json!({"disk": "d", "name": "b0"})),
@@ -248,8 +219,8 @@ fn a_crash_leaves_the_bitmap_inconsistent_until_cleared() {
         assert!(m.contains("b0") && m.contains("inconsistent"), "{method}: {m}");
     }
     // Cleared, it is a fresh start.
-    ok(&a, "bitmap_clear", json!({"disk": "d", "name": "b0"}));
-    ok(&a, "bitmap_enable", json!({"disk": "d", "name": "b0"}));
+    rpc_ok(&a, "bitmap_clear", json!({"disk": "d", "name": "b0"}));
+    rpc_ok(&a, "bitmap_enable", json!({"disk": "d", "name": "b0"}));
     assert_eq!(listed(&a, "b0")["inconsistent"], json!(false));
     io(&a, &["write -P 2 5M 4k"]);
     assert_eq!(dirty(&a, "b0"), vec![(5 * MIB, K64)]);

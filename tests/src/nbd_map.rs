@@ -1,0 +1,55 @@
+//! What NBD clients say about an export: `nbdinfo --map` extents, and qemu-io runs.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{Appliance, run, stdout};
+
+/// `nbdinfo --map=CONTEXT --json URI`: (offset, length, type) per extent.
+pub fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg("--json").arg(uri));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json");
+    v.as_array()
+        .expect("extents")
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The ranges of a map whose type is `t`, adjacent ones merged.
+pub fn ranges_of(m: &[(u64, u64, u64)], t: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for &(o, l, ty) in m {
+        if ty != t {
+            continue;
+        }
+        match v.last_mut() {
+            Some((po, pl)) if *po + *pl == o => *pl += l,
+            _ => v.push((o, l)),
+        }
+    }
+    v
+}
+
+/// The dirty ranges of `context` (a `qemu:dirty-bitmap:`) at `uri`.
+pub fn dirty_ranges(uri: &str, context: &str) -> Vec<(u64, u64)> {
+    ranges_of(&map(uri, context), 1)
+}
+
+/// qemu-io commands against export `export` over NBD; none may fail.
+pub fn io(a: &Appliance, export: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = run(c.arg(a.uri(export)));
+    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
+}
