@@ -40,3 +40,40 @@ class Rpc:
             r = json.loads(self.f.readline())
             if "event" not in r:
                 return r
+
+
+def start_qsd(work, blockdevs, node):
+    """qemu-storage-daemon on CPU 0 with `blockdevs` (the --blockdev option strings),
+    node `node` exported writable over NBD as `d`, and a QMP monitor. Returns the
+    process, the NBD socket and a QMP client past its capabilities negotiation; the
+    caller terminates the process."""
+    sock, qmp = os.path.join(work, "q.sock"), os.path.join(work, "q-qmp.sock")
+    args = ["taskset", "-c", "0", "qemu-storage-daemon"]
+    for b in blockdevs:
+        args += ["--blockdev", b]
+    args += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+             "--export", f"type=nbd,id=e,node-name={node},name=d,writable=on",
+             "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_sock(qmp, p, "qemu-storage-daemon")
+        wait_sock(sock, p, "qemu-storage-daemon")
+        q = Rpc(qmp)
+        json.loads(q.f.readline())  # greeting
+        q.send({"execute": "qmp_capabilities"})
+    except BaseException:
+        p.terminate()
+        p.wait()
+        raise
+    return p, sock, q
+
+
+def alternate(combos, rounds, run):
+    """Runs `run(combo)` for every combo, `rounds` times, reversing the order every
+    other round; the results per combo, in round order."""
+    res = {c: [] for c in combos}
+    for r in range(rounds):
+        for c in (combos if r % 2 == 0 else combos[::-1]):
+            res[c].append(run(c))
+            print(f"round {r} {c}: {res[c][-1]:.0f}", file=sys.stderr)
+    return res

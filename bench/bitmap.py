@@ -11,7 +11,7 @@ per server and setting, and each server's with/without ratio.
 """
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
-from benchlib import APPLIANCE, Rpc, sh, wait_sock
+from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
 
 
 def fio(sock, secs):
@@ -47,21 +47,10 @@ def appliance(work, img, bitmap, secs):
 
 
 def qsd(work, img, bitmap, secs):
-    sock, qmp = os.path.join(work, "q.sock"), os.path.join(work, "q-qmp.sock")
-    p = subprocess.Popen(
-        ["taskset", "-c", "0", "qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
-         "--blockdev", "driver=raw,node-name=d,file=f",
-         "--nbd-server", f"addr.type=unix,addr.path={sock}",
-         "--export", "type=nbd,id=e,node-name=d,name=d,writable=on",
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, q = start_qsd(work, [
+        f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
+        "driver=raw,node-name=d,file=f"], "d")
     try:
-        wait_sock(qmp, p, "qemu-storage-daemon")
-        wait_sock(sock, p, "qemu-storage-daemon")
-        q = Rpc(qmp)
-        json.loads(q.f.readline())  # greeting
-        q.send({"execute": "qmp_capabilities"})
         if bitmap:
             r = q.send({"execute": "block-dirty-bitmap-add",
                         "arguments": {"node": "d", "name": "b", "granularity": 65536}})
@@ -91,12 +80,8 @@ def main():
            "--bs=1M", "--direct=1")
         servers = ("appliance",) if MEM else ("appliance", "qsd")
         combos = [(s, b) for s in servers for b in (False, True)]
-        res = {c: [] for c in combos}
-        for r in range(o.rounds):
-            for c in (combos if r % 2 == 0 else combos[::-1]):
-                run = appliance if c[0] == "appliance" else qsd
-                res[c].append(run(work, img, c[1], o.secs))
-                print(f"round {r} {c[0]} bitmap={c[1]}: {res[c][-1]:.0f}", file=sys.stderr)
+        res = alternate(combos, o.rounds, lambda c: (appliance if c[0] == "appliance" else qsd)(
+            work, img, c[1], o.secs))
         print(f"{o.rounds} alternating rounds of {o.secs} s, 4k randwrite QD32; median (min..max)\n")
         print("| server | no bitmap | one enabled bitmap | with/without |")
         print("|---|---:|---:|---:|")

@@ -16,7 +16,7 @@ O_DIRECT on both servers; servers on CPU 0, fio on CPU 1.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 
-from benchlib import APPLIANCE, Rpc, sh, wait_sock
+from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
 
 
 def fio(sock, export, secs, size):
@@ -49,26 +49,15 @@ def appliance(work, img, cbw, secs, size):
 
 
 def qsd(work, img, cbw, secs, size):
-    sock, qmp = os.path.join(work, "q.sock"), os.path.join(work, "q-qmp.sock")
     temp = os.path.join(work, "q-temp.raw")
     with open(temp, "wb") as f:
         f.truncate(os.path.getsize(img))
-    p = subprocess.Popen(
-        ["taskset", "-c", "0", "qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
-         "--blockdev", "driver=raw,node-name=d,file=f",
-         "--blockdev", f"driver=file,node-name=tf,filename={temp},cache.direct=on,aio=io_uring",
-         "--blockdev", "driver=raw,node-name=t,file=tf",
-         "--nbd-server", f"addr.type=unix,addr.path={sock}",
-         "--export", "type=nbd,id=e,node-name=d,name=d,writable=on",
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, q = start_qsd(work, [
+        f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
+        "driver=raw,node-name=d,file=f",
+        f"driver=file,node-name=tf,filename={temp},cache.direct=on,aio=io_uring",
+        "driver=raw,node-name=t,file=tf"], "d")
     try:
-        wait_sock(qmp, p, "qemu-storage-daemon")
-        wait_sock(sock, p, "qemu-storage-daemon")
-        q = Rpc(qmp)
-        json.loads(q.f.readline())  # greeting
-        q.send({"execute": "qmp_capabilities"})
         if cbw:
             r = q.send({"execute": "blockdev-backup",
                         "arguments": {"job-id": "j", "device": "d", "target": "t",
@@ -95,12 +84,8 @@ def main():
         sh("fio", "--name=fill", f"--filename={img}", f"--size={o.size}", "--rw=write",
            "--bs=1M", "--direct=1")
         combos = [(s, c) for s in ("appliance", "qsd") for c in (False, True)]
-        res = {c: [] for c in combos}
-        for r in range(o.rounds):
-            for c in (combos if r % 2 == 0 else combos[::-1]):
-                run = appliance if c[0] == "appliance" else qsd
-                res[c].append(run(work, img, c[1], o.secs, o.size))
-                print(f"round {r} {c[0]} cbw={c[1]}: {res[c][-1]:.0f}", file=sys.stderr)
+        res = alternate(combos, o.rounds, lambda c: (appliance if c[0] == "appliance" else qsd)(
+            work, img, c[1], o.secs, o.size))
         print(f"{o.rounds} alternating rounds of {o.secs} s, 4k randwrite QD32 over "
               f"{o.size}; median (min..max)\n")
         print("| server | no snapshot | point-in-time snapshot (CBW) | with/without |")

@@ -17,7 +17,7 @@ copy at most that many bytes per second, which a write load then outruns.
 """
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
-from benchlib import APPLIANCE, Rpc, sh, wait_sock
+from benchlib import APPLIANCE, Rpc, sh, start_qsd, wait_sock
 
 
 def fio_load(sock, secs):
@@ -75,23 +75,12 @@ def run_appliance(work, src, load, secs, speed):
 def run_qsd(work, src, size, load, secs, speed):
     tgt = os.path.join(work, "q-target.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size))
-    sock, qmp = os.path.join(work, "q.sock"), os.path.join(work, "q-qmp.sock")
-    p = subprocess.Popen(
-        ["taskset", "-c", "0", "qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=sf,filename={src},cache.direct=on,aio=io_uring",
-         "--blockdev", "driver=qcow2,node-name=src,file=sf",
-         "--blockdev", f"driver=file,node-name=tf,filename={tgt},cache.direct=on,aio=io_uring",
-         "--blockdev", "driver=qcow2,node-name=tgt,file=tf",
-         "--nbd-server", f"addr.type=unix,addr.path={sock}",
-         "--export", "type=nbd,id=e,node-name=src,name=d,writable=on",
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, q = start_qsd(work, [
+        f"driver=file,node-name=sf,filename={src},cache.direct=on,aio=io_uring",
+        "driver=qcow2,node-name=src,file=sf",
+        f"driver=file,node-name=tf,filename={tgt},cache.direct=on,aio=io_uring",
+        "driver=qcow2,node-name=tgt,file=tf"], "src")
     try:
-        wait_sock(qmp, p, "qemu-storage-daemon")
-        wait_sock(sock, p, "qemu-storage-daemon")
-        q = Rpc(qmp)
-        json.loads(q.f.readline())  # greeting
-        q.send({"execute": "qmp_capabilities"})
         fio = fio_load(sock, secs + 5) if load else None
         time.sleep(1 if load else 0)
         t0 = time.monotonic()
