@@ -75,5 +75,7 @@ def alternate(combos, rounds, run):
     for r in range(rounds):
         for c in (combos if r % 2 == 0 else combos[::-1]):
             res[c].append(run(c))
-            print(f"round {r} {c}: {res[c][-1]:.0f}", file=sys.stderr)
+            v = res[c][-1]
+            shown = f"{v:.0f}" if isinstance(v, (int, float)) else v
+            print(f"round {r} {c}: {shown}", file=sys.stderr)
     return res

@@ -76,7 +76,7 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
 }
 
 /// The served disk named by `disk`.
-fn disk(app: &Appliance, a: &Args<'_>) -> Result<Arc<Bdev>, Fail> {
+pub(crate) fn disk(app: &Appliance, a: &Args<'_>) -> Result<Arc<Bdev>, Fail> {
     let name = a.str("disk")?;
     app.served_disk(name).map(|(b, _)| b).map_err(|e| {
         let mut f = Fail::from(e);
@@ -86,10 +86,10 @@ fn disk(app: &Appliance, a: &Args<'_>) -> Result<Arc<Bdev>, Fail> {
 }
 
 /// Runs `f` with the disk quiesced on every reactor.
-fn quiesced<R>(
+pub(crate) fn quiesced<R, E: Into<Fail>>(
     app: &Appliance,
     bdev: &Arc<Bdev>,
-    f: impl FnOnce(&Quiesced) -> Result<R, BitmapError>,
+    f: impl FnOnce(&Quiesced) -> Result<R, E>,
 ) -> Result<R, Fail> {
     let reactors = app.job_reactors();
     let (b, rs) = (bdev.clone(), reactors.clone());
@@ -100,7 +100,7 @@ fn quiesced<R>(
         })?;
     let r = f(&q);
     drop(q);
-    Ok(r?)
+    r.map_err(Into::into)
 }
 
 fn add(app: &Appliance, a: &Args<'_>) -> Result<Value, Fail> {

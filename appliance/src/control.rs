@@ -30,6 +30,8 @@
 //!   (`fleece`: point-in-time NBD exports for pull backups).
 //! - dirty bitmaps (`bitmaps`): `bitmap_add`, `bitmap_remove`, `bitmap_clear`,
 //!   `bitmap_enable`, `bitmap_disable`, `bitmap_merge`, `bitmap_list`.
+//! - internal snapshots (`snapshots`): `snapshot_create {disk, name}`,
+//!   `snapshot_delete {disk, name}`, `snapshot_list {disk}`.
 //!
 //! Errors use JSON-RPC's codes: -32700 parse error, -32600 invalid request, -32601
 //! unknown method, -32602 invalid params (with `data.key` naming the offending key when
@@ -364,6 +366,9 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
     if crate::fleece::METHODS.contains(&method) {
         return crate::fleece::call(app, method, params);
     }
+    if crate::snapshots::METHODS.contains(&method) {
+        return crate::snapshots::call(app, method, params);
+    }
     match method {
         "disk_list" => {
             only(params, method, &[])?;
@@ -471,11 +476,12 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}, {}",
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}, {}, {}",
                 crate::block_jobs::METHODS.join(", "),
                 crate::bitmaps::METHODS.join(", "),
                 crate::backup::METHODS.join(", "),
-                crate::fleece::METHODS.join(", ")
+                crate::fleece::METHODS.join(", "),
+                crate::snapshots::METHODS.join(", ")
             ),
             None,
         )),

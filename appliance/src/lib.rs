@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod nbd;
 pub mod perms;
 pub mod serve;
+mod snapshots;
 pub mod tools;
 pub mod vhost;

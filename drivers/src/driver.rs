@@ -17,7 +17,9 @@
 
 use poller::InlineFuture;
 
-use crate::error::IoError;
+use crate::error::{IoError, OpenError};
+pub use crate::format::qcow2::snapshot::SnapshotInfo;
+pub use crate::format::qcow2::snapshots::Op as SnapshotOp;
 use crate::io::probe::Alignment;
 use crate::seg::IoSeg;
 
@@ -171,9 +173,35 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Takes the image locks of a driver opened without them for a block job (a
     /// commit's base), once it serves the disk alone. Control plane.
-    fn lock_images(&self) -> Result<(), crate::error::OpenError> {
+    fn lock_images(&self) -> Result<(), OpenError> {
         Ok(())
     }
+
+    /// The image's internal snapshots, if its format has them (qcow2).
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        None
+    }
+}
+
+/// Internal snapshots of a served image (qcow2's snapshot table). Control plane.
+pub trait InternalSnapshots {
+    /// The snapshots the image holds.
+    fn list(&self) -> Result<Vec<SnapshotInfo>, OpenError>;
+
+    /// Creates or deletes a snapshot (applying one is offline only, as in QEMU), with
+    /// the disk quiesced. `Err`: refused before anything changed (the driver serves on).
+    /// Otherwise the driver is closed, storing `bitmaps`, the image is changed and
+    /// reopened: the disk must be served by [`Reopened::driver`] from now on.
+    fn change(&self, op: &SnapshotOp<'_>, bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError>;
+}
+
+/// What [`InternalSnapshots::change`] did.
+pub struct Reopened {
+    /// The change's outcome: on an error the image is as it was (with leaked clusters
+    /// at worst).
+    pub outcome: Result<(), OpenError>,
+    /// The image opened again, or why it could not be.
+    pub driver: Result<std::sync::Arc<dyn BlockDriver>, OpenError>,
 }
 
 /// A driver's per-reactor handle. Requests arrive already validated.

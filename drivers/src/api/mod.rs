@@ -25,6 +25,7 @@ pub mod filter;
 mod gate;
 pub mod open;
 pub mod qos;
+pub mod snapshots;
 pub mod view;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,7 @@ pub use self::channel::BdevChannel;
 pub use self::filter::{Decision, WriteFilter};
 pub use self::gate::Quiesced;
 use self::qos::{Qos, QosLimits};
+pub use self::snapshots::SnapshotError;
 
 /// The largest request the device accepts in one piece.
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;

@@ -67,7 +67,12 @@ pub(crate) fn open(
     }
     let align = probe::probe(&file, path, direct)?;
     let backend = FileBackend { file, engine, block_device };
-    Ok(Storage::new(Box::new(backend), Some(path.to_path_buf()), align, size, read_only, direct))
+    let s =
+        Storage::new(Box::new(backend), Some(path.to_path_buf()), align, size, read_only, direct);
+    if lock {
+        s.set_locked();
+    }
+    Ok(s)
 }
 
 impl Backend for FileBackend {

@@ -67,30 +67,11 @@ fn held_by_others(file: &File, byte: i64) -> std::io::Result<bool> {
 /// Takes QEMU-compatible locks on an image opened for serving (`write`: read-write)
 /// or for a tool that changes it; fails if another process's use conflicts.
 pub fn lock_image(file: &File, path: &Path, write: bool) -> Result<(), OpenError> {
+    if !take(file, path, write)? {
+        return Ok(());
+    }
     let held: &[i64] = if write { &[CONSISTENT_READ, WRITE] } else { &[CONSISTENT_READ] };
     let unshared = [WRITE, RESIZE];
-    let taken = held
-        .iter()
-        .map(|p| PERM_BASE + p)
-        .chain(unshared.iter().map(|p| SHARED_BASE + p))
-        .try_for_each(|b| set_shared(file, b));
-    if let Err(e) = taken {
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
-        ) {
-            tracing::warn!(image = %path.display(), "the file system does not support OFD locks ({e}): serving without image locking");
-            return Ok(());
-        }
-        if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
-            // Only an exclusive lock blocks a shared one; QEMU takes none, but someone may.
-            return Err(OpenError::invalid(
-                path,
-                "the image is locked exclusively by another process; is it in use?",
-            ));
-        }
-        return Err(OpenError::io(path, e));
-    }
     let io = |e| OpenError::io(path, e);
     for &p in held {
         if held_by_others(file, SHARED_BASE + p).map_err(io)? {
@@ -117,4 +98,42 @@ pub fn lock_image(file: &File, path: &Path, write: bool) -> Result<(), OpenError
         }
     }
     Ok(())
+}
+
+/// Takes the locks [`lock_image`] takes without checking for conflicts: for a handle
+/// that takes over from another handle of this process holding them (an image
+/// reopened in place), so the file is never without them. The caller closes the
+/// other handle next.
+pub fn adopt_image_locks(file: &File, path: &Path, write: bool) -> Result<(), OpenError> {
+    take(file, path, write).map(|_| ())
+}
+
+/// Sets the locks of a user holding consistent read (and write when `write`) and
+/// sharing neither write nor resize; false if the file system has no OFD locks.
+fn take(file: &File, path: &Path, write: bool) -> Result<bool, OpenError> {
+    let held: &[i64] = if write { &[CONSISTENT_READ, WRITE] } else { &[CONSISTENT_READ] };
+    let unshared = [WRITE, RESIZE];
+    let taken = held
+        .iter()
+        .map(|p| PERM_BASE + p)
+        .chain(unshared.iter().map(|p| SHARED_BASE + p))
+        .try_for_each(|b| set_shared(file, b));
+    if let Err(e) = taken {
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+        ) {
+            tracing::warn!(image = %path.display(), "the file system does not support OFD locks ({e}): serving without image locking");
+            return Ok(false);
+        }
+        if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
+            // Only an exclusive lock blocks a shared one; QEMU takes none, but someone may.
+            return Err(OpenError::invalid(
+                path,
+                "the image is locked exclusively by another process; is it in use?",
+            ));
+        }
+        return Err(OpenError::io(path, e));
+    }
+    Ok(true)
 }

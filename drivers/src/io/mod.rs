@@ -28,7 +28,7 @@ pub mod tls;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use poller::InlineFuture;
 
@@ -132,6 +132,8 @@ pub struct Storage {
     read_only: bool,
     direct: bool,
     size: AtomicU64,
+    /// Whether this handle took the image locks (at open or later).
+    locked: AtomicBool,
     /// Serialises read-modify-write of partial alignment units (see `align`).
     pub(crate) rmw: StripeLocks,
 }
@@ -163,6 +165,7 @@ impl Storage {
             read_only,
             direct,
             size: AtomicU64::new(size),
+            locked: AtomicBool::new(false),
             rmw: StripeLocks::new(),
         })
     }
@@ -278,6 +281,20 @@ impl Storage {
     /// opened without them ([`Storage::open_file_unlocked`]) once nothing else in this
     /// process holds the file. Storage that is not a file has none to take.
     pub fn lock_image(&self) -> Result<(), OpenError> {
+        self.with_file(lock::lock_image)
+    }
+
+    /// Takes the image locks without checking for conflicts, from another handle of
+    /// this process that holds them and closes next (see [`lock::adopt_image_locks`]).
+    pub fn adopt_image_locks(&self) -> Result<(), OpenError> {
+        self.with_file(lock::adopt_image_locks)
+    }
+
+    /// Runs a locking function on the file's descriptor (nothing for non-files).
+    fn with_file(
+        &self,
+        f: fn(&std::fs::File, &Path, bool) -> Result<(), OpenError>,
+    ) -> Result<(), OpenError> {
         let (Some(fd), Some(path)) = (self.backend.raw_fd(), self.path()) else {
             return Ok(());
         };
@@ -287,7 +304,19 @@ impl Storage {
         let file = std::mem::ManuallyDrop::new(unsafe {
             <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
         });
-        lock::lock_image(&file, path, !self.read_only)
+        f(&file, path, !self.read_only)?;
+        self.locked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether this handle holds the image locks (see [`lock`]).
+    pub fn holds_image_locks(&self) -> bool {
+        self.locked.load(Ordering::Acquire)
+    }
+
+    /// Notes that the file was locked when opened.
+    pub(crate) fn set_locked(&self) {
+        self.locked.store(true, Ordering::Release);
     }
 
     /// The raw descriptor, for synchronous control-plane access (image tools, open).

@@ -8,6 +8,7 @@
 //!   ownership of guest and host space, the image-wide bits);
 //! - `cache`: fixed-capacity metadata caches (L2 slices, refcount-block slices);
 //! - `layer`: mapping lookups and reads through the backing chain;
+//! - `online`: internal snapshots created and deleted while the image is served;
 //! - `refcount`: refcounts of every width;
 //! - `shard`: one shard's state and the read, write, zero, discard and flush
 //!   algorithms, with the crash-consistency ordering rules; the leader's operations;
@@ -35,6 +36,7 @@ pub mod header;
 pub(crate) mod hints;
 mod image;
 mod layer;
+mod online;
 pub(crate) mod open;
 mod overlap;
 mod refcount;
@@ -103,6 +105,8 @@ pub struct Qcow2Device {
     stored: Vec<StoredBitmap>,
     /// The storage metadata tools go through when it is not the file (tests).
     meta: Option<Arc<crate::io::Storage>>,
+    /// How the image was opened (to reopen it in place).
+    opts: OpenOptions,
 }
 
 /// A buffered handle on the image for control-plane metadata work (the image's own
@@ -206,6 +210,7 @@ impl Qcow2Device {
             direct,
             stored,
             meta: opts.storage.clone(),
+            opts,
         }))
     }
 
@@ -489,6 +494,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn lock_images(&self) -> Result<(), OpenError> {
         self.dev.top.lock_image()
+    }
+
+    fn internal_snapshots(&self) -> Option<&dyn crate::driver::InternalSnapshots> {
+        Some(self)
     }
 
     fn stats(&self) -> Vec<(&'static str, u64)> {

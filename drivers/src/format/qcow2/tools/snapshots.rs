@@ -46,6 +46,7 @@ pub fn list(path: &Path) -> Result<Vec<SnapshotInfo>, OpenError> {
 }
 
 /// What a change does.
+#[derive(Debug, Clone, Copy)]
 pub enum Op<'a> {
     /// A new snapshot named `name`, dated `now` (seconds, nanoseconds).
     Create {
@@ -83,25 +84,12 @@ pub fn change_io(path: &Path, f: &dyn MetaIo, op: Op<'_>) -> Result<(), OpenErro
         )));
     }
     let (_, snaps) = read_snapshots(path, f, &h, file_size)?;
+    refuse(path, &h, &snaps, &op)?;
     let mut t = Txn { f, path, cs: h.cluster_size(), next: 0, h: h.clone() };
     t.next = file_size.div_ceil(t.cs).max(1);
     let io = |e| OpenError::io(path, e);
     match op {
         Op::Create { name, now } => {
-            if name.is_empty() || name.len() > MAX_NAME {
-                return Err(invalid(format!("snapshot name {name:?} is empty or too long")));
-            }
-            if snaps.iter().any(|s| s.name == name) {
-                return Err(invalid(format!("a snapshot named {name:?} exists")));
-            }
-            if h.geometry().refcount_bits() < 2 {
-                return Err(invalid(
-                    "1-bit refcounts cannot count a cluster shared with a snapshot".into(),
-                ));
-            }
-            if snaps.len() >= MAX_SNAPSHOTS {
-                return Err(invalid(format!("the image has {MAX_SNAPSHOTS} snapshots already")));
-            }
             let l1 = read_table(path, f, h.l1_table_offset, u64::from(h.l1_size))?;
             let shared = t.copy_l2s(&l1, |_, e| e & !OFLAG_COPIED).map_err(io)?;
             let active = t.put_table(&shared).map_err(io)?;
@@ -147,6 +135,43 @@ pub fn change_io(path: &Path, f: &dyn MetaIo, op: Op<'_>) -> Result<(), OpenErro
         }
     }
     t.commit()
+}
+
+/// Refuses `op` as [`change_io`] would, without changing the image: the cheap checks
+/// to run before taking an image out of service for the change.
+pub fn precheck_io(path: &Path, f: &dyn MetaIo, op: &Op<'_>) -> Result<(), OpenError> {
+    let (h, file_size) = read_header(path, f)?;
+    let (_, snaps) = read_snapshots(path, f, &h, file_size)?;
+    refuse(path, &h, &snaps, op)
+}
+
+/// Why `op` cannot run on an image with header `h` and snapshots `snaps`.
+fn refuse(path: &Path, h: &Header, snaps: &[SnapshotInfo], op: &Op<'_>) -> Result<(), OpenError> {
+    let invalid = |m: String| Err(OpenError::invalid(path, m));
+    match *op {
+        Op::Create { name, .. } => {
+            if name.is_empty() || name.len() > MAX_NAME {
+                return invalid(format!("snapshot name {name:?} is empty or too long"));
+            }
+            if snaps.iter().any(|s| s.name == name) {
+                return invalid(format!("a snapshot named {name:?} exists"));
+            }
+            if h.geometry().refcount_bits() < 2 {
+                return invalid(
+                    "1-bit refcounts cannot count a cluster shared with a snapshot".into(),
+                );
+            }
+            if snaps.len() >= MAX_SNAPSHOTS {
+                return invalid(format!("the image has {MAX_SNAPSHOTS} snapshots already"));
+            }
+        }
+        Op::Apply(which) | Op::Delete(which) => {
+            if find(snaps, which).is_none() {
+                return invalid(missing(which));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn missing(which: &str) -> String {
