@@ -1,5 +1,7 @@
 //! The push backup over the control socket: `backup_start {disk, target, sync?,
-//! bitmap?, speed?, create?, format?}` → `{job}` (QEMU's `blockdev-backup`).
+//! bitmap?, speed?, compress?, create?, format?}` → `{job}` (QEMU's `blockdev-backup`).
+//! With `compress` (a qcow2 target), every whole cluster the job or a copy-before-write
+//! writes is stored compressed where it shrinks, as `qemu-img convert -c` does.
 //!
 //! The target is opened like a mirror's (see `block_jobs`): a file inside the allowed
 //! target directories (created, raw or qcow2, when `create` is set), or an NBD export.
@@ -34,12 +36,7 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
     only(params, method, KEYS)?;
     let (source, disk_cfg) = job_disk(app, &a)?;
     let sync = sync_of(&a, &source)?;
-    if a.opt_bool("compress")?.unwrap_or(false) {
-        return Err(a.bad(
-            "compress",
-            "is not supported: the qcow2 engine does not write compressed clusters",
-        ));
-    }
+    let compress = a.opt_bool("compress")?.unwrap_or(false);
     let speed = a.opt_u64("speed")?.unwrap_or(0);
     let target = a.str("target")?;
     let create = a.opt_bool("create")?.unwrap_or(false);
@@ -47,6 +44,9 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
     let reactors = app.job_reactors();
     let disk = disk_cfg.name.clone();
     let (tbdev, name, zeroed) = if target.contains("://") {
+        if compress {
+            return Err(a.bad("compress", "needs a qcow2 file target, not an NBD export"));
+        }
         let t = open_nbd_target(app, &a, &disk, target, create, format, &reactors)?;
         (t, target.to_string(), false)
     } else {
@@ -63,11 +63,19 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
         tcfg.allowed_backing_dirs = vec![dir];
         let t = drivers::Bdev::open(&tcfg, &reactors)
             .map_err(|e| a.bad("target", &format!("cannot be opened: {e}")))?;
+        if compress && !t.driver().compresses() {
+            let _ = t.close();
+            if create {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(a.bad("compress", "needs a qcow2 target (compressed clusters)"));
+        }
         (t, path.display().to_string(), create)
     };
     let b = Backup {
         source,
         target: tbdev,
+        compress,
         target_name: name,
         target_zeroed: zeroed,
         sync,

@@ -25,7 +25,8 @@
 //!   on_target_error?}` → `{job}`; `job_list {job?}`; `job_complete {job}`;
 //!   `job_cancel {job, force?}`; `job_pause`, `job_resume {job}`; `job_set_speed {job,
 //!   speed}`; `stream_start {disk, speed?}`; `commit_start {disk, base?, speed?}`;
-//!   `backup_start {disk, target, sync?, bitmap?, speed?, create?, format?}` (`backup`);
+//!   `backup_start {disk, target, sync?, bitmap?, speed?, compress?, create?, format?}`
+//!   (`backup`);
 //!   `export_snapshot {disk, name, bitmap?, temp?}`, `export_snapshot_remove {name}`
 //!   (`fleece`: point-in-time NBD exports for pull backups).
 //! - dirty bitmaps (`bitmaps`): `bitmap_add`, `bitmap_remove`, `bitmap_clear`,

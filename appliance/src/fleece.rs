@@ -100,6 +100,7 @@ fn create(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
         target,
         target_name: temp.display().to_string(),
         target_zeroed: true,
+        compress: false,
         sync: BackupSync::Fleece { bitmap: bitmap.map(|(_, m, c)| (m, c)), view },
         speed: 0,
         reactors: app.job_reactors(),

@@ -177,6 +177,11 @@ pub trait BlockDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether [`DriverChannel::write_compressed`] compresses (a writable qcow2 image).
+    fn compresses(&self) -> bool {
+        false
+    }
+
     /// The image's internal snapshots, if its format has them (qcow2).
     fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
         None
@@ -228,6 +233,14 @@ pub trait DriverChannel {
     /// its backing chain provides, pulled up by a stream job); what the image holds,
     /// the guest wrote, and stays. Formats without backing files: `NotSupported`.
     fn populate<'a>(&'a self, _off: u64, _segs: &'a [IoSeg<'a>]) -> IoFuture<'a> {
+        IoFuture::ready(Err(IoError::NotSupported))
+    }
+
+    /// Writes `segs` at `off`, compressing the whole clusters the format can (qcow2:
+    /// those the image does not hold yet, whose data shrinks); the rest is written
+    /// plainly. Drivers that do not compress: `NotSupported` (see
+    /// [`BlockDriver::compresses`]).
+    fn write_compressed<'a>(&'a self, _off: u64, _segs: &'a [IoSeg<'a>]) -> IoFuture<'a> {
         IoFuture::ready(Err(IoError::NotSupported))
     }
 }

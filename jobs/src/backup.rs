@@ -94,6 +94,8 @@ pub struct Backup {
     pub target_name: String,
     /// The target reads as zeros everywhere (made for this job): zero runs are skipped.
     pub target_zeroed: bool,
+    /// Data reaches the target compressed (its driver must compress: a qcow2 image).
+    pub compress: bool,
     pub sync: BackupSync,
     /// Bytes per second; 0: unlimited.
     pub speed: u64,
@@ -113,6 +115,8 @@ pub struct BackupFilter {
     failed: AtomicU64,
     /// Chunks saved by copy-before-write.
     saved: AtomicU64,
+    /// Saved chunks reach the target compressed.
+    compress: bool,
 }
 
 impl BackupFilter {
@@ -131,6 +135,10 @@ impl WriteFilter for BackupFilter {
     }
 
     fn changed(&self, _off: u64, _len: u64) {}
+
+    fn compress(&self) -> bool {
+        self.compress
+    }
 
     fn mirrored(&self, _off: u64, _len: u64, _source_ok: bool, _target_ok: bool) {
         unreachable!("a backup filter never asks to mirror");
@@ -205,8 +213,9 @@ pub fn start(jobs: &Arc<Jobs>, b: Backup) -> Result<Arc<Job>, JobError> {
 }
 
 async fn run(job: Arc<Job>, b: Backup) {
-    let Backup { source, target, reactors, sync, on_end, target_zeroed, .. } = b;
-    let r = backup(&job, &source, &target, &reactors, &sync, target_zeroed).await;
+    let Backup { source, target, reactors, sync, on_end, target_zeroed, compress, .. } = b;
+    let out = Out { target: &target, zeroed: target_zeroed, compress };
+    let r = backup(&job, &source, &out, &reactors, &sync).await;
     let done = match r {
         Ok(true) => true,
         Ok(false) => {
@@ -236,20 +245,29 @@ struct Ctx {
     dst: BdevChannel,
     filter: Arc<BackupFilter>,
     zeroed: bool,
+    compress: bool,
     in_flight: Cell<u64>,
     copied: Cell<u64>,
     failure: Cell<Option<String>>,
+}
+
+/// Where the backup goes, and how.
+struct Out<'a> {
+    target: &'a Arc<Bdev>,
+    /// The target reads as zeros everywhere.
+    zeroed: bool,
+    compress: bool,
 }
 
 /// The whole job; `Ok(false)` when cancelled.
 async fn backup(
     job: &Arc<Job>,
     source: &Arc<Bdev>,
-    target: &Arc<Bdev>,
+    out: &Out<'_>,
     reactors: &[ReactorHandle],
     sync: &BackupSync,
-    zeroed: bool,
 ) -> Result<bool, String> {
+    let Out { target, zeroed, compress } = *out;
     let size = source.info().size;
     let granularity = match sync {
         BackupSync::Full | BackupSync::Fleece { .. } => DEFAULT_GRANULARITY,
@@ -265,12 +283,14 @@ async fn backup(
         target: target.clone(),
         failed: AtomicU64::new(0),
         saved: AtomicU64::new(0),
+        compress,
     });
     let ctx = Rc::new(Ctx {
         src: source.internal_channel().map_err(|e| format!("disk: {e}"))?,
         dst: target.internal_channel().map_err(|e| format!("target: {e}"))?,
         filter: filter.clone(),
         zeroed,
+        compress,
         in_flight: Cell::new(0),
         copied: Cell::new(0),
         failure: Cell::new(None),
@@ -462,7 +482,11 @@ async fn copy_range(ctx: &Ctx, off: u64, len: u64) -> Result<(), String> {
                 .map_err(|_| format!("no buffer for {n} bytes"))?;
             let seg = [drivers::IoSeg::from_dma(&mut buf)];
             ctx.src.read(pos, &seg).await.map_err(|e| format!("reading the disk at {pos}: {e}"))?;
-            ctx.dst.write(pos, &seg, false).await.map_err(target)?;
+            if ctx.compress {
+                ctx.dst.write_compressed(pos, &seg).await.map_err(target)?;
+            } else {
+                ctx.dst.write(pos, &seg, false).await.map_err(target)?;
+            }
         }
         pos += n;
     }

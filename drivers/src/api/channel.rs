@@ -58,6 +58,8 @@ pub struct BdevChannel {
 #[derive(Clone, Copy)]
 enum Change<'a> {
     Write(&'a [IoSeg<'a>], bool),
+    /// A write compressed where the driver can (see `DriverChannel::write_compressed`).
+    Compressed(&'a [IoSeg<'a>]),
     Zero(ZeroFlags),
     Discard,
 }
@@ -66,6 +68,7 @@ impl Change<'_> {
     async fn apply(self, ch: &dyn DriverChannel, off: u64, len: u64) -> Result<(), IoError> {
         match self {
             Change::Write(segs, fua) => ch.write(off, segs, fua).await,
+            Change::Compressed(segs) => ch.write_compressed(off, segs).await,
             Change::Zero(flags) => ch.write_zeroes(off, len, flags).await,
             Change::Discard => ch.discard(off, len).await,
         }
@@ -76,6 +79,7 @@ impl Change<'_> {
     fn for_target(self) -> Self {
         match self {
             Change::Zero(flags) => Change::Zero(ZeroFlags { fast_only: false, ..flags }),
+            Change::Compressed(segs) => Change::Write(segs, false),
             c => c,
         }
     }
@@ -141,6 +145,16 @@ impl BdevChannel {
             return Ok(());
         }
         self.change(Change::Write(segs, fua), off, len).await
+    }
+
+    /// Writes `segs` at `off` compressed where the driver can (a backup target with
+    /// `compress`; see [`crate::driver::BlockDriver::compresses`]).
+    pub async fn write_compressed(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        let len = seg::total_len(segs) as u64;
+        if !self.admit(ReqKind::Write, off, len).await? {
+            return Ok(());
+        }
+        self.change(Change::Compressed(segs), off, len).await
     }
 
     /// Makes every write completed before this call durable, whichever channel or
@@ -216,7 +230,7 @@ impl BdevChannel {
                 {
                     assert!(l > 0 && o + l > pos, "copy-before ranges move forward");
                     let ok = match &cur.target {
-                        Some(t) => copy_old(&*cur.ch, &**t, o, l).await.is_ok(),
+                        Some(t) => copy_old(&*cur.ch, &**t, o, l, f.compress()).await.is_ok(),
                         None => false,
                     };
                     f.copied(o, l, ok);
@@ -270,11 +284,12 @@ async fn copy_old(
     to: &dyn DriverChannel,
     off: u64,
     len: u64,
+    compress: bool,
 ) -> Result<(), IoError> {
     let mut buf = poller::dma::alloc_wait(len as usize).await.map_err(|_| IoError::TooLarge)?;
     let seg = [IoSeg::from_dma(&mut buf)];
     from.read(off, &seg).await?;
-    to.write(off, &seg, false).await
+    if compress { to.write_compressed(off, &seg).await } else { to.write(off, &seg, false).await }
 }
 
 /// What a channel opens at the disk's current generation.

@@ -52,6 +52,11 @@ pub trait WriteFilter: Send + Sync + 'static {
     /// Where mirrored changes and copied-before contents go.
     fn target(&self) -> Option<Arc<Bdev>>;
 
+    /// Copied-before contents reach the target compressed (a backup with `compress`).
+    fn compress(&self) -> bool {
+        false
+    }
+
     /// After [`Decision::CopyBefore`]: the first range at or after `off`, inside
     /// `off..end`, whose old contents must reach the target before the change does.
     fn copy_before(&self, _off: u64, _end: u64) -> Option<(u64, u64)> {

@@ -1,7 +1,8 @@
-//! Decompression of compressed clusters: raw deflate (zlib compression type, no zlib
-//! header) and zstd. A compressed cluster's stored bytes may be followed by unrelated
-//! bytes (the tail of its last sector), so decompression stops as soon as one cluster
-//! of output exists and ignores the rest of the input. The contexts are made once per
+//! Compression (for compressed writes) and decompression of compressed clusters: raw
+//! deflate (zlib compression type, no zlib header) and zstd. A compressed cluster's
+//! stored bytes may be followed by unrelated bytes (the tail of its last sector), so
+//! decompression stops as soon as one cluster of output exists and ignores the rest
+//! of the input. The contexts are made once per
 //! layer and reset between clusters, so decompressing allocates nothing.
 
 use flate2::{Decompress, FlushDecompress, Status};
@@ -19,6 +20,11 @@ impl Decompressor {
     pub(crate) fn new(kind: Compression) -> std::io::Result<Self> {
         let zstd = if kind == Compression::Zstd { Some(Decoder::new()?) } else { None };
         Ok(Decompressor { kind, zlib: Decompress::new(false), zstd })
+    }
+
+    /// The image's compression type.
+    pub(crate) fn kind(&self) -> Compression {
+        self.kind
     }
 
     /// Decompresses `input` into exactly `out.len()` bytes; false if the data is
@@ -61,9 +67,91 @@ impl Decompressor {
     }
 }
 
+/// Compression of whole clusters for compressed writes (a backup with `compress`):
+/// raw deflate or zstd, as the image's header says. Its buffers are made on first use
+/// and kept, so compressing allocates nothing after that.
+pub(crate) struct Compressor {
+    kind: Compression,
+    zlib: flate2::Compress,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// The cluster gathered from the request's segments.
+    pub(crate) input: Vec<u8>,
+    /// The compressed bytes.
+    pub(crate) out: Vec<u8>,
+}
+
+impl Compressor {
+    pub(crate) fn new(kind: Compression, cluster_size: usize) -> std::io::Result<Self> {
+        let zstd = match kind {
+            Compression::Zstd => {
+                Some(zstd::bulk::Compressor::new(zstd::DEFAULT_COMPRESSION_LEVEL)?)
+            }
+            Compression::Zlib => None,
+        };
+        Ok(Compressor {
+            kind,
+            zlib: flate2::Compress::new(flate2::Compression::default(), false),
+            zstd,
+            input: vec![0; cluster_size],
+            out: vec![0; cluster_size],
+        })
+    }
+
+    /// Compresses `input` into `out`; the compressed length, or `None` when it would
+    /// not be smaller than the cluster (the cluster is then written plainly, as QEMU
+    /// does).
+    pub(crate) fn compress(&mut self) -> Option<usize> {
+        let limit = self.input.len() - 1;
+        let n = match self.kind {
+            Compression::Zlib => {
+                self.zlib.reset();
+                let r = self.zlib.compress(
+                    &self.input,
+                    &mut self.out[..limit],
+                    flate2::FlushCompress::Finish,
+                );
+                match r {
+                    Ok(flate2::Status::StreamEnd) => self.zlib.total_out() as usize,
+                    _ => return None,
+                }
+            }
+            Compression::Zstd => {
+                let z = self.zstd.as_mut()?;
+                z.compress_to_buffer(&self.input, &mut self.out[..limit]).ok()?
+            }
+        };
+        (n > 0 && n <= limit).then_some(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_clusters_decompress_to_the_input() {
+        for kind in [Compression::Zlib, Compression::Zstd] {
+            let mut c = Compressor::new(kind, 65536).unwrap();
+            for (i, b) in c.input.iter_mut().enumerate() {
+                *b = (i / 100) as u8;
+            }
+            let n = c.compress().expect("compressible");
+            assert!(n < 65536 / 4, "{kind:?}: {n}");
+            let mut out = vec![0u8; 65536];
+            let mut d = Decompressor::new(kind).unwrap();
+            assert!(d.decompress(&c.out[..n], &mut out));
+            assert_eq!(out, c.input);
+            // Random bytes do not shrink: written plainly.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for b in c.input.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            assert_eq!(c.compress(), None, "{kind:?}");
+        }
+    }
 
     #[test]
     fn zlib_and_zstd_with_trailing_garbage() {

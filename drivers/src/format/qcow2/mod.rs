@@ -496,6 +496,10 @@ impl BlockDriver for Qcow2Driver {
         self.dev.top.lock_image()
     }
 
+    fn compresses(&self) -> bool {
+        !self.dev.read_only
+    }
+
     fn internal_snapshots(&self) -> Option<&dyn crate::driver::InternalSnapshots> {
         Some(self)
     }

@@ -51,6 +51,8 @@ pub(crate) enum Op {
     },
     /// A write only where the image holds nothing yet (see `Shard::populate`).
     Populate,
+    /// A write compressing the whole clusters it can (see `Shard::write_compressed`).
+    WriteCompressed,
     Flush,
     Zero {
         len: u64,
@@ -259,6 +261,15 @@ impl Qcow2Channel {
         self.call(Op::Write { fua }, off, segs).await.0
     }
 
+    /// Writes `segs` at `off`, compressing the whole clusters it can (see
+    /// `Shard::write_compressed`).
+    pub async fn write_compressed(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        if crate::seg::total_len(segs) == 0 {
+            return Ok(());
+        }
+        self.call(Op::WriteCompressed, off, segs).await.0
+    }
+
     pub async fn flush(&self) -> Result<(), IoError> {
         self.call(Op::Flush, 0, &[]).await.0
     }
@@ -324,5 +335,8 @@ impl DriverChannel for Qcow2Channel {
             }
             self.call(Op::Populate, off, segs).await.0
         })
+    }
+    fn write_compressed<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> IoFuture<'a> {
+        IoFuture::new(Qcow2Channel::write_compressed(self, off, segs))
     }
 }

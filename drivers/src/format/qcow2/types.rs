@@ -191,6 +191,16 @@ impl L2Entry {
     }
 }
 
+/// The raw L2 entry of a compressed cluster whose `len` bytes start at byte `host`:
+/// the offset, and the count of 512-byte sectors after the first that the bytes reach.
+pub fn compressed_entry(host: u64, len: u64, g: &Geometry) -> u64 {
+    let bits = g.compressed_offset_bits();
+    assert!(len > 0 && host + len <= 1u64 << bits, "compressed data at {host:#x}+{len}");
+    let extra = ((host + len - 1) >> 9) - (host >> 9);
+    assert!(extra < 1u64 << (62 - bits), "compressed data of {len} bytes");
+    OFLAG_COMPRESSED | (extra << bits) | host
+}
+
 /// The host clusters a compressed cluster's bytes touch: (first cluster offset, count).
 pub fn compressed_clusters(host: u64, max_len: u64, g: &Geometry) -> (u64, u64) {
     let first = host & !(g.cluster_size() - 1);

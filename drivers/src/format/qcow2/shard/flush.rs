@@ -231,6 +231,7 @@ impl Shard {
         }
         self.set_refcount(cluster, rc - 1).await?;
         if rc == 1 {
+            self.forget_compressed_tail(cluster);
             self.meta.unmark(cluster);
             self.cursor.set(self.cursor.get().min(cluster));
         }

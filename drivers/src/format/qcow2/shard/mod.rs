@@ -45,6 +45,7 @@
 //!    request returns only after a round that started after it has completed.
 
 mod alloc;
+mod compressed;
 mod flush;
 mod leader;
 mod read;
@@ -265,6 +266,10 @@ pub(crate) struct Shard {
     scratch: RefCell<Vec<u32>>,
     snaps: RefCell<Vec<Snapshot>>,
     allocations: Cell<u64>,
+    /// Compressed writes' buffers and context, made at the first one.
+    zip: RefCell<Option<super::compress::Compressor>>,
+    /// Where the next compressed bytes go, and the end of their host cluster.
+    ctail: Cell<(u64, u64)>,
     /// Host clusters holding metadata (see `overlap`).
     pub meta: Rc<MetaMap>,
 }
@@ -316,6 +321,8 @@ impl Shard {
             scratch: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             snaps: RefCell::new(Vec::with_capacity(FLUSH_BATCH)),
             allocations: Cell::new(0),
+            zip: RefCell::new(None),
+            ctail: Cell::new((0, 0)),
             meta,
         }
     }

@@ -48,7 +48,9 @@ impl Shard {
 
     async fn serve_split(&self, op: Op, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let total = match op {
-            Op::Read | Op::Write { .. } | Op::Populate => seg::total_len(segs) as u64,
+            Op::Read | Op::Write { .. } | Op::Populate | Op::WriteCompressed => {
+                seg::total_len(segs) as u64
+            }
             Op::Zero { len, .. } | Op::Discard { len } => len,
             _ => return Err(IoError::Invalid),
         };
@@ -83,6 +85,9 @@ impl Shard {
             Op::Read => self.read(off, segs).await,
             Op::Write { fua } => self.signal_if_corrupt(self.write(off, segs, fua).await).await,
             Op::Populate => self.signal_if_corrupt(self.populate(off, segs).await).await,
+            Op::WriteCompressed => {
+                self.signal_if_corrupt(self.write_compressed(off, segs).await).await
+            }
             Op::Zero { len, unmap, fast } => {
                 self.signal_if_corrupt(self.write_zeroes(off, len, unmap, fast).await).await
             }

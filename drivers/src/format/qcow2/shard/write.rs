@@ -182,20 +182,7 @@ impl Shard {
     pub(super) async fn link(&self, c0: u64, c1: u64, host: u64) -> Result<(), IoError> {
         let g = self.g();
         let top = self.top();
-        let Some((key, slice_host)) = top.slice_of(c0 << g.cluster_bits)? else {
-            return Err(self.fail(format_args!("L2 table vanished while linking cluster {c0}")));
-        };
-        let pin = loop {
-            match top
-                .l2
-                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
-                .await
-            {
-                Ok(p) => break p,
-                Err(GetError::Full) => self.flush_now(false).await?,
-                Err(GetError::Io(e)) => return Err(e),
-            }
-        };
+        let pin = self.l2_slice_of(c0).await?;
         let mask = (1u64 << top.slice_bits) - 1;
         for (i, c) in (c0..c1).enumerate() {
             let idx = (c & mask) as usize;
@@ -212,6 +199,28 @@ impl Shard {
             self.release_entry(old, false);
         }
         Ok(())
+    }
+
+    /// The cached L2 slice holding guest cluster `c`'s entry, pinned (for linking).
+    pub(super) async fn l2_slice_of(
+        &self,
+        c: u64,
+    ) -> Result<super::super::cache::Pin<'_>, IoError> {
+        let top = self.top();
+        let Some((key, slice_host)) = top.slice_of(c << self.g().cluster_bits)? else {
+            return Err(self.fail(format_args!("L2 table vanished while linking cluster {c}")));
+        };
+        loop {
+            match top
+                .l2
+                .get(&top.io, key, || top.slice_host(key).unwrap_or(slice_host), false)
+                .await
+            {
+                Ok(p) => return Ok(p),
+                Err(GetError::Full) => self.flush_now(false).await?,
+                Err(GetError::Io(e)) => return Err(e),
+            }
+        }
     }
 
     /// Queues the clusters an old entry held for release.
