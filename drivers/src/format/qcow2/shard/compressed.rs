@@ -75,30 +75,59 @@ impl Shard {
         Ok(true)
     }
 
-    /// `n` bytes (less than a cluster) for compressed data, counted: after the last
-    /// compressed bytes when they fit in the same host cluster (its refcount raised by
-    /// one), else at the start of a newly allocated cluster.
+    /// `n` bytes (less than a cluster) for compressed data, counted: right after the
+    /// last compressed bytes when they fit in the same host cluster, or spill into a
+    /// newly allocated cluster that follows it (as QEMU packs them), else at the start
+    /// of a newly allocated cluster.
     async fn alloc_bytes(&self, n: u64) -> Result<u64, IoError> {
         let g = self.g();
         let cs = g.cluster_size();
         assert!(n > 0 && n < cs, "compressed data of {n} bytes in {cs}-byte clusters");
         let (next, end) = self.ctail.get();
-        if next > 0 && next + n <= end {
-            debug_assert_eq!(next >> g.cluster_bits, (end - 1) >> g.cluster_bits);
-            let _a = self.alloc_lock.lock().await;
-            let cluster = (end - 1) >> g.cluster_bits;
-            // The cluster is counted by the compressed clusters already in it (the
-            // tail is forgotten when a free empties it: `forget_compressed_tail`).
-            let rc = self.refcount(cluster).await?;
-            if rc > 0 && rc < g.refcount_max() && self.ctail.get() == (next, end) {
-                self.set_refcount(cluster, rc + 1).await?;
-                self.ctail.set((next + n, end));
-                return Ok(next);
-            }
+        if next > 0
+            && next + n <= end
+            && let Some(at) = self.append_to_tail((next, end), n, end).await?
+        {
+            return Ok(at);
         }
         let (host, _) = self.alloc(1).await?;
+        let (next, end) = self.ctail.get();
+        // Spilling: the bytes start in the tail's cluster and end in the new one.
+        if next > 0
+            && next < end
+            && host == end
+            && next + n > end
+            && next + n <= end + cs
+            && let Some(at) = self.append_to_tail((next, end), n, host + cs).await?
+        {
+            return Ok(at);
+        }
         self.ctail.set((host + n, host + cs));
         Ok(host)
+    }
+
+    /// Places `n` bytes at the tail `(next, end)` (still the tail) and counts one more
+    /// compressed cluster in the tail's host cluster; the tail then ends at `new_end`.
+    /// `None` when the tail moved meanwhile or its cluster cannot count one more.
+    async fn append_to_tail(
+        &self,
+        (next, end): (u64, u64),
+        n: u64,
+        new_end: u64,
+    ) -> Result<Option<u64>, IoError> {
+        let g = self.g();
+        assert_eq!(next >> g.cluster_bits, (end - 1) >> g.cluster_bits, "compressed tail");
+        let _a = self.alloc_lock.lock().await;
+        let cluster = (end - 1) >> g.cluster_bits;
+        // The cluster is counted by the compressed clusters already in it (the tail is
+        // forgotten when a free empties it: `forget_compressed_tail`).
+        let rc = self.refcount(cluster).await?;
+        if rc == 0 || rc >= g.refcount_max() || self.ctail.get() != (next, end) {
+            return Ok(None);
+        }
+        self.set_refcount(cluster, rc + 1).await?;
+        self.ctail.set((next + n, new_end));
+        Ok(Some(next))
     }
 
     /// Called when `cluster`'s refcount drops to 0: if compressed bytes were being
