@@ -33,6 +33,10 @@ class Rpc:
         self.s.connect(path)
         self.f = self.s.makefile("rw")
 
+    def call(self, method, params):
+        """A JSON-RPC call to the appliance's control socket; the reply."""
+        return self.send({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
     def send(self, obj):
         self.f.write(json.dumps(obj) + "\n")
         self.f.flush()
@@ -40,6 +44,27 @@ class Rpc:
             r = json.loads(self.f.readline())
             if "event" not in r:
                 return r
+
+
+def start_appliance(work, disk, idle=None):
+    """The appliance on CPU 0 serving disk `d` (`disk`: the rest of its [[disk]] table,
+    as TOML lines) over NBD on a unix socket, with a control socket and the idle policy
+    `idle` (default: the appliance's). Returns the process, the NBD socket and a
+    control client; the caller terminates the process."""
+    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
+    with open(cfg, "w") as f:
+        f.write("[appliance]\ncores = [0]\n" + (f'idle = "{idle}"\n' if idle else "") +
+                f'[nbd]\nlisten = ["unix:{sock}"]\n[control]\nsocket = "{ctl}"\n'
+                f'[[disk]]\nname = "d"\n{disk}')
+    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_sock(ctl, p, "appliance")
+        return p, sock, Rpc(ctl)
+    except BaseException:
+        p.terminate()
+        p.wait()
+        raise
 
 
 def start_qsd(work, blockdevs, node):

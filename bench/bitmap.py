@@ -9,9 +9,9 @@ The disk is a raw file (O_DIRECT on both servers, written in full first so no wr
 allocates); the servers run on CPU 0, fio on CPU 1. Reported: median IOPS (min..max)
 per server and setting, and each server's with/without ratio.
 """
-import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, sys, tempfile
 
-from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
+from benchlib import alternate, sh, start_appliance, start_qsd
 
 
 def fio(sock, secs):
@@ -26,18 +26,11 @@ MEM = False
 
 
 def appliance(work, img, bitmap, secs):
-    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
-    with open(cfg, "w") as f:
-        f.write(f'[appliance]\ncores = [0]\nidle = "busy"\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\n')
-        f.write('driver = "mem"\nsize = "1GiB"\n' if MEM else f'path = "{img}"\nformat = "raw"\n')
-    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    disk = 'driver = "mem"\nsize = "1GiB"\n' if MEM else f'path = "{img}"\nformat = "raw"\n'
+    p, sock, rpc = start_appliance(work, disk, idle="busy")
     try:
-        wait_sock(ctl, p, "appliance")
         if bitmap:
-            r = Rpc(ctl).send({"jsonrpc": "2.0", "id": 1, "method": "bitmap_add",
-                               "params": {"disk": "d", "name": "b", "granularity": 65536}})
+            r = rpc.call("bitmap_add", {"disk": "d", "name": "b", "granularity": 65536})
             if "error" in r:
                 sys.exit(f"bitmap_add: {r}")
         return fio(sock, secs)

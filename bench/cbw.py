@@ -14,9 +14,9 @@ is still to save; fio has no ramp time, so the figure includes the phase where m
 writes copy. The disk is a raw file written in full first (no write allocates),
 O_DIRECT on both servers; servers on CPU 0, fio on CPU 1.
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
+import argparse, json, os, shutil, statistics, sys, tempfile
 
-from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
+from benchlib import alternate, sh, start_appliance, start_qsd
 
 
 def fio(sock, export, secs, size):
@@ -28,18 +28,10 @@ def fio(sock, export, secs, size):
 
 
 def appliance(work, img, cbw, secs, size):
-    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
-    with open(cfg, "w") as f:
-        f.write(f'[appliance]\ncores = [0]\nidle = "busy"\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\npath = "{img}"\n'
-                'format = "raw"\n')
-    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, rpc = start_appliance(work, f'path = "{img}"\nformat = "raw"\n', idle="busy")
     try:
-        wait_sock(ctl, p, "appliance")
         if cbw:
-            r = Rpc(ctl).send({"jsonrpc": "2.0", "id": 1, "method": "export_snapshot",
-                               "params": {"disk": "d", "name": "s"}})
+            r = rpc.call("export_snapshot", {"disk": "d", "name": "s"})
             if "error" in r:
                 sys.exit(f"export_snapshot: {r}")
         return fio(sock, "d", secs, size)

@@ -10,9 +10,9 @@ The disk is a raw file written by fio with buffers that compress to about half
 run. Figures: the job's duration (from the call to the end of the job) and the target's
 allocated size. Servers on CPU 0 (O_DIRECT, io_uring), nothing else running.
 """
-import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, os, shutil, statistics, sys, tempfile, time
 
-from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
+from benchlib import alternate, sh, start_appliance, start_qsd
 
 
 def fresh_target(work, size):
@@ -29,17 +29,10 @@ def allocated(path):
 
 def appliance(work, img, compress):
     target = fresh_target(work, os.path.getsize(img))
-    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
-    with open(cfg, "w") as f:
-        f.write(f'[appliance]\ncores = [0]\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\nallowed_target_dirs = ["{work}"]\n'
-                f'[[disk]]\nname = "d"\npath = "{img}"\nformat = "raw"\n')
-    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The target lies beside the disk: inside the allowed target directories.
+    p, _, rpc = start_appliance(work, f'path = "{img}"\nformat = "raw"\n')
     try:
-        wait_sock(ctl, p, "appliance")
-        rpc = Rpc(ctl)
-        call = lambda m, a: rpc.send({"jsonrpc": "2.0", "id": 1, "method": m, "params": a})
+        call = rpc.call
         t0 = time.monotonic()
         r = call("backup_start", {"disk": "d", "target": target, "compress": compress})
         if "error" in r:

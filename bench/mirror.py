@@ -15,9 +15,9 @@ mirror under a write load it cannot outrun never becomes ready; the appliance's
 `adaptive` copy mode switches to write-blocking and does). With --speed both jobs
 copy at most that many bytes per second, which a write load then outruns.
 """
-import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-from benchlib import APPLIANCE, Rpc, sh, start_qsd, wait_sock
+from benchlib import sh, start_appliance, start_qsd
 
 
 def fio_load(sock, secs):
@@ -40,16 +40,8 @@ def fio_iops(p):
 
 def run_appliance(work, src, load, secs, speed):
     tgt = os.path.join(work, "a-target.qcow2")
-    sock, ctl = os.path.join(work, "a.sock"), os.path.join(work, "a-ctl.sock")
-    cfg = os.path.join(work, "a.toml")
-    with open(cfg, "w") as f:
-        f.write(f'[appliance]\ncores = [0]\nidle = "busy"\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\npath = "{src}"\nformat = "qcow2"\n')
-    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, r = start_appliance(work, f'path = "{src}"\nformat = "qcow2"\n', idle="busy")
     try:
-        wait_sock(ctl, p, "appliance")
-        r = Rpc(ctl)
         fio = fio_load(sock, secs + 5) if load else None
         time.sleep(1 if load else 0)
         t0 = time.monotonic()

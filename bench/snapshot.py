@@ -15,7 +15,7 @@ Servers on CPU 0 (O_DIRECT), fio on CPU 1.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-from benchlib import APPLIANCE, Rpc, alternate, sh, start_qsd, wait_sock
+from benchlib import alternate, sh, start_appliance, start_qsd
 
 
 def fio_start(sock, secs):
@@ -44,18 +44,9 @@ def timed(call):
 
 
 def appliance(work, img):
-    sock, ctl, cfg = (os.path.join(work, n) for n in ("a.sock", "a-ctl.sock", "a.toml"))
-    with open(cfg, "w") as f:
-        f.write(f'[appliance]\ncores = [0]\n[nbd]\nlisten = ["unix:{sock}"]\n'
-                f'[control]\nsocket = "{ctl}"\n[[disk]]\nname = "d"\npath = "{img}"\n'
-                'format = "qcow2"\n')
-    p = subprocess.Popen(["taskset", "-c", "0", APPLIANCE, "serve", "--config", cfg],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, sock, rpc = start_appliance(work, f'path = "{img}"\nformat = "qcow2"\n')
     try:
-        wait_sock(ctl, p, "appliance")
-        rpc = Rpc(ctl)
-        call = lambda m: lambda: rpc.send({"jsonrpc": "2.0", "id": 1, "method": m,
-                                          "params": {"disk": "d", "name": "s"}})
+        call = lambda m: lambda: rpc.call(m, {"disk": "d", "name": "s"})
         f = fio_start(sock, 4)
         c = timed(call("snapshot_create"))
         d = timed(call("snapshot_delete"))
