@@ -24,6 +24,10 @@ pub(super) const WANTED_CAP: usize = 256;
 /// The L1 indices requests wait for, and whether a batch is being made.
 pub(super) struct TableBatch {
     wanted: RefCell<Vec<usize>>,
+    /// L1 indices whose entry is set in memory but not yet written to disk: a request
+    /// must not use the table before the write completes, or a flush it asks for could
+    /// pass before the entry is on disk, and a power cut then lose what it acknowledged.
+    hooking: RefCell<Vec<usize>>,
     running: Cell<bool>,
     done: WaitList,
 }
@@ -32,6 +36,7 @@ impl TableBatch {
     pub(super) fn new() -> TableBatch {
         TableBatch {
             wanted: RefCell::new(Vec::with_capacity(WANTED_CAP)),
+            hooking: RefCell::new(Vec::with_capacity(TABLE_BATCH)),
             running: Cell::new(false),
             done: WaitList::new(),
         }
@@ -43,6 +48,7 @@ struct BatchEnd<'a>(&'a TableBatch);
 
 impl Drop for BatchEnd<'_> {
     fn drop(&mut self) {
+        self.0.hooking.borrow_mut().clear();
         self.0.running.set(false);
         self.0.done.wake_all();
     }
@@ -66,15 +72,17 @@ impl Shard {
         let l1i = (guest_off >> (g.cluster_bits + g.l2_bits())) as usize;
         let tb = &self.tables;
         loop {
-            if self.l1_entry(l1i)?.1 {
+            let ready = self.l1_entry(l1i)?.1;
+            if ready && !tb.hooking.borrow().contains(&l1i) {
                 return Ok(());
             }
-            {
+            if !ready {
                 let mut w = tb.wanted.borrow_mut();
                 if !w.contains(&l1i) {
                     w.push(l1i);
                 }
             }
+            // Being hooked only happens inside a running batch, which wakes us.
             if tb.running.get() {
                 tb.done.wait().await;
                 continue;
@@ -166,6 +174,7 @@ impl Shard {
         let top = self.top();
         for t in batch.iter().flatten() {
             let entry = t.new | OFLAG_COPIED;
+            self.tables.hooking.borrow_mut().push(t.l1i);
             self.meta.mark(t.new >> g.cluster_bits, 1);
             // The switch, with no await inside it: once the L1 entry says the table
             // is `new`, writers link entries into its cached slices at once, so those
@@ -189,6 +198,8 @@ impl Shard {
             it.next().map(|t| self.write_u64(l1 + t.l1i as u64 * 8, t.new | OFLAG_COPIED))
         });
         join_all(writes).await?;
+        // On disk: requests may use the tables (the batch's end wakes them).
+        self.tables.hooking.borrow_mut().clear();
         for t in batch.iter().flatten() {
             if t.old != 0 {
                 self.queue_free(t.old >> g.cluster_bits, false);
