@@ -62,7 +62,7 @@
 //! failing seed may need a few runs to fail again. Trials run on two lanes (threads
 //! with four reactors each) side by side. A failing trial prints its seed.
 //! - `cargo test --release -p drivers --test crash` runs seeds 1..=2000 and the
-//!   [`REGRESSION_SEEDS`] (about 40 s on two cores), stopping at the first failure.
+//!   [`REGRESSION_SEEDS`] and [`SHARDED_REGRESSION_SEEDS`] (about 40 s on two cores),
 //! - `CRASH_TRIALS=N` runs seeds 1..=N and the regression seeds; `CRASH_SEED=N` runs
 //!   seed N alone; `CRASH_THREADS=N` sets the lanes; `CRASH_DUMP=dir` keeps each
 //!   trial's images (initial, crash, reopened) in `dir`.
@@ -114,6 +114,13 @@ const REGRESSION_SEEDS: &[u64] = &[
     // applied in the cache: leaked clusters (and, with lazy refcounts, a cleared dirty
     // bit over stale refcounts).
     85, 140, 163, 201,
+];
+/// Seeds that failed before a fix, replayed with the shards their seed gives them.
+const SHARDED_REGRESSION_SEEDS: &[u64] = &[
+    // A request used a new L2 table whose L1 entry was set in memory while its disk
+    // write was in flight: its FUA flush passed before that write, and the power cut
+    // lost the acknowledged data (2 shards).
+    2533,
 ];
 /// Runs at least this long must cover every counted operation.
 const COVERAGE_MIN_TRIALS: usize = 500;
@@ -371,7 +378,7 @@ fn seeds() -> Vec<u64> {
         .map(|v| v.parse().expect("CRASH_TRIALS must be a number"))
         .unwrap_or(DEFAULT_TRIALS);
     let mut seeds: Vec<u64> = (1..=n).collect();
-    seeds.extend(REGRESSION_SEEDS.iter().filter(|&&s| s > n));
+    seeds.extend(REGRESSION_SEEDS.iter().chain(SHARDED_REGRESSION_SEEDS).filter(|&&s| s > n));
     seeds.sort_unstable();
     seeds.dedup();
     seeds
