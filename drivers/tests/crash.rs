@@ -63,6 +63,7 @@
 //! with four reactors each) side by side. A failing trial prints its seed.
 //! - `cargo test --release -p drivers --test crash` runs seeds 1..=2000 and the
 //!   [`REGRESSION_SEEDS`] and [`SHARDED_REGRESSION_SEEDS`] (about 40 s on two cores),
+//!   stopping at the first failure.
 //! - `CRASH_TRIALS=N` runs seeds 1..=N and the regression seeds; `CRASH_SEED=N` runs
 //!   seed N alone; `CRASH_THREADS=N` sets the lanes; `CRASH_DUMP=dir` keeps each
 //!   trial's images (initial, crash, reopened) in `dir`.
