@@ -6,7 +6,8 @@
 #
 #   bash bench/blkio-vhost.sh [OUT_DIR]
 #
-# Environment: ROUNDS=3 SECS=5 SIZE=2G QUEUES=1 WORK=/var/tmp SERVER_CPU=0 CLIENT_CPU=1
+# Environment: JOBS='randread 4k 32;read 64k 8' (default: 4k QD32 randread and randwrite,
+# 64k QD8 read and write) ROUNDS=3 SECS=5 SIZE=2G QUEUES=1 WORK=/var/tmp SERVER_CPU=0 CLIENT_CPU=1
 # APPLIANCE_CPUS=0 (e.g. 0,1 with QUEUES=2: one queue per reactor).
 set -euo pipefail
 OUT=${1:-bench/results/blkio-vhost-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -19,14 +20,15 @@ trap 'pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 SOCK=$WORK/vhost.sock
 head -c "$SIZE" /dev/urandom > "$WORK/img.raw"
 sync; echo 3 > /proc/sys/vm/drop_caches || true
-JOBS=("randread 4k 32" "randwrite 4k 32" "read 64k 8" "write 64k 8")
+if [ -n "${JOBS:-}" ]; then IFS=';' read -r -a JOBS <<< "$JOBS"
+else JOBS=("randread 4k 32" "randwrite 4k 32" "read 64k 8" "write 64k 8"); fi
 
 start() {
   rm -f "$SOCK"
   case $1 in
     appliance)
-      printf '[appliance]\ncores = [%s]\nidle = "busy"\n\n[[disk]]\nname = "d"\npath = "%s"\nformat = "raw"\ndriver = "io_uring"\n\n[disk.vhost_user_blk]\nsocket = "%s"\nqueues = %s\n' \
-        "$APPLIANCE_CPUS" "$WORK/img.raw" "$SOCK" "$QUEUES" > "$WORK/a.toml"
+      printf '[appliance]\ncores = [%s]\nidle = "%s"\n\n[[disk]]\nname = "d"\npath = "%s"\nformat = "raw"\ndriver = "io_uring"\n\n[disk.vhost_user_blk]\nsocket = "%s"\nqueues = %s\n' \
+        "$APPLIANCE_CPUS" "${IDLE:-busy}" "$WORK/img.raw" "$SOCK" "$QUEUES" > "$WORK/a.toml"
       taskset -c "$APPLIANCE_CPUS" "$APPLIANCE" serve --config "$WORK/a.toml" > "$WORK/server.log" 2>&1 & ;;
     qsd)
       taskset -c "$SERVER_CPU" qemu-storage-daemon \

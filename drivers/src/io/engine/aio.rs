@@ -2,7 +2,7 @@
 //!
 //! `iocb`s live in a fixed array indexed by completion slot, so queuing an operation
 //! writes one array entry and one pointer; the `Late` poller hands the tick's batch to
-//! `io_submit`. Completions are reaped from the context's completion ring in user space
+//! `io_submit` (or `queue` does, once [`SUBMIT_BATCH`] wait). Completions are reaped from the context's completion ring in user space
 //! (the ring is mapped into the process; its header carries a magic number and the
 //! head/tail indices), as SPDK does, so reaping costs no syscall; if the ring's layout is
 //! not the expected one, `io_getevents` with a zero timeout is used instead. Each iocb
@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{ENGINE_DEPTH, EngineBackend, IoOp, Slots};
+use super::{ENGINE_DEPTH, EngineBackend, IoOp, SUBMIT_BATCH, Slots};
 
 const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
@@ -302,11 +302,16 @@ impl EngineBackend for Aio {
                 return true;
             }
         }
-        let mut iocbs = self.iocbs.borrow_mut();
-        iocbs[slot as usize] = cb;
-        let ptr: *mut Iocb = &mut iocbs[slot as usize];
+        let ptr: *mut Iocb = {
+            let mut iocbs = self.iocbs.borrow_mut();
+            iocbs[slot as usize] = cb;
+            &mut iocbs[slot as usize]
+        };
         self.pending.borrow_mut().push(ptr);
         self.queued.set(self.queued.get() + 1);
+        if self.queued.get() >= SUBMIT_BATCH {
+            self.submit_queued();
+        }
         true
     }
 

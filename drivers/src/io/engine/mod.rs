@@ -38,6 +38,16 @@ use poller::WaitList;
 
 /// In-flight device operations per engine per reactor.
 pub const ENGINE_DEPTH: u32 = 1024;
+/// Queued operations that are submitted at once instead of waiting for the end of the
+/// tick. Batching submissions saves system calls, but a whole tick's worth in one call
+/// (up to the queue depth of every client served) reaches the device as one burst, which
+/// it completes as one burst, and the queue runs in convoys. On this project's virtio
+/// disk, 4k reads at QD32 over vhost-user-blk ran at 47–55k IOPS with one submission per
+/// tick and 56–63k with a submission every 4 or 8 entries (16: 53–60k; every entry:
+/// 58–64k), random writes at 62–71k against 81–109k; the in-process engine 55–58k against
+/// 59–71k. NBD clients, which send one request per system call, rarely queue that many
+/// in a tick, so nothing changes for them.
+pub const SUBMIT_BATCH: u32 = 8;
 /// In-flight socket operations per io_uring per reactor: a receive and a send for each
 /// of [`net::MAX_SOCKETS`](super::net::MAX_SOCKETS) sockets. Their own table, so
 /// connections that never speak can hold every socket slot without taking one from

@@ -1,7 +1,7 @@
 //! The io_uring engine: one ring per reactor, created on first use.
 //!
-//! Submission entries are pushed as tasks issue I/O and submitted once per tick by a
-//! `Late` poller; the completion queue is reaped by an `Early` poller straight from
+//! Submission entries are pushed as tasks issue I/O and submitted by a `Late` poller at
+//! the end of the tick, or at once when [`SUBMIT_BATCH`] are queued; the completion queue is reaped by an `Early` poller straight from
 //! shared memory. The ring has `ENGINE_DEPTH` submission entries and twice as many
 //! completion entries (the kernel default), and at most `ENGINE_DEPTH` operations are in
 //! flight (the slot table), so the completion queue cannot overflow.
@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, Slots};
+use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, SUBMIT_BATCH, Slots};
 
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -286,7 +286,13 @@ impl EngineBackend for Uring {
     }
 
     fn queue(&self, op: &IoOp, slot: u32) -> bool {
-        self.push(&Self::entry(op, slot))
+        if !self.push(&Self::entry(op, slot)) {
+            return false;
+        }
+        if self.queued.get() >= SUBMIT_BATCH {
+            self.submit_queued();
+        }
+        true
     }
 
     fn wait_for(&self, op: &IoOp, slot: u32) {
