@@ -370,6 +370,9 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
     if crate::snapshots::METHODS.contains(&method) {
         return crate::snapshots::call(app, method, params);
     }
+    if crate::resize::METHODS.contains(&method) {
+        return crate::resize::call(app, method, params);
+    }
     match method {
         "disk_list" => {
             only(params, method, &[])?;
@@ -477,7 +480,7 @@ fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Result<Value, Fa
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, qos_set, stats, config_get, reload, {}, {}, {}, {}, {}",
+                "unknown method `{method}`; methods: disk_list, disk_add, disk_remove, disk_flush, disk_resize, qos_set, stats, config_get, reload, {}, {}, {}, {}, {}",
                 crate::block_jobs::METHODS.join(", "),
                 crate::bitmaps::METHODS.join(", "),
                 crate::backup::METHODS.join(", "),

@@ -33,6 +33,9 @@ pub enum CtlCommand {
     Remove { name: String },
     /// Make every completed write of a disk durable.
     Flush { name: String },
+    /// Grow a served disk to SIZE (bytes, or with a unit: 20GiB); a vhost-user-blk
+    /// guest sees the new size at once, NBD clients when they next connect.
+    Resize { disk: String, size: String },
     /// Request counters and latency per disk and export; reactor activity.
     Stats { name: Option<String> },
     /// Change a disk's QoS limits live (0 lifts a limit).
@@ -193,6 +196,7 @@ pub fn run(socket: &Path, cmd: CtlCommand) -> Result<(), String> {
         CtlCommand::Add { settings } => ("disk_add", settings_object(settings)?),
         CtlCommand::Remove { name } => ("disk_remove", json!({"name": name})),
         CtlCommand::Flush { name } => ("disk_flush", json!({"name": name})),
+        CtlCommand::Resize { disk, size } => ("disk_resize", json!({"disk": disk, "size": size})),
         CtlCommand::Stats { name } => match name {
             Some(n) => ("stats", json!({"name": n})),
             None => ("stats", json!({})),

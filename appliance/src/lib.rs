@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod nbd;
 pub mod perms;
+mod resize;
 pub mod serve;
 mod snapshots;
 pub mod tools;

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use drivers::Bdev;
-use drivers::api::SnapshotError;
+use drivers::api::ChangeError;
 use drivers::driver::SnapshotOp;
 use serde_json::{Value, json};
 
@@ -27,7 +27,7 @@ const MAX_NAME: usize = 65535;
 pub const METHODS: &[&str] = &["snapshot_create", "snapshot_delete", "snapshot_list"];
 
 /// A snapshot call's failure, naming the disk.
-fn failed(bdev: &Bdev, e: SnapshotError) -> Fail {
+fn failed(bdev: &Bdev, e: ChangeError) -> Fail {
     let disk = bdev.name();
     Fail(FAILED, format!("disk {disk}: {e}"), Some(json!({"disk": disk})))
 }

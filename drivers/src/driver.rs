@@ -30,7 +30,7 @@ pub const IO_FUTURE_BYTES: usize = 2048;
 pub type IoFuture<'a, T = ()> = InlineFuture<'a, Result<T, IoError>, IO_FUTURE_BYTES>;
 
 /// What a device is and can do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceInfo {
     pub size: u64,
     /// The smallest request that needs no read-modify-write (the storage's request
@@ -186,6 +186,11 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
         None
     }
+
+    /// The driver's way to grow a served device, if it has one.
+    fn resizable(&self) -> Option<&dyn Resizable> {
+        None
+    }
 }
 
 /// Internal snapshots of a served image (qcow2's snapshot table). Control plane.
@@ -200,7 +205,16 @@ pub trait InternalSnapshots {
     fn change(&self, op: &SnapshotOp<'_>, bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError>;
 }
 
-/// What [`InternalSnapshots::change`] did.
+/// Growing a served device (`disk_resize`). Control plane, with the disk quiesced.
+pub trait Resizable {
+    /// Grows the device to `new_size` bytes. `Err`: refused before anything changed (the
+    /// driver serves on). Otherwise the disk must be served by [`Reopened::driver`],
+    /// which describes the new size, from now on; on a failed [`Reopened::outcome`] it
+    /// describes the old one.
+    fn resize(&self, new_size: u64, bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError>;
+}
+
+/// What [`InternalSnapshots::change`] or [`Resizable::resize`] did.
 pub struct Reopened {
     /// The change's outcome: on an error the image is as it was (with leaked clusters
     /// at worst).

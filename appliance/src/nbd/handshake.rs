@@ -139,7 +139,7 @@ fn export_info(bdev: &Bdev, structured: bool) -> Vec<u8> {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
     p.extend_from_slice(&bdev.info().size.to_be_bytes());
-    p.extend_from_slice(&transmission_flags(bdev.info(), structured).to_be_bytes());
+    p.extend_from_slice(&transmission_flags(&bdev.info(), structured).to_be_bytes());
     p
 }
 
@@ -237,7 +237,7 @@ pub async fn negotiate(
                 }
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&bdev.info().size.to_be_bytes());
-                b.extend_from_slice(&transmission_flags(bdev.info(), st.structured).to_be_bytes());
+                b.extend_from_slice(&transmission_flags(&bdev.info(), st.structured).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -288,7 +288,7 @@ pub async fn negotiate(
                     continue;
                 }
                 send_rep(sock, opt, proto::REP_INFO, &export_info(&bdev, st.structured)).await?;
-                let (min, pref, max) = block_sizes(bdev.info());
+                let (min, pref, max) = block_sizes(&bdev.info());
                 let mut p = Vec::with_capacity(14);
                 p.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
                 p.extend_from_slice(&min.to_be_bytes());
@@ -474,6 +474,6 @@ fn finish(bdev: Arc<Bdev>, st: &State) -> Negotiated {
         Some((name, c)) if name == bdev.name() => c.clone(),
         _ => Vec::new(),
     };
-    let (_, _, max_block) = block_sizes(bdev.info());
+    let (_, _, max_block) = block_sizes(&bdev.info());
     Negotiated { bdev, mode: st.mode(), contexts, max_block }
 }

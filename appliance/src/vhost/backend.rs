@@ -97,8 +97,9 @@ pub struct VuBlk {
     memory: Option<Memory>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightRegion>>,
-    config: [u8; blk::CONFIG_BYTES],
     serial: [u8; blk::ID_BYTES],
+    /// The front-end's channel for the back end's messages (with `BACKEND_REQ`).
+    backend: Option<Backend>,
 }
 
 fn err(m: &'static str) -> VuError {
@@ -107,9 +108,6 @@ fn err(m: &'static str) -> VuError {
 
 impl VuBlk {
     pub fn new(id: u64, disk: Arc<Bdev>, queues: u16, reactors: Vec<ReactorHandle>) -> Self {
-        let info = disk.info();
-        let blk_size = info.min_block_size.clamp(512, 4096).next_power_of_two();
-        let config = blk::config_space(info.size, blk_size, info.preferred_block_size, queues);
         let mut serial = [0u8; blk::ID_BYTES];
         let name = disk.name().as_bytes();
         serial[..name.len().min(blk::ID_BYTES)]
@@ -124,9 +122,27 @@ impl VuBlk {
             memory: None,
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             inflight: None,
-            config,
             serial,
+            backend: None,
         }
+    }
+
+    /// The virtio-blk configuration space, from what the disk is now (its capacity
+    /// changes with `disk_resize`).
+    fn config(&self) -> [u8; blk::CONFIG_BYTES] {
+        let info = self.disk.info();
+        let blk_size = info.min_block_size.clamp(512, 4096).next_power_of_two();
+        blk::config_space(info.size, blk_size, info.preferred_block_size, self.queues)
+    }
+
+    /// The disk this device serves.
+    pub fn disk(&self) -> &Arc<Bdev> {
+        &self.disk
+    }
+
+    /// The channel to tell the front-end that the configuration changed, if it gave one.
+    pub fn backend_channel(&self) -> Option<Backend> {
+        self.backend.clone()
     }
 
     fn offered_features(&self) -> u64 {
@@ -265,6 +281,7 @@ impl VuBlk {
         self.protocol = 0;
         self.memory = None;
         self.vrings = (0..self.queues).map(|_| Vring::default()).collect();
+        self.backend = None;
     }
 }
 
@@ -411,7 +428,8 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -452,7 +470,7 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
         // Bytes past our structure read as zeros (newer fields we do not offer).
         let mut out = vec![0u8; s];
         let have = blk::CONFIG_BYTES.saturating_sub(o).min(s);
-        out[..have].copy_from_slice(&self.config[o..o + have]);
+        out[..have].copy_from_slice(&self.config()[o..o + have]);
         Ok(out)
     }
 
@@ -466,7 +484,12 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
         Err(err("config space is read-only"))
     }
 
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        // With REPLY_ACK the front-end acknowledges each message; the sender waits.
+        let ack = self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+        backend.set_reply_ack_flag(ack);
+        self.backend = Some(backend);
+    }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
         Err(err("not a GPU"))

@@ -17,7 +17,7 @@ pub(crate) mod queue;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use drivers::Bdev;
@@ -54,6 +54,49 @@ pub(crate) fn serve_session(
             e => tracing::warn!(disk = name, "vhost-user front-end dropped: {e}"),
         }
         return;
+    }
+}
+
+/// Every vhost-user-blk device, by disk name (to find a disk's front-ends without
+/// taking another disk's device lock).
+static DEVICES: Mutex<Vec<(String, Weak<Mutex<VuBlk>>)>> = Mutex::new(Vec::new());
+
+/// Tells the front-ends of `disk` that its configuration changed (`disk_resize`): each
+/// re-reads the configuration space, which reports the disk's size as it is now, and a
+/// guest sees the new capacity at once. Front-ends that gave no back-end channel
+/// (`VHOST_USER_PROTOCOL_F_BACKEND_REQ`) read it when they next ask.
+pub fn capacity_changed(disk: &Arc<Bdev>) {
+    let devices: Vec<_> = DEVICES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(n, _)| n == disk.name())
+        .filter_map(|(_, d)| d.upgrade())
+        .collect();
+    for d in devices {
+        // Taken out of the lock: the front-end answers the message by reading the
+        // configuration, which the device's thread serves under that lock.
+        let channel = {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            if !Arc::ptr_eq(d.disk(), disk) {
+                continue;
+            }
+            d.backend_channel()
+        };
+        let Some(channel) = channel else {
+            tracing::info!(
+                disk = disk.name(),
+                "the vhost-user front-end has no back-end channel; it sees the new size when it reads the configuration"
+            );
+            continue;
+        };
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        if let Err(e) = channel.handle_config_change() {
+            tracing::warn!(
+                disk = disk.name(),
+                "telling the vhost-user front-end of the new size failed: {e}"
+            );
+        }
     }
 }
 
@@ -96,6 +139,11 @@ impl VhostServer {
         let id = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
         let name = disk.name().to_string();
         let device = Arc::new(Mutex::new(VuBlk::new(id, disk, queues, reactors)));
+        DEVICES.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, d)| d.strong_count() > 0);
+        DEVICES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.clone(), Arc::downgrade(&device)));
         let stopping = Arc::new(AtomicBool::new(false));
         let active: Arc<Mutex<Option<RawFd>>> = Arc::new(Mutex::new(None));
         let (stop2, active2, sock) = (stopping.clone(), active.clone(), socket.to_path_buf());

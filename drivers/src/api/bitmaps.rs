@@ -221,11 +221,11 @@ impl super::Bdev {
         enabled: bool,
         persistent: bool,
     ) -> Result<Arc<DirtyBitmap>, BitmapError> {
-        self.bitmaps.check_new(name, granularity, self.info.size)?;
+        self.bitmaps.check_new(name, granularity, self.info().size)?;
         if persistent && let Some(why) = self.driver().bitmap_store_refusal() {
             return Err(BitmapError::Invalid(format!("bitmap {name:?} cannot persist: {why}")));
         }
-        let map = Arc::new(DirtyBitmap::new(self.info.size, granularity));
+        let map = Arc::new(DirtyBitmap::new(self.info().size, granularity));
         let b = NamedBitmap {
             name: name.to_string(),
             map: map.clone(),

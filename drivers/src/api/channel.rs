@@ -97,8 +97,8 @@ impl BdevChannel {
         &self.bdev
     }
 
-    pub fn info(&self) -> &super::DeviceInfo {
-        &self.bdev.info
+    pub fn info(&self) -> super::DeviceInfo {
+        self.bdev.info()
     }
 
     /// The channels of the disk's current generation, reopened if it changed.
@@ -119,7 +119,7 @@ impl BdevChannel {
     /// The shared validation step, then QoS admission; `false` means there is nothing
     /// to do (a zero-length request) and the caller answers success.
     async fn admit(&self, kind: ReqKind, off: u64, len: u64) -> Result<bool, IoError> {
-        if self.bdev.info.admit(kind, off, len)? == Admit::Nothing {
+        if self.bdev.info().admit(kind, off, len)? == Admit::Nothing {
             return Ok(false);
         }
         self.bdev.qos.admit(if kind.moves_data() { len } else { 0 }).await;
@@ -245,7 +245,7 @@ impl BdevChannel {
 
     /// The status of the bytes from `off`, at most `len` (> 0) of them.
     pub async fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, IoError> {
-        self.bdev.info.admit(ReqKind::BlockStatus, off, len)?;
+        self.bdev.info().admit(ReqKind::BlockStatus, off, len)?;
         let _in = self.gate().await;
         let cur = self.current()?;
         let st = match &cur.view {
@@ -273,7 +273,7 @@ impl BdevChannel {
 
     /// A hint that the range will be read soon.
     pub async fn cache(&self, off: u64, len: u64) -> Result<(), IoError> {
-        self.bdev.info.admit(ReqKind::Cache, off, len).map(|_| ())
+        self.bdev.info().admit(ReqKind::Cache, off, len).map(|_| ())
     }
 }
 

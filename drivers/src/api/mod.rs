@@ -40,7 +40,7 @@ pub use self::channel::BdevChannel;
 pub use self::filter::{Decision, WriteFilter};
 pub use self::gate::Quiesced;
 use self::qos::{Qos, QosLimits};
-pub use self::snapshots::SnapshotError;
+pub use self::snapshots::ChangeError;
 
 /// The largest request the device accepts in one piece.
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
@@ -124,7 +124,10 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Bdev {
     id: u64,
     name: String,
+    /// What the disk is, but for its size, which `size` holds.
     info: DeviceInfo,
+    /// Changed only while quiesced ([`Bdev::resize`]).
+    size: AtomicU64,
     /// Changed only while quiesced, with `generation` bumped after.
     stack: Mutex<Stack>,
     generation: AtomicU64,
@@ -136,7 +139,7 @@ pub struct Bdev {
 
 impl std::fmt::Debug for Bdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bdev").field("name", &self.name).field("info", &self.info).finish()
+        f.debug_struct("Bdev").field("name", &self.name).field("info", &self.info()).finish()
     }
 }
 
@@ -146,7 +149,8 @@ impl Bdev {
         let b = Arc::new(Bdev {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
-            info: driver.info().clone(),
+            info: *driver.info(),
+            size: AtomicU64::new(driver.info().size),
             stack: Mutex::new(Stack { driver, filter: None, tracking: Arc::new([]), view: None }),
             generation: AtomicU64::new(0),
             qos: Qos::default(),
@@ -170,7 +174,7 @@ impl Bdev {
         view: Arc<dyn view::PointInTime>,
     ) -> Arc<Bdev> {
         assert!(driver.info().read_only, "a point-in-time view is read-only");
-        assert_eq!(driver.info().size, view.origin().info.size, "a view has its origin's size");
+        assert_eq!(driver.info().size, view.origin().info().size, "a view has its origin's size");
         let b = Self::new(name, driver, QosLimits::default());
         b.stack.lock().unwrap_or_else(|p| p.into_inner()).view = Some(view);
         b
@@ -236,8 +240,9 @@ impl Bdev {
         self.qos.set(limits);
     }
 
-    pub fn info(&self) -> &DeviceInfo {
-        &self.info
+    /// What the disk is now (its size changes with [`Bdev::resize`]).
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo { size: self.size.load(Ordering::Acquire), ..self.info }
     }
 
     /// Puts `filter` in front of the disk (or takes the current one out), while every
@@ -257,7 +262,7 @@ impl Bdev {
         driver: Arc<dyn BlockDriver>,
     ) -> Result<Arc<dyn BlockDriver>, IoError> {
         assert_eq!(q.id(), self.id, "a driver changes while its own disk is quiesced");
-        if driver.info().size != self.info.size {
+        if driver.info().size != self.info().size {
             return Err(IoError::Invalid);
         }
         let old = {

@@ -4,8 +4,12 @@
 
 use std::sync::Arc;
 
-use crate::driver::{BlockDriver, BlockStatus, DeviceInfo, DriverChannel, IoFuture, ZeroFlags};
+use crate::driver::{
+    BlockDriver, BlockStatus, DeviceInfo, DriverChannel, IoFuture, Reopened, Resizable,
+    StoredBitmap, ZeroFlags,
+};
 use crate::error::IoError;
+use crate::error::OpenError;
 use crate::io::align::Aligned;
 use crate::io::{Allocation, Storage};
 use crate::seg::IoSeg;
@@ -49,6 +53,36 @@ impl BlockDriver for RawDriver {
             return Ok(());
         }
         self.storage.sync_all().map_err(|e| IoError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+
+    fn resizable(&self) -> Option<&dyn Resizable> {
+        Some(self)
+    }
+}
+
+impl Resizable for RawDriver {
+    /// Grows the file (sparsely: the new tail reads as zeros) and describes the new
+    /// size in a new driver over the same storage. Refused: read-only disks, shrinking
+    /// (the tail's data would be lost), storage that is not a regular file.
+    fn resize(&self, new_size: u64, _bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError> {
+        let name = self.storage.display_name();
+        let refuse = |m: String| Err(OpenError::invalid(&name, m));
+        if self.info.read_only {
+            return refuse("the disk is read-only".into());
+        }
+        if new_size < self.info.size {
+            return refuse(format!(
+                "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
+                self.info.size
+            ));
+        }
+        if self.storage.path().is_none() || self.storage.is_block_device() {
+            return refuse("only a disk in a regular file can grow".into());
+        }
+        let outcome = self.storage.grow_sync(new_size).map_err(|e| OpenError::io(&name, e));
+        // A raw disk is its file: the storage's size is the new one, or still the old.
+        let driver = RawDriver::new(self.storage.clone(), self.info.read_only);
+        Ok(Reopened { outcome, driver: Ok(Arc::new(driver)) })
     }
 }
 

@@ -220,6 +220,31 @@ impl Storage {
         self.backend.write_sync(buf, off)
     }
 
+    /// Grows a regular file to `len` bytes (the new tail reads as zeros, unallocated) and
+    /// makes the new size durable. Control plane, with nothing in flight. Other storage
+    /// (a block device, memory) has the size it has: `Unsupported`.
+    pub fn grow_sync(&self, len: u64) -> std::io::Result<()> {
+        let fd = match self.raw_fd() {
+            Some(fd) if !self.is_block_device() && self.path.is_some() => fd,
+            _ => return Err(std::io::ErrorKind::Unsupported.into()),
+        };
+        let len_off = libc::off_t::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: fstat and ftruncate on a descriptor this storage owns; `st` is plain
+        // data the kernel fills.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if st.st_size < len_off && libc::ftruncate(fd, len_off) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        self.backend.sync()?;
+        self.note_end(len);
+        Ok(())
+    }
+
     /// Synchronous flush for control-plane repairs.
     pub fn sync_all(&self) -> std::io::Result<()> {
         self.backend.sync()

@@ -504,6 +504,10 @@ impl BlockDriver for Qcow2Driver {
         Some(self)
     }
 
+    fn resizable(&self) -> Option<&dyn crate::driver::Resizable> {
+        Some(self)
+    }
+
     fn stats(&self) -> Vec<(&'static str, u64)> {
         let (l2h, l2m, rch, rcm, alloc) = self.dev.stats();
         vec![

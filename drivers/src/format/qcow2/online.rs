@@ -1,8 +1,9 @@
-//! Internal snapshots of a served image: `snapshot_create` and `snapshot_delete` on the
-//! control socket, as QEMU's `blockdev-snapshot-internal-sync` and
-//! `blockdev-snapshot-delete-internal-sync`.
+//! Changes to a served image that the offline tools make: internal snapshots
+//! (`snapshot_create` and `snapshot_delete` on the control socket, as QEMU's
+//! `blockdev-snapshot-internal-sync` and `blockdev-snapshot-delete-internal-sync`) and
+//! growing it (`disk_resize`, as QEMU's `block_resize`).
 //!
-//! The change is the offline tool's transaction (`tools::snapshots`), which is
+//! The change is the offline tool's transaction (`tools::snapshots`, `tools::resize`), which is
 //! crash-safe on its own, run on the image taken briefly out of service: with the
 //! disk quiesced (no request in flight, new ones held), the device closes — every
 //! shard writes its metadata back, the dirty bit is cleared, the persistent bitmaps
@@ -21,13 +22,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::driver::{
-    BlockDriver, InternalSnapshots, Reopened, SnapshotInfo, SnapshotOp, StoredBitmap,
+    BlockDriver, InternalSnapshots, Reopened, Resizable, SnapshotInfo, SnapshotOp, StoredBitmap,
 };
 use crate::error::OpenError;
 use crate::io::Storage;
 
 use super::open::MetaIo;
 use super::snapshots::{change_io, precheck_io};
+use super::tools::resize::resize_io;
 use super::{OpenOptions, Qcow2Driver, meta_file};
 
 impl InternalSnapshots for Qcow2Driver {
@@ -52,11 +54,62 @@ impl InternalSnapshots for Qcow2Driver {
             ));
         }
         with_meta(path, dev.meta.as_ref(), false, |f| precheck_io(path, f, op))?;
+        Ok(self.closed_changed_reopened(bitmaps, |f| change_io(path, f, *op)))
+    }
+}
+
+impl Resizable for Qcow2Driver {
+    /// The offline resize (`tools::resize`: grow only, no backing file), on the image
+    /// taken briefly out of service as for a snapshot. Persistent bitmaps would be
+    /// invalidated by it: the caller refuses disks that have any.
+    fn resize(&self, new_size: u64, bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError> {
+        let dev = &self.dev;
+        let path = dev.path.as_path();
+        if dev.read_only {
+            return Err(OpenError::invalid(path, "the disk is read-only"));
+        }
+        let size = self.info().size;
+        if new_size < size {
+            return Err(OpenError::invalid(
+                path,
+                format!(
+                    "shrinking from {size} to {new_size} bytes is not supported (data would be lost)"
+                ),
+            ));
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(OpenError::invalid(
+                path,
+                format!("the new size {new_size} is not a multiple of 512 bytes"),
+            ));
+        }
+        if dev.chain.lock().unwrap_or_else(|p| p.into_inner()).len() > 1 {
+            return Err(OpenError::invalid(
+                path,
+                "images with a backing file are not resized: the new area would show the \
+                 backing file's data instead of zeros",
+            ));
+        }
+        Ok(self.closed_changed_reopened(bitmaps, |f| resize_io(path, f, new_size).map(|_| ())))
+    }
+}
+
+impl Qcow2Driver {
+    /// Closes the device (every shard writes its metadata back, `bitmaps` are stored),
+    /// runs `change` on the image file and opens it again with the same options on the
+    /// same reactors, taking over the image locks. The image is reopened whatever the
+    /// change's outcome.
+    fn closed_changed_reopened(
+        &self,
+        bitmaps: &[StoredBitmap],
+        change: impl FnOnce(&dyn MetaIo) -> Result<(), OpenError>,
+    ) -> Reopened {
+        let dev = &self.dev;
+        let path = dev.path.as_path();
         let closed = dev.close_storing(bitmaps).map_err(|e| {
             OpenError::invalid(path, format!("writing the image's metadata back failed: {e}"))
         });
-        let outcome = closed
-            .and_then(|()| with_meta(path, dev.meta.as_ref(), false, |f| change_io(path, f, *op)));
+        let outcome = closed.and_then(|()| with_meta(path, dev.meta.as_ref(), false, change));
         let reactors: Vec<_> = dev.shards.iter().map(|s| s.reactor.clone()).collect();
         let opts = OpenOptions { locking: false, ..dev.opts.clone() };
         let driver = Qcow2Driver::open(path, opts, &reactors).map(|d| {
@@ -67,7 +120,7 @@ impl InternalSnapshots for Qcow2Driver {
             }
             Arc::new(d) as Arc<dyn BlockDriver>
         });
-        Ok(Reopened { outcome, driver })
+        Reopened { outcome, driver }
     }
 }
 
