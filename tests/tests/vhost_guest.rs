@@ -410,3 +410,74 @@ echo done=1
         );
     }
 }
+
+/// `disk_resize` under a running guest: the guest sees the new capacity at once (the
+/// appliance sends a configuration-change message; QEMU re-reads the configuration and
+/// interrupts the guest), without a reboot; its writes past the old end land and read
+/// back, in the guest and in the image, and the image checks clean.
+#[test]
+fn a_running_guest_sees_its_disk_grow() {
+    for tool in ["qemu-img", "qemu-io", "qemu-system-x86_64"] {
+        require_tool(tool, "qemu-utils qemu-system-x86");
+    }
+    let image = guest::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(dir.path().join("disk.qcow2"))
+        .arg("64M"));
+    let a = Appliance::start_in(
+        dir,
+        Setup {
+            disks: vhost_disk("vm", "disk.qcow2", "qcow2", 1, ""),
+            extra: appliance_tests::ops::control_extra(None),
+            ..Setup::default()
+        },
+    );
+    let script = r#"
+set -e
+dev=/dev/vda
+echo before=$(cat /sys/block/vda/size)
+xio fill $dev 63M 1M 0x5a
+echo ready=1
+i=0
+while [ "$(cat /sys/block/vda/size)" = 131072 ] && [ $i -lt 600 ]; do usleep 100000; i=$((i + 1)); done
+echo after=$(cat /sys/block/vda/size)
+echo dev_size=$(blockdev --getsize64 $dev)
+xio fill $dev 200M 1M 0xa5
+xio flush $dev
+xio check $dev 200M 1M 0xa5
+xio check $dev 63M 1M 0x5a
+xio check $dev 64M 1M 0
+echo done=1
+"#;
+    let opts = BootOptions { queues: 1, timeout: BOOT_TIMEOUT, ..BootOptions::default() };
+    let mut g = guest::Guest::spawn(&image, &a.path("vm.vhost"), script, &opts);
+    assert!(
+        g.wait_for("ready=1", Duration::from_secs(180)),
+        "guest:\n{}\nappliance:\n{}",
+        g.output(),
+        a.logs()
+    );
+    let r = appliance_tests::ops::rpc_ok(
+        &a,
+        "disk_resize",
+        serde_json::json!({"disk": "vm", "size": "256MiB"}),
+    );
+    assert_eq!(r["size"].as_u64(), Some(256 << 20), "{r}");
+    let r = g.wait();
+    r.assert_success();
+    assert_eq!(r.expect_value("before"), "131072", "{r}");
+    assert_eq!(r.expect_value("after"), "524288", "the guest saw the new size: {r}");
+    assert_eq!(r.expect_value("dev_size"), (256u64 << 20).to_string(), "{r}");
+    assert_eq!(r.expect_value("done"), "1", "{r}");
+    let mut a = a;
+    assert!(a.stop().success(), "{}", a.logs());
+    let img = a.path("disk.qcow2");
+    let out = stdout(&run(Command::new("qemu-img").arg("check").arg(&img)));
+    assert!(out.contains("No errors were found"), "{out}");
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-c", "read -P 0xa5 200M 1M", "-c", "read -P 0x5a 63M 1M"])
+        .arg(&img));
+    assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
+}

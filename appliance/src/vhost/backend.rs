@@ -429,7 +429,11 @@ impl VhostUserBackendReqHandlerMut for VuBlk {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ)
+            // The back-end channel, for configuration-change messages (`disk_resize`).
+            // QEMU accepts BACKEND_REQ only with BACKEND_SEND_FD (and REPLY_ACK) too;
+            // no message of ours carries a descriptor.
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_SEND_FD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
