@@ -90,12 +90,21 @@ pub fn capacity_changed(disk: &Arc<Bdev>) {
             );
             continue;
         };
-        use vhost::vhost_user::VhostUserFrontendReqHandler;
-        if let Err(e) = channel.handle_config_change() {
-            tracing::warn!(
-                disk = disk.name(),
-                "telling the vhost-user front-end of the new size failed: {e}"
-            );
+        // On its own thread: with REPLY_ACK the send waits for the front-end's answer,
+        // and a front-end that never answers must not hold the control call.
+        let name = disk.name().to_string();
+        let sent =
+            std::thread::Builder::new().name(format!("vhost-config {name}")).spawn(move || {
+                use vhost::vhost_user::VhostUserFrontendReqHandler;
+                if let Err(e) = channel.handle_config_change() {
+                    tracing::warn!(
+                        disk = name,
+                        "telling the vhost-user front-end of the new size failed: {e}"
+                    );
+                }
+            });
+        if let Err(e) = sent {
+            tracing::warn!(disk = disk.name(), "cannot start the configuration-change sender: {e}");
         }
     }
 }
