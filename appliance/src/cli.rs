@@ -84,8 +84,9 @@ pub enum Command {
         json: bool,
         file: PathBuf,
     },
-    /// Grow an image that is not in use (qcow2: the L1 table grows as needed; shrinking
-    /// and qcow2 images with a backing file are refused).
+    /// Grow an image that is not in use (qcow2: the L1 table grows as needed), or shrink
+    /// it when nothing past the new end is allocated; qcow2 images with a backing file
+    /// are refused.
     Resize {
         file: PathBuf,
         /// New virtual size (such as 20G), or `+10G` to add to it.

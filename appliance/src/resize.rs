@@ -1,4 +1,4 @@
-//! Growing a served disk over the control socket (QEMU's `block_resize`):
+//! Growing (or shrinking) a served disk over the control socket (QEMU's `block_resize`):
 //! `disk_resize {disk, size}`, `size` in bytes or with a unit ("20GiB").
 //!
 //! The disk is quiesced (its requests wait), its driver grows the image (a raw file
@@ -8,7 +8,9 @@
 //! tell a connected client); vhost-user-blk front-ends get a configuration-change
 //! message and re-read the capacity, so a running guest sees the new size at once.
 //!
-//! Refused: shrinking, read-only disks, images with a backing file, storage that is not
+//! Shrinking is done only when nothing past the new end holds data (a qcow2 tail with no
+//! allocated cluster, a raw file's hole); else it is refused naming the first offset
+//! that does. Refused too: read-only disks, images with a backing file, storage that is not
 //! a regular file, and disks with a job running or with named bitmaps.
 
 use std::sync::Arc;

@@ -177,12 +177,6 @@ pub fn resize(path: &Path, size: &str) -> Result<(), String> {
     if current.format == "qcow2" {
         drivers::qcow2::resize::resize(path, new_size).map_err(|e| e.to_string())?;
     } else {
-        if new_size < current.virtual_size {
-            return Err(format!(
-                "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
-                current.virtual_size
-            ));
-        }
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -190,7 +184,10 @@ pub fn resize(path: &Path, size: &str) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         // Not under a running user: the appliance or QEMU serving it would not see the size.
         drivers::io::lock::lock_image(&f, path, true).map_err(|e| e.to_string())?;
-        f.set_len(new_size).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
+        // Shrinking only over a hole: nothing past the new end holds data.
+        drivers::io::resize_fd(std::os::fd::AsRawFd::as_raw_fd(&f), new_size)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     println!("Image resized.");
     Ok(())

@@ -1,8 +1,9 @@
 //! Growing served disks (`disk_resize`), judged by real clients: while writers run on
 //! the qcow2 disk (their data verified), it grows past what its L1 table covered; a new
 //! NBD connection (nbdinfo) sees the new size, qemu-io writes past the old end and reads
-//! everything back; a raw disk grows too; refusals (shrinking, a size that is not a
-//! multiple of 512, a disk with a bitmap) name what is wrong and change nothing; after
+//! everything back; it shrinks once its tail holds no data (refused, naming the offset,
+//! while it does); a raw disk grows, and shrinks over a hole only; refusals (a size that
+//! is not a multiple of 512, a disk with a bitmap) name what is wrong and change nothing; after
 //! the appliance stops, `qemu-img check` is clean and qemu-img and qemu-io see the new
 //! size and the data. (A guest seeing the new size at once: tests/tests/vhost_guest.rs.)
 
@@ -21,7 +22,7 @@ fn nbd_size(a: &Appliance, export: &str) -> u64 {
 }
 
 #[test]
-fn disks_grow_while_served_and_qemu_sees_the_new_size_and_data() {
+fn disks_grow_and_shrink_while_served_and_qemu_sees_the_new_size_and_data() {
     require_tool("nbdinfo", "libnbd-bin");
     let mut a = start_vm();
     let img = a.path("vm.qcow2");
@@ -36,7 +37,9 @@ fn disks_grow_while_served_and_qemu_sees_the_new_size_and_data() {
     stop_writers(w);
     // Refusals name the problem and leave the size alone.
     let (code, m) = rpc_error(&a, "disk_resize", json!({"disk": "vm", "size": "512MiB"}));
-    assert!(code == -32000 && m.contains("disk vm") && m.contains("shrinking"), "{code} {m}");
+    assert!(code == -32000 && m.contains("disk vm") && m.contains("would lose data"), "{m}");
+    assert!(m.contains("guest offset 0x38400000 is allocated"), "{code} {m}");
+    io(&a, "vm", &["read -P 0x66 900M 1M"]);
     let (code, m) = rpc_error(&a, "disk_resize", json!({"disk": "vm", "size": 1000}));
     assert!(code == -32602 && m.contains("`size`"), "{code} {m}");
     rpc_ok(&a, "bitmap_add", json!({"disk": "vm", "name": "b"}));
@@ -46,6 +49,12 @@ fn disks_grow_while_served_and_qemu_sees_the_new_size_and_data() {
     assert_eq!(nbd_size(&a, "vm"), 1 << 30);
     // The same size again is no change.
     rpc_ok(&a, "disk_resize", json!({"disk": "vm", "size": 1u64 << 30}));
+    // With the tail's data gone (zeroed with unmap), the disk shrinks, and grows again.
+    io(&a, "vm", &["write -z -u 900M 1M"]);
+    let r = rpc_ok(&a, "disk_resize", json!({"disk": "vm", "size": "768MiB"}));
+    assert_eq!(r["size"].as_u64(), Some(768 << 20), "{r}");
+    assert_eq!(nbd_size(&a, "vm"), 768 << 20);
+    io(&a, "vm", &["write -P 0x67 767M 1M", "read -P 0x67 767M 1M", "read -P 0x11 0 8M"]);
     // A raw file grows sparsely.
     std::fs::File::create(a.path("r.raw")).unwrap().set_len(1 << 20).unwrap();
     rpc_ok(&a, "disk_add", json!({"name": "r", "path": a.path("r.raw"), "format": "raw"}));
@@ -54,15 +63,22 @@ fn disks_grow_while_served_and_qemu_sees_the_new_size_and_data() {
     assert_eq!(r["size"].as_u64(), Some(64 << 20), "{r}");
     assert_eq!(nbd_size(&a, "r"), 64 << 20);
     io(&a, "r", &["read -P 0x77 0 1M", "read -P 0 1M 63M", "write -P 0x78 63M 1M"]);
+    // Shrinking a raw file: refused over data, done over a hole.
+    let (code, m) = rpc_error(&a, "disk_resize", json!({"disk": "r", "size": "32MiB"}));
+    assert!(code == -32000 && m.contains("disk r") && m.contains("would lose data"), "{m}");
+    io(&a, "r", &["read -P 0x78 63M 1M", "write -z -u 63M 1M"]);
+    rpc_ok(&a, "disk_resize", json!({"disk": "r", "size": "32MiB"}));
+    assert_eq!(nbd_size(&a, "r"), 32 << 20);
+    io(&a, "r", &["read -P 0x77 0 1M", "read -P 0 1M 31M"]);
     assert!(a.stop().success(), "{}", a.logs());
-    assert_eq!(std::fs::metadata(a.path("r.raw")).unwrap().len(), 64 << 20);
+    assert_eq!(std::fs::metadata(a.path("r.raw")).unwrap().len(), 32 << 20);
     let out = stdout(&run(Command::new("qemu-img").arg("check").arg(&img)));
     assert!(out.contains("No errors were found"), "{out}");
     let info = stdout(&run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&img)));
     let info: Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["virtual-size"].as_u64(), Some(1 << 30), "{info}");
+    assert_eq!(info["virtual-size"].as_u64(), Some(768 << 20), "{info}");
     let out = run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-r", "-c", "read -P 0x66 900M 1M", "-c", "read -P 0x11 0 8M"])
+        .args(["-f", "qcow2", "-r", "-c", "read -P 0x67 767M 1M", "-c", "read -P 0x11 0 8M"])
         .arg(&img));
     assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
 }

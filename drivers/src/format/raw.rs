@@ -61,25 +61,23 @@ impl BlockDriver for RawDriver {
 }
 
 impl Resizable for RawDriver {
-    /// Grows the file (sparsely: the new tail reads as zeros) and describes the new
-    /// size in a new driver over the same storage. Refused: read-only disks, shrinking
-    /// (the tail's data would be lost), storage that is not a regular file.
+    /// Grows the file (sparsely: the new tail reads as zeros), or shrinks it when
+    /// nothing past the new end holds data (a hole there, as `SEEK_DATA` reports), and
+    /// describes the new size in a new driver over the same storage. Refused: read-only
+    /// disks, shrinking over data, storage that is not a regular file.
     fn resize(&self, new_size: u64, _bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError> {
         let name = self.storage.display_name();
         let refuse = |m: String| Err(OpenError::invalid(&name, m));
         if self.info.read_only {
             return refuse("the disk is read-only".into());
         }
-        if new_size < self.info.size {
-            return refuse(format!(
-                "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
-                self.info.size
-            ));
-        }
         if self.storage.path().is_none() || self.storage.is_block_device() {
-            return refuse("only a disk in a regular file can grow".into());
+            return refuse("only a disk in a regular file changes size".into());
         }
-        let outcome = self.storage.grow_sync(new_size).map_err(|e| OpenError::io(&name, e));
+        let outcome = self.storage.resize_sync(new_size).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => OpenError::invalid(&name, e.to_string()),
+            _ => OpenError::io(&name, e),
+        });
         // A raw disk is its file: the storage's size is the new one, or still the old.
         let driver = RawDriver::new(self.storage.clone(), self.info.read_only);
         Ok(Reopened { outcome, driver: Ok(Arc::new(driver)) })

@@ -220,28 +220,19 @@ impl Storage {
         self.backend.write_sync(buf, off)
     }
 
-    /// Grows a regular file to `len` bytes (the new tail reads as zeros, unallocated) and
-    /// makes the new size durable. Control plane, with nothing in flight. Other storage
-    /// (a block device, memory) has the size it has: `Unsupported`.
-    pub fn grow_sync(&self, len: u64) -> std::io::Result<()> {
+    /// Sets a regular file's size to `len` bytes and makes it durable. Growing leaves
+    /// the new tail unallocated (it reads as zeros); shrinking is refused
+    /// (`InvalidData`) unless nothing past `len` holds data (`SEEK_DATA` finds none).
+    /// Control plane, with nothing in flight. Other storage (a block device, memory)
+    /// has the size it has: `Unsupported`.
+    pub fn resize_sync(&self, len: u64) -> std::io::Result<()> {
         let fd = match self.raw_fd() {
             Some(fd) if !self.is_block_device() && self.path.is_some() => fd,
             _ => return Err(std::io::ErrorKind::Unsupported.into()),
         };
-        let len_off = libc::off_t::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: fstat and ftruncate on a descriptor this storage owns; `st` is plain
-        // data the kernel fills.
-        unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut st) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if st.st_size < len_off && libc::ftruncate(fd, len_off) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        resize_fd(fd, len)?;
         self.backend.sync()?;
-        self.note_end(len);
+        self.size.store(len, Ordering::Release);
         Ok(())
     }
 
@@ -451,4 +442,34 @@ impl StorageChannel {
 /// The length of one kernel I/O, or `TooLarge`.
 pub(crate) fn io_len(n: usize) -> Result<u32, IoError> {
     if n > MAX_IO_BYTES { Err(IoError::TooLarge) } else { Ok(n as u32) }
+}
+
+/// Sets the size of the regular file open at `fd` to `len` bytes (not synced).
+/// Shrinking is refused (`InvalidData`, naming the first offset that holds data) unless
+/// nothing past `len` holds data, as `SEEK_DATA` reports.
+pub fn resize_fd(fd: std::os::fd::RawFd, len: u64) -> std::io::Result<()> {
+    let len_off = libc::off_t::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: fstat, lseek and ftruncate take a descriptor (a bad one is an error
+    // return) and plain integers; `st` is plain data the kernel fills.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if st.st_size > len_off {
+            let data = libc::lseek(fd, len_off, libc::SEEK_DATA);
+            let e = std::io::Error::last_os_error();
+            if data >= 0 || e.raw_os_error() != Some(libc::ENXIO) {
+                let at = if data >= 0 { data as u64 } else { len };
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("shrinking to {len} bytes would lose data: offset {at:#x} holds data"),
+                ));
+            }
+        }
+        if st.st_size != len_off && libc::ftruncate(fd, len_off) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

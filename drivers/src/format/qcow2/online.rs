@@ -1,7 +1,7 @@
 //! Changes to a served image that the offline tools make: internal snapshots
 //! (`snapshot_create` and `snapshot_delete` on the control socket, as QEMU's
 //! `blockdev-snapshot-internal-sync` and `blockdev-snapshot-delete-internal-sync`) and
-//! growing it (`disk_resize`, as QEMU's `block_resize`).
+//! resizing it (`disk_resize`, as QEMU's `block_resize`).
 //!
 //! The change is the offline tool's transaction (`tools::snapshots`, `tools::resize`), which is
 //! crash-safe on its own, run on the image taken briefly out of service: with the
@@ -59,7 +59,8 @@ impl InternalSnapshots for Qcow2Driver {
 }
 
 impl Resizable for Qcow2Driver {
-    /// The offline resize (`tools::resize`: grow only, no backing file), on the image
+    /// The offline resize (`tools::resize`: grow, or shrink over an unallocated tail; no
+    /// backing file), on the image
     /// taken briefly out of service as for a snapshot. Persistent bitmaps would be
     /// invalidated by it: the caller refuses disks that have any.
     fn resize(&self, new_size: u64, bitmaps: &[StoredBitmap]) -> Result<Reopened, OpenError> {
@@ -67,15 +68,6 @@ impl Resizable for Qcow2Driver {
         let path = dev.path.as_path();
         if dev.read_only {
             return Err(OpenError::invalid(path, "the disk is read-only"));
-        }
-        let size = self.info().size;
-        if new_size < size {
-            return Err(OpenError::invalid(
-                path,
-                format!(
-                    "shrinking from {size} to {new_size} bytes is not supported (data would be lost)"
-                ),
-            ));
         }
         if !new_size.is_multiple_of(512) {
             return Err(OpenError::invalid(

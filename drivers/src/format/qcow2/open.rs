@@ -160,7 +160,7 @@ pub(crate) fn read_table(
 }
 
 /// Fills `buf` from `off`; bytes past the end of the file read as zeros.
-fn read_exact_or_zero(f: &dyn MetaIo, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+pub(crate) fn read_exact_or_zero(f: &dyn MetaIo, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let n = f.meta_read(&mut buf[done..], off + done as u64)?;

@@ -17,7 +17,8 @@
 //! 4. A leak repair frees the old L1 table and the old refcount structure.
 //!
 //! The image is locked as QEMU locks it, so an image in use (served, or open in QEMU)
-//! is refused. Also refused: shrinking (data would be lost), sizes that are not a multiple of 512 bytes,
+//! is refused. Shrinking is done only when nothing past the new end is allocated (then only
+//! the size field changes). Also refused: sizes that are not a multiple of 512 bytes,
 //! images with a backing file (the new area would show the backing file's data, where a
 //! guest expects zeros), corrupt images and images with refcount errors (`check -r all`
 //! first). A dirty lazy-refcounts image is repaired first. Persistent bitmaps are
@@ -31,7 +32,7 @@ use crate::error::OpenError;
 use super::check::{
     Repair, check_io, invalidate_bitmaps, rebuild_refcounts, recount_refs, repair_if_dirty_io,
 };
-use crate::format::qcow2::open::{MetaIo, read_header, read_table};
+use crate::format::qcow2::open::{MetaIo, read_exact_or_zero, read_header, read_table};
 use crate::format::qcow2::types::*;
 
 /// What [`resize`] did.
@@ -66,12 +67,6 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
             "the image is marked corrupt; repair it (check -r all) before resizing".into(),
         ));
     }
-    if new_size < h.size {
-        return Err(invalid(format!(
-            "shrinking from {} to {new_size} bytes is not supported (data would be lost)",
-            h.size
-        )));
-    }
     if h.backing_file.is_some() {
         return Err(invalid(
             "images with a backing file are not resized: the new area would show the backing \
@@ -104,6 +99,9 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
             "the image has {} corruption(s); repair it (check -r all) before resizing",
             report.corruptions + report.check_errors
         )));
+    }
+    if new_size < h.size {
+        return shrink(path, f, &h, new_size);
     }
     invalidate_bitmaps(path, f, &h)?;
 
@@ -143,6 +141,70 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
     // The result must open as a valid image.
     read_header(path, f)?;
     Ok(done)
+}
+
+/// Shrinks the image to `new_size` if nothing is lost: every guest cluster past the new
+/// end unallocated or reading as zeros, and the bytes past it in the cluster the new end
+/// falls in zeros too (they would show again if the image grew). Only the size field
+/// changes (one sector, then sync): the L1 table may cover more than the size, and L2
+/// tables past it stay referenced, holding nothing. Images with internal snapshots
+/// are refused, as by QEMU.
+fn shrink(
+    path: &Path,
+    f: &dyn MetaIo,
+    h: &crate::format::qcow2::header::Header,
+    new_size: u64,
+) -> Result<Resized, OpenError> {
+    let invalid = |m: String| OpenError::invalid(path, m);
+    let io = |e| OpenError::io(path, e);
+    if h.nb_snapshots > 0 {
+        return Err(invalid(format!(
+            "shrinking an image with internal snapshots ({}) is not supported",
+            h.nb_snapshots
+        )));
+    }
+    let g = h.geometry();
+    let (cs, per_l2) = (g.cluster_size(), g.l2_entries());
+    let l1 = read_table(path, f, h.l1_table_offset, u64::from(h.l1_size))?;
+    let in_use = |c: u64, raw: u64| {
+        invalid(format!(
+            "shrinking from {} to {new_size} bytes would lose data: guest offset {:#x} is \
+             allocated (L2 entry {raw:#x})",
+            h.size,
+            c * cs
+        ))
+    };
+    let mut l2 = vec![0u8; cs as usize];
+    for c in new_size / cs..h.size.div_ceil(cs) {
+        let l1e = l1.get((c / per_l2) as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        if l1e == 0 {
+            continue;
+        }
+        if c == new_size / cs || c % per_l2 == 0 {
+            read_exact_or_zero(f, &mut l2, l1e).map_err(io)?;
+        }
+        let i = (c % per_l2) as usize * 8;
+        let raw = u64::from_be_bytes(l2[i..i + 8].try_into().expect("8 bytes"));
+        match L2Entry::decode(raw, &g).map_err(|_| in_use(c, raw))? {
+            L2Entry::Unallocated | L2Entry::Zero { .. } => {}
+            L2Entry::Normal { host, .. } if c * cs < new_size => {
+                // The cluster the new end falls in: its bytes past the end must be zeros.
+                let from = g.offset_in_cluster(new_size);
+                let to = if h.size < (c + 1) * cs { g.offset_in_cluster(h.size) } else { cs };
+                let mut tail = vec![0u8; (to - from) as usize];
+                read_exact_or_zero(f, &mut tail, host + from).map_err(io)?;
+                if tail.iter().any(|b| *b != 0) {
+                    return Err(in_use(c, raw));
+                }
+            }
+            _ => return Err(in_use(c, raw)),
+        }
+    }
+    invalidate_bitmaps(path, f, h)?;
+    f.meta_write(&new_size.to_be_bytes(), OFF_SIZE).map_err(io)?;
+    f.meta_sync().map_err(io)?;
+    read_header(path, f)?;
+    Ok(Resized { old_size: h.size, new_size, old_l1_entries: h.l1_size, new_l1_entries: h.l1_size })
 }
 
 #[cfg(test)]
@@ -217,7 +279,12 @@ mod tests {
         let (h, _) = read_header(&path, &m).unwrap();
         assert_eq!(h.size, 256 << 20);
         assert!(m.log.borrow().len() <= 3, "only the size field is rewritten");
-        assert!(resize_io(&path, &m, 1 << 20).is_err(), "shrinking must be refused");
+        // Nothing is allocated: shrinking only rewrites the size too.
+        let r = resize_io(&path, &m, 1 << 20).unwrap();
+        assert_eq!((r.old_size, r.new_size), (256 << 20, 1 << 20));
+        assert_eq!(read_header(&path, &m).unwrap().0.size, 1 << 20);
+        let done = check_io(&path, &m, Repair::None, &mut |_, _| {}).unwrap();
+        assert_eq!((done.corruptions, done.leaks), (0, 0), "{:?}", done.messages);
         assert!(resize_io(&path, &m, (256 << 20) + 1).is_err(), "unaligned sizes are refused");
     }
 }
