@@ -405,7 +405,11 @@ fn walk_and_compare(
         }
     }
     report.total_clusters = g.size.div_ceil(cs);
-    report.image_end_offset = file_clusters * cs;
+    // As qemu-img reports it: past the highest cluster in use, by count or by refcount.
+    let counted = w.counts.iter().rposition(|c| *c > 0);
+    let refcounted = stored.iter().rposition(|c| *c > 0);
+    let highest = counted.max(refcounted).map_or(0, |c| c as u64 + 1);
+    report.image_end_offset = highest * cs;
     match repair {
         Repair::None => {}
         Repair::Leaks => {
