@@ -53,6 +53,8 @@ pub fn apply_create_options(opts: &mut CreateOptions, spec: &str) -> Result<(), 
             }
             "backing_file" => opts.backing_file = Some(v.to_string()),
             "backing_fmt" => opts.backing_format = Some(v.to_string()),
+            "data_file" => opts.data_file = Some(v.to_string()),
+            "data_file_raw" => opts.data_file_raw = on(v)?,
             _ => return Err(format!("unknown option `{k}`")),
         }
     }
@@ -217,6 +219,10 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
                     "extended-l2": false,
                 }
             });
+            if let Some(d) = &i.data_file {
+                v["format-specific"]["data"]["data-file"] = json!(d);
+                v["format-specific"]["data"]["data-file-raw"] = json!(i.data_file_raw);
+            }
             if !i.bitmaps.is_empty() {
                 v["format-specific"]["data"]["bitmaps"] = json!(i
                     .bitmaps
@@ -268,6 +274,10 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
             println!("    compression type: {t}");
         }
         println!("    lazy refcounts: {}", i.lazy_refcounts);
+        if let Some(d) = &i.data_file {
+            println!("    data file: {d}");
+            println!("    data file raw: {}", i.data_file_raw);
+        }
         if !i.bitmaps.is_empty() {
             println!("    bitmaps:");
             for (k, b) in i.bitmaps.iter().enumerate() {

@@ -39,6 +39,9 @@ const BACKING_L2_CACHE_BYTES: u64 = 4 << 20;
 pub(super) struct LayerParts {
     path: PathBuf,
     storage: Arc<Storage>,
+    /// The external data file, if guest data lives there.
+    data: Option<Arc<Storage>>,
+    data_raw: bool,
     g: Geometry,
     compression: Compression,
     l1: Arc<AtomicTable>,
@@ -65,6 +68,8 @@ fn layer_parts(q: super::open::OpenedQcow2) -> LayerParts {
     LayerParts {
         path: q.path,
         storage: q.storage,
+        data: q.data,
+        data_raw: q.header.data_file_raw(),
         g: q.header.geometry(),
         compression: q.header.compression(),
         l1: Arc::new(AtomicTable::from_vec(q.l1)),
@@ -132,6 +137,11 @@ impl Parts {
     pub(super) fn top_storage(&self) -> Arc<Storage> {
         self.top.storage.clone()
     }
+
+    /// Where the top layer's guest data lives: its external data file, or the file.
+    pub(super) fn top_data_storage(&self) -> Arc<Storage> {
+        self.top.data.clone().unwrap_or_else(|| self.top.storage.clone())
+    }
 }
 
 fn slice_bits_for(cluster_bits: u32) -> u32 {
@@ -157,6 +167,8 @@ fn build_layer(
         name: p.path.display().to_string(),
         g,
         io: Aligned::new(p.storage.channel()?),
+        data: p.data.as_ref().map(|d| d.channel().map(Aligned::new)).transpose()?,
+        data_raw: p.data_raw,
         l1: p.l1.clone(),
         l2: MetaCache::new(slice_bytes, capacity)?,
         slice_bits,

@@ -63,6 +63,7 @@ impl Header {
             refcount_order: self.refcount_order,
             size: self.size,
             version: self.version,
+            external_data: self.incompatible & INCOMPAT_DATA_FILE != 0,
         }
     }
 
@@ -88,6 +89,19 @@ impl Header {
 
     pub fn backing_format(&self) -> Option<String> {
         self.extension(EXT_BACKING_FORMAT).map(|d| String::from_utf8_lossy(d).into_owned())
+    }
+
+    /// The external data file's name (validated at parse), when the image has one.
+    pub fn data_file(&self) -> Option<String> {
+        if self.incompatible & INCOMPAT_DATA_FILE == 0 {
+            return None;
+        }
+        self.extension(EXT_DATA_FILE).map(|d| String::from_utf8_lossy(d).into_owned())
+    }
+
+    /// Whether the data file is kept readable as a raw image (`data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.data_file().is_some() && self.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
     pub fn extension(&self, kind: u32) -> Option<&[u8]> {
@@ -245,6 +259,29 @@ impl Header {
             .collect()
     }
 
+    /// An external data file needs its name (UTF-8, no NUL, at most as long as a
+    /// backing file name), no internal snapshots and, when raw, no backing file.
+    fn validate_data_file(&self) -> Result<(), HeaderError> {
+        let Some(name) = self.extension(EXT_DATA_FILE) else {
+            return err("the external data file bit is set but no data file name is stored");
+        };
+        let ok = std::str::from_utf8(name).is_ok_and(|n| !n.is_empty() && !n.contains('\0'));
+        if !ok || name.len() > MAX_BACKING_NAME as usize {
+            return err(format!(
+                "the data file name ({} bytes) is not 1 to {MAX_BACKING_NAME} bytes of UTF-8 \
+                 without NUL",
+                name.len()
+            ));
+        }
+        if self.nb_snapshots > 0 {
+            return err("an image with an external data file cannot hold internal snapshots");
+        }
+        if self.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 && self.backing_file_offset != 0 {
+            return err("a raw external data file (data_file_raw) cannot have a backing file");
+        }
+        Ok(())
+    }
+
     fn validate(&self, file_size: u64) -> Result<(), HeaderError> {
         let g = self.geometry();
         let cs = g.cluster_size();
@@ -265,7 +302,7 @@ impl Header {
             ));
         }
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
-            return err("images with an external data file (data-file) are not supported");
+            self.validate_data_file()?;
         }
         if self.incompatible & INCOMPAT_EXTL2 != 0 {
             return err("images with extended L2 entries (extended_l2) are not supported");

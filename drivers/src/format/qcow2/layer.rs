@@ -51,6 +51,11 @@ pub(crate) struct Qcow2Layer {
     pub name: String,
     pub g: Geometry,
     pub io: Aligned,
+    /// The external data file's channel, when guest data lives there (`data_io`).
+    pub data: Option<Aligned>,
+    /// `data_file_raw`: the data file must read as the image does (zeroing writes
+    /// zeros there too).
+    pub data_raw: bool,
     pub l1: Arc<AtomicTable>,
     pub l2: MetaCache,
     /// log2 of L2 entries per cache slice.
@@ -83,6 +88,20 @@ pub(crate) fn corrupt(name: &str, what: std::fmt::Arguments<'_>) -> IoError {
 }
 
 impl Qcow2Layer {
+    /// Where guest data clusters are read and written: the external data file, or
+    /// the image file itself.
+    pub(crate) fn data_io(&self) -> &Aligned {
+        self.data.as_ref().unwrap_or(&self.io)
+    }
+
+    /// Makes the data durable, then the image file: the data file's writes before any
+    /// metadata that points at them (ordering rule 1 across the two files).
+    pub(crate) async fn flush_all(&self) -> Result<(), IoError> {
+        if let Some(d) = &self.data {
+            d.flush().await?;
+        }
+        self.io.flush().await
+    }
     /// The cache key and host offset of the L2 slice holding `guest_off`, or `None`
     /// when its L2 table is unallocated.
     pub(crate) fn slice_of(&self, guest_off: u64) -> Result<Option<(u64, u64)>, IoError> {
@@ -142,15 +161,26 @@ impl Qcow2Layer {
         let in_cluster = g.offset_in_cluster(guest_off);
         let decode = |i: usize| -> Result<L2Entry, IoError> {
             let raw = pin.get_u64(i);
-            L2Entry::decode(raw, &g).map_err(|e| {
+            let c = (guest_off >> g.cluster_bits) + (i - first) as u64;
+            let e = L2Entry::decode(raw, &g).map_err(|e| {
                 corrupt(
                     &self.name,
-                    format_args!(
-                        "L2 entry for guest cluster {} ({raw:#x}) is invalid: {e:?}",
-                        (guest_off >> g.cluster_bits) + (i - first) as u64
-                    ),
+                    format_args!("L2 entry for guest cluster {c} ({raw:#x}) is invalid: {e:?}"),
                 )
-            })
+            })?;
+            // In an external data file a cluster lives at its guest offset.
+            if let L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } = e
+                && g.external_data
+                && host != c << g.cluster_bits
+            {
+                return Err(corrupt(
+                    &self.name,
+                    format_args!(
+                        "L2 entry for guest cluster {c} ({raw:#x}) is not at its guest offset in the data file"
+                    ),
+                ));
+            }
+            Ok(e)
         };
         let e0 = decode(first)?;
         let kind = match e0 {
@@ -280,7 +310,7 @@ pub(crate) async fn read_chain(
                 match run.kind {
                     RunKind::Data { host, .. } => {
                         let w = window(segs, out_skip, n as usize, win.arr())?;
-                        q.io.read(host, w).await?;
+                        q.data_io().read(host, w).await?;
                     }
                     RunKind::Zero { .. } => seg::zero_segs(segs, out_skip, n as usize),
                     RunKind::Unallocated => {

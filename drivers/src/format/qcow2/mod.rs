@@ -99,7 +99,8 @@ pub struct Qcow2Device {
     chain: std::sync::Mutex<Vec<ChainLink>>,
     /// The top file.
     top: Arc<crate::io::Storage>,
-    /// The top file for channels' zero-hop path (`None`: always hop).
+    /// Where the top file's data lives (it, or its data file), for channels' zero-hop
+    /// path (`None`: always hop).
     direct: Option<Arc<crate::io::Storage>>,
     /// The persistent bitmaps loaded at open.
     stored: Vec<StoredBitmap>,
@@ -170,13 +171,20 @@ impl Qcow2Device {
             None => Vec::new(),
         };
         let header = img.top.header.clone();
-        let align = img.top.storage.alignment();
+        // Guest data goes to the data file when there is one: both alignments hold.
+        let align = match &img.top.data {
+            Some(d) => {
+                let (a, b) = (img.top.storage.alignment(), d.alignment());
+                Alignment { mem: a.mem.max(b.mem), request: a.request.max(b.request) }
+            }
+            None => img.top.storage.alignment(),
+        };
         let chain = chain_of(&img);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let read_only = opts.read_only;
         let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
         let top = parts.top_storage();
-        let direct = opts.zero_hop.then(|| top.clone());
+        let direct = opts.zero_hop.then(|| parts.top_data_storage());
         let mut shards = Vec::with_capacity(reactors.len());
         for (k, r) in reactors.iter().enumerate() {
             let p = parts.clone();

@@ -85,6 +85,9 @@ pub struct OpenOptions {
 pub(crate) struct OpenedQcow2 {
     pub path: PathBuf,
     pub storage: Arc<Storage>,
+    /// The external data file (opened like the image: same engine, its own O_DIRECT
+    /// alignment probe, same locks), when guest data lives there.
+    pub data: Option<Arc<Storage>>,
     pub header: Header,
     pub l1: Vec<u64>,
     pub file_size: u64,
@@ -233,7 +236,35 @@ fn open_qcow2(
     let g = header.geometry();
     let l1 = read_table(path, f, header.l1_table_offset, u64::from(header.l1_size))?;
     validate_l1(path, &l1, &g, file_size, "L1 table")?;
-    Ok((OpenedQcow2 { path: path.to_path_buf(), storage, header, l1, file_size }, meta))
+    let data = match header.data_file() {
+        Some(name) => Some(open_data_file(path, &name, opts, read_only, top)?),
+        None => None,
+    };
+    Ok((OpenedQcow2 { path: path.to_path_buf(), storage, data, header, l1, file_size }, meta))
+}
+
+/// Opens the external data file `name` of the image at `path`: resolved like a backing
+/// file (relative to the image, inside the allowed directories), never the image
+/// itself, through the same engine with its own alignment probe.
+fn open_data_file(
+    path: &Path,
+    name: &str,
+    opts: &OpenOptions,
+    read_only: bool,
+    top: bool,
+) -> Result<Arc<Storage>, OpenError> {
+    if opts.storage.is_some() {
+        return Err(OpenError::invalid(path, "a simulated image cannot have a data file"));
+    }
+    let dpath = resolve_confined(path, name, &opts.allowed_backing_dirs, "data file")?;
+    if path.canonicalize().is_ok_and(|p| p == dpath) {
+        return Err(OpenError::invalid(path, format!("data file {name:?} is the image itself")));
+    }
+    if opts.locking || !top {
+        Storage::open_file(&dpath, opts.engine, opts.direct, read_only)
+    } else {
+        Storage::open_file_unlocked(&dpath, opts.engine, opts.direct, read_only)
+    }
 }
 
 /// A storage used as [`MetaIo`] by value.
@@ -261,17 +292,25 @@ pub(crate) fn resolve_backing(
     name: &str,
     allowed: &[PathBuf],
 ) -> Result<PathBuf, OpenError> {
+    resolve_confined(image, name, allowed, "backing file")
+}
+
+/// Resolves a file an image names (`what`: a backing file, a data file) against the
+/// image's directory; the canonical result must lie inside an allowed directory.
+pub(crate) fn resolve_confined(
+    image: &Path,
+    name: &str,
+    allowed: &[PathBuf],
+    what: &str,
+) -> Result<PathBuf, OpenError> {
     if name.starts_with("json:") || name.contains("://") {
-        return Err(OpenError::invalid(
-            image,
-            format!("backing file {name:?} is not a plain file path"),
-        ));
+        return Err(OpenError::invalid(image, format!("{what} {name:?} is not a plain file path")));
     }
     let dir = image.parent().unwrap_or(Path::new("."));
     let candidate =
         if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
     let canon = candidate.canonicalize().map_err(|e| {
-        OpenError::invalid(image, format!("backing file {name:?} ({}): {e}", candidate.display()))
+        OpenError::invalid(image, format!("{what} {name:?} ({}): {e}", candidate.display()))
     })?;
     let inside = allowed.iter().any(|d| d.canonicalize().is_ok_and(|d| canon.starts_with(d)));
     if !inside {
@@ -279,7 +318,7 @@ pub(crate) fn resolve_backing(
         return Err(OpenError::invalid(
             image,
             format!(
-                "backing file {name:?} resolves to {}, outside the allowed backing directories [{}]; \
+                "{what} {name:?} resolves to {}, outside the allowed backing directories [{}]; \
                  add its directory to `allowed_backing_dirs` if it is trusted",
                 canon.display(),
                 dirs.join(", ")

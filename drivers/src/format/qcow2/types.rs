@@ -79,6 +79,9 @@ pub struct Geometry {
     pub refcount_order: u32,
     pub size: u64,
     pub version: u32,
+    /// Guest data lives in an external data file (incompatible bit 2): data clusters
+    /// sit at their guest offset there and are not refcounted.
+    pub external_data: bool,
 }
 
 impl Geometry {
@@ -148,6 +151,10 @@ pub enum EntryError {
 
 impl L2Entry {
     pub fn decode(raw: u64, g: &Geometry) -> Result<L2Entry, EntryError> {
+        if raw & OFLAG_COMPRESSED != 0 && g.external_data {
+            // Images with an external data file hold no compressed clusters.
+            return Err(EntryError::Reserved);
+        }
         if raw & OFLAG_COMPRESSED != 0 {
             let bits = g.compressed_offset_bits();
             let host = raw & ((1u64 << bits) - 1);
@@ -173,8 +180,12 @@ impl L2Entry {
             return Ok(L2Entry::Zero { host: (host != 0).then_some(host), copied });
         }
         if host == 0 {
-            // COPIED with offset 0 is only meaningful with external data files.
-            return if copied { Err(EntryError::Reserved) } else { Ok(L2Entry::Unallocated) };
+            // COPIED with offset 0 is guest cluster 0 in an external data file.
+            return match (copied, g.external_data) {
+                (false, _) => Ok(L2Entry::Unallocated),
+                (true, true) => Ok(L2Entry::Normal { host, copied }),
+                (true, false) => Err(EntryError::Reserved),
+            };
         }
         Ok(L2Entry::Normal { host, copied })
     }
@@ -267,7 +278,7 @@ mod tests {
     use super::*;
 
     fn geo(cluster_bits: u32, version: u32) -> Geometry {
-        Geometry { cluster_bits, refcount_order: 4, size: 1 << 30, version }
+        Geometry { cluster_bits, refcount_order: 4, size: 1 << 30, version, external_data: false }
     }
 
     #[test]

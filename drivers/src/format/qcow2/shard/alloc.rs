@@ -230,6 +230,9 @@ impl Shard {
 
     /// Undoes an allocation that was never linked (its refcounts go straight back).
     pub(super) async fn release_unlinked(&self, host: u64, n: u64) {
+        if self.g().external_data {
+            return;
+        }
         let c = host >> self.g().cluster_bits;
         for k in 0..n {
             let _ = self.set_refcount(c + k, 0).await;

@@ -30,7 +30,9 @@ impl Shard {
             let pos = off + done;
             let n = (cs - (pos & (cs - 1))).min(total - done);
             let w = window(segs, done as usize, n as usize, win.arr())?;
-            if n < cs || !self.write_one_compressed(pos, w).await? {
+            // An external data file holds no compressed clusters: written plainly.
+            let plain = n < cs || self.g().external_data;
+            if plain || !self.write_one_compressed(pos, w).await? {
                 self.write(pos, w, false).await?;
             }
             done += n;

@@ -101,8 +101,9 @@ impl Shard {
         }
         let mut l2_ok = false;
         if result.is_ok() {
-            // Rules 1 and 2: data and refcounts durable before any L2 write.
-            match top.io.flush().await {
+            // Rules 1 and 2: data (in the data file too) and refcounts durable before
+            // any L2 write.
+            match top.flush_all().await {
                 Err(e) => result = Err(e),
                 Ok(()) if !l2_snaps.is_empty() => match write_snapshots(&top.io, l2_snaps).await {
                     Ok(()) => {

@@ -54,6 +54,10 @@ impl Shard {
     }
 
     pub(super) async fn write_in_place(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
+        if let Some(d) = &self.top().data {
+            // The data file holds nothing else and frees nothing: no guard to keep.
+            return d.write(host, w, false).await;
+        }
         let len = seg::total_len(w) as u64;
         let cb = self.g().cluster_bits;
         let (first, last) = (host >> cb, (host + len.max(1) - 1) >> cb);
@@ -102,7 +106,12 @@ impl Shard {
         }
         let mut c1 = ((pos + len - 1) >> cb) + 1;
         self.ensure_l2(pos).await?;
-        let (host, got, fresh) = self.alloc_run(c1 - c0).await?;
+        let (host, got, fresh) = match self.g().external_data {
+            // A cluster of an external data file sits at its guest offset, not
+            // refcounted, and may hold what a discard left there: not fresh.
+            true => (c0 << cb, c1 - c0, false),
+            false => self.alloc_run(c1 - c0).await?,
+        };
         if got < c1 - c0 {
             c1 = c0 + got;
             len = (c1 << cb) - pos;
@@ -117,7 +126,7 @@ impl Shard {
             && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
         if fresh && zeros_below && (head > 0 || tail > 0) {
             let w = window(segs, seg_off, len as usize, win.arr())?;
-            if let Err(e) = self.top().io.write(host + head, w, false).await {
+            if let Err(e) = self.top().data_io().write(host + head, w, false).await {
                 self.release_unlinked(host, got).await;
                 return Err(e);
             }
@@ -167,7 +176,7 @@ impl Shard {
             n += 1;
         }
         debug_assert_eq!(seg::total_len(&iov[..n]) as u64, (c1 - c0) * cs);
-        if let Err(e) = self.top().io.write(host, &iov[..n], false).await {
+        if let Err(e) = self.top().data_io().write(host, &iov[..n], false).await {
             self.release_unlinked(host, got).await;
             return Err(e);
         }
@@ -223,9 +232,13 @@ impl Shard {
         }
     }
 
-    /// Queues the clusters an old entry held for release.
+    /// Queues the clusters an old entry held for release (none in an external data
+    /// file, which is not refcounted).
     pub(super) fn release_entry(&self, old: L2Entry, punch: bool) {
         let g = self.g();
+        if g.external_data {
+            return;
+        }
         match old {
             L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
                 self.queue_free(host >> g.cluster_bits, punch)

@@ -89,6 +89,7 @@ impl Shard {
             return Ok(n);
         }
         let _ = cb;
+        self.clear_data(pos, n, unmap).await?;
         self.set_entries(
             pos,
             n,
@@ -136,10 +137,30 @@ impl Shard {
                     } else {
                         L2Entry::Unallocated
                     };
+                    self.clear_data(pos, n, true).await?;
                     self.set_entries(pos, n, |_| Some(replacement), true).await?;
                 }
             }
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// With an external data file, what zeroing whole clusters does there: a raw data
+    /// file must read as the image does, so the range is zeroed (punched with `unmap`);
+    /// another is only trimmed, and only with `unmap` (a kept cluster stays).
+    async fn clear_data(&self, pos: u64, n: u64, unmap: bool) -> Result<(), IoError> {
+        let top = self.top();
+        let Some(d) = &top.data else { return Ok(()) };
+        if top.data_raw {
+            return match d.zero_range(pos, n, unmap).await {
+                Err(IoError::NotSupported) => d.write_zero_bytes(pos, n, false).await,
+                r => r,
+            };
+        }
+        if unmap {
+            // Advisory: the entries no longer point there.
+            let _ = d.discard(pos, n).await;
         }
         Ok(())
     }

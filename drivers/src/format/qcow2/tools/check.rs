@@ -179,7 +179,24 @@ impl Walk<'_> {
             let table = read_at(self.f, l2, g.cluster_size() as usize)?;
             for (j, raw) in table.chunks_exact(8).enumerate() {
                 let raw = u64::from_be_bytes(raw.try_into().expect("8"));
+                let guest = ((i as u64) << g.l2_bits() | j as u64) << g.cluster_bits;
                 match L2Entry::decode(raw, &g) {
+                    // An external data file is not refcounted; its clusters sit at their
+                    // guest offsets.
+                    Ok(L2Entry::Normal { host, .. })
+                    | Ok(L2Entry::Zero { host: Some(host), .. })
+                        if g.external_data =>
+                    {
+                        if host == guest {
+                            self.report.allocated_clusters += 1;
+                        } else {
+                            self.error(format!(
+                                "L2 entry {j} of the table at {l2:#x} ({raw:#x}) maps guest \
+                                 offset {guest:#x} elsewhere in the data file"
+                            ));
+                            self.bad_entries.push((l2, j));
+                        }
+                    }
                     Ok(L2Entry::Normal { host, .. })
                     | Ok(L2Entry::Zero { host: Some(host), .. }) => {
                         if self.add(host, g.cluster_size(), "data cluster") {

@@ -27,6 +27,12 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     pub preallocate_metadata: bool,
     pub compression: Compression,
+    /// An external data file for the guest data (`data_file`), named as stored in the
+    /// image (relative to the image's directory unless absolute); created or truncated
+    /// to the virtual size, sparsely.
+    pub data_file: Option<String>,
+    /// `data_file_raw`: the data file is kept readable as a raw image on its own.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -41,6 +47,8 @@ impl Default for CreateOptions {
             backing_format: None,
             preallocate_metadata: false,
             compression: Compression::Zlib,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -97,9 +105,16 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     {
         return invalid(format!("backing format {f:?} is not qcow2 or raw"));
     }
+    check_data_file(o)?;
     let cluster_bits = o.cluster_size.trailing_zeros();
     let refcount_order = o.refcount_bits.trailing_zeros();
-    let g = Geometry { cluster_bits, refcount_order, size: o.size, version: o.version };
+    let g = Geometry {
+        cluster_bits,
+        refcount_order,
+        size: o.size,
+        version: o.version,
+        external_data: o.data_file.is_some(),
+    };
     let cs = o.cluster_size;
     let l1_size = g.l1_entries_needed();
     if l1_size * 8 > MAX_L1_BYTES {
@@ -109,8 +124,15 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         ));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
-    let (l2_tables, data_clusters) =
-        if o.preallocate_metadata { (l1_size, o.size.div_ceil(cs)) } else { (0, 0) };
+    // A raw data file is consistent on its own: every cluster is mapped (QEMU forces
+    // metadata preallocation with data_file_raw too).
+    let prealloc = o.preallocate_metadata || o.data_file_raw;
+    let (l2_tables, data_clusters) = if prealloc { (l1_size, o.size.div_ceil(cs)) } else { (0, 0) };
+    // With a data file the guest's clusters live there, at their guest offsets.
+    let (data_clusters, data_at) = match o.data_file {
+        Some(_) => (0, Some(0)),
+        None => (data_clusters, None),
+    };
     // Fixpoint: refcount table clusters T and blocks B covering all clusters.
     let per = g.refblock_entries();
     let fixed = 1 + l1_clusters + l2_tables + data_clusters;
@@ -139,10 +161,14 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     if let Some(f) = &o.backing_format {
         extensions.push(Extension { kind: EXT_BACKING_FORMAT, data: f.as_bytes().to_vec() });
     }
+    if let Some(name) = &o.data_file {
+        extensions.push(Extension { kind: EXT_DATA_FILE, data: name.as_bytes().to_vec() });
+    }
     if o.version == 3 {
         extensions.push(Extension { kind: EXT_FEATURE_NAMES, data: feature_name_table() });
     }
     let zstd = o.compression == Compression::Zstd;
+    let data_bits = if o.data_file.is_some() { INCOMPAT_DATA_FILE } else { 0 };
     let header = Header {
         version: o.version,
         backing_file_offset: 0,
@@ -156,9 +182,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         refcount_table_clusters: t as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: if zstd { INCOMPAT_COMPRESSION } else { 0 },
+        incompatible: data_bits | if zstd { INCOMPAT_COMPRESSION } else { 0 },
         compatible: if o.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
-        autoclear: 0,
+        autoclear: if o.data_file_raw { AUTOCLEAR_DATA_FILE_RAW } else { 0 },
         refcount_order,
         header_length: if o.version == 3 { 112 } else { V2_HEADER_LEN },
         compression_type: u8::from(zstd),
@@ -195,7 +221,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     }
     f.write_all_at(&table, reftable_off).map_err(io)?;
     let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
-    if o.preallocate_metadata {
+    if prealloc {
         let entries = cs / 8;
         for i in 0..l1_size {
             let table_off = l2_off + i * cs;
@@ -203,10 +229,11 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
             let mut l2 = vec![0u8; cs as usize];
             for j in 0..entries {
                 let c = i * entries + j;
-                if c >= data_clusters {
+                if c >= o.size.div_ceil(cs) {
                     break;
                 }
-                set_be64_at(&mut l2, j as usize, (data_off + c * cs) | OFLAG_COPIED);
+                let host = data_at.map_or(data_off + c * cs, |base| base + c * cs);
+                set_be64_at(&mut l2, j as usize, host | OFLAG_COPIED);
             }
             f.write_all_at(&l2, table_off).map_err(io)?;
         }
@@ -214,5 +241,45 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     f.write_all_at(&l1, l1_off).map_err(io)?;
     f.set_len(total_clusters * cs).map_err(io)?;
     f.sync_all().map_err(io)?;
+    if let Some(name) = &o.data_file {
+        let data = data_file_path(path, name);
+        let dio = |e| CreateError::Io { path: data.display().to_string(), source: e };
+        let d = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(!o.data_file_raw)
+            .open(&data)
+            .map_err(dio)?;
+        if !o.data_file_raw || d.metadata().map_err(dio)?.len() < o.size {
+            d.set_len(o.size).map_err(dio)?;
+        }
+        d.sync_all().map_err(dio)?;
+    }
+    Ok(())
+}
+
+/// The data file named `name` in the image at `image`: relative names are relative to
+/// the image's directory (as QEMU resolves them).
+pub fn data_file_path(image: &Path, name: &str) -> std::path::PathBuf {
+    match Path::new(name) {
+        p if p.is_absolute() => p.to_path_buf(),
+        p => image.parent().unwrap_or(Path::new(".")).join(p),
+    }
+}
+
+fn check_data_file(o: &CreateOptions) -> Result<(), CreateError> {
+    let Some(name) = &o.data_file else {
+        return if o.data_file_raw { invalid("data_file_raw requires data_file") } else { Ok(()) };
+    };
+    if o.version != 3 {
+        return invalid("data_file requires compat=1.1");
+    }
+    if name.is_empty() || name.len() > MAX_BACKING_NAME as usize || name.contains('\0') {
+        return invalid(format!("data file name must be 1 to {MAX_BACKING_NAME} bytes, no NUL"));
+    }
+    if o.data_file_raw && o.backing_file.is_some() {
+        return invalid("data_file_raw cannot be used with a backing file");
+    }
     Ok(())
 }

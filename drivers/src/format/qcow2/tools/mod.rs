@@ -37,6 +37,9 @@ pub struct ImageInfo {
     pub compression_type: Option<&'static str>,
     pub backing_filename: Option<String>,
     pub backing_format: Option<String>,
+    /// The external data file (as stored in the image) and whether it is raw.
+    pub data_file: Option<String>,
+    pub data_file_raw: bool,
     pub snapshots: Vec<SnapshotInfo>,
     /// The persistent bitmaps, as `qemu-img info` lists them.
     pub bitmaps: Vec<BitmapInfo>,
@@ -91,6 +94,8 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
             dirty: false,
             compression_type: None,
             backing_filename: None,
+            data_file: None,
+            data_file_raw: false,
             backing_format: None,
             snapshots: Vec::new(),
             bitmaps: Vec::new(),
@@ -115,6 +120,8 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
             "zlib"
         }),
         backing_filename: h.backing_file.clone(),
+        data_file: h.data_file(),
+        data_file_raw: h.data_file_raw(),
         backing_format: h.backing_format(),
         snapshots,
         bitmaps: bitmap_infos(&f, &h, file_size),

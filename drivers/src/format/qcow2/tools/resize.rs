@@ -67,6 +67,12 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
             "the image is marked corrupt; repair it (check -r all) before resizing".into(),
         ));
     }
+    if let Some(d) = h.data_file() {
+        return Err(invalid(format!(
+            "images with an external data file ({d}) are not resized yet (the data file would \
+             have to change with the image)"
+        )));
+    }
     if h.backing_file.is_some() {
         return Err(invalid(
             "images with a backing file are not resized: the new area would show the backing \

@@ -156,6 +156,11 @@ fn refuse(path: &Path, h: &Header, snaps: &[SnapshotInfo], op: &Op<'_>) -> Resul
             if snaps.iter().any(|s| s.name == name) {
                 return invalid(format!("a snapshot named {name:?} exists"));
             }
+            if h.data_file().is_some() {
+                return invalid(
+                    "an image with an external data file cannot hold internal snapshots".into(),
+                );
+            }
             if h.geometry().refcount_bits() < 2 {
                 return invalid(
                     "1-bit refcounts cannot count a cluster shared with a snapshot".into(),
