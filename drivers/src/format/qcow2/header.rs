@@ -122,6 +122,19 @@ impl Header {
     /// Parses and validates a header from the image's first bytes (at least one
     /// cluster, or the whole file if shorter). `file_size` bounds every table.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header, HeaderError> {
+        let h = Self::parse_any_crypt(buf, file_size)?;
+        if h.crypt_method != 0 {
+            return err(format!(
+                "encrypted images (crypt_method {}) are not supported",
+                h.crypt_method
+            ));
+        }
+        Ok(h)
+    }
+
+    /// [`Header::parse`], accepting LUKS encryption (`crypt_method` 2; the legacy AES
+    /// method 1 stays refused): for code that handles the encryption itself.
+    pub fn parse_any_crypt(buf: &[u8], file_size: u64) -> Result<Header, HeaderError> {
         if buf.len() < V2_HEADER_LEN as usize {
             return err(format!("file too short for a qcow2 header ({} bytes)", buf.len()));
         }
@@ -295,9 +308,9 @@ impl Header {
                 self.refcount_order
             ));
         }
-        if self.crypt_method != 0 {
+        if self.crypt_method != 0 && self.crypt_method != 2 {
             return err(format!(
-                "encrypted images (crypt_method {}) are not supported",
+                "encrypted images (crypt_method {}: legacy AES) are not supported",
                 self.crypt_method
             ));
         }

@@ -36,6 +36,7 @@ pub mod header;
 pub(crate) mod hints;
 mod image;
 mod layer;
+pub mod luks;
 mod online;
 pub(crate) mod open;
 mod overlap;
