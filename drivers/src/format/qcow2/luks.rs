@@ -276,7 +276,8 @@ fn bounded_iterations(n: u32, what: &str) -> Result<u32, LuksError> {
 }
 
 /// AES-XTS with plain64 tweaks (the sector number, little-endian) over 512-byte
-/// sectors: the master key's cipher, or a key slot's.
+/// sectors: the master key's cipher, or a key slot's (made once per open, shared).
+#[allow(clippy::large_enum_variant)] // One per image, behind an Arc, never moved.
 pub enum SectorCipher {
     Aes128(Xts128<Aes128>),
     Aes256(Xts128<Aes256>),
