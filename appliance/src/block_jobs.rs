@@ -319,6 +319,7 @@ pub(crate) fn target_config(
         vhost_user_blk: None,
         qos: None,
         nbd_allow: None,
+        encryption_key_file: None,
     }
 }
 

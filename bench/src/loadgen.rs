@@ -585,6 +585,7 @@ fn open_qcow2_mem(o: &Options, handles: &[poller::ReactorHandle]) -> Result<Arc<
         storage: Some(storage),
         zero_hop: !o.hop,
         locking: true,
+        encryption_key: None,
     };
     let driver = Qcow2Driver::open(Path::new("qcow2-mem"), opts, handles)
         .map_err(|e| format!("opening qcow2-mem: {e}"))?;

@@ -261,6 +261,9 @@ pub struct Disk {
     /// `[disk.nbd] allow`: the client certificate common names that may open this
     /// export over NBD; `None`: every client the listener admits.
     pub nbd_allow: Option<Vec<String>>,
+    /// `[disk.encryption] key_file`: the file holding the key of a LUKS-encrypted
+    /// qcow2 image (its whole content, as QEMU's `secret` object with `file=`).
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// `[disk.vhost_user_blk]`: a vhost-user-blk socket for a hypervisor.
@@ -846,6 +849,7 @@ impl Validator {
             }
         };
         let nbd_allow = self.disk_allow(raw.nbd.take(), nbd, &key)?;
+        let encryption_key_file = raw.encryption.take().map(|e| self.resolve(e.key_file.get_ref()));
         let qos = match raw.qos {
             None => None,
             Some(q) => {
@@ -892,6 +896,7 @@ impl Validator {
             vhost_user_blk,
             qos,
             nbd_allow,
+            encryption_key_file,
         })
     }
 

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::ByteSize;
-use crate::security::{RawDiskNbd, RawId, RawPerms, RawTls};
+use crate::security::{RawDiskEncryption, RawDiskNbd, RawId, RawPerms, RawTls};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +91,7 @@ pub(crate) struct RawDisk {
     pub vhost_user_blk: Option<Spanned<RawVhostUserBlk>>,
     pub qos: Option<Spanned<RawQos>>,
     pub nbd: Option<RawDiskNbd>,
+    pub encryption: Option<RawDiskEncryption>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -146,6 +146,11 @@ pub fn disk(d: &Disk) -> Table {
         qt.insert("burst".into(), Value::Float(q.burst));
         t.insert("qos".into(), Value::Table(qt));
     }
+    if let Some(k) = &d.encryption_key_file {
+        let mut et = Table::new();
+        et.insert("key_file".into(), Value::String(k.display().to_string()));
+        t.insert("encryption".into(), Value::Table(et));
+    }
     if let Some(allow) = &d.nbd_allow {
         let mut nt = Table::new();
         let list = allow.iter().map(|cn| Value::String(format!("CN={cn}"))).collect();

@@ -67,6 +67,13 @@ pub(crate) struct RawTls {
     pub psk_file: Option<Spanned<String>>,
 }
 
+/// `[disk.encryption]`: where the key of a LUKS-encrypted image is (never the key).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDiskEncryption {
+    pub key_file: Spanned<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDiskNbd {

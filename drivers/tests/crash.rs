@@ -152,6 +152,7 @@ pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
         storage: Some(Storage::sim(disk)),
         zero_hop: true,
         locking: true,
+        encryption_key: None,
     };
     Qcow2Device::open(Path::new(name), opts, &env.reactors[..env.shards.get()])
         .unwrap_or_else(|e| panic!("{name}: open failed: {e}"))

@@ -51,7 +51,20 @@ fn open_with(
     let path = disk.path.as_deref().unwrap_or(Path::new(""));
     let driver: Arc<dyn BlockDriver> = match disk.format {
         config::Format::Qcow2 => {
+            let encryption_key = match &disk.encryption_key_file {
+                None => None,
+                Some(f) => {
+                    let key = std::fs::read(f).map_err(|e| {
+                        OpenError::invalid(
+                            path,
+                            format!("encryption key_file {}: {e}", f.display()),
+                        )
+                    })?;
+                    Some(crate::format::qcow2::luks::Secret(key.into()))
+                }
+            };
             let opts = OpenOptions {
+                encryption_key,
                 engine: engine_of(disk),
                 direct: disk.direct,
                 read_only: disk.read_only,

@@ -42,6 +42,7 @@ pub(super) struct LayerParts {
     /// The external data file, if guest data lives there.
     data: Option<Arc<Storage>>,
     data_raw: bool,
+    crypt: Option<Arc<super::luks::SectorCipher>>,
     g: Geometry,
     compression: Compression,
     l1: Arc<AtomicTable>,
@@ -70,6 +71,7 @@ fn layer_parts(q: super::open::OpenedQcow2) -> LayerParts {
         storage: q.storage,
         data: q.data,
         data_raw: q.header.data_file_raw(),
+        crypt: q.crypt,
         g: q.header.geometry(),
         compression: q.header.compression(),
         l1: Arc::new(AtomicTable::from_vec(q.l1)),
@@ -138,6 +140,12 @@ impl Parts {
         self.top.storage.clone()
     }
 
+    /// Whether the top layer's data is encrypted (no zero-hop path: data needs the
+    /// cipher).
+    pub(super) fn top_encrypted(&self) -> bool {
+        self.top.crypt.is_some()
+    }
+
     /// Where the top layer's guest data lives: its external data file, or the file.
     pub(super) fn top_data_storage(&self) -> Arc<Storage> {
         self.top.data.clone().unwrap_or_else(|| self.top.storage.clone())
@@ -169,6 +177,7 @@ fn build_layer(
         io: Aligned::new(p.storage.channel()?),
         data: p.data.as_ref().map(|d| d.channel().map(Aligned::new)).transpose()?,
         data_raw: p.data_raw,
+        crypt: p.crypt.clone(),
         l1: p.l1.clone(),
         l2: MetaCache::new(slice_bytes, capacity)?,
         slice_bits,

@@ -88,6 +88,7 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
             storage: None,
             zero_hop: true,
             locking: true,
+            encryption_key: None,
         };
         let Ok(dev) = Qcow2Device::open(&path, opts, std::slice::from_ref(owner)) else { continue };
         let seed = mix(data);

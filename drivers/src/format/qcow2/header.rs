@@ -310,7 +310,7 @@ impl Header {
         }
         if self.crypt_method != 0 && self.crypt_method != 2 {
             return err(format!(
-                "encrypted images (crypt_method {}: legacy AES) are not supported",
+                "encrypted images (crypt_method {}) are not supported",
                 self.crypt_method
             ));
         }

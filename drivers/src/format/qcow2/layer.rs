@@ -56,6 +56,9 @@ pub(crate) struct Qcow2Layer {
     /// `data_file_raw`: the data file must read as the image does (zeroing writes
     /// zeros there too).
     pub data_raw: bool,
+    /// The LUKS master key's cipher, when the image is encrypted: data goes through a
+    /// bounce buffer, encrypted per 512-byte sector with its physical sector as tweak.
+    pub crypt: Option<Arc<super::luks::SectorCipher>>,
     pub l1: Arc<AtomicTable>,
     pub l2: MetaCache,
     /// log2 of L2 entries per cache slice.
@@ -92,6 +95,40 @@ impl Qcow2Layer {
     /// the image file itself.
     pub(crate) fn data_io(&self) -> &Aligned {
         self.data.as_ref().unwrap_or(&self.io)
+    }
+
+    /// Reads guest data from host offset `host` into `w` (decrypted, if encrypted).
+    pub(crate) async fn read_data(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
+        let Some(c) = &self.crypt else { return self.data_io().read(host, w).await };
+        let len = seg::total_len(w);
+        let mut b = self.bounce(host, len).await?;
+        self.data_io().read(host, &[IoSeg::from_dma(&mut b)]).await?;
+        c.decrypt(b.as_mut_slice(), host / super::luks::SECTOR as u64);
+        // SAFETY: `b` holds `len` bytes, the length of `w`.
+        unsafe { seg::copy_into_segs(w, 0, b.as_slice().as_ptr(), len) };
+        Ok(())
+    }
+
+    /// Writes guest data `w` at host offset `host` (encrypted, if encrypted: `w` is
+    /// left as it was).
+    pub(crate) async fn write_data(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
+        let Some(c) = &self.crypt else { return self.data_io().write(host, w, false).await };
+        let len = seg::total_len(w);
+        let mut b = self.bounce(host, len).await?;
+        // SAFETY: `b` holds `len` bytes, the length of `w`.
+        unsafe { seg::copy_from_segs(w, 0, b.as_mut_slice().as_mut_ptr(), len) };
+        c.encrypt(b.as_mut_slice(), host / super::luks::SECTOR as u64);
+        self.data_io().write(host, &[IoSeg::from_dma(&mut b)], false).await
+    }
+
+    /// A buffer for `len` bytes of encrypted data at `host`: whole sectors only (the
+    /// device's alignment is at least a sector for encrypted images).
+    async fn bounce(&self, host: u64, len: usize) -> Result<poller::dma::DmaBuf, IoError> {
+        let s = super::luks::SECTOR;
+        if !host.is_multiple_of(s as u64) || !len.is_multiple_of(s) {
+            return Err(IoError::Invalid);
+        }
+        poller::dma::alloc_wait(len).await.map_err(|_| IoError::TooLarge)
     }
 
     /// Makes the data durable, then the image file: the data file's writes before any
@@ -168,6 +205,12 @@ impl Qcow2Layer {
                     format_args!("L2 entry for guest cluster {c} ({raw:#x}) is invalid: {e:?}"),
                 )
             })?;
+            if self.crypt.is_some() && matches!(e, L2Entry::Compressed { .. }) {
+                return Err(corrupt(
+                    &self.name,
+                    format_args!("guest cluster {c} is compressed in an encrypted image"),
+                ));
+            }
             // In an external data file a cluster lives at its guest offset.
             if let L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } = e
                 && g.external_data
@@ -310,7 +353,7 @@ pub(crate) async fn read_chain(
                 match run.kind {
                     RunKind::Data { host, .. } => {
                         let w = window(segs, out_skip, n as usize, win.arr())?;
-                        q.data_io().read(host, w).await?;
+                        q.read_data(host, w).await?;
                     }
                     RunKind::Zero { .. } => seg::zero_segs(segs, out_skip, n as usize),
                     RunKind::Unallocated => {

@@ -40,6 +40,16 @@ const SLOT_ACTIVE: u32 = 0x00ac_71f3;
 const SLOT_INACTIVE: u32 = 0x0000_dead;
 const SLOTS: usize = 8;
 
+/// A key (the secret that opens a key slot), kept out of every `Debug` output.
+#[derive(Clone)]
+pub struct Secret(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// Why a LUKS volume did not open.
 #[derive(Debug, thiserror::Error)]
 pub enum LuksError {

@@ -180,12 +180,17 @@ impl Qcow2Device {
             }
             None => img.top.storage.alignment(),
         };
+        // Encrypted data is whole sectors.
+        let align = match img.top.crypt {
+            Some(_) => Alignment { request: align.request.max(luks::SECTOR), ..align },
+            None => align,
+        };
         let chain = chain_of(&img);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let read_only = opts.read_only;
         let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
         let top = parts.top_storage();
-        let direct = opts.zero_hop.then(|| parts.top_data_storage());
+        let direct = (opts.zero_hop && !parts.top_encrypted()).then(|| parts.top_data_storage());
         let mut shards = Vec::with_capacity(reactors.len());
         for (k, r) in reactors.iter().enumerate() {
             let p = parts.clone();

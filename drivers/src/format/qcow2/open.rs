@@ -79,6 +79,8 @@ pub struct OpenOptions {
     /// Take image locks on the image (backing files are always locked). Off only for a
     /// block job writing into an image this process already has open (a commit's base).
     pub locking: bool,
+    /// The secret that opens a LUKS-encrypted image's key slots.
+    pub encryption_key: Option<super::luks::Secret>,
 }
 
 /// A qcow2 file's validated metadata.
@@ -88,6 +90,8 @@ pub(crate) struct OpenedQcow2 {
     /// The external data file (opened like the image: same engine, its own O_DIRECT
     /// alignment probe, same locks), when guest data lives there.
     pub data: Option<Arc<Storage>>,
+    /// The data's cipher, when the image is LUKS-encrypted.
+    pub crypt: Option<Arc<super::luks::SectorCipher>>,
     pub header: Header,
     pub l1: Vec<u64>,
     pub file_size: u64,
@@ -126,10 +130,26 @@ pub(crate) fn read_at(f: &dyn MetaIo, off: u64, len: usize) -> std::io::Result<V
 
 /// Reads and validates a header from a file.
 pub(crate) fn read_header(path: &Path, f: &dyn MetaIo) -> Result<(Header, u64), OpenError> {
+    read_header_with(path, f, Header::parse)
+}
+
+/// [`read_header`], accepting LUKS-encrypted images (the engine's open, which decrypts).
+pub(crate) fn read_header_any_crypt(
+    path: &Path,
+    f: &dyn MetaIo,
+) -> Result<(Header, u64), OpenError> {
+    read_header_with(path, f, Header::parse_any_crypt)
+}
+
+fn read_header_with(
+    path: &Path,
+    f: &dyn MetaIo,
+    parse: fn(&[u8], u64) -> Result<Header, super::header::HeaderError>,
+) -> Result<(Header, u64), OpenError> {
     let file_size = f.meta_len().map_err(|e| OpenError::io(path, e))?;
     let first = read_at(f, 0, (2u64 << 20).min(file_size.max(512)) as usize)
         .map_err(|e| OpenError::io(path, e))?;
-    let header = Header::parse(&first, file_size)
+    let header = parse(&first, file_size)
         .map_err(|e| OpenError::invalid(path, format!("invalid qcow2 image: {e}")))?;
     Ok((header, file_size))
 }
@@ -225,7 +245,7 @@ fn open_qcow2(
         ),
     };
     let f = &*meta;
-    let (header, file_size) = read_header(path, f)?;
+    let (header, file_size) = read_header_any_crypt(path, f)?;
     if header.is_corrupt() && !read_only {
         return Err(OpenError::invalid(
             path,
@@ -240,7 +260,22 @@ fn open_qcow2(
         Some(name) => Some(open_data_file(path, &name, opts, read_only, top)?),
         None => None,
     };
-    Ok((OpenedQcow2 { path: path.to_path_buf(), storage, data, header, l1, file_size }, meta))
+    let crypt = match (header.crypt_method, &opts.encryption_key) {
+        (0, _) => None,
+        (_, None) => {
+            return Err(OpenError::invalid(
+                path,
+                "the image is LUKS-encrypted: give its key (`[disk.encryption] key_file`)",
+            ));
+        }
+        (_, Some(_)) if !top => {
+            return Err(OpenError::invalid(path, "encrypted backing files are not supported"));
+        }
+        (_, Some(key)) => Some(Arc::new(super::luks::unlock_image(path, f, &header, &key.0)?)),
+    };
+    let opened =
+        OpenedQcow2 { path: path.to_path_buf(), storage, data, crypt, header, l1, file_size };
+    Ok((opened, meta))
 }
 
 /// Opens the external data file `name` of the image at `path`: resolved like a backing

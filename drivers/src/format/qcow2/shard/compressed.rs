@@ -30,8 +30,9 @@ impl Shard {
             let pos = off + done;
             let n = (cs - (pos & (cs - 1))).min(total - done);
             let w = window(segs, done as usize, n as usize, win.arr())?;
-            // An external data file holds no compressed clusters: written plainly.
-            let plain = n < cs || self.g().external_data;
+            // An external data file or an encrypted image holds no compressed
+            // clusters: written plainly.
+            let plain = n < cs || self.g().external_data || self.top().crypt.is_some();
             if plain || !self.write_one_compressed(pos, w).await? {
                 self.write(pos, w, false).await?;
             }

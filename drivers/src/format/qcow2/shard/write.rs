@@ -54,9 +54,9 @@ impl Shard {
     }
 
     pub(super) async fn write_in_place(&self, host: u64, w: &[IoSeg<'_>]) -> Result<(), IoError> {
-        if let Some(d) = &self.top().data {
+        if self.top().data.is_some() {
             // The data file holds nothing else and frees nothing: no guard to keep.
-            return d.write(host, w, false).await;
+            return self.top().write_data(host, w).await;
         }
         let len = seg::total_len(w) as u64;
         let cb = self.g().cluster_bits;
@@ -70,7 +70,7 @@ impl Shard {
             )));
         }
         let t = self.inflight.begin(host, len);
-        let r = self.top().io.write(host, w, false).await;
+        let r = self.top().write_data(host, w).await;
         self.inflight.end(t);
         r
     }
@@ -126,7 +126,7 @@ impl Shard {
             && matches!(run.kind, RunKind::Unallocated | RunKind::Zero { .. });
         if fresh && zeros_below && (head > 0 || tail > 0) {
             let w = window(segs, seg_off, len as usize, win.arr())?;
-            if let Err(e) = self.top().data_io().write(host + head, w, false).await {
+            if let Err(e) = self.top().write_data(host + head, w).await {
                 self.release_unlinked(host, got).await;
                 return Err(e);
             }
@@ -176,7 +176,7 @@ impl Shard {
             n += 1;
         }
         debug_assert_eq!(seg::total_len(&iov[..n]) as u64, (c1 - c0) * cs);
-        if let Err(e) = self.top().data_io().write(host, &iov[..n], false).await {
+        if let Err(e) = self.top().write_data(host, &iov[..n]).await {
             self.release_unlinked(host, got).await;
             return Err(e);
         }
