@@ -53,7 +53,8 @@ pub enum Command {
         /// Options: cluster_size, refcount_bits, compat (0.10 or 1.1), lazy_refcounts,
         /// preallocation (off or metadata), compression_type (zlib or zstd),
         /// backing_file, backing_fmt, data_file (an external data file, relative to the
-        /// image), data_file_raw (keep it readable as a raw image).
+        /// image), data_file_raw (keep it readable as a raw image), encrypt.format=luks
+        /// with encrypt.key-file (the file holding the key) and encrypt.iter-time (ms).
         #[arg(short = 'o', long)]
         options: Option<String>,
         /// Backing file (name stored as given; relative names are relative to the image).

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use drivers::qcow2::check::{self, Repair};
 use drivers::qcow2::create::{self, CreateOptions};
@@ -53,12 +54,38 @@ pub fn apply_create_options(opts: &mut CreateOptions, spec: &str) -> Result<(), 
             }
             "backing_file" => opts.backing_file = Some(v.to_string()),
             "backing_fmt" => opts.backing_format = Some(v.to_string()),
+            "encrypt.format" => {
+                if v != "luks" {
+                    return Err(format!("encrypt.format `{v}` is not luks"));
+                }
+                let iter = opts.luks.take().map_or(Duration::from_secs(2), |(_, t)| t);
+                opts.luks = Some((Vec::new(), iter));
+            }
+            "encrypt.key-file" => {
+                let key = std::fs::read(v).map_err(|e| format!("encrypt.key-file {v}: {e}"))?;
+                let iter = opts.luks.take().map_or(Duration::from_secs(2), |(_, t)| t);
+                opts.luks = Some((key, iter));
+            }
+            "encrypt.iter-time" => {
+                let ms: u64 = v.parse().map_err(|_| format!("encrypt.iter-time: `{v}`"))?;
+                let key = opts.luks.take().map_or(Vec::new(), |(k, _)| k);
+                opts.luks = Some((key, Duration::from_millis(ms)));
+            }
             "data_file" => opts.data_file = Some(v.to_string()),
             "data_file_raw" => opts.data_file_raw = on(v)?,
             _ => return Err(format!("unknown option `{k}`")),
         }
     }
-    Ok(())
+    let luks = spec.split(',').any(|i| i == "encrypt.format=luks");
+    match &opts.luks {
+        Some((key, _)) if key.is_empty() => {
+            Err("encrypt.format=luks needs encrypt.key-file (the file holding the key)".into())
+        }
+        Some(_) if !luks => {
+            Err("encrypt.key-file and encrypt.iter-time need encrypt.format=luks".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `appliance create`.

@@ -228,6 +228,13 @@ fn mark_metadata(shard: &Shard, p: &Parts) {
         }
     };
     mark("the header", 0, cs, false);
+    if let Some(e) =
+        h.extension(super::types::EXT_CRYPTO).filter(|e| h.crypt_method != 0 && e.len() >= 16)
+    {
+        let off = u64::from_be_bytes(e[..8].try_into().expect("8"));
+        let len = u64::from_be_bytes(e[8..16].try_into().expect("8"));
+        mark("the encryption header", off, len, false);
+    }
     if h.l1_size > 0 {
         mark("the L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8, false);
     }

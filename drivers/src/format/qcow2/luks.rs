@@ -93,7 +93,7 @@ impl Hash {
         }
     }
 
-    fn pbkdf2(self, secret: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
+    pub(crate) fn pbkdf2(self, secret: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
         match self {
             Hash::Sha1 => pbkdf2::pbkdf2_hmac::<Sha1>(secret, salt, rounds, out),
             Hash::Sha256 => pbkdf2::pbkdf2_hmac::<Sha256>(secret, salt, rounds, out),
@@ -115,7 +115,7 @@ impl Hash {
     }
 
     /// The anti-forensic diffusion of `buf` in place, one digest-sized block at a time.
-    fn diffuse(self, buf: &mut [u8]) {
+    pub(crate) fn diffuse(self, buf: &mut [u8]) {
         let mut out = [0u8; 64];
         for (i, chunk) in buf.chunks_mut(self.len()).enumerate() {
             let n = chunk.len();

@@ -37,6 +37,7 @@ pub(crate) mod hints;
 mod image;
 mod layer;
 pub mod luks;
+mod luks_format;
 mod online;
 pub(crate) mod open;
 mod overlap;

@@ -21,7 +21,9 @@ use std::path::Path;
 use crate::error::OpenError;
 
 use crate::format::qcow2::header::Header;
-use crate::format::qcow2::open::{MetaIo, read_at, read_header, read_table};
+use crate::format::qcow2::open::{
+    MetaIo, read_at, read_header_any_crypt as read_header, read_table,
+};
 use crate::format::qcow2::snapshot::read_snapshots;
 use crate::format::qcow2::types::*;
 
@@ -311,6 +313,26 @@ pub fn check_io(
     Ok(report)
 }
 
+/// The LUKS header and key material of an encrypted image (the full disk encryption
+/// header extension's area) are referenced like any metadata.
+fn count_crypto_area(w: &mut Walk<'_>, h: &Header) {
+    if h.crypt_method == 0 {
+        return;
+    }
+    match h.extension(EXT_CRYPTO) {
+        Some(e) if e.len() >= 16 => {
+            let off = u64::from_be_bytes(e[..8].try_into().expect("8"));
+            let len = u64::from_be_bytes(e[8..16].try_into().expect("8"));
+            if !off.is_multiple_of(w.g.cluster_size()) || len > 64 << 20 {
+                w.error(format!("the encryption header area ({len} bytes at {off:#x}) is invalid"));
+            } else {
+                w.add(off, len, "encryption header");
+            }
+        }
+        _ => w.error("an encrypted image without its encryption header extension".into()),
+    }
+}
+
 /// After a full repair that left nothing corrupt (and no check errors), the image's
 /// corrupt bit is cleared, so it can be served read-write again; `qemu-img check -r
 /// all` does the same. A leaks-only repair never clears it: the bit records that
@@ -364,6 +386,7 @@ fn walk_and_compare(
         grow: false,
     };
     w.add(0, cs, "header");
+    count_crypto_area(&mut w, h);
     w.walk_l1(h.l1_table_offset, h.l1_size, true, progress).map_err(io)?;
     let (snap_bytes, snaps) = read_snapshots(path, f, h, file_size)?;
     for s in &snaps {
@@ -513,6 +536,7 @@ pub(crate) fn recount_refs(
     };
     let io = |e| OpenError::io(path, e);
     w.add(0, g.cluster_size(), "header");
+    count_crypto_area(&mut w, h);
     w.walk_l1(h.l1_table_offset, h.l1_size, true, &mut |_, _| {}).map_err(io)?;
     let (snap_bytes, snaps) = read_snapshots(path, f, h, file_size)?;
     for s in &snaps {

@@ -33,6 +33,9 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// `data_file_raw`: the data file is kept readable as a raw image on its own.
     pub data_file_raw: bool,
+    /// `encrypt.format=luks`: the secret that opens the new volume's key slot, and how
+    /// long its key derivation should take (`encrypt.iter-time`).
+    pub luks: Option<(Vec<u8>, std::time::Duration)>,
 }
 
 impl Default for CreateOptions {
@@ -49,6 +52,7 @@ impl Default for CreateOptions {
             compression: Compression::Zlib,
             data_file: None,
             data_file_raw: false,
+            luks: None,
         }
     }
 }
@@ -124,6 +128,13 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         ));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    if o.luks.is_some() && o.version != 3 {
+        return invalid("encrypt.format=luks requires compat=1.1");
+    }
+    let luks_clusters = match o.luks {
+        Some(_) => super::super::luks_format::area_len().div_ceil(cs),
+        None => 0,
+    };
     // A raw data file is consistent on its own: every cluster is mapped (QEMU forces
     // metadata preallocation with data_file_raw too).
     let prealloc = o.preallocate_metadata || o.data_file_raw;
@@ -135,7 +146,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     };
     // Fixpoint: refcount table clusters T and blocks B covering all clusters.
     let per = g.refblock_entries();
-    let fixed = 1 + l1_clusters + l2_tables + data_clusters;
+    let fixed = 1 + l1_clusters + luks_clusters + l2_tables + data_clusters;
     let (mut t, mut b) = (1u64, 1u64);
     loop {
         let total = fixed + t + b;
@@ -153,7 +164,8 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     let reftable_off = cs;
     let blocks_off = reftable_off + t * cs;
     let l1_off = blocks_off + b * cs;
-    let l2_off = l1_off + l1_clusters * cs;
+    let luks_off = l1_off + l1_clusters * cs;
+    let l2_off = luks_off + luks_clusters * cs;
     let data_off = l2_off + l2_tables * cs;
     let total_clusters = fixed + t + b;
 
@@ -164,6 +176,17 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     if let Some(name) = &o.data_file {
         extensions.push(Extension { kind: EXT_DATA_FILE, data: name.as_bytes().to_vec() });
     }
+    let volume = match &o.luks {
+        Some((secret, iter_time)) => {
+            let v = super::super::luks_format::format(secret, *iter_time)
+                .map_err(|e| CreateError::Io { path: path.display().to_string(), source: e })?;
+            let mut d = luks_off.to_be_bytes().to_vec();
+            d.extend_from_slice(&(v.area.len() as u64).to_be_bytes());
+            extensions.push(Extension { kind: EXT_CRYPTO, data: d });
+            Some(v)
+        }
+        None => None,
+    };
     if o.version == 3 {
         extensions.push(Extension { kind: EXT_FEATURE_NAMES, data: feature_name_table() });
     }
@@ -175,7 +198,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         backing_file_size: 0,
         cluster_bits,
         size: o.size,
-        crypt_method: 0,
+        crypt_method: if volume.is_some() { 2 } else { 0 },
         l1_size: l1_size as u32,
         l1_table_offset: l1_off,
         refcount_table_offset: reftable_off,
@@ -239,6 +262,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         }
     }
     f.write_all_at(&l1, l1_off).map_err(io)?;
+    if let Some(v) = &volume {
+        f.write_all_at(&v.area, luks_off).map_err(io)?;
+    }
     f.set_len(total_clusters * cs).map_err(io)?;
     f.sync_all().map_err(io)?;
     if let Some(name) = &o.data_file {
