@@ -479,3 +479,16 @@ fn security_keys_render_back_unchanged() {
     let again = parse(&c.to_toml()).unwrap();
     assert_eq!(c, again);
 }
+
+#[test]
+fn encryption_key_files() {
+    let disk = "[[disk]]\nname = \"e\"\ndriver = \"mem\"\nsize = 4096\n";
+    let c = parse(&format!("{disk}[disk.encryption]\nkey_file = \"keys/e.key\"\n")).unwrap();
+    let k = c.disks[0].encryption_key_file.as_deref().unwrap();
+    assert!(k.ends_with("keys/e.key") && k.is_absolute(), "{}", k.display());
+    // The key itself never goes in the TOML.
+    let e = parse(&format!("{disk}[disk.encryption]\nkey = \"hunter2\"\n")).unwrap_err();
+    assert!(e.to_string().contains("unknown field `key`, expected `key_file`"), "{e}");
+    let e = parse(&format!("{disk}[disk.encryption]\n")).unwrap_err();
+    assert!(e.to_string().contains("key_file"), "{e}");
+}

@@ -83,6 +83,13 @@ fn open_with(
             Arc::new(Qcow2Driver::open(path, opts, &reactors[..n])?)
         }
         config::Format::Raw => {
+            if disk.encryption_key_file.is_some() {
+                return Err(OpenError::invalid(
+                    path,
+                    "[disk.encryption] applies to LUKS-encrypted qcow2 images; a raw disk \
+                     is served as it is",
+                ));
+            }
             let storage = match disk.driver {
                 config::Driver::Null => Storage::null(disk.size.unwrap_or(0)),
                 config::Driver::Mem => Storage::mem(disk.size.unwrap_or(0))?,
