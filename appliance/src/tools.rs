@@ -233,6 +233,9 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
             "actual-size": i.actual_size,
             "dirty-flag": i.dirty,
         });
+        if i.encrypted {
+            v["encrypted"] = json!(true);
+        }
         if let Some(cs) = i.cluster_size {
             v["cluster-size"] = json!(cs);
             v["format-specific"] = json!({
@@ -279,6 +282,9 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
     println!("file format: {}", i.format);
     println!("virtual size: {} ({} bytes)", human(i.virtual_size), i.virtual_size);
     println!("disk size: {}", human(i.actual_size));
+    if i.encrypted {
+        println!("encrypted: yes (LUKS)");
+    }
     if let Some(cs) = i.cluster_size {
         println!("cluster_size: {cs}");
     }

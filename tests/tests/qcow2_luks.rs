@@ -127,6 +127,9 @@ fn appliance_create_makes_luks_images_qemu_opens() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("No errors"), "{out:?}");
     let ours = stdout(&run(Command::new(appliance_tests::bin()).arg("check").arg(&img)));
     assert!(ours.contains("No errors were found"), "{ours}");
+    let info =
+        stdout(&run(Command::new(appliance_tests::bin()).args(["info", "--json"]).arg(&img)));
+    assert!(info.contains("\"encrypted\": true"), "{info}");
     for bad in ["encrypt.format=luks", "encrypt.format=aes"] {
         let out = Command::new(appliance_tests::bin())
             .args(["create", "-o", bad])

@@ -40,6 +40,8 @@ pub struct ImageInfo {
     /// The external data file (as stored in the image) and whether it is raw.
     pub data_file: Option<String>,
     pub data_file_raw: bool,
+    /// LUKS-encrypted (`crypt_method` 2).
+    pub encrypted: bool,
     pub snapshots: Vec<SnapshotInfo>,
     /// The persistent bitmaps, as `qemu-img info` lists them.
     pub bitmaps: Vec<BitmapInfo>,
@@ -96,12 +98,13 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
             backing_filename: None,
             data_file: None,
             data_file_raw: false,
+            encrypted: false,
             backing_format: None,
             snapshots: Vec::new(),
             bitmaps: Vec::new(),
         });
     }
-    let (h, file_size) = read_header(path, &f)?;
+    let (h, file_size) = crate::format::qcow2::open::read_header_any_crypt(path, &f)?;
     let (_, snapshots) = read_snapshots(path, &f, &h, file_size)?;
     Ok(ImageInfo {
         filename: path.display().to_string(),
@@ -122,6 +125,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
         backing_filename: h.backing_file.clone(),
         data_file: h.data_file(),
         data_file_raw: h.data_file_raw(),
+        encrypted: h.crypt_method == 2,
         backing_format: h.backing_format(),
         snapshots,
         bitmaps: bitmap_infos(&f, &h, file_size),
