@@ -4,7 +4,8 @@
 //! done through the appliance and by qemu-io on a copy leave the same content
 //! (`qemu-img compare`), `qemu-img check` is clean, a raw data file stays equal to the
 //! image read through its metadata, and nothing of the guest's data lands in the qcow2
-//! file. Images `appliance create -o data_file=...` makes work with qemu-img and
+//! file; a served image grows with its data file. Images `appliance create -o
+//! data_file=...` makes work with qemu-img and
 //! qemu-io. Hostile data file names (escaping the allowed directories, naming the image
 //! itself, missing) and entries off their guest offset get clear errors.
 
@@ -154,7 +155,7 @@ fn images_with_a_data_file_are_served_like_qemu_serves_them() {
     if dir.path().join("base.qcow2").exists() {
         std::fs::copy(dir.path().join("base.qcow2"), theirs.path().join("base.qcow2")).unwrap();
     }
-    let setup = Setup { cores: "[0, 1]", disks, ..Setup::default() };
+    let setup = Setup { cores: "[0, 1]", disks, extra: control_extra(None), ..Setup::default() };
     let a = Appliance::start_in(dir, setup);
     for c in &cases {
         let cs = c.cluster;
@@ -170,8 +171,17 @@ fn images_with_a_data_file_are_served_like_qemu_serves_them() {
         io(&a, c.name, &s.iter().map(String::as_str).collect::<Vec<_>>());
         qemu_io(&theirs.path().join(format!("{}.qcow2", c.name)), &s);
     }
+    // Growing a served image grows its data file; shrinking one is refused.
+    rpc_ok(&a, "disk_resize", json!({"disk": "raw64k", "size": "96MiB"}));
+    io(&a, "raw64k", &["write -P 0x76 95M 1M", "read -P 0x76 95M 1M", "read -P 0 64M 31M"]);
+    let q = theirs.path().join("raw64k.qcow2");
+    run(Command::new("qemu-img").args(["resize", "-q", "--image-opts", &spec(&q), "96M"]));
+    qemu_io(&q, &["write -P 0x76 95M 1M".into()]);
+    let (_, m) = rpc_error(&a, "disk_resize", json!({"disk": "ext4k", "size": "32MiB"}));
+    assert!(m.contains("not shrunk"), "{m}");
     let mut a = a;
     assert!(a.stop().success(), "{}", a.logs());
+    assert_eq!(std::fs::metadata(a.path("raw64k.data")).unwrap().len(), 96 << 20);
     for c in &cases {
         let ours = a.path(&format!("{}.qcow2", c.name));
         let qemu = theirs.path().join(format!("{}.qcow2", c.name));

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use appliance_tests::nbd_map::io;
-use appliance_tests::ops::{control_extra, rpc_error};
+use appliance_tests::ops::{control_extra, rpc_error, rpc_ok};
 use appliance_tests::{Appliance, Setup, require_tool, run, stdout};
 use serde_json::json;
 
@@ -69,6 +69,21 @@ fn encrypted_images_are_served_and_stay_encrypted() {
         &theirs.path().join("enc.qcow2"),
         &script.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
     );
+    // An encrypted disk grows while served; the new area is encrypted like the rest.
+    rpc_ok(&a, "disk_resize", json!({"disk": "enc", "size": "128MiB"}));
+    io(&a, "enc", &["write -P 0x76 100M 1M", "read -P 0x76 100M 1M", "read -P 0x73 32M 3M"]);
+    let q = theirs.path().join("enc.qcow2");
+    let secret = format!("secret,id=s0,data={SECRET}");
+    run(Command::new("qemu-img").args([
+        "resize",
+        "-q",
+        "--object",
+        &secret,
+        "--image-opts",
+        &spec(&q),
+        "128M",
+    ]));
+    qemu_io(&q, &["write -P 0x76 100M 1M".into()]);
     // Wrong and missing keys: refused, naming the problem, never showing the key.
     for (name, key) in [("w", Some("wrong")), ("m", None)] {
         let copy = a.path(&format!("{name}.qcow2"));
@@ -83,6 +98,8 @@ fn encrypted_images_are_served_and_stay_encrypted() {
     }
     assert!(a.stop().success(), "{}", a.logs());
     assert!(!a.logs().contains("horse"), "the key stays out of the logs");
+    // Closing an encrypted image (at the resize, at the stop) stores its metadata cleanly.
+    assert!(!a.logs().contains(" ERROR "), "{}", a.logs());
     let ours = a.path("enc.qcow2");
     let out = Command::new("qemu-img")
         .args(["compare", "--object", &format!("secret,id=s0,data={SECRET}"), "--image-opts"])
@@ -99,7 +116,7 @@ fn encrypted_images_are_served_and_stay_encrypted() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("No errors"), "{out:?}");
     // The plaintext never reaches the file.
     let bytes = std::fs::read(&ours).unwrap();
-    for b in [0x71u8, 0x73, 0x75] {
+    for b in [0x71u8, 0x73, 0x75, 0x76] {
         assert!(!bytes.windows(512).any(|w| w.iter().all(|x| *x == b)), "{b:#x} in plaintext");
     }
 }

@@ -37,7 +37,7 @@ use crate::driver::StoredBitmap;
 use crate::error::OpenError;
 
 use super::header::{Extension, Header};
-use super::open::{MetaIo, read_at, read_header, read_table};
+use super::open::{MetaIo, read_at, read_header_any_crypt as read_header, read_table};
 use super::tools::check::{
     Repair, check_io, invalidate_bitmaps, rebuild_refcounts, recount_refs, set_refcounts,
     stored_refcounts,

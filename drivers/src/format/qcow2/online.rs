@@ -36,7 +36,7 @@ impl InternalSnapshots for Qcow2Driver {
     fn list(&self) -> Result<Vec<SnapshotInfo>, OpenError> {
         let dev = &self.dev;
         with_meta(&dev.path, dev.meta.as_ref(), true, |f| {
-            let (h, size) = super::open::read_header(&dev.path, f)?;
+            let (h, size) = super::open::read_header_any_crypt(&dev.path, f)?;
             Ok(super::snapshot::read_snapshots(&dev.path, f, &h, size)?.1)
         })
     }

@@ -18,8 +18,10 @@
 //!
 //! The image is locked as QEMU locks it, so an image in use (served, or open in QEMU)
 //! is refused. Shrinking is done only when nothing past the new end is allocated (then only
-//! the size field changes). Also refused: sizes that are not a multiple of 512 bytes,
-//! images with a backing file (the new area would show the backing file's data, where a
+//! the size field changes). An external data file grows with the image (first,
+//! sparsely); such images do not shrink. Encrypted images resize like others (only
+//! metadata changes). Refused: sizes that are not a multiple of 512 bytes, images
+//! with a backing file (the new area would show the backing file's data, where a
 //! guest expects zeros), corrupt images and images with refcount errors (`check -r all`
 //! first). A dirty lazy-refcounts image is repaired first. Persistent bitmaps are
 //! invalidated, as by every read-write open of this engine.
@@ -32,7 +34,9 @@ use crate::error::OpenError;
 use super::check::{
     Repair, check_io, invalidate_bitmaps, rebuild_refcounts, recount_refs, repair_if_dirty_io,
 };
-use crate::format::qcow2::open::{MetaIo, read_exact_or_zero, read_header, read_table};
+use crate::format::qcow2::open::{
+    MetaIo, read_exact_or_zero, read_header_any_crypt as read_header, read_table,
+};
 use crate::format::qcow2::types::*;
 
 /// What [`resize`] did.
@@ -67,10 +71,10 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
             "the image is marked corrupt; repair it (check -r all) before resizing".into(),
         ));
     }
-    if let Some(d) = h.data_file() {
+    if let Some(d) = h.data_file().filter(|_| new_size < h.size) {
         return Err(invalid(format!(
-            "images with an external data file ({d}) are not resized yet (the data file would \
-             have to change with the image)"
+            "images with an external data file ({d}) are not shrunk (the data file keeps its \
+             size)"
         )));
     }
     if h.backing_file.is_some() {
@@ -108,6 +112,11 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
     }
     if new_size < h.size {
         return shrink(path, f, &h, new_size);
+    }
+    if let Some(name) = h.data_file() {
+        // The data file first (growing it is harmless on its own): a raw one must be
+        // as large as the image.
+        grow_data_file(&super::create::data_file_path(path, &name), new_size)?;
     }
     invalidate_bitmaps(path, f, &h)?;
 
@@ -147,6 +156,16 @@ pub fn resize_io(path: &Path, f: &dyn MetaIo, new_size: u64) -> Result<Resized, 
     // The result must open as a valid image.
     read_header(path, f)?;
     Ok(done)
+}
+
+/// Grows the external data file at `data` to at least `len` bytes (sparsely), synced.
+fn grow_data_file(data: &Path, len: u64) -> Result<(), OpenError> {
+    let io = |e| OpenError::io(data, e);
+    let d = OpenOptions::new().read(true).write(true).open(data).map_err(io)?;
+    if d.metadata().map_err(io)?.len() < len {
+        d.set_len(len).map_err(io)?;
+    }
+    d.sync_all().map_err(io)
 }
 
 /// Shrinks the image to `new_size` if nothing is lost: every guest cluster past the new
