@@ -51,7 +51,7 @@ pub enum Command {
     /// Create a qcow2 image (v3 by default).
     Create {
         /// Options: cluster_size, refcount_bits, compat (0.10 or 1.1), lazy_refcounts,
-        /// preallocation (off or metadata), compression_type (zlib or zstd),
+        /// extended_l2 (32 subclusters per cluster; clusters of 16k or more), preallocation (off or metadata), compression_type (zlib or zstd),
         /// backing_file, backing_fmt, data_file (an external data file, relative to the
         /// image), data_file_raw (keep it readable as a raw image), encrypt.format=luks
         /// with encrypt.key-file (the file holding the key) and encrypt.iter-time (ms).

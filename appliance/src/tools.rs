@@ -38,6 +38,7 @@ pub fn apply_create_options(opts: &mut CreateOptions, spec: &str) -> Result<(), 
                 }
             }
             "lazy_refcounts" => opts.lazy_refcounts = on(v)?,
+            "extended_l2" => opts.extended_l2 = on(v)?,
             "preallocation" => {
                 opts.preallocate_metadata = match v {
                     "off" => false,
@@ -246,7 +247,7 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
                     "refcount-bits": i.refcount_bits,
                     "corrupt": i.corrupt,
                     "compression-type": i.compression_type,
-                    "extended-l2": false,
+                    "extended-l2": i.extended_l2,
                 }
             });
             if let Some(d) = &i.data_file {
@@ -307,6 +308,7 @@ pub fn info(path: &Path, as_json: bool) -> Result<(), String> {
             println!("    compression type: {t}");
         }
         println!("    lazy refcounts: {}", i.lazy_refcounts);
+        println!("    extended l2: {}", i.extended_l2);
         if let Some(d) = &i.data_file {
             println!("    data file: {d}");
             println!("    data file raw: {}", i.data_file_raw);

@@ -140,6 +140,11 @@ impl Parts {
         self.top.storage.clone()
     }
 
+    /// Whether the top layer has extended L2 entries (subclusters).
+    pub(super) fn top_subclusters(&self) -> bool {
+        self.top.g.extended_l2
+    }
+
     /// Whether the top layer's data is encrypted (no zero-hop path: data needs the
     /// cipher).
     pub(super) fn top_encrypted(&self) -> bool {
@@ -152,9 +157,9 @@ impl Parts {
     }
 }
 
-fn slice_bits_for(cluster_bits: u32) -> u32 {
-    // Slices of at most 4 KiB (512 entries): small misses, aligned writebacks.
-    (cluster_bits.min(12)) - 3
+fn slice_bits_for(g: &Geometry) -> u32 {
+    // Slices of at most 4 KiB (512 standard entries): small misses, aligned writebacks.
+    g.cluster_bits.min(12) - g.l2_entry_bits()
 }
 
 /// A qcow2 layer on this reactor: the shared L1 table and a cache of at most
@@ -166,8 +171,8 @@ fn build_layer(
     hints: Option<Publisher>,
 ) -> Result<Qcow2Layer, IoError> {
     let g = p.g;
-    let slice_bits = slice_bits_for(g.cluster_bits);
-    let slice_bytes = 8usize << slice_bits;
+    let slice_bits = slice_bits_for(&g);
+    let slice_bytes = 1usize << (slice_bits + g.l2_entry_bits());
     let coverage = 1u64 << (g.cluster_bits + slice_bits);
     let needed = g.size.div_ceil(coverage).div_ceil(shards).max(1);
     let capacity = needed.min((cache_bytes / slice_bytes as u64).max(16)).max(16) as usize;
@@ -190,7 +195,10 @@ fn build_shard(p: &Parts, idx: usize) -> Result<Shard, IoError> {
     let n = p.image.n as u64;
     let meta = Rc::new(MetaMap::default());
     let publisher = Publisher { img: p.image.clone(), meta: meta.clone() };
-    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n, Some(publisher))?)];
+    // Hints map whole clusters: a cluster with subclusters of mixed states has none,
+    // so images with subclusters take the hop to the owner for every request.
+    let publisher = (!p.top.g.extended_l2).then_some(publisher);
+    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n, publisher)?)];
     for b in &p.backing {
         chain.push(match b {
             BackingParts::Qcow2(q) => {

@@ -120,13 +120,28 @@ impl Drop for Pin<'_> {
 }
 
 impl Pin<'_> {
-    /// Entry `i` as a big-endian u64.
-    pub(crate) fn get_u64(&self, i: usize) -> u64 {
-        u64::from_be_bytes(self.bytes()[8 * i..8 * i + 8].try_into().expect("8 bytes"))
-    }
-
     pub(crate) fn set_u64(&self, i: usize, v: u64) {
         self.modify(|b| b[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()));
+    }
+
+    /// L2 entry `i` of a slice of `g`'s image: its raw words, decoded.
+    pub(crate) fn l2_entry(
+        &self,
+        i: usize,
+        g: &super::types::Geometry,
+    ) -> ((u64, u64), Result<super::types::L2Entry, super::types::EntryError>) {
+        let (w0, w1) = super::types::l2_raw_at(self.bytes(), i, g);
+        ((w0, w1), super::types::L2Entry::decode2(w0, w1, g))
+    }
+
+    /// Writes L2 entry `i` of a slice of `g`'s image.
+    pub(crate) fn set_l2_entry(
+        &self,
+        i: usize,
+        e: &super::types::L2Entry,
+        g: &super::types::Geometry,
+    ) {
+        self.modify(|b| super::types::set_l2_at(b, i, e, g));
     }
 
     /// The slice's bytes. Valid while the pin lives; callers must not hold the slice

@@ -64,6 +64,7 @@ impl Header {
             size: self.size,
             version: self.version,
             external_data: self.incompatible & INCOMPAT_DATA_FILE != 0,
+            extended_l2: self.incompatible & INCOMPAT_EXTL2 != 0,
         }
     }
 
@@ -317,8 +318,11 @@ impl Header {
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
             self.validate_data_file()?;
         }
-        if self.incompatible & INCOMPAT_EXTL2 != 0 {
-            return err("images with extended L2 entries (extended_l2) are not supported");
+        if self.incompatible & INCOMPAT_EXTL2 != 0 && self.cluster_bits < MIN_EXTL2_CLUSTER_BITS {
+            return err(format!(
+                "extended L2 entries need clusters of at least {} bytes (subclusters of 512), not {cs}",
+                1u64 << MIN_EXTL2_CLUSTER_BITS
+            ));
         }
         let has_compression_bit = self.incompatible & INCOMPAT_COMPRESSION != 0;
         match (has_compression_bit, self.compression_type) {

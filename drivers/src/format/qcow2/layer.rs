@@ -161,17 +161,18 @@ impl Qcow2Layer {
         }
         let key = guest_off >> (g.cluster_bits + self.slice_bits);
         let slices_per_table = 1u64 << (g.l2_bits() - self.slice_bits);
-        let slice_bytes = 8u64 << self.slice_bits;
+        let slice_bytes = 1u64 << (self.slice_bits + g.l2_entry_bits());
         Ok(Some((key, l2_off + (key % slices_per_table) * slice_bytes)))
     }
 
     /// Where the L2 slice `key` lives now, if its table is allocated (a table copied
     /// on write moves).
     pub(crate) fn slice_host(&self, key: u64) -> Option<u64> {
-        let slices_per_table = 1u64 << (self.g.l2_bits() - self.slice_bits);
+        let g = &self.g;
+        let slices_per_table = 1u64 << (g.l2_bits() - self.slice_bits);
         let raw = self.l1.get((key / slices_per_table) as usize)?;
-        let (l2_off, _) = decode_l1(raw, &self.g).ok()?;
-        let slice_bytes = 8u64 << self.slice_bits;
+        let (l2_off, _) = decode_l1(raw, g).ok()?;
+        let slice_bytes = 1u64 << (self.slice_bits + g.l2_entry_bits());
         (l2_off != 0).then_some(l2_off + (key % slices_per_table) * slice_bytes)
     }
 
@@ -197,33 +198,8 @@ impl Qcow2Layer {
         let first = ((guest_off >> g.cluster_bits) & mask) as usize;
         let in_cluster = g.offset_in_cluster(guest_off);
         let decode = |i: usize| -> Result<L2Entry, IoError> {
-            let raw = pin.get_u64(i);
             let c = (guest_off >> g.cluster_bits) + (i - first) as u64;
-            let e = L2Entry::decode(raw, &g).map_err(|e| {
-                corrupt(
-                    &self.name,
-                    format_args!("L2 entry for guest cluster {c} ({raw:#x}) is invalid: {e:?}"),
-                )
-            })?;
-            if self.crypt.is_some() && matches!(e, L2Entry::Compressed { .. }) {
-                return Err(corrupt(
-                    &self.name,
-                    format_args!("guest cluster {c} is compressed in an encrypted image"),
-                ));
-            }
-            // In an external data file a cluster lives at its guest offset.
-            if let L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } = e
-                && g.external_data
-                && host != c << g.cluster_bits
-            {
-                return Err(corrupt(
-                    &self.name,
-                    format_args!(
-                        "L2 entry for guest cluster {c} ({raw:#x}) is not at its guest offset in the data file"
-                    ),
-                ));
-            }
-            Ok(e)
+            self.check_entry(c, pin.l2_entry(i, &g))
         };
         let e0 = decode(first)?;
         let kind = match e0 {
@@ -236,6 +212,8 @@ impl Qcow2Layer {
                     kind: RunKind::Compressed { host, max_len },
                 });
             }
+            // Subclusters of mixed states: a run of one state, within the cluster.
+            L2Entry::Sub { .. } => return Ok(sub_run(&g, e0, guest_off, max)),
         };
         let mut len = cs - in_cluster;
         let mut i = first + 1;
@@ -272,6 +250,40 @@ impl Qcow2Layer {
         Ok(Run { len, kind })
     }
 
+    /// Validates L2 entry `c` as decoded from its raw words.
+    fn check_entry(
+        &self,
+        c: u64,
+        (raw, e): ((u64, u64), Result<L2Entry, EntryError>),
+    ) -> Result<L2Entry, IoError> {
+        let g = self.g;
+        let e = e.map_err(|e| {
+            corrupt(
+                &self.name,
+                format_args!("L2 entry for guest cluster {c} ({raw:#x?}) is invalid: {e:?}"),
+            )
+        })?;
+        if self.crypt.is_some() && matches!(e, L2Entry::Compressed { .. }) {
+            return Err(corrupt(
+                &self.name,
+                format_args!("guest cluster {c} is compressed in an encrypted image"),
+            ));
+        }
+        // In an external data file a cluster lives at its guest offset.
+        if let Some(host) = e.host_cluster()
+            && g.external_data
+            && host != c << g.cluster_bits
+        {
+            return Err(corrupt(
+                &self.name,
+                format_args!(
+                    "L2 entry for guest cluster {c} ({raw:#x?}) is not at its guest offset in the data file"
+                ),
+            ));
+        }
+        Ok(e)
+    }
+
     /// Like [`Self::map`], for read-only use: waits out a full cache instead of failing.
     pub(crate) async fn map_ro(&self, guest_off: u64, max: u64) -> Result<Run, IoError> {
         loop {
@@ -302,6 +314,26 @@ impl Qcow2Layer {
             ))
         }
     }
+}
+
+/// The run from `off` (at most `max` bytes, within its cluster) of a cluster whose
+/// subclusters are in mixed states: the subclusters in the first one's state.
+fn sub_run(g: &Geometry, e: L2Entry, off: u64, max: u64) -> Run {
+    let sb = g.subcluster_bits();
+    let in_cluster = g.offset_in_cluster(off);
+    let s0 = (in_cluster >> sb) as u32;
+    let state = e.sub_state(s0);
+    let s1 = e.sub_run_end(s0);
+    let len = ((u64::from(s1) << sb) - in_cluster).min(max);
+    let kind = match state {
+        SubState::Data => RunKind::Data {
+            host: e.host_cluster().expect("allocated subclusters have a host") + in_cluster,
+            copied: e.copied(),
+        },
+        SubState::Zero => RunKind::Zero { host: None, copied: false },
+        SubState::Unallocated => RunKind::Unallocated,
+    };
+    Run { len, kind }
 }
 
 struct Frame {

@@ -62,6 +62,13 @@ pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry (bits 1-8 and 56-61).
 pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Subclusters per cluster with extended L2 entries, and its log2.
+pub const SUBCLUSTERS: u32 = 32;
+pub const SUBCLUSTER_SHIFT: u32 = 5;
+/// Every subcluster's bit.
+pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
+/// The smallest cluster with extended L2 entries (subclusters of 512 bytes).
+pub const MIN_EXTL2_CLUSTER_BITS: u32 = MIN_CLUSTER_BITS + SUBCLUSTER_SHIFT;
 /// Reserved bits of a refcount table entry.
 pub const REFT_RESERVED: u64 = 0x0000_0000_0000_01ff;
 
@@ -82,15 +89,42 @@ pub struct Geometry {
     /// Guest data lives in an external data file (incompatible bit 2): data clusters
     /// sit at their guest offset there and are not refcounted.
     pub external_data: bool,
+    /// Extended L2 entries (incompatible bit 4): 128-bit entries, each cluster split
+    /// into 32 subclusters with their own allocation and zero bits.
+    pub extended_l2: bool,
 }
 
 impl Geometry {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
-    /// Entries per L2 table (8-byte entries).
+    /// log2 of an L2 entry's bytes: 8, or 16 with extended L2 entries.
+    pub fn l2_entry_bits(&self) -> u32 {
+        if self.extended_l2 { 4 } else { 3 }
+    }
+    /// 64-bit words per L2 entry.
+    pub fn l2_words(&self) -> usize {
+        1 << (self.l2_entry_bits() - 3)
+    }
+    /// log2 of entries per L2 table.
     pub fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - self.l2_entry_bits()
+    }
+    /// log2 of the unit of allocation within a cluster: a subcluster (1/32 of a
+    /// cluster) with extended L2 entries, else the cluster.
+    pub fn subcluster_bits(&self) -> u32 {
+        if self.extended_l2 { self.cluster_bits - SUBCLUSTER_SHIFT } else { self.cluster_bits }
+    }
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits()
+    }
+    /// The subclusters `off..off+len` (within one cluster) touch, as a bitmask.
+    pub fn subcluster_mask(&self, off: u64, len: u64) -> u32 {
+        let sb = self.subcluster_bits();
+        let s0 = (self.offset_in_cluster(off) >> sb) as u32;
+        let s1 = ((self.offset_in_cluster(off) + len.max(1) - 1) >> sb) as u32 + 1;
+        assert!(s1 <= SUBCLUSTERS && self.cluster_of(off) == self.cluster_of(off + len.max(1) - 1));
+        sub_range(s0, s1)
     }
     pub fn l2_entries(&self) -> u64 {
         1 << self.l2_bits()
@@ -139,6 +173,19 @@ pub enum L2Entry {
     Normal { host: u64, copied: bool },
     /// Compressed data at a byte offset, at most `max_len` bytes long.
     Compressed { host: u64, max_len: u64 },
+    /// Extended L2 entries only: a cluster whose subclusters are not all in one state
+    /// (bit `i` of `alloc`: subcluster `i` holds data at `host + i * subcluster size`;
+    /// of `zero`: it reads as zeros; neither: it reads from below). Without a host
+    /// cluster no subcluster is allocated.
+    Sub { host: Option<u64>, copied: bool, alloc: u32, zero: u32 },
+}
+
+/// The state of one subcluster (or of a whole cluster without subclusters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubState {
+    Data,
+    Zero,
+    Unallocated,
 }
 
 /// Why an entry is invalid.
@@ -147,6 +194,10 @@ pub enum EntryError {
     Reserved,
     Unaligned,
     ZeroFlagV2,
+    /// A subcluster both allocated and reading as zeros.
+    SubclusterBoth,
+    /// Allocated subclusters without a host cluster.
+    SubclusterNoHost,
 }
 
 impl L2Entry {
@@ -190,6 +241,112 @@ impl L2Entry {
         Ok(L2Entry::Normal { host, copied })
     }
 
+    /// Decodes an entry of either width: `w1` is the subcluster bitmap of an
+    /// extended entry (ignored otherwise).
+    pub fn decode2(w0: u64, w1: u64, g: &Geometry) -> Result<L2Entry, EntryError> {
+        if !g.extended_l2 {
+            return L2Entry::decode(w0, g);
+        }
+        if w0 & OFLAG_COMPRESSED != 0 {
+            // Compressed clusters have no subclusters: the bitmap is reserved.
+            return if w1 != 0 { Err(EntryError::Reserved) } else { L2Entry::decode(w0, g) };
+        }
+        // Bit 0 (the zero flag of standard entries) is reserved: the bitmap says it.
+        if w0 & (L2_STD_RESERVED | OFLAG_ZERO) != 0 {
+            return Err(EntryError::Reserved);
+        }
+        let copied = w0 & OFLAG_COPIED != 0;
+        let host = w0 & OFFSET_MASK;
+        if host != 0 && !g.is_cluster_aligned(host) {
+            return Err(EntryError::Unaligned);
+        }
+        if host == 0 && copied && !g.external_data {
+            return Err(EntryError::Reserved);
+        }
+        let has_host = host != 0 || copied;
+        let (alloc, zero) = (w1 as u32, (w1 >> 32) as u32);
+        if alloc & zero != 0 {
+            return Err(EntryError::SubclusterBoth);
+        }
+        if !has_host && alloc != 0 {
+            return Err(EntryError::SubclusterNoHost);
+        }
+        Ok(L2Entry::from_bitmaps(has_host.then_some(host), copied, alloc, zero))
+    }
+
+    /// The entry of a cluster at `host` (none: no host cluster) whose subclusters
+    /// have these bitmaps, in its uniform form where it has one.
+    pub fn from_bitmaps(host: Option<u64>, copied: bool, alloc: u32, zero: u32) -> L2Entry {
+        assert!(alloc & zero == 0, "subclusters both allocated and zero: {alloc:#x}");
+        assert!(host.is_some() || alloc == 0, "allocated subclusters without a cluster");
+        match (host, alloc, zero) {
+            (Some(host), ALL_SUBCLUSTERS, _) => L2Entry::Normal { host, copied },
+            (host, 0, ALL_SUBCLUSTERS) => L2Entry::Zero { host, copied: copied && host.is_some() },
+            (None, 0, 0) => L2Entry::Unallocated,
+            (host, alloc, zero) => L2Entry::Sub { host, copied, alloc, zero },
+        }
+    }
+
+    /// The subcluster bitmaps (allocated, zero) of any entry but a compressed one.
+    pub fn bitmaps(&self) -> (u32, u32) {
+        match *self {
+            L2Entry::Unallocated => (0, 0),
+            L2Entry::Zero { .. } => (0, ALL_SUBCLUSTERS),
+            L2Entry::Normal { .. } | L2Entry::Compressed { .. } => (ALL_SUBCLUSTERS, 0),
+            L2Entry::Sub { alloc, zero, .. } => (alloc, zero),
+        }
+    }
+
+    /// The host cluster of a standard entry (data, preallocated zeros or subclusters).
+    pub fn host_cluster(&self) -> Option<u64> {
+        match *self {
+            L2Entry::Normal { host, .. } => Some(host),
+            L2Entry::Zero { host, .. } | L2Entry::Sub { host, .. } => host,
+            L2Entry::Unallocated | L2Entry::Compressed { .. } => None,
+        }
+    }
+
+    /// Whether the entry's cluster is COPIED (its refcount is one).
+    pub fn copied(&self) -> bool {
+        match *self {
+            L2Entry::Normal { copied, .. }
+            | L2Entry::Zero { copied, .. }
+            | L2Entry::Sub { copied, .. } => copied,
+            L2Entry::Unallocated | L2Entry::Compressed { .. } => false,
+        }
+    }
+
+    /// The state of subcluster `i` (of the cluster, without subclusters).
+    pub fn sub_state(&self, i: u32) -> SubState {
+        let (alloc, zero) = self.bitmaps();
+        if alloc & (1 << i) != 0 {
+            SubState::Data
+        } else if zero & (1 << i) != 0 {
+            SubState::Zero
+        } else {
+            SubState::Unallocated
+        }
+    }
+
+    /// The end of the run of subclusters from `s0` in `s0`'s state.
+    pub fn sub_run_end(&self, s0: u32) -> u32 {
+        let state = self.sub_state(s0);
+        (s0 + 1..SUBCLUSTERS).find(|&s| self.sub_state(s) != state).unwrap_or(SUBCLUSTERS)
+    }
+
+    /// Encodes an entry of either width (`.1` is the bitmap of an extended entry).
+    pub fn encode2(&self, g: &Geometry) -> (u64, u64) {
+        if !g.extended_l2 {
+            return (self.encode(), 0);
+        }
+        let (alloc, zero) = self.bitmaps();
+        let w0 = match self.host_cluster() {
+            Some(h) => h | if self.copied() { OFLAG_COPIED } else { 0 },
+            None => 0,
+        };
+        (w0, u64::from(alloc) | u64::from(zero) << 32)
+    }
+
     pub fn encode(&self) -> u64 {
         match *self {
             L2Entry::Unallocated => 0,
@@ -198,6 +355,7 @@ impl L2Entry {
             }
             L2Entry::Normal { host, copied } => host | if copied { OFLAG_COPIED } else { 0 },
             L2Entry::Compressed { .. } => panic!("compressed entries are never written"),
+            L2Entry::Sub { .. } => panic!("subcluster entries in a standard L2 table"),
         }
     }
 }
@@ -265,6 +423,29 @@ pub fn set_refcount(block: &mut [u8], i: usize, order: u32, v: u64) {
     }
 }
 
+/// The raw words of L2 entry `i` of a table (or slice) `b`: (entry, bitmap; 0 for a
+/// standard entry).
+pub fn l2_raw_at(b: &[u8], i: usize, g: &Geometry) -> (u64, u64) {
+    if g.extended_l2 { (be64_at(b, 2 * i), be64_at(b, 2 * i + 1)) } else { (be64_at(b, i), 0) }
+}
+
+/// Writes L2 entry `i` of a table (or slice) `b`.
+pub fn set_l2_at(b: &mut [u8], i: usize, e: &L2Entry, g: &Geometry) {
+    let (w0, w1) = e.encode2(g);
+    if g.extended_l2 {
+        set_be64_at(b, 2 * i, w0);
+        set_be64_at(b, 2 * i + 1, w1);
+    } else {
+        set_be64_at(b, i, w0);
+    }
+}
+
+/// Bits `s0..s1` of a subcluster bitmap.
+pub fn sub_range(s0: u32, s1: u32) -> u32 {
+    assert!(s0 < s1 && s1 <= SUBCLUSTERS, "subclusters {s0}..{s1}");
+    (u32::MAX >> (SUBCLUSTERS - (s1 - s0))) << s0
+}
+
 pub fn be64_at(b: &[u8], i: usize) -> u64 {
     u64::from_be_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"))
 }
@@ -278,7 +459,47 @@ mod tests {
     use super::*;
 
     fn geo(cluster_bits: u32, version: u32) -> Geometry {
-        Geometry { cluster_bits, refcount_order: 4, size: 1 << 30, version, external_data: false }
+        Geometry {
+            cluster_bits,
+            refcount_order: 4,
+            size: 1 << 30,
+            version,
+            external_data: false,
+            extended_l2: false,
+        }
+    }
+
+    #[test]
+    fn extended_entries_round_trip_and_reject_garbage() {
+        let g = Geometry { extended_l2: true, ..geo(16, 3) };
+        assert_eq!(g.l2_bits(), 12);
+        assert_eq!(g.subcluster_size(), 2048);
+        assert_eq!(g.subcluster_mask(2048, 4096), 0b110);
+        assert_eq!(g.subcluster_mask((5 << 16) + 1, 1), 1);
+        assert_eq!(sub_range(0, 32), u32::MAX);
+        let h = Some(7 << 16);
+        for e in [
+            L2Entry::Unallocated,
+            L2Entry::Zero { host: None, copied: false },
+            L2Entry::Zero { host: h, copied: true },
+            L2Entry::Normal { host: 7 << 16, copied: true },
+            L2Entry::Sub { host: h, copied: true, alloc: 0b101, zero: 0b10 },
+            L2Entry::Sub { host: h, copied: false, alloc: 0, zero: 0 },
+            L2Entry::Sub { host: None, copied: false, alloc: 0, zero: 0b1000 },
+        ] {
+            let (w0, w1) = e.encode2(&g);
+            assert_eq!(L2Entry::decode2(w0, w1, &g), Ok(e), "{e:?}");
+        }
+        let both = 1u64 | (1 << 32);
+        assert_eq!(L2Entry::decode2(7 << 16, both, &g), Err(EntryError::SubclusterBoth));
+        assert_eq!(L2Entry::decode2(0, 1, &g), Err(EntryError::SubclusterNoHost));
+        assert_eq!(L2Entry::decode2((7 << 16) | 1, 0, &g), Err(EntryError::Reserved));
+        assert_eq!(L2Entry::decode2(OFLAG_COMPRESSED | 512, 1, &g), Err(EntryError::Reserved));
+        let e = L2Entry::Sub { host: h, copied: true, alloc: 1, zero: 2 };
+        assert_eq!(
+            (e.sub_state(0), e.sub_state(1), e.sub_state(2)),
+            (SubState::Data, SubState::Zero, SubState::Unallocated)
+        );
     }
 
     #[test]

@@ -149,14 +149,18 @@ impl Shard {
         let top = self.top();
         let pin = self.l2_slice_of(c).await?;
         let idx = (c & ((1u64 << top.slice_bits) - 1)) as usize;
-        let old = L2Entry::decode(pin.get_u64(idx), &g).map_err(|e| {
+        let old = pin.l2_entry(idx, &g).1.map_err(|e| {
             self.fail(format_args!("L2 entry of cluster {c} invalid while linking: {e:?}"))
         })?;
         debug_assert!(
             matches!(L2Entry::decode(raw, &g), Ok(L2Entry::Compressed { .. })),
             "a compressed entry"
         );
-        pin.set_u64(idx, raw);
+        // A compressed cluster has no subclusters: an extended entry's bitmap is 0.
+        pin.set_u64(idx * g.l2_words(), raw);
+        if g.extended_l2 {
+            pin.set_u64(idx * 2 + 1, 0);
+        }
         // No zero-hop I/O may use an older mapping of the cluster from now on.
         self.img.hints.clear(c);
         self.release_entry(old, false);

@@ -54,6 +54,7 @@ mod write;
 mod zero;
 
 mod serve;
+mod subcluster;
 
 use std::cell::{Cell, RefCell};
 use std::pin::Pin as StdPin;

@@ -87,8 +87,10 @@ impl Shard {
         populate: bool,
     ) -> Result<u64, IoError> {
         let g = self.g();
+        if g.extended_l2 {
+            return self.write_alloc_sub(pos, len, segs, seg_off, populate).await;
+        }
         let cb = g.cluster_bits;
-        let cs = g.cluster_size();
         let c0 = pos >> cb;
         let c1 = ((pos + len - 1) >> cb) + 1;
         let _guard = self.locks.lock(c0, c1).await;
@@ -135,48 +137,7 @@ impl Shard {
             self.maybe_writeback().await?;
             return Ok(len);
         }
-        let mut head_buf = None;
-        let mut tail_buf = None;
-        let cow = async {
-            if head > 0 {
-                let mut b =
-                    poller::dma::alloc_wait(head as usize).await.map_err(|_| IoError::TooLarge)?;
-                self.read(c0 << cb, &[IoSeg::from_dma(&mut b)]).await?;
-                head_buf = Some(b);
-            }
-            if tail > 0 {
-                let mut b =
-                    poller::dma::alloc_wait(tail as usize).await.map_err(|_| IoError::TooLarge)?;
-                self.read(pos + len, &[IoSeg::from_dma(&mut b)]).await?;
-                tail_buf = Some(b);
-            }
-            Ok::<(), IoError>(())
-        };
-        if let Err(e) = cow.await {
-            self.release_unlinked(host, got).await;
-            return Err(e);
-        }
-        let mut iov_buf = SegBuf::take();
-        let iov = iov_buf.arr();
-        let mut n = 0;
-        if let Some(b) = head_buf.as_mut() {
-            iov[n] = IoSeg::from_dma(b);
-            n += 1;
-        }
-        for s in window(segs, seg_off, len as usize, win.arr())? {
-            if n == MAX_SEGS - 1 {
-                self.release_unlinked(host, got).await;
-                return Err(IoError::TooLarge);
-            }
-            iov[n] = *s;
-            n += 1;
-        }
-        if let Some(b) = tail_buf.as_mut() {
-            iov[n] = IoSeg::from_dma(b);
-            n += 1;
-        }
-        debug_assert_eq!(seg::total_len(&iov[..n]) as u64, (c1 - c0) * cs);
-        if let Err(e) = self.top().write_data(host, &iov[..n]).await {
+        if let Err(e) = self.write_padded(host, c0 << cb, pos, len, c1 << cb, segs, seg_off).await {
             self.release_unlinked(host, got).await;
             return Err(e);
         }
@@ -184,6 +145,57 @@ impl Shard {
         self.link(c0, c1, host).await?;
         self.maybe_writeback().await?;
         Ok(len)
+    }
+
+    /// Writes guest range `a..b` to host offset `host`: `pos..pos+len` from `segs` (from
+    /// byte `seg_off`), the rest around it copied from what the image reads there now.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write_padded(
+        &self,
+        host: u64,
+        a: u64,
+        pos: u64,
+        len: u64,
+        b: u64,
+        segs: &[IoSeg<'_>],
+        seg_off: usize,
+    ) -> Result<(), IoError> {
+        let (head, tail) = (pos - a, b - (pos + len));
+        let mut head_buf = None;
+        let mut tail_buf = None;
+        if head > 0 {
+            let mut buf =
+                poller::dma::alloc_wait(head as usize).await.map_err(|_| IoError::TooLarge)?;
+            self.read(a, &[IoSeg::from_dma(&mut buf)]).await?;
+            head_buf = Some(buf);
+        }
+        if tail > 0 {
+            let mut buf =
+                poller::dma::alloc_wait(tail as usize).await.map_err(|_| IoError::TooLarge)?;
+            self.read(pos + len, &[IoSeg::from_dma(&mut buf)]).await?;
+            tail_buf = Some(buf);
+        }
+        let mut win = SegBuf::take();
+        let mut iov_buf = SegBuf::take();
+        let iov = iov_buf.arr();
+        let mut n = 0;
+        if let Some(buf) = head_buf.as_mut() {
+            iov[n] = IoSeg::from_dma(buf);
+            n += 1;
+        }
+        for s in window(segs, seg_off, len as usize, win.arr())? {
+            if n == MAX_SEGS - 1 {
+                return Err(IoError::TooLarge);
+            }
+            iov[n] = *s;
+            n += 1;
+        }
+        if let Some(buf) = tail_buf.as_mut() {
+            iov[n] = IoSeg::from_dma(buf);
+            n += 1;
+        }
+        debug_assert_eq!(seg::total_len(&iov[..n]) as u64, b - a);
+        self.top().write_data(host, &iov[..n]).await
     }
 
     /// Points guest clusters `c0..c1` (within one L2 slice) at host clusters from
@@ -195,12 +207,12 @@ impl Shard {
         let mask = (1u64 << top.slice_bits) - 1;
         for (i, c) in (c0..c1).enumerate() {
             let idx = (c & mask) as usize;
-            let old = L2Entry::decode(pin.get_u64(idx), &g).map_err(|e| {
+            let old = pin.l2_entry(idx, &g).1.map_err(|e| {
                 self.fail(format_args!("L2 entry of cluster {c} invalid while linking: {e:?}"))
             })?;
             let h = host + ((i as u64) << g.cluster_bits);
             let new = L2Entry::Normal { host: h, copied: true };
-            pin.set_u64(idx, new.encode());
+            pin.set_l2_entry(idx, &new, &g);
             // With the entry (no await between): any reactor may now write it in place.
             if let Some(p) = &top.hints {
                 p.data_run(c << g.cluster_bits, h, 1, true);
@@ -240,7 +252,9 @@ impl Shard {
             return;
         }
         match old {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero { host: Some(host), .. }
+            | L2Entry::Sub { host: Some(host), .. } => {
                 self.queue_free(host >> g.cluster_bits, punch)
             }
             L2Entry::Compressed { host, max_len } => {
@@ -249,7 +263,9 @@ impl Shard {
                     self.queue_free((first >> g.cluster_bits) + k, false);
                 }
             }
-            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+            L2Entry::Unallocated
+            | L2Entry::Zero { host: None, .. }
+            | L2Entry::Sub { host: None, .. } => {}
         }
     }
 

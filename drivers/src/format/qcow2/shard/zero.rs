@@ -15,22 +15,32 @@ impl Shard {
     ) -> Result<(), IoError> {
         self.check_writable()?;
         let g = self.g();
-        let cs = g.cluster_size();
+        // Whole clusters change their entries, whole subclusters their bits (with
+        // extended L2 entries), and the bytes around them are written as zeros.
+        let (cs, ss) = (g.cluster_size(), g.subcluster_size());
         let end = off + len;
-        let first_full = off.div_ceil(cs) * cs;
-        let last_full = end / cs * cs;
-        if first_full >= last_full {
+        let (first, last) = (off.div_ceil(ss) * ss, end / ss * ss);
+        if first >= last {
             return self.write_zero_bytes(off, len, fast_only).await;
         }
-        if off < first_full {
-            self.write_zero_bytes(off, first_full - off, fast_only).await?;
+        if off < first {
+            self.write_zero_bytes(off, first - off, fast_only).await?;
         }
-        let mut pos = first_full;
-        while pos < last_full {
-            pos += self.zero_clusters(pos, last_full - pos, unmap, fast_only).await?;
+        let mut pos = first;
+        while pos < last {
+            let cluster_end = (pos | (cs - 1)) + 1;
+            pos += if pos.is_multiple_of(cs) && cluster_end <= last {
+                self.zero_clusters(pos, last / cs * cs - pos, unmap, fast_only).await?
+            } else {
+                let n = cluster_end.min(last) - pos;
+                if !self.zero_subclusters(pos, n, unmap, false).await? {
+                    self.write_zero_bytes(pos, n, fast_only).await?;
+                }
+                n
+            };
         }
-        if last_full < end {
-            self.write_zero_bytes(last_full, end - last_full, fast_only).await?;
+        if last < end {
+            self.write_zero_bytes(last, end - last, fast_only).await?;
         }
         Ok(())
     }
@@ -65,12 +75,14 @@ impl Shard {
         let g = self.g();
         let cb = g.cluster_bits;
         let run = self.map_top(pos, len).await?;
-        let n = run.len;
+        // A run of some subclusters: the whole cluster's entry changes.
+        let whole = run.len.is_multiple_of(g.cluster_size());
+        let n = if whole { run.len } else { g.cluster_size() };
         let has_backing = self.chain().len() > 1;
         // Nothing to do where the clusters already read as zeros and stay that way.
         match run.kind {
-            RunKind::Zero { host: None, .. } => return Ok(n),
-            RunKind::Unallocated if !has_backing => return Ok(n),
+            RunKind::Zero { host: None, .. } if whole => return Ok(n),
+            RunKind::Unallocated if !has_backing && whole => return Ok(n),
             _ => {}
         }
         if g.version < 3 {
@@ -98,7 +110,10 @@ impl Shard {
                     L2Entry::Normal { host, copied: true } if !unmap => {
                         L2Entry::Zero { host: Some(host), copied: true }
                     }
-                    L2Entry::Zero { host: Some(host), copied: true } if !unmap => {
+                    L2Entry::Zero { host: Some(host), copied: true }
+                    | L2Entry::Sub { host: Some(host), copied: true, .. }
+                        if !unmap =>
+                    {
                         L2Entry::Zero { host: Some(host), copied: true }
                     }
                     _ => L2Entry::Zero { host: None, copied: false },
@@ -114,20 +129,30 @@ impl Shard {
     pub(crate) async fn discard(&self, off: u64, len: u64) -> Result<(), IoError> {
         self.check_writable()?;
         let g = self.g();
-        let cs = g.cluster_size();
-        let mut pos = off.div_ceil(cs) * cs;
-        let end = (off + len) / cs * cs;
+        let (cs, ss) = (g.cluster_size(), g.subcluster_size());
+        let mut pos = off.div_ceil(ss) * ss;
+        let end = (off + len) / ss * ss;
         let has_backing = self.chain().len() > 1;
         while pos < end {
-            let run = self.map_top(pos, end - pos).await?;
-            let n = run.len;
+            let cluster_end = (pos | (cs - 1)) + 1;
+            if !pos.is_multiple_of(cs) || cluster_end > end {
+                // Whole subclusters of a cluster (a compressed one is left alone).
+                let n = cluster_end.min(end) - pos;
+                self.zero_subclusters(pos, n, true, true).await?;
+                pos += n;
+                continue;
+            }
+            let run = self.map_top(pos, end / cs * cs - pos).await?;
+            let whole = run.len.is_multiple_of(cs);
+            let n = if whole { run.len } else { cs };
             // As QEMU: a discarded range reads as zeros on v3 images, so unallocated
             // clusters over a backing file become zero clusters too.
-            let skip = match run.kind {
-                RunKind::Zero { host: None, .. } => true,
-                RunKind::Unallocated => !has_backing || g.version < 3,
-                _ => false,
-            };
+            let skip = whole
+                && match run.kind {
+                    RunKind::Zero { host: None, .. } => true,
+                    RunKind::Unallocated => !has_backing || g.version < 3,
+                    _ => false,
+                };
             if !skip {
                 if has_backing && g.version < 3 {
                     // Nothing can hide the backing file here; discard is advisory.
@@ -149,7 +174,7 @@ impl Shard {
     /// With an external data file, what zeroing whole clusters does there: a raw data
     /// file must read as the image does, so the range is zeroed (punched with `unmap`);
     /// another is only trimmed, and only with `unmap` (a kept cluster stays).
-    async fn clear_data(&self, pos: u64, n: u64, unmap: bool) -> Result<(), IoError> {
+    pub(super) async fn clear_data(&self, pos: u64, n: u64, unmap: bool) -> Result<(), IoError> {
         let top = self.top();
         let Some(d) = &top.data else { return Ok(()) };
         if top.data_raw {
@@ -206,20 +231,20 @@ impl Shard {
         let mask = (1u64 << top.slice_bits) - 1;
         for c in c0..c1 {
             let idx = (c & mask) as usize;
-            let old = L2Entry::decode(pin.get_u64(idx), &g)
+            let old = pin
+                .l2_entry(idx, &g)
+                .1
                 .map_err(|e| self.fail(format_args!("L2 entry of cluster {c} invalid: {e:?}")))?;
             let Some(new) = f(old) else { continue };
             if new == old {
                 continue;
             }
-            pin.set_u64(idx, new.encode());
+            pin.set_l2_entry(idx, &new, &g);
             // With the entry (no await between): the old mapping is no longer used by
             // new zero-hop I/O; I/O already in flight holds the free back (`hints`).
             self.img.hints.clear(c);
-            let keeps = |h: u64| matches!(new, L2Entry::Zero { host: Some(x), .. } | L2Entry::Normal { host: x, .. } if x == h);
-            match old {
-                L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. }
-                    if keeps(host) => {}
+            match old.host_cluster() {
+                Some(h) if new.host_cluster() == Some(h) => {}
                 _ => self.release_entry(old, punch),
             }
         }

@@ -179,16 +179,14 @@ impl Walk<'_> {
                 self.active_l2.push((i, l2, e));
             }
             let table = read_at(self.f, l2, g.cluster_size() as usize)?;
-            for (j, raw) in table.chunks_exact(8).enumerate() {
-                let raw = u64::from_be_bytes(raw.try_into().expect("8"));
+            for j in 0..g.l2_entries() as usize {
+                let (raw, bitmap) = l2_raw_at(&table, j, &g);
                 let guest = ((i as u64) << g.l2_bits() | j as u64) << g.cluster_bits;
-                match L2Entry::decode(raw, &g) {
+                let decoded = L2Entry::decode2(raw, bitmap, &g);
+                match decoded.map(|e| (e, e.host_cluster())) {
                     // An external data file is not refcounted; its clusters sit at their
                     // guest offsets.
-                    Ok(L2Entry::Normal { host, .. })
-                    | Ok(L2Entry::Zero { host: Some(host), .. })
-                        if g.external_data =>
-                    {
+                    Ok((_, Some(host))) if g.external_data => {
                         if host == guest {
                             self.report.allocated_clusters += 1;
                         } else {
@@ -199,8 +197,7 @@ impl Walk<'_> {
                             self.bad_entries.push((l2, j));
                         }
                     }
-                    Ok(L2Entry::Normal { host, .. })
-                    | Ok(L2Entry::Zero { host: Some(host), .. }) => {
+                    Ok((_, Some(host))) => {
                         if self.add(host, g.cluster_size(), "data cluster") {
                             self.report.allocated_clusters += 1;
                             if active {
@@ -210,7 +207,7 @@ impl Walk<'_> {
                             self.bad_entries.push((l2, j));
                         }
                     }
-                    Ok(L2Entry::Compressed { host, max_len }) => {
+                    Ok((L2Entry::Compressed { host, max_len }, _)) => {
                         if self.add(host, max_len, "compressed cluster") {
                             self.report.allocated_clusters += 1;
                             self.report.compressed_clusters += 1;
@@ -220,8 +217,13 @@ impl Walk<'_> {
                     }
                     Ok(_) => {}
                     Err(err) => {
+                        let bits = if g.extended_l2 {
+                            format!(", subcluster bitmap {bitmap:#x}")
+                        } else {
+                            String::new()
+                        };
                         self.error(format!(
-                            "L2 entry {j} of the table at {l2:#x} ({raw:#x}) is invalid: {err:?}"
+                            "L2 entry {j} of the table at {l2:#x} ({raw:#x}{bits}) is invalid: {err:?}"
                         ));
                         self.bad_entries.push((l2, j));
                     }
@@ -461,8 +463,10 @@ fn walk_and_compare(
         Repair::All => {
             let had = report.corruptions + report.leaks;
             if had > 0 {
+                let entry_bytes = 1u64 << g.l2_entry_bits();
                 for &(l2, j) in &w.bad_entries {
-                    f.meta_write(&0u64.to_be_bytes(), l2 + j as u64 * 8).map_err(io)?;
+                    f.meta_write(&[0u8; 16][..entry_bytes as usize], l2 + j as u64 * entry_bytes)
+                        .map_err(io)?;
                 }
                 for &at in &w.bad_l1 {
                     f.meta_write(&0u64.to_be_bytes(), at).map_err(io)?;
@@ -499,7 +503,8 @@ fn walk_and_compare(
                     }
                     let want = if copied(c) { raw | OFLAG_COPIED } else { raw & !OFLAG_COPIED };
                     if want != raw {
-                        f.meta_write(&want.to_be_bytes(), table + j as u64 * 8).map_err(io)?;
+                        f.meta_write(&want.to_be_bytes(), table + j as u64 * entry_bytes)
+                            .map_err(io)?;
                     }
                 }
                 f.meta_sync().map_err(io)?;

@@ -36,6 +36,8 @@ pub struct CreateOptions {
     /// `encrypt.format=luks`: the secret that opens the new volume's key slot, and how
     /// long its key derivation should take (`encrypt.iter-time`).
     pub luks: Option<(Vec<u8>, std::time::Duration)>,
+    /// `extended_l2`: 128-bit L2 entries, 32 subclusters per cluster.
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -53,6 +55,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             luks: None,
+            extended_l2: false,
         }
     }
 }
@@ -110,6 +113,15 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         return invalid(format!("backing format {f:?} is not qcow2 or raw"));
     }
     check_data_file(o)?;
+    if o.extended_l2 && o.version != 3 {
+        return invalid("extended_l2 requires compat=1.1");
+    }
+    if o.extended_l2 && o.cluster_size < 1 << MIN_EXTL2_CLUSTER_BITS {
+        return invalid(format!(
+            "extended_l2 needs cluster_size of at least {} (subclusters of 512 bytes)",
+            1u64 << MIN_EXTL2_CLUSTER_BITS
+        ));
+    }
     let cluster_bits = o.cluster_size.trailing_zeros();
     let refcount_order = o.refcount_bits.trailing_zeros();
     let g = Geometry {
@@ -118,6 +130,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         size: o.size,
         version: o.version,
         external_data: o.data_file.is_some(),
+        extended_l2: o.extended_l2,
     };
     let cs = o.cluster_size;
     let l1_size = g.l1_entries_needed();
@@ -191,7 +204,8 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
         extensions.push(Extension { kind: EXT_FEATURE_NAMES, data: feature_name_table() });
     }
     let zstd = o.compression == Compression::Zstd;
-    let data_bits = if o.data_file.is_some() { INCOMPAT_DATA_FILE } else { 0 };
+    let data_bits = if o.data_file.is_some() { INCOMPAT_DATA_FILE } else { 0 }
+        | if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 };
     let header = Header {
         version: o.version,
         backing_file_offset: 0,
@@ -245,7 +259,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     f.write_all_at(&table, reftable_off).map_err(io)?;
     let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
     if prealloc {
-        let entries = cs / 8;
+        let entries = g.l2_entries();
         for i in 0..l1_size {
             let table_off = l2_off + i * cs;
             set_be64_at(&mut l1, i as usize, table_off | OFLAG_COPIED);
@@ -256,7 +270,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
                     break;
                 }
                 let host = data_at.map_or(data_off + c * cs, |base| base + c * cs);
-                set_be64_at(&mut l2, j as usize, host | OFLAG_COPIED);
+                set_l2_at(&mut l2, j as usize, &L2Entry::Normal { host, copied: true }, &g);
             }
             f.write_all_at(&l2, table_off).map_err(io)?;
         }

@@ -40,6 +40,8 @@ pub struct ImageInfo {
     /// The external data file (as stored in the image) and whether it is raw.
     pub data_file: Option<String>,
     pub data_file_raw: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
     /// LUKS-encrypted (`crypt_method` 2).
     pub encrypted: bool,
     pub snapshots: Vec<SnapshotInfo>,
@@ -98,6 +100,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
             backing_filename: None,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
             encrypted: false,
             backing_format: None,
             snapshots: Vec::new(),
@@ -125,6 +128,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, OpenError> {
         backing_filename: h.backing_file.clone(),
         data_file: h.data_file(),
         data_file_raw: h.data_file_raw(),
+        extended_l2: h.geometry().extended_l2,
         encrypted: h.crypt_method == 2,
         backing_format: h.backing_format(),
         snapshots,
@@ -189,14 +193,26 @@ impl SyncLayer {
                 }
                 let t = &tables[&l2];
                 let j = ((p >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
-                let e = L2Entry::decode(be64_at(t, j), g).map_err(|e| {
+                let (w0, w1) = l2_raw_at(t, j, g);
+                let e = L2Entry::decode2(w0, w1, g).map_err(|e| {
                     OpenError::invalid(path.as_path(), format!("L2 entry at {p:#x}: {e:?}"))
                 })?;
+                if let L2Entry::Sub { host, .. } = e {
+                    let s0 = (in_cluster >> g.subcluster_bits()) as u32;
+                    let len = (u64::from(e.sub_run_end(s0)) << g.subcluster_bits()) - in_cluster;
+                    let st = match e.sub_state(s0) {
+                        SubState::Data => State::Data(host.unwrap_or(0) + in_cluster),
+                        SubState::Zero => State::Zero,
+                        SubState::Unallocated => State::Unallocated,
+                    };
+                    return Ok((st, len));
+                }
                 let st = match e {
                     L2Entry::Unallocated => State::Unallocated,
                     L2Entry::Zero { .. } => State::Zero,
                     L2Entry::Normal { host, .. } => State::Data(host + in_cluster),
                     L2Entry::Compressed { .. } => State::Compressed,
+                    L2Entry::Sub { .. } => unreachable!("handled above"),
                 };
                 Ok((st, cs - in_cluster))
             }

@@ -208,10 +208,9 @@ fn shrink(
         if c == new_size / cs || c % per_l2 == 0 {
             read_exact_or_zero(f, &mut l2, l1e).map_err(io)?;
         }
-        let i = (c % per_l2) as usize * 8;
-        let raw = u64::from_be_bytes(l2[i..i + 8].try_into().expect("8 bytes"));
-        match L2Entry::decode(raw, &g).map_err(|_| in_use(c, raw))? {
-            L2Entry::Unallocated | L2Entry::Zero { .. } => {}
+        let (raw, bitmap) = l2_raw_at(&l2, (c % per_l2) as usize, &g);
+        match L2Entry::decode2(raw, bitmap, &g).map_err(|_| in_use(c, raw))? {
+            L2Entry::Unallocated | L2Entry::Zero { .. } | L2Entry::Sub { alloc: 0, .. } => {}
             L2Entry::Normal { host, .. } if c * cs < new_size => {
                 // The cluster the new end falls in: its bytes past the end must be zeros.
                 let from = g.offset_in_cluster(new_size);

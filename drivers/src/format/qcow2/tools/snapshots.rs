@@ -255,7 +255,11 @@ impl Txn<'_> {
             if l2 == 0 {
                 continue;
             }
-            let new: Vec<u64> = self.read_l2(l2)?.into_iter().map(|x| map(l2, x)).collect();
+            let words = self.h.geometry().l2_words();
+            // Entries only: an extended entry's second word is its subcluster bitmap.
+            let new: Vec<u64> = (self.read_l2(l2)?.into_iter().enumerate())
+                .map(|(k, x)| if k % words == 0 { map(l2, x) } else { x })
+                .collect();
             out[i] = self.put_table(&new)?;
         }
         Ok(out)
@@ -276,7 +280,10 @@ impl Txn<'_> {
                 continue;
             }
             let old = self.read_l2(l2)?;
-            let new: Vec<u64> = old.iter().map(|&x| with_copied(x, one)).collect();
+            let words = self.h.geometry().l2_words();
+            let new: Vec<u64> = (old.iter().enumerate())
+                .map(|(k, &x)| if k % words == 0 { with_copied(x, one) } else { x })
+                .collect();
             out[i] = if new == old {
                 l2 | if one(l2) { OFLAG_COPIED } else { 0 }
             } else if one(l2) {
