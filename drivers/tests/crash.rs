@@ -4,7 +4,10 @@
 //! 1. **An image**: a fresh qcow2 image whose geometry the seed picks — 512-byte
 //!    clusters in most trials (every few requests then need a new L2 table, and with
 //!    64-bit refcounts a new refcount block every 32 KiB of host space), 4 KiB and
-//!    64 KiB in the rest; refcount widths 1, 16 and 64 bits; v2 and v3; lazy refcounts.
+//!    64 KiB in the rest (four in ten of the v3 ones with extended L2 entries: 32
+//!    subclusters of 2 KiB, allocated, zeroed and discarded one by one; discards there
+//!    zero whole subclusters); refcount widths 1, 16 and 64 bits; v2 and v3; lazy
+//!    refcounts.
 //!    Most images are *aged* first (prefill, no power cut): written, partly zeroed
 //!    (zero clusters keeping their host cluster) and discarded (freed clusters, reused
 //!    later), up to a seeded file size, then closed cleanly. Images with 512-byte
@@ -262,13 +265,20 @@ fn run_workers(
     p: &Profile,
 ) -> (Model, u64) {
     let dev = open(disk.clone(), env, &format!("sim-{seed}.qcow2"));
-    let (d, cluster) = (dev.clone(), p.cluster);
+    let (d, cluster, unit) = (dev.clone(), p.cluster, p.discard_unit());
     let model = env.owner.block_on(move || async move {
         let model = Rc::new(RefCell::new(Model::new(WORKERS)));
         let layout = Rc::new(layout);
         let pool = TaskPool::new(WORKERS as u32);
         for w in 0..WORKERS {
-            let f = workload::worker(d.clone(), model.clone(), layout.clone(), w, seed, cluster);
+            let f = workload::worker(
+                d.clone(),
+                model.clone(),
+                layout.clone(),
+                w,
+                seed,
+                (cluster, unit),
+            );
             let _ = pool.spawn(f);
         }
         pool.drain().await;
@@ -369,6 +379,7 @@ fn coverage_of(model: &Model, p: &Profile, disk: &SimDisk, shapes: [&Shape; 3]) 
     cov.lazy = u64::from(p.lazy);
     cov.v2 = u64::from(p.version == 2);
     cov.snapshot = u64::from(p.snapshot);
+    cov.extended_l2 = u64::from(p.extended_l2);
     cov
 }
 

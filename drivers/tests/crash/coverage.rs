@@ -67,6 +67,8 @@ pub struct Coverage {
     pub lazy: u64,
     pub v2: u64,
     pub snapshot: u64,
+    /// Trials on images with extended L2 entries (subclusters).
+    pub extended_l2: u64,
     /// Trials with the image split over 2 and over 4 shards (on their own reactors).
     pub shards2: u64,
     pub shards4: u64,
@@ -123,6 +125,7 @@ impl Coverage {
             (&mut self.lazy, o.lazy),
             (&mut self.v2, o.v2),
             (&mut self.snapshot, o.snapshot),
+            (&mut self.extended_l2, o.extended_l2),
             (&mut self.shards2, o.shards2),
             (&mut self.shards4, o.shards4),
             (&mut self.zero_hop, o.zero_hop),
@@ -155,6 +158,7 @@ impl Coverage {
             ("lazy-refcount trials".into(), self.lazy),
             ("v2 trials".into(), self.v2),
             ("internal-snapshot trials".into(), self.snapshot),
+            ("extended-L2 trials".into(), self.extended_l2),
             ("trials on 2 shards".into(), self.shards2),
             ("trials on 4 shards".into(), self.shards4),
             ("trials with zero-hop requests".into(), self.zero_hop),

@@ -65,6 +65,8 @@ pub struct Profile {
     pub resize: bool,
     /// The power is cut on this disk operation of the workers' run.
     pub cut_after: u64,
+    /// Extended L2 entries: 32 subclusters per cluster (64 KiB clusters, v3).
+    pub extended_l2: bool,
 }
 
 impl Profile {
@@ -102,13 +104,22 @@ impl Profile {
             snapshot: snapshot && have_qemu && prefill_to > 0 && refcount_bits > 1,
             resize: r.chance(25),
             cut_after: 1 + r.below(400),
+            // Drawn last: the other choices of a seed stay what they were.
+            extended_l2: r.chance(40) && cluster == 65536 && !v2,
         }
+    }
+
+    /// What a discard zeroes whole units of: subclusters with extended L2 entries,
+    /// else clusters.
+    pub fn discard_unit(&self) -> u64 {
+        if self.extended_l2 { self.cluster / 32 } else { self.cluster }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "cluster {}, refcount bits {}, v{}, lazy {}, prefill to {} B{}{}, cut after {} disk ops",
+            "cluster {}{}, refcount bits {}, v{}, lazy {}, prefill to {} B{}{}, cut after {} disk ops",
             self.cluster,
+            if self.extended_l2 { " (extended L2)" } else { "" },
             self.refcount_bits,
             self.version,
             self.lazy,
@@ -128,6 +139,7 @@ pub fn create_image(p: &Profile, path: &Path) -> Vec<u8> {
         refcount_bits: p.refcount_bits,
         version: p.version,
         lazy_refcounts: p.lazy,
+        extended_l2: p.extended_l2,
         ..Default::default()
     };
     create(path, &opts).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
@@ -189,7 +201,7 @@ pub async fn prefill(
         ch.write(off, &[IoSeg::new(&mut data)], false).await.expect("prefill write");
         content[off as usize..(off + len) as usize].copy_from_slice(&data);
         layout.extents[w].push((off, len));
-        age(&ch, &mut r, (off + len / 4, len / 2), p.cluster, &mut content).await;
+        age(&ch, &mut r, (off + len / 4, len / 2), p.discard_unit(), &mut content).await;
     }
     ch.flush().await.expect("prefill flush");
     (content, layout)
@@ -218,13 +230,13 @@ pub async fn worker(
     layout: Rc<Layout>,
     w: usize,
     seed: u64,
-    cluster: u64,
+    (cluster, unit): (u64, u64),
 ) {
     let ch = dev.channel().expect("channel");
     let mut r = Rng::new(seed * 31 + w as u64);
     let base = w as u64 * REGION;
     for _ in 0..OPS_PER_WORKER {
-        let Some(op) = choose(&mut r, &layout.extents[w], base, cluster) else {
+        let Some(op) = choose(&mut r, &layout.extents[w], base, (cluster, unit)) else {
             let issued = model.borrow().seq;
             if ch.flush().await.is_err() {
                 model.borrow_mut().flush_failures += 1;
@@ -243,7 +255,12 @@ pub async fn worker(
 }
 
 /// The next request of the op mix (see the table in `crash.rs`); `None` is a flush.
-fn choose(r: &mut Rng, extents: &[(u64, u64)], base: u64, cluster: u64) -> Option<Op> {
+fn choose(
+    r: &mut Rng,
+    extents: &[(u64, u64)],
+    base: u64,
+    (cluster, unit): (u64, u64),
+) -> Option<Op> {
     let choice = r.below(100);
     let big = (3 * cluster).max(16384);
     Some(match choice {
@@ -263,7 +280,7 @@ fn choose(r: &mut Rng, extents: &[(u64, u64)], base: u64, cluster: u64) -> Optio
         }
         73..85 => {
             let (off, len) = random_range(r, base, big, cluster);
-            new_op(Kind::Discard, off, len, Effect::Discard { cluster }, false)
+            new_op(Kind::Discard, off, len, Effect::Discard { cluster: unit }, false)
         }
         _ => return None,
     })

@@ -140,11 +140,6 @@ impl Parts {
         self.top.storage.clone()
     }
 
-    /// Whether the top layer has extended L2 entries (subclusters).
-    pub(super) fn top_subclusters(&self) -> bool {
-        self.top.g.extended_l2
-    }
-
     /// Whether the top layer's data is encrypted (no zero-hop path: data needs the
     /// cipher).
     pub(super) fn top_encrypted(&self) -> bool {
@@ -195,10 +190,7 @@ fn build_shard(p: &Parts, idx: usize) -> Result<Shard, IoError> {
     let n = p.image.n as u64;
     let meta = Rc::new(MetaMap::default());
     let publisher = Publisher { img: p.image.clone(), meta: meta.clone() };
-    // Hints map whole clusters: a cluster with subclusters of mixed states has none,
-    // so images with subclusters take the hop to the owner for every request.
-    let publisher = (!p.top.g.extended_l2).then_some(publisher);
-    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n, publisher)?)];
+    let mut chain = vec![Layer::Qcow2(build_layer(&p.top, p.l2_bytes, n, Some(publisher))?)];
     for b in &p.backing {
         chain.push(match b {
             BackingParts::Qcow2(q) => {

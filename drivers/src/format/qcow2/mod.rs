@@ -191,9 +191,7 @@ impl Qcow2Device {
         let read_only = opts.read_only;
         let parts = Arc::new(build::Parts::new(img, &opts, reactors.len()));
         let top = parts.top_storage();
-        // Encrypted data needs the cipher; subclusters have no hints (see `build`).
-        let hintless = parts.top_encrypted() || parts.top_subclusters();
-        let direct = (opts.zero_hop && !hintless).then(|| parts.top_data_storage());
+        let direct = (opts.zero_hop && !parts.top_encrypted()).then(|| parts.top_data_storage());
         let mut shards = Vec::with_capacity(reactors.len());
         for (k, r) in reactors.iter().enumerate() {
             let p = parts.clone();

@@ -10,7 +10,8 @@
 //! write into a 2 MiB cluster over a backing file copies one 64 KiB subcluster, not the
 //! cluster. A cluster shared with a snapshot, or compressed, is copied whole into a new
 //! one. Rule 1 holds as for clusters: the bitmap says allocated only once the data is
-//! written.
+//! written. The zero-hop hints map whole clusters: only clusters with every subcluster
+//! allocated are published there (`map` publishes no run of a mixed cluster).
 
 use super::*;
 
@@ -84,6 +85,9 @@ impl Shard {
         let (alloc, zero) = if shared { (ALL_SUBCLUSTERS, 0) } else { old.bitmaps() };
         let new = L2Entry::from_bitmaps(Some(host), true, alloc | m, zero & !m);
         pin.set_l2_entry(idx, &new, &g);
+        // With the entry (no await between): a whole cluster of data is published for
+        // the zero-hop path, anything else is not mapped there.
+        self.publish(c, &new);
         if own.is_none() {
             self.release_entry(old, false);
         }
@@ -127,6 +131,7 @@ impl Shard {
         let new = L2Entry::from_bitmaps(host, old.copied() && host.is_some(), alloc, zero);
         if new != old {
             pin.set_l2_entry(idx, &new, &g);
+            self.publish(c, &new);
             if host.is_none() && old.host_cluster().is_some() {
                 self.release_entry(old, unmap);
             }
@@ -134,6 +139,18 @@ impl Shard {
         drop(pin);
         self.maybe_writeback().await?;
         Ok(true)
+    }
+
+    /// Publishes guest cluster `c`'s new entry for the zero-hop path: hints map whole
+    /// clusters, so only an entry with every subcluster allocated is there.
+    fn publish(&self, c: u64, e: &L2Entry) {
+        let g = self.g();
+        match (&self.top().hints, *e) {
+            (Some(p), L2Entry::Normal { host, copied }) => {
+                p.data_run(c << g.cluster_bits, host, g.cluster_size(), copied)
+            }
+            _ => self.img.hints.clear(c),
+        }
     }
 
     /// The L2 entry of guest cluster `c` (whose table exists).
