@@ -7,7 +7,8 @@
 //! is clean. A first small write into a cluster over a backing file allocates one
 //! subcluster's worth of the file, not the cluster. Images `appliance create -o
 //! extended_l2=on` makes work with qemu-img and qemu-io. A bitmap with a subcluster both
-//! allocated and zero gets a clear error (and the disk beside it is fine).
+//! allocated and zero gets a clear error (and the disk beside it is fine), and repair
+//! clears it.
 
 use std::path::Path;
 use std::process::Command;
@@ -320,4 +321,9 @@ fn a_subcluster_both_allocated_and_zero_is_a_clear_error() {
     assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
     assert!(a.stop().success(), "{}", a.logs());
     assert!(a.logs().contains("SubclusterBoth"), "{}", a.logs());
+    // Repair clears the entry: the cluster reads as unallocated (zeros), its host
+    // cluster leaks and is reclaimed, the rest is untouched, and qemu-img agrees.
+    run(Command::new(bin()).args(["check", "-r", "all"]).arg(&img));
+    assert_eq!(check(&img), (0, 0, 0));
+    qemu_io(&img, &["read -P 0 0 64k".into(), "read -P 0x56 64k 64k".into()]);
 }
