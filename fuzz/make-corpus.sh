@@ -2,7 +2,7 @@
 # Builds the seed corpus of the qcow2_image fuzz target with qemu-img and qemu-io:
 # small images covering the features the engine reads (both versions, cluster sizes,
 # refcount widths, compressed clusters with zlib and zstd, snapshots, backing files,
-# lazy refcounts, zero clusters, bitmaps, extended L2 which is refused).
+# lazy refcounts, zero clusters, bitmaps, extended L2 with subclusters in every state).
 set -euo pipefail
 out=$(realpath -m "${1:-$(dirname "$0")/corpus/qcow2_image}")
 mkdir -p "$out"
@@ -45,6 +45,7 @@ cp over-qcow2.qcow2 "$out/"
 img bitmap.qcow2 cluster_size=4096 1M
 qemu-img bitmap --add bitmap.qcow2 b0
 cp bitmap.qcow2 "$out/bitmap.qcow2"
-# Extended L2 (refused with a clear error).
-img extl2.qcow2 cluster_size=16384,extended_l2=on 1M "write -P 0x81 0 4k"
+# Extended L2: allocated, zero and unallocated subclusters, a compressed cluster.
+img extl2.qcow2 cluster_size=16384,extended_l2=on 1M "write -P 0x81 0 4k" "write -z 8k 1k" \
+    "write -P 0x82 20k 1k" "write -z 64k 16k" "write -c -P 0x83 128k 16k" "discard 256k 16k"
 ls -l "$out"
