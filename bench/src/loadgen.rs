@@ -583,6 +583,7 @@ fn open_qcow2_mem(o: &Options, handles: &[poller::ReactorHandle]) -> Result<Arc<
         l2_cache_bytes: None,
         refcount_cache_bytes: None,
         storage: Some(storage),
+        data_storage: None,
         zero_hop: !o.hop,
         locking: true,
         encryption_key: None,

@@ -7,7 +7,11 @@
 //!    64 KiB in the rest (four in ten of the v3 ones with extended L2 entries: 32
 //!    subclusters of 2 KiB, allocated, zeroed and discarded one by one; discards there
 //!    zero whole subclusters); refcount widths 1, 16 and 64 bits; v2 and v3; lazy
-//!    refcounts.
+//!    refcounts. About one v3 trial in five (4 KiB clusters and up, no snapshot, no
+//!    resize) puts the guest data in an external data file (`data_file`, half of them
+//!    `data_file_raw`), on a second simulated disk sharing the image's power: one cut,
+//!    one count of operations over both, and a crash image of each; `qemu-img check`
+//!    reads the data file at the absolute path the image names.
 //!    Most images are *aged* first (prefill, no power cut): written, partly zeroed
 //!    (zero clusters keeping their host cluster) and discarded (freed clusters, reused
 //!    later), up to a seeded file size, then closed cleanly. Images with 512-byte
@@ -145,6 +149,16 @@ pub struct Env {
 
 /// Opens the image on `disk` as the appliance would.
 pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
+    open_with(disk, None, env, name)
+}
+
+/// Opens the image on `disk`, its external data file (if any) on `data`.
+pub fn open_with(
+    disk: Arc<SimDisk>,
+    data: Option<Arc<SimDisk>>,
+    env: &Env,
+    name: &str,
+) -> Arc<Qcow2Device> {
     let opts = OpenOptions {
         engine: EngineKind::IoUring,
         direct: false,
@@ -153,6 +167,7 @@ pub fn open(disk: Arc<SimDisk>, env: &Env, name: &str) -> Arc<Qcow2Device> {
         l2_cache_bytes: Some(64 << 10),
         refcount_cache_bytes: Some(16 << 10),
         storage: Some(Storage::sim(disk)),
+        data_storage: data.map(Storage::sim),
         zero_hop: true,
         locking: true,
         encryption_key: None,
@@ -208,11 +223,16 @@ pub enum Clean {
 /// also starts `qemu-img check` on it (no corruption), to be finished later.
 pub fn check_clean(
     image: &[u8],
+    data: Option<(&Path, &[u8])>,
     env: &Env,
     ctx: &str,
     want: Clean,
     qemu: bool,
 ) -> Option<QemuCheck> {
+    // The image names its data file by this path: qemu-img reads it there.
+    if let Some((path, bytes)) = data {
+        std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
     let n = env.files.get();
     env.files.set(n + 1);
     let path = env.dir.join(format!("check{n}.qcow2"));
@@ -237,35 +257,60 @@ pub fn check_clean(
     check.child.is_some().then_some(check)
 }
 
+/// A trial's files: the image and, for an image with an external data file, that file
+/// (at the path the image names it by).
+pub struct Files {
+    pub image: Vec<u8>,
+    pub data: Option<(PathBuf, Vec<u8>)>,
+}
+
+impl Files {
+    /// The files on simulated disks sharing one power supply (cut after `cut`).
+    fn disks(self, seed: u64, cut: Option<u64>) -> (Arc<SimDisk>, Option<Arc<SimDisk>>) {
+        let disk = Arc::new(SimDisk::new(self.image, seed, cut));
+        let data =
+            self.data.map(|(_, d)| Arc::new(SimDisk::on_power_of(d, seed ^ 0xda7a, disk.clone())));
+        (disk, data)
+    }
+
+    fn data_ref(&self) -> Option<(&Path, &[u8])> {
+        self.data.as_ref().map(|(p, d)| (p.as_path(), d.as_slice()))
+    }
+}
+
 /// The image a trial starts from, its guest content, and where the prefill wrote.
-fn aged_image(seed: u64, p: &Profile, env: &Env) -> (Vec<u8>, Vec<u8>, Layout) {
+fn aged_image(seed: u64, p: &Profile, env: &Env) -> (Files, Vec<u8>, Layout) {
     let path = env.dir.join(format!("seed{seed}.qcow2"));
     let fresh = workload::create_image(p, &path);
     if p.prefill_to == 0 {
         return (fresh, vec![0u8; SIZE as usize], Layout { extents: vec![Vec::new(); WORKERS] });
     }
-    let disk = Arc::new(SimDisk::new(fresh, seed, None));
-    let dev = open(disk.clone(), env, "sim-prefill.qcow2");
+    let data_path = fresh.data.as_ref().map(|(p, _)| p.clone());
+    let (disk, data) = fresh.disks(seed, None);
+    let dev = open_with(disk.clone(), data.clone(), env, "sim-prefill.qcow2");
     let (d, dk, pp) = (dev.clone(), disk.clone(), p.clone());
     let (content, layout) =
         env.owner.block_on(move || async move { workload::prefill(d, dk, pp, seed).await });
     dev.close().unwrap_or_else(|e| panic!("seed {seed}: closing after the prefill: {e}"));
     let image = disk.current();
     let image = if p.snapshot { workload::snapshot(image, &path) } else { image };
-    (image, content, layout)
+    let data = data_path.zip(data.map(|d| d.current()));
+    (Files { image, data }, content, layout)
 }
 
 /// Runs the workers until they finish or the power is cut; closes the image.
 /// Also returns the requests served on the zero-hop path.
 fn run_workers(
-    disk: &Arc<SimDisk>,
+    (disk, data): (&Arc<SimDisk>, Option<Arc<SimDisk>>),
     layout: Layout,
     env: &Env,
     seed: u64,
     p: &Profile,
 ) -> (Model, u64) {
-    let dev = open(disk.clone(), env, &format!("sim-{seed}.qcow2"));
+    let dev = open_with(disk.clone(), data, env, &format!("sim-{seed}.qcow2"));
     let (d, cluster, unit) = (dev.clone(), p.cluster, p.discard_unit());
+    // Images with an external data file hold no compressed clusters.
+    let compress = p.data_file.is_none();
     let model = env.owner.block_on(move || async move {
         let model = Rc::new(RefCell::new(Model::new(WORKERS)));
         let layout = Rc::new(layout);
@@ -277,7 +322,7 @@ fn run_workers(
                 layout.clone(),
                 w,
                 seed,
-                (cluster, unit),
+                (cluster, unit, compress),
             );
             let _ = pool.spawn(f);
         }
@@ -293,9 +338,10 @@ fn run_workers(
 
 /// Opens the crashed image (repairing a dirty lazy-refcounts image), reads it whole
 /// and closes it. Returns the content and the image after the clean close.
-fn read_back(crash: Vec<u8>, env: &Env, ctx: &str) -> (Vec<u8>, Vec<u8>) {
-    let disk = Arc::new(SimDisk::new(crash, 1, None));
-    let dev = open(disk.clone(), env, "sim-reopened.qcow2");
+fn read_back(crash: Files, env: &Env, ctx: &str) -> (Vec<u8>, Files) {
+    let data_path = crash.data.as_ref().map(|(p, _)| p.clone());
+    let (disk, data) = crash.disks(1, None);
+    let dev = open_with(disk.clone(), data.clone(), env, "sim-reopened.qcow2");
     let d = dev.clone();
     let content = env.owner.block_on(move || async move {
         let ch = d.channel().expect("channel");
@@ -304,7 +350,7 @@ fn read_back(crash: Vec<u8>, env: &Env, ctx: &str) -> (Vec<u8>, Vec<u8>) {
     });
     let content = content.unwrap_or_else(|e| panic!("{ctx}: reading the crashed image: {e}"));
     dev.close().unwrap_or_else(|e| panic!("{ctx}: closing the reopened image: {e}"));
-    (content, disk.current())
+    (content, Files { image: disk.current(), data: data_path.zip(data.map(|d| d.current())) })
 }
 
 /// With `CRASH_DUMP=dir`, keeps a trial's images there (for `qemu-img` and a debugger).
@@ -317,56 +363,71 @@ fn dump(seed: u64, what: &str, image: &[u8]) {
 
 /// One trial; returns what it covered.
 fn trial(seed: u64, env: &Env) -> Coverage {
-    let p = Profile::new(seed, env.have_qemu);
+    let mut p = Profile::new(seed, env.have_qemu);
+    if REGRESSION_SEEDS.contains(&seed) || SHARDED_REGRESSION_SEEDS.contains(&seed) {
+        // Their scenarios predate these choices.
+        (p.extended_l2, p.data_file) = (false, None);
+    }
     // The regression seeds replay their one-shard scenarios.
     let shards = if REGRESSION_SEEDS.contains(&seed) { 1 } else { [1, 2, 4][(seed % 3) as usize] };
     env.shards.set(shards);
     let ctx = format!("seed {seed} ({}, {shards} shards)", p.describe());
-    let (image, initial, layout) = aged_image(seed, &p, env);
-    let before = shape(&image);
-    dump(seed, "initial", &image);
-    let disk = Arc::new(SimDisk::new(image, seed, Some(p.cut_after)));
-    let (model, zero_hop) = run_workers(&disk, layout, env, seed, &p);
-    let (crash, mut qemu) = crash_image(&disk, &model, &p, seed, env, &ctx);
+    let (files, initial, layout) = aged_image(seed, &p, env);
+    let before = shape(&files.image);
+    dump(seed, "initial", &files.image);
+    let data_path = files.data.as_ref().map(|(p, _)| p.clone());
+    let (disk, data) = files.disks(seed, Some(p.cut_after));
+    let (model, zero_hop) = run_workers((&disk, data.clone()), layout, env, seed, &p);
+    let crash = Files {
+        image: disk.crash_image(seed ^ 0xc0ffee),
+        data: data_path.zip(data.map(|d| d.crash_image(seed ^ 0xda7a_c0ffee))),
+    };
+    let mut qemu = check_crash_image(&disk, &crash, &model, &p, seed, env, &ctx);
     let mut cov =
-        coverage_of(&model, &p, &disk, [&before, &shape(&disk.current()), &shape(&crash)]);
+        coverage_of(&model, &p, &disk, [&before, &shape(&disk.current()), &shape(&crash.image)]);
     cov.shards2 = u64::from(shards == 2);
     cov.shards4 = u64::from(shards == 4);
     cov.zero_hop = u64::from(zero_hop > 0);
-    let (content, final_image) = read_back(crash, env, &ctx);
-    dump(seed, "reopened", &final_image);
+    let (content, final_files) = read_back(crash, env, &ctx);
+    dump(seed, "reopened", &final_files.image);
     model.verify(&initial, &content).unwrap_or_else(|e| panic!("{ctx}: {e}"));
     let ctx2 = format!("{ctx}: after reopening");
-    qemu.extend(check_clean(&final_image, env, &ctx2, Clean::NoCorruption, p.lazy));
+    if final_files.data.is_some() {
+        // The data file's path is the trial's: the crash image's check reads it first.
+        qemu.drain(..).for_each(QemuCheck::finish);
+    }
+    let data = final_files.data_ref();
+    qemu.extend(check_clean(&final_files.image, data, env, &ctx2, Clean::NoCorruption, p.lazy));
     if p.resize {
-        resize::run(seed, final_image, &content, env, &ctx, &mut cov);
+        resize::run(seed, final_files.image, &content, env, &ctx, &mut cov);
     }
     qemu.into_iter().for_each(QemuCheck::finish);
     cov
 }
 
-/// What the disk holds after the cut, checked (leaks allowed, none after a clean
+/// Checks what the disks hold after the cut (leaks allowed, none after a clean
 /// shutdown; a dirty lazy-refcounts image is checked after its repair instead).
-fn crash_image(
+fn check_crash_image(
     disk: &SimDisk,
+    crash: &Files,
     model: &Model,
     p: &Profile,
     seed: u64,
     env: &Env,
     ctx: &str,
-) -> (Vec<u8>, Vec<QemuCheck>) {
+) -> Vec<QemuCheck> {
     let failed = model.flush_failures > 0
         || model.ops.iter().flatten().any(|o| o.outcome == Outcome::Failed);
     assert!(!failed || disk.is_cut(), "{ctx}: a request failed with the power on");
-    let crash = disk.crash_image(seed ^ 0xc0ffee);
-    dump(seed, "crash", &crash);
+    dump(seed, "crash", &crash.image);
     // Without a cut, the workers' close was a clean shutdown.
     let want = if disk.is_cut() { Clean::NoCorruption } else { Clean::NoLeaks };
     let mut qemu = Vec::new();
     if !p.lazy || want == Clean::NoLeaks {
-        qemu.extend(check_clean(&crash, env, &format!("{ctx}: after the crash"), want, true));
+        let ctx = format!("{ctx}: after the crash");
+        qemu.extend(check_clean(&crash.image, crash.data_ref(), env, &ctx, want, true));
     }
-    (crash, qemu)
+    qemu
 }
 
 /// One trial's coverage; `shapes` are the image before the workers, when the power
@@ -380,6 +441,8 @@ fn coverage_of(model: &Model, p: &Profile, disk: &SimDisk, shapes: [&Shape; 3]) 
     cov.v2 = u64::from(p.version == 2);
     cov.snapshot = u64::from(p.snapshot);
     cov.extended_l2 = u64::from(p.extended_l2);
+    cov.data_file = u64::from(p.data_file.is_some());
+    cov.data_file_raw = u64::from(p.data_file == Some(true));
     cov
 }
 

@@ -72,6 +72,7 @@ fn open_with(
                 l2_cache_bytes: disk.l2_cache_bytes,
                 refcount_cache_bytes: disk.refcount_cache_bytes,
                 storage: None,
+                data_storage: None,
                 zero_hop: true,
                 locking,
             };

@@ -116,6 +116,9 @@ struct State {
 /// A simulated disk.
 pub struct SimDisk {
     state: Mutex<State>,
+    /// The disk whose power this one shares (one cut, one count of operations over
+    /// both: an image and its external data file on one machine).
+    power: Option<Arc<SimDisk>>,
 }
 
 fn next(rng: &mut u64) -> u64 {
@@ -148,7 +151,15 @@ impl SimDisk {
                 cut: false,
                 yield_per_mille: 300,
             }),
+            power: None,
         }
+    }
+
+    /// A disk holding `image` on `power`'s power: its operations count towards
+    /// `power`'s cut, and it is cut when `power` is.
+    pub fn on_power_of(image: Vec<u8>, seed: u64, power: Arc<SimDisk>) -> SimDisk {
+        assert!(power.power.is_none(), "one level of shared power");
+        SimDisk { power: Some(power), ..SimDisk::new(image, seed, None) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -162,8 +173,16 @@ impl SimDisk {
         next(&mut s.rng) % 1000 < p
     }
 
-    /// Counts a mutating operation; false once the power is cut.
-    fn tick(s: &mut State) -> bool {
+    /// Counts a mutating operation (on the disk whose power this one is on); false
+    /// once the power is cut. Lock order: this disk, then the power's.
+    fn tick(&self, s: &mut State) -> bool {
+        match &self.power {
+            Some(p) => Self::tick_state(&mut p.lock()),
+            None => Self::tick_state(s),
+        }
+    }
+
+    fn tick_state(s: &mut State) -> bool {
         if s.cut {
             return false;
         }
@@ -185,17 +204,24 @@ impl SimDisk {
 
     /// Whether the power has been cut.
     pub fn is_cut(&self) -> bool {
-        self.lock().cut
+        match &self.power {
+            Some(p) => p.is_cut(),
+            None => self.lock().cut,
+        }
     }
 
-    /// Mutating operations so far.
+    /// Mutating operations so far (on the disks sharing the power).
     pub fn ops(&self) -> u64 {
-        self.lock().ops
+        match &self.power {
+            Some(p) => p.ops(),
+            None => self.lock().ops,
+        }
     }
 
     fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
+        let cut = self.is_cut();
         let s = self.lock();
-        if s.cut {
+        if cut {
             return Err(IoError::Os(libc::EIO));
         }
         let total = seg::total_len(segs);
@@ -217,7 +243,7 @@ impl SimDisk {
 
     fn write_bytes(&self, off: u64, data: Vec<u8>) -> Result<(), IoError> {
         let mut s = self.lock();
-        if !Self::tick(&mut s) {
+        if !self.tick(&mut s) {
             return Err(IoError::Os(libc::EIO));
         }
         apply(&mut s.current, off, &data);
@@ -227,7 +253,7 @@ impl SimDisk {
 
     fn flush(&self) -> Result<(), IoError> {
         let mut s = self.lock();
-        if !Self::tick(&mut s) {
+        if !self.tick(&mut s) {
             return Err(IoError::Os(libc::EIO));
         }
         let pending = std::mem::take(&mut s.pending);

@@ -69,6 +69,9 @@ pub struct Coverage {
     pub snapshot: u64,
     /// Trials on images with extended L2 entries (subclusters).
     pub extended_l2: u64,
+    /// Trials on images with an external data file (raw or not) on the same power.
+    pub data_file: u64,
+    pub data_file_raw: u64,
     /// Trials with the image split over 2 and over 4 shards (on their own reactors).
     pub shards2: u64,
     pub shards4: u64,
@@ -126,6 +129,8 @@ impl Coverage {
             (&mut self.v2, o.v2),
             (&mut self.snapshot, o.snapshot),
             (&mut self.extended_l2, o.extended_l2),
+            (&mut self.data_file, o.data_file),
+            (&mut self.data_file_raw, o.data_file_raw),
             (&mut self.shards2, o.shards2),
             (&mut self.shards4, o.shards4),
             (&mut self.zero_hop, o.zero_hop),
@@ -159,6 +164,8 @@ impl Coverage {
             ("v2 trials".into(), self.v2),
             ("internal-snapshot trials".into(), self.snapshot),
             ("extended-L2 trials".into(), self.extended_l2),
+            ("external data file trials".into(), self.data_file),
+            ("raw external data file trials".into(), self.data_file_raw),
             ("trials on 2 shards".into(), self.shards2),
             ("trials on 4 shards".into(), self.shards4),
             ("trials with zero-hop requests".into(), self.zero_hop),

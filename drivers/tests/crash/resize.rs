@@ -37,7 +37,7 @@ pub fn run(seed: u64, image: Vec<u8>, content: &[u8], env: &Env, ctx: &str, cov:
     // earlier crash's too), and a clean close adds none.
     let l1_grown = grown.new_l1_entries > grown.old_l1_entries;
     let want = if l1_grown && !disk.is_cut() { Clean::NoLeaks } else { Clean::NoCorruption };
-    let qemu = check_clean(&crash, env, &format!("{ctx} (crash image)"), want, true);
+    let qemu = check_clean(&crash, None, env, &format!("{ctx} (crash image)"), want, true);
     let size = shape(&crash).size;
     assert!(
         size == SIZE || size == new_size,
@@ -48,7 +48,7 @@ pub fn run(seed: u64, image: Vec<u8>, content: &[u8], env: &Env, ctx: &str, cov:
     }
     let final_image = read_and_extend(crash, size, content, env, &ctx);
     let ctx2 = format!("{ctx} (after writing the grown image)");
-    let _ = check_clean(&final_image, env, &ctx2, want, false);
+    let _ = check_clean(&final_image, None, env, &ctx2, want, false);
     qemu.into_iter().for_each(QemuCheck::finish);
     cov.resize += 1;
     cov.resize_cut += u64::from(disk.is_cut());

@@ -67,6 +67,8 @@ pub struct Profile {
     pub cut_after: u64,
     /// Extended L2 entries: 32 subclusters per cluster (64 KiB clusters, v3).
     pub extended_l2: bool,
+    /// An external data file (`Some(true)`: `data_file_raw`), on the image's power.
+    pub data_file: Option<bool>,
 }
 
 impl Profile {
@@ -95,17 +97,23 @@ impl Profile {
         // Drawn whatever the other choices, so a seed means the same trial with and
         // without qemu-img.
         let snapshot = r.chance(15);
+        let snapshot = snapshot && have_qemu && prefill_to > 0 && refcount_bits > 1;
+        let resize = r.chance(25);
         Profile {
             cluster,
             refcount_bits,
             version: if v2 { 2 } else { 3 },
             lazy,
             prefill_to,
-            snapshot: snapshot && have_qemu && prefill_to > 0 && refcount_bits > 1,
-            resize: r.chance(25),
+            snapshot,
+            resize,
             cut_after: 1 + r.below(400),
             // Drawn last: the other choices of a seed stay what they were.
             extended_l2: r.chance(40) && cluster == 65536 && !v2,
+            // Not with snapshots (refused there) nor a resize (which grows the data
+            // file too, outside the simulated disks).
+            data_file: (r.chance(35) && cluster >= 4096 && !v2 && !snapshot && !resize)
+                .then(|| r.chance(50)),
         }
     }
 
@@ -117,9 +125,14 @@ impl Profile {
 
     pub fn describe(&self) -> String {
         format!(
-            "cluster {}{}, refcount bits {}, v{}, lazy {}, prefill to {} B{}{}, cut after {} disk ops",
+            "cluster {}{}{}, refcount bits {}, v{}, lazy {}, prefill to {} B{}{}, cut after {} disk ops",
             self.cluster,
             if self.extended_l2 { " (extended L2)" } else { "" },
+            match self.data_file {
+                Some(true) => ", raw data file",
+                Some(false) => ", data file",
+                None => "",
+            },
             self.refcount_bits,
             self.version,
             self.lazy,
@@ -131,9 +144,13 @@ impl Profile {
     }
 }
 
-/// The bytes of a fresh image for `p`.
-pub fn create_image(p: &Profile, path: &Path) -> Vec<u8> {
+/// The files of a fresh image for `p` (its data file beside it, named by its absolute
+/// path).
+pub fn create_image(p: &Profile, path: &Path) -> crate::Files {
+    let data_path = path.with_extension("data");
     let opts = CreateOptions {
+        data_file: p.data_file.map(|_| data_path.display().to_string()),
+        data_file_raw: p.data_file == Some(true),
         size: SIZE,
         cluster_size: p.cluster,
         refcount_bits: p.refcount_bits,
@@ -143,9 +160,13 @@ pub fn create_image(p: &Profile, path: &Path) -> Vec<u8> {
         ..Default::default()
     };
     create(path, &opts).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let _ = std::fs::remove_file(path);
-    bytes
+    let read = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        let _ = std::fs::remove_file(p);
+        bytes
+    };
+    let data = p.data_file.map(|_| (data_path.clone(), read(&data_path)));
+    crate::Files { image: read(path), data }
 }
 
 /// Takes an internal snapshot of `image` with `qemu-img snapshot -c`.
@@ -230,7 +251,7 @@ pub async fn worker(
     layout: Rc<Layout>,
     w: usize,
     seed: u64,
-    (cluster, unit): (u64, u64),
+    (cluster, unit, compress): (u64, u64, bool),
 ) {
     let ch = dev.channel().expect("channel");
     let mut r = Rng::new(seed * 31 + w as u64);
@@ -246,7 +267,7 @@ pub async fn worker(
             model.borrow_mut().flushes += 1;
             continue;
         };
-        let (op, ok) = issue(&ch, op, cluster).await;
+        let (op, ok) = issue(&ch, op, cluster, compress).await;
         model.borrow_mut().record(w, op, ok);
         if !ok {
             return;
@@ -318,7 +339,7 @@ fn extent_range(r: &mut Rng, extents: &[(u64, u64)]) -> Option<(u64, u64)> {
 
 /// Issues `op` and says whether it succeeded. Writes are classified first (in place,
 /// allocating whole clusters, allocating a partial cluster) from the block status.
-async fn issue(ch: &Qcow2Channel, mut op: Op, cluster: u64) -> (Op, bool) {
+async fn issue(ch: &Qcow2Channel, mut op: Op, cluster: u64, compress: bool) -> (Op, bool) {
     let (off, len) = (op.off, op.len);
     let ok = match &mut op.effect {
         Effect::Data(data) => {
@@ -326,7 +347,8 @@ async fn issue(ch: &Qcow2Channel, mut op: Op, cluster: u64) -> (Op, bool) {
             // Every other cluster-aligned write is a compressed one, of data that
             // shrinks (a backup with `compress`): its bytes are packed into shared
             // host clusters.
-            if !op.fua
+            if compress
+                && !op.fua
                 && off.is_multiple_of(cluster)
                 && len >= cluster
                 && (off / cluster).is_multiple_of(2)

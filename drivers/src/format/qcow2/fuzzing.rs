@@ -86,6 +86,7 @@ pub fn exercise(data: &[u8], owner: &ReactorHandle) {
             l2_cache_bytes: Some(64 << 10),
             refcount_cache_bytes: Some(16 << 10),
             storage: None,
+            data_storage: None,
             zero_hop: true,
             locking: true,
             encryption_key: None,

@@ -73,6 +73,8 @@ pub struct OpenOptions {
     /// Serve this storage instead of opening the path (the simulated disk of the crash
     /// tests; the image may then have no backing file).
     pub storage: Option<Arc<Storage>>,
+    /// With `storage`: serve this storage as the image's external data file.
+    pub data_storage: Option<Arc<Storage>>,
     /// Let channels read and write allocated clusters without a hop to the owning
     /// shard (see `hints`). Off only to measure what the hop costs.
     pub zero_hop: bool,
@@ -289,7 +291,9 @@ fn open_data_file(
     top: bool,
 ) -> Result<Arc<Storage>, OpenError> {
     if opts.storage.is_some() {
-        return Err(OpenError::invalid(path, "a simulated image cannot have a data file"));
+        return opts.data_storage.clone().ok_or_else(|| {
+            OpenError::invalid(path, "a simulated image needs a simulated data file")
+        });
     }
     let dpath = resolve_confined(path, name, &opts.allowed_backing_dirs, "data file")?;
     if path.canonicalize().is_ok_and(|p| p == dpath) {
