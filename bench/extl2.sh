@@ -14,6 +14,7 @@
 # Environment: JOBS='1;16' (queue depths) ROUNDS=3 SIZE=2G WORK=/var/tmp SERVER_CPU=0
 # CLIENT_CPU=1.
 set -euo pipefail
+. "$(dirname "$0")/nbd-lib.sh"
 OUT=${1:-bench/results/extl2-$(date -u +%Y%m%dT%H%M%SZ)}
 ROUNDS=${ROUNDS:-3}; SIZE=${SIZE:-2G}
 SERVER_CPU=${SERVER_CPU:-0}; CLIENT_CPU=${CLIENT_CPU:-1}
@@ -35,9 +36,7 @@ start() { # server
   rm -f "$SOCK"
   case $1 in
     appliance)
-      printf '[appliance]\ncores = [%s]\nidle = "busy"\n\n[nbd]\nlisten = ["unix:%s"]\n\n[[disk]]\nname = "d"\npath = "%s"\nformat = "qcow2"\n' \
-        "$SERVER_CPU" "$SOCK" "$WORK/top.qcow2" > "$WORK/a.toml"
-      taskset -c "$SERVER_CPU" "$APPLIANCE" serve --config "$WORK/a.toml" > "$WORK/server.log" 2>&1 & ;;
+      start_appliance "$WORK/a.toml" "$WORK/top.qcow2" ;;
     qsd)
       taskset -c "$SERVER_CPU" qemu-storage-daemon \
         --blockdev driver=file,node-name=f,filename="$WORK/top.qcow2",cache.direct=on,aio=io_uring \
@@ -46,13 +45,10 @@ start() { # server
         --blockdev driver=qcow2,node-name=q,file=f,backing=b \
         --nbd-server addr.type=unix,addr.path="$SOCK" \
         --export type=nbd,id=e,node-name=q,name=d,writable=on \
-        > "$WORK/server.log" 2>&1 & ;;
+        > "$WORK/server.log" 2>&1 &
+      PID=$! ;;
   esac
-  PID=$!
-  for _ in $(seq 200); do
-    nbdinfo --size "nbd+unix:///d?socket=$SOCK" > /dev/null 2>&1 && return 0; sleep 0.05
-  done
-  echo "$1 did not listen" >&2; cat "$WORK/server.log" >&2; exit 1
+  wait_export "$1"
 }
 
 one() { # server extl2 qd -> "IOPS mean-latency-us allocated-bytes-per-write"

@@ -10,6 +10,7 @@
 # Environment: JOBS='randread 4k 32;randwrite 4k 32;read 64k 8' ROUNDS=3 SECS=5 SIZE=1G
 # WORK=/var/tmp SERVER_CPU=0 CLIENT_CPU=1.
 set -euo pipefail
+. "$(dirname "$0")/nbd-lib.sh"
 OUT=${1:-bench/results/luks-$(date -u +%Y%m%dT%H%M%SZ)}
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-5}; SIZE=${SIZE:-1G}
 SERVER_CPU=${SERVER_CPU:-0}; CLIENT_CPU=${CLIENT_CPU:-1}
@@ -35,9 +36,7 @@ start() { # server image
     appliance)
       local enc=""
       [ "$2" = luks ] && enc=$(printf '[disk.encryption]\nkey_file = "%s"\n' "$WORK/key")
-      printf '[appliance]\ncores = [%s]\nidle = "busy"\n\n[nbd]\nlisten = ["unix:%s"]\n\n[[disk]]\nname = "d"\npath = "%s"\nformat = "qcow2"\n%s\n' \
-        "$SERVER_CPU" "$SOCK" "$WORK/$2.qcow2" "$enc" > "$WORK/a.toml"
-      taskset -c "$SERVER_CPU" "$APPLIANCE" serve --config "$WORK/a.toml" > "$WORK/server.log" 2>&1 & ;;
+      start_appliance "$WORK/a.toml" "$WORK/$2.qcow2" "$enc" ;;
     qsd)
       local enc=""
       [ "$2" = luks ] && enc=",encrypt.format=luks,encrypt.key-secret=s0"
@@ -46,14 +45,10 @@ start() { # server image
         --blockdev "driver=qcow2,node-name=q,file=f$enc" \
         --nbd-server addr.type=unix,addr.path="$SOCK" \
         --export type=nbd,id=e,node-name=q,name=d,writable=on \
-        > "$WORK/server.log" 2>&1 & ;;
+        > "$WORK/server.log" 2>&1 &
+      PID=$! ;;
   esac
-  PID=$!
-  # Ready when the export answers (the socket may be bound before the disk is added).
-  for _ in $(seq 200); do
-    nbdinfo --size "nbd+unix:///d?socket=$SOCK" > /dev/null 2>&1 && return 0; sleep 0.05
-  done
-  echo "$1 did not listen" >&2; cat "$WORK/server.log" >&2; exit 1
+  wait_export "$1"
 }
 
 one() { # server image workload bs qd -> IOPS

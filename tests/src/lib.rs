@@ -107,6 +107,20 @@ pub fn run_unchecked(cmd: &mut Command, timeout: Duration) -> Output {
     Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
+/// Runs `make()`'s `qemu-img create` of a LUKS-encrypted image, again (at most five
+/// times) while QEMU cannot time its PBKDF2 by the thread's CPU time, which a loaded
+/// machine can leave unmeasurable ("Unable to get accurate CPU usage").
+pub fn qemu_img_create_luks(make: impl Fn() -> Command) {
+    for attempt in 1.. {
+        let out = make().output().expect("qemu-img");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return;
+        }
+        assert!(attempt < 5 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
+    }
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -53,3 +53,15 @@ pub fn io(a: &Appliance, export: &str, cmds: &[&str]) {
     let out = run(c.arg(a.uri(export)));
     assert!(!stdout(&out).contains("fail"), "{}", stdout(&out));
 }
+
+/// A read-only qemu-io command against export `export` that must fail (an I/O error).
+pub fn io_fails(a: &Appliance, export: &str, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", cmd])
+        .arg(a.uri(export))
+        .output()
+        .expect("qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("error") || text.contains("fail"), "{cmd} on {export}: {text}");
+}

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use appliance_tests::nbd_map::io;
 use appliance_tests::ops::{control_extra, rpc_error, rpc_ok};
-use appliance_tests::{Appliance, Setup, require_tool, run, stdout};
+use appliance_tests::{Appliance, Setup, qemu_img_create_luks, require_tool, run, stdout};
 use serde_json::json;
 
 const SECRET: &str = "correct horse";
@@ -36,23 +36,15 @@ fn encrypted_images_are_served_and_stay_encrypted() {
     let dir = tempfile::tempdir().unwrap();
     let theirs = tempfile::tempdir().unwrap();
     let img = dir.path().join("enc.qcow2");
-    // QEMU times its PBKDF2 by the thread's CPU time, which a loaded machine can leave
-    // unmeasurable ("Unable to get accurate CPU usage"): tried again then.
-    for attempt in 1.. {
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "--object"])
+    qemu_img_create_luks(|| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2", "--object"])
             .arg(format!("secret,id=s0,data={SECRET}"))
             .args(["-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"])
             .arg(&img)
-            .arg("64M")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            break;
-        }
-        assert!(attempt < 5 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
-    }
+            .arg("64M");
+        c
+    });
     qemu_io(&img, &["write -P 0x61 0 100k".into(), "write -P 0x62 1M 64k".into()]);
     std::fs::write(dir.path().join("key"), SECRET).unwrap();
     std::fs::write(dir.path().join("wrong"), "incorrect horse").unwrap();
