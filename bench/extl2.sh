@@ -11,12 +11,13 @@
 #
 #   bash bench/extl2.sh [OUT_DIR]
 #
-# Environment: JOBS='1;16' (queue depths) ROUNDS=3 SIZE=2G WORK=/var/tmp SERVER_CPU=0
-# CLIENT_CPU=1.
+# Environment: JOBS='1;16' (queue depths) ROUNDS=3 SIZE=2G OFFSET=0 (where in each
+# cluster the write lands, e.g. 1M: mid-cluster, copying both ends) WORK=/var/tmp
+# SERVER_CPU=0 CLIENT_CPU=1.
 set -euo pipefail
 . "$(dirname "$0")/nbd-lib.sh"
 OUT=${1:-bench/results/extl2-$(date -u +%Y%m%dT%H%M%SZ)}
-ROUNDS=${ROUNDS:-3}; SIZE=${SIZE:-2G}
+ROUNDS=${ROUNDS:-3}; SIZE=${SIZE:-2G}; OFFSET=${OFFSET:-0}
 SERVER_CPU=${SERVER_CPU:-0}; CLIENT_CPU=${CLIENT_CPU:-1}
 APPLIANCE=${APPLIANCE:-target/release/appliance}
 WORK=$(mktemp -d "${WORK:-/var/tmp}/appliance-extl2.XXXXXX")
@@ -55,10 +56,12 @@ one() { # server extl2 qd -> "IOPS mean-latency-us allocated-bytes-per-write"
   overlay "$2"
   local before; before=$(du -B1 "$WORK/top.qcow2" | cut -f1)
   start "$1"
-  local r
+  local r bytes off
+  bytes=$(numfmt --from=iec "$SIZE"); off=$(numfmt --from=iec "$OFFSET")
   r=$(taskset -c "$CLIENT_CPU" fio --name=j --ioengine=nbd --uri="nbd+unix:///d?socket=$SOCK" \
     --rw=write --bs=4k --iodepth="$3" --zonemode=strided --zonesize=4k --zonerange=2M \
-    --size="$SIZE" --io_size=$(( $(numfmt --from=iec "$SIZE") / 512 )) --output-format=json 2>/dev/null |
+    --offset="$off" --size=$((bytes - off)) --io_size=$(( (bytes - off) / 2097152 * 4096 )) \
+    --output-format=json 2>/dev/null |
     python3 -c "import json,sys;s=sys.stdin.read();x=json.loads(s[s.index('{'):])['jobs'][0]['write'];print(round(x['iops']), round(x['clat_ns']['mean']/1000), x['total_ios'])")
   kill "$PID"; wait "$PID" 2>/dev/null || true
   local after; after=$(du -B1 "$WORK/top.qcow2" | cut -f1)

@@ -45,8 +45,20 @@ pub fn dirty_ranges(uri: &str, context: &str) -> Vec<(u64, u64)> {
 
 /// qemu-io commands against export `export` over NBD; none may fail.
 pub fn io(a: &Appliance, export: &str, cmds: &[&str]) {
+    io_with(a, export, cmds, false)
+}
+
+/// [`io`] on a read-only export.
+pub fn io_ro(a: &Appliance, export: &str, cmds: &[&str]) {
+    io_with(a, export, cmds, true)
+}
+
+fn io_with(a: &Appliance, export: &str, cmds: &[&str], read_only: bool) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
     for x in cmds {
         c.args(["-c", x]);
     }

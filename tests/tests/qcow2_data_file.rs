@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use appliance_tests::nbd_map::{io, io_fails};
+use appliance_tests::nbd_map::{io, io_fails, io_ro};
 use appliance_tests::ops::{control_extra, rpc_error, rpc_ok};
 use appliance_tests::{Appliance, Setup, bin, require_tool, run, stdout};
 use serde_json::json;
@@ -311,7 +311,7 @@ fn hostile_data_files_get_clear_errors() {
         json!({"name": "off", "path": img, "format": "qcow2", "read_only": true}),
     );
     io_fails(&a, "off", "read 0 4k");
-    io(&a, "off", &["read -P 0x56 64k 64k"]);
+    io_ro(&a, "off", &["read -P 0x56 64k 64k"]);
     assert!(a.stop().success(), "{}", a.logs());
     assert!(a.logs().contains("not at its guest offset in the data file"), "{}", a.logs());
 }

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use appliance_tests::nbd_map::{io, io_fails};
+use appliance_tests::nbd_map::{io, io_fails, io_ro};
 use appliance_tests::ops::{control_extra, rpc_ok};
 use appliance_tests::{Appliance, Setup, bin, qemu_img_create_luks, require_tool, run, stdout};
 use serde_json::json;
@@ -318,7 +318,7 @@ fn a_subcluster_both_allocated_and_zero_is_a_clear_error() {
         json!({"name": "both", "path": img, "format": "qcow2", "read_only": true}),
     );
     io_fails(&a, "both", "read 0 4k");
-    io(&a, "both", &["read -P 0x56 64k 64k"]);
+    io_ro(&a, "both", &["read -P 0x56 64k 64k"]);
     assert!(a.stop().success(), "{}", a.logs());
     assert!(a.logs().contains("SubclusterBoth"), "{}", a.logs());
     // Repair clears the entry: the cluster reads as unallocated (zeros), its host

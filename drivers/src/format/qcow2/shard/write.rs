@@ -161,19 +161,22 @@ impl Shard {
         seg_off: usize,
     ) -> Result<(), IoError> {
         let (head, tail) = (pos - a, b - (pos + len));
-        let mut head_buf = None;
-        let mut tail_buf = None;
-        if head > 0 {
-            let mut buf =
-                poller::dma::alloc_wait(head as usize).await.map_err(|_| IoError::TooLarge)?;
-            self.read(a, &[IoSeg::from_dma(&mut buf)]).await?;
-            head_buf = Some(buf);
-        }
-        if tail > 0 {
-            let mut buf =
-                poller::dma::alloc_wait(tail as usize).await.map_err(|_| IoError::TooLarge)?;
-            self.read(pos + len, &[IoSeg::from_dma(&mut buf)]).await?;
-            tail_buf = Some(buf);
+        let pad = |n: u64| async move {
+            match n {
+                0 => Ok(None),
+                n => poller::dma::alloc_wait(n as usize).await.map(Some),
+            }
+        };
+        let mut head_buf = pad(head).await.map_err(|_| IoError::TooLarge)?;
+        let mut tail_buf = pad(tail).await.map_err(|_| IoError::TooLarge)?;
+        {
+            // Both ends at once: a write into the middle of a cluster waits for one
+            // read, not two in a row.
+            let h = head_buf.as_mut().map(|buf| [IoSeg::from_dma(buf)]);
+            let t = tail_buf.as_mut().map(|buf| [IoSeg::from_dma(buf)]);
+            let reads =
+                [h.as_ref().map(|s| self.read(a, s)), t.as_ref().map(|s| self.read(pos + len, s))];
+            super::flush::join_all(reads).await?;
         }
         let mut win = SegBuf::take();
         let mut iov_buf = SegBuf::take();
