@@ -4,7 +4,8 @@
 //! file (the physical offset / 512), as qcow2.txt's "Data encryption" says.
 //!
 //! Opening a volume (the LUKS1 on-disk format, cryptsetup's `on-disk-format.pdf`):
-//! 1. The 592-byte header names the cipher (`aes`, mode `xts-plain64`), the hash of
+//! 1. The 592-byte header names the cipher (`aes`; mode `xts-plain64`, QEMU's default,
+//!    or `cbc-plain64`, `cbc-plain` or `cbc-essiv:sha256`, older volumes'), the hash of
 //!    the key derivation (`sha1`, `sha256`, `sha512`), the master key's length, its
 //!    PBKDF2 digest (salt, iterations) and eight key slots.
 //! 2. For each active slot, PBKDF2(hash, secret, slot salt, slot iterations) gives a
@@ -13,13 +14,18 @@
 //!    master key.
 //! 3. The candidate is the master key if its PBKDF2 digest matches the header's.
 //!
-//! Every primitive is RustCrypto's (`aes`, `xts-mode`, `pbkdf2`, `hmac`, `sha1`,
-//! `sha2`); this module only lays out the bytes. Untrusted headers are bounded before
+//! Every primitive is RustCrypto's (`aes`, `xts-mode`, `cbc`, `pbkdf2`, `hmac`, `sha1`,
+//! `sha2`); this module only lays out the bytes (and the IVs: the sector number, or for
+//! ESSIV that number encrypted with AES-256 under SHA-256 of the key). Untrusted headers are bounded before
 //! any work: key sizes of a known cipher, at most [`MAX_STRIPES`] stripes, at most
 //! [`MAX_ITERATIONS`] PBKDF2 iterations, key material inside the encryption area.
 //! Secrets and keys never reach a message: errors name the field, not the value.
 
-use aes::cipher::KeyInit;
+use aes::cipher::block_padding::NoPadding;
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{
+    BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
+};
 use aes::{Aes128, Aes256};
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
@@ -140,7 +146,7 @@ pub struct KeySlot {
 #[derive(Debug, Clone)]
 pub struct Header {
     pub cipher: String,
-    pub mode: String,
+    pub mode: Mode,
     pub hash: Hash,
     pub key_bytes: usize,
     pub mk_digest: [u8; 20],
@@ -181,11 +187,15 @@ impl Header {
         let mode = text(&b[40..72], "cipher mode")?;
         let hash = Hash::parse(&text(&b[72..104], "hash")?)?;
         let key_bytes = be32(b, 108) as usize;
-        if cipher != "aes" || mode != "xts-plain64" {
+        let Some(mode) = Mode::parse(&mode).filter(|_| cipher == "aes") else {
             return Err(LuksError::Unsupported(format!("cipher {cipher}-{mode}")));
-        }
-        if key_bytes != 32 && key_bytes != 64 {
-            return invalid(format!("key size {key_bytes} bytes for aes-xts (32 or 64)"));
+        };
+        if !mode.key_sizes().contains(&key_bytes) {
+            return invalid(format!(
+                "key size {key_bytes} bytes for aes-{} ({:?})",
+                mode.name(),
+                mode.key_sizes()
+            ));
         }
         let mut h = Header {
             cipher,
@@ -251,14 +261,14 @@ impl Header {
             self.hash.pbkdf2(secret, &slot.salt, slot.iterations, &mut derived);
             let mut material = vec![0u8; self.material_len(slot) as usize];
             read(slot.material_offset, &mut material)?;
-            SectorCipher::new(&derived)?.decrypt(&mut material, 0);
+            SectorCipher::new(self.mode, &derived)?.decrypt(&mut material, 0);
             let split = &material[..self.key_bytes * slot.stripes as usize];
             let candidate = self.af_merge(split, slot.stripes as usize);
             let mut digest = [0u8; 20];
             self.hash.pbkdf2(&candidate, &self.mk_salt, self.mk_iterations, &mut digest);
             let differ = digest.iter().zip(&self.mk_digest).fold(0u8, |d, (a, b)| d | (a ^ b));
             if differ == 0 {
-                return SectorCipher::new(&candidate);
+                return SectorCipher::new(self.mode, &candidate);
             }
         }
         Err(LuksError::WrongKey)
@@ -285,19 +295,117 @@ fn bounded_iterations(n: u32, what: &str) -> Result<u32, LuksError> {
     Ok(n)
 }
 
-/// AES-XTS with plain64 tweaks (the sector number, little-endian) over 512-byte
-/// sectors: the master key's cipher, or a key slot's (made once per open, shared).
+/// The sector modes of LUKS1 volumes QEMU makes and opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// XTS, the tweak the sector number (64 bits): QEMU's default.
+    XtsPlain64,
+    /// CBC, the IV the sector number (64 bits, or its low 32 bits for `plain`).
+    CbcPlain64,
+    CbcPlain,
+    /// CBC, the IV the sector number encrypted with AES-256 keyed by SHA-256(key).
+    CbcEssivSha256,
+}
+
+impl Mode {
+    fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "xts-plain64" => Mode::XtsPlain64,
+            "cbc-plain64" => Mode::CbcPlain64,
+            "cbc-plain" => Mode::CbcPlain,
+            "cbc-essiv:sha256" => Mode::CbcEssivSha256,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::XtsPlain64 => "xts-plain64",
+            Mode::CbcPlain64 => "cbc-plain64",
+            Mode::CbcPlain => "cbc-plain",
+            Mode::CbcEssivSha256 => "cbc-essiv:sha256",
+        }
+    }
+
+    /// Key bytes of AES-128 and AES-256 in this mode (XTS takes two keys).
+    fn key_sizes(self) -> [usize; 2] {
+        if self == Mode::XtsPlain64 { [32, 64] } else { [16, 32] }
+    }
+}
+
+/// A volume's sector cipher over 512-byte sectors: the master key's, or a key slot's
+/// (made once per open, shared).
 #[allow(clippy::large_enum_variant)] // One per image, behind an Arc, never moved.
 pub enum SectorCipher {
     Aes128(Xts128<Aes128>),
     Aes256(Xts128<Aes256>),
+    Cbc128(Cbc<Aes128>),
+    Cbc256(Cbc<Aes256>),
+}
+
+/// AES-CBC per sector, with its IV generator.
+pub struct Cbc<C> {
+    key: C,
+    mode: Mode,
+    /// ESSIV's cipher.
+    essiv: Option<Aes256>,
+}
+
+impl<C: BlockCipher + BlockEncrypt + BlockDecrypt + Clone> Cbc<C> {
+    fn new(key: C, mode: Mode, raw: &[u8]) -> Cbc<C> {
+        let essiv = (mode == Mode::CbcEssivSha256)
+            .then(|| Aes256::new_from_slice(&Sha256::digest(raw)).expect("a 32-byte key"));
+        Cbc { key, mode, essiv }
+    }
+
+    /// The IV of sector `n`.
+    fn iv(&self, n: u64) -> [u8; 16] {
+        let n = if self.mode == Mode::CbcPlain { n & 0xffff_ffff } else { n };
+        let mut iv = [0u8; 16];
+        iv[..8].copy_from_slice(&n.to_le_bytes());
+        if let Some(e) = &self.essiv {
+            e.encrypt_block((&mut iv).into());
+        }
+        iv
+    }
+
+    fn crypt(&self, buf: &mut [u8], first: u64, encrypt: bool) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
+            let iv = self.iv(first + i as u64);
+            if encrypt {
+                cbc::Encryptor::inner_iv_init(self.key.clone(), GenericArray::from_slice(&iv))
+                    .encrypt_padded_mut::<NoPadding>(sector, SECTOR)
+                    .expect("whole blocks");
+            } else {
+                cbc::Decryptor::inner_iv_init(self.key.clone(), GenericArray::from_slice(&iv))
+                    .decrypt_padded_mut::<NoPadding>(sector)
+                    .expect("whole blocks");
+            }
+        }
+    }
 }
 
 impl SectorCipher {
-    /// A cipher for a 32-byte (AES-128-XTS) or 64-byte (AES-256-XTS) key.
-    pub fn new(key: &[u8]) -> Result<SectorCipher, LuksError> {
+    /// A cipher for `key` in `mode`: AES-128 or AES-256 by its length (twice that for
+    /// XTS).
+    pub fn new(mode: Mode, key: &[u8]) -> Result<SectorCipher, LuksError> {
+        let bad = |_| LuksError::Invalid(format!("a {}-byte {} key", key.len(), mode.name()));
+        if mode != Mode::XtsPlain64 {
+            return Ok(match key.len() {
+                16 => SectorCipher::Cbc128(Cbc::new(
+                    Aes128::new_from_slice(key).map_err(bad)?,
+                    mode,
+                    key,
+                )),
+                32 => SectorCipher::Cbc256(Cbc::new(
+                    Aes256::new_from_slice(key).map_err(bad)?,
+                    mode,
+                    key,
+                )),
+                n => return invalid(format!("a {n}-byte {} key", mode.name())),
+            });
+        }
         let (k1, k2) = key.split_at(key.len() / 2);
-        let bad = |_| LuksError::Invalid(format!("a {}-byte XTS key", key.len()));
         Ok(match key.len() {
             32 => SectorCipher::Aes128(Xts128::new(
                 Aes128::new_from_slice(k1).map_err(bad)?,
@@ -321,6 +429,8 @@ impl SectorCipher {
             SectorCipher::Aes256(x) => {
                 x.encrypt_area(buf, SECTOR, u128::from(first), get_tweak_default)
             }
+            SectorCipher::Cbc128(c) => c.crypt(buf, first, true),
+            SectorCipher::Cbc256(c) => c.crypt(buf, first, true),
         }
     }
 
@@ -334,6 +444,8 @@ impl SectorCipher {
             SectorCipher::Aes256(x) => {
                 x.decrypt_area(buf, SECTOR, u128::from(first), get_tweak_default)
             }
+            SectorCipher::Cbc128(c) => c.crypt(buf, first, false),
+            SectorCipher::Cbc256(c) => c.crypt(buf, first, false),
         }
     }
 }
@@ -341,7 +453,12 @@ impl SectorCipher {
 impl std::fmt::Debug for SectorCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.write_str("SectorCipher(aes-xts-plain64)")
+        let mode = match self {
+            SectorCipher::Aes128(_) | SectorCipher::Aes256(_) => Mode::XtsPlain64,
+            SectorCipher::Cbc128(c) => c.mode,
+            SectorCipher::Cbc256(c) => c.mode,
+        };
+        write!(f, "SectorCipher(aes-{})", mode.name())
     }
 }
 
@@ -446,8 +563,15 @@ mod tests {
 
     #[test]
     fn qemu_encrypted_images_open_and_their_data_decrypts() {
-        for opts in ["", ",encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1", ",cluster_size=4096"]
-        {
+        for opts in [
+            "",
+            ",encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+            ",cluster_size=4096",
+            // The CBC modes of older volumes.
+            ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+            ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64,encrypt.cipher-alg=aes-128",
+            ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let p = qemu_img_encrypted(dir.path(), opts);
             let f = std::fs::File::open(&p).unwrap();

@@ -95,7 +95,7 @@ pub fn format(secret: &[u8], iter_time: Duration) -> std::io::Result<NewVolume> 
     af_split(&mk, material)?;
     let mut slot_key = [0u8; KEY_BYTES];
     Hash::Sha256.pbkdf2(secret, &slot_salt, slot_iters, &mut slot_key);
-    SectorCipher::new(&slot_key)
+    SectorCipher::new(super::luks::Mode::XtsPlain64, &slot_key)
         .map_err(|e| std::io::Error::other(e.to_string()))?
         .encrypt(material, 0);
     Ok(NewVolume { area })
