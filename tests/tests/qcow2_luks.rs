@@ -4,7 +4,8 @@
 //! shards) read back through qemu-io with the secret and compare equal to the same
 //! writes by qemu-io on a copy; `qemu-img check` is clean; a pattern written never
 //! appears in the file's bytes. A wrong key and a missing key are clear errors that
-//! never show the key.
+//! never show the key. Encrypted and plain overlays over an encrypted backing file open
+//! with the disk's key, and their copy-on-write compares equal with QEMU's.
 
 use std::path::Path;
 use std::process::Command;
@@ -167,4 +168,92 @@ fn appliance_create_makes_luks_images_qemu_opens() {
     io(&a, "m", &["read -P 0x44 1M 2M", "write -P 0x45 8M 1M", "read -P 0x45 8M 1M"]);
     assert!(a.stop().success(), "{}", a.logs());
     qemu_io(&a.path("made.qcow2"), &["read -P 0x45 8M 1M".into(), "read -P 0x44 1M 2M".into()]);
+}
+
+/// `--image-opts` of an image whose chain (this image and its backing file) is opened
+/// with the secret `s0` wherever it is encrypted.
+fn chain_spec(img: &Path, top_encrypted: bool) -> String {
+    let top = if top_encrypted { ",encrypt.key-secret=s0" } else { "" };
+    format!("driver=qcow2,file.filename={}{top},backing.encrypt.key-secret=s0", img.display())
+}
+
+#[test]
+fn encrypted_backing_files_open_with_the_disks_key() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let secret = format!("secret,id=s0,data={SECRET}");
+    let base = dir.path().join("base.qcow2");
+    qemu_img_create_luks(|| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2", "--object", &secret])
+            .args(["-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"])
+            .arg(&base)
+            .arg("16M");
+        c
+    });
+    qemu_io(&base, &["write -P 0x51 0 16M".into()]);
+    // An encrypted overlay and a plain one over the encrypted base (`-u`: qemu-img
+    // cannot open the base without its secret here).
+    qemu_img_create_luks(|| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-u", "-f", "qcow2", "--object", &secret, "-b", "base.qcow2"])
+            .args(["-F", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0"])
+            .args(["-o", "encrypt.iter-time=10"])
+            .arg(dir.path().join("enc.qcow2"))
+            .arg("16M");
+        c
+    });
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-u", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"])
+        .arg(dir.path().join("plain.qcow2"))
+        .arg("16M"));
+    for f in ["base.qcow2", "enc.qcow2", "plain.qcow2"] {
+        std::fs::copy(dir.path().join(f), theirs.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("key"), SECRET).unwrap();
+    let disks = ["enc", "plain"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[disk]]\nname = \"{n}\"\npath = \"{{dir}}/{n}.qcow2\"\nformat = \"qcow2\"\n\
+                 [disk.encryption]\nkey_file = \"{{dir}}/key\"\n"
+            )
+        })
+        .collect::<String>();
+    let setup = Setup { cores: "[0, 1]", disks, extra: control_extra(None), ..Setup::default() };
+    let mut a = Appliance::start_in(dir, setup);
+    // Partial clusters copy the base's decrypted bytes into the overlay.
+    let script = ["write -P 0x61 1000 3000", "write -P 0x62 5M 64k", "write -z 8M 4096"];
+    for n in ["enc", "plain"] {
+        io(&a, n, &["read -P 0x51 0 1M"]);
+        io(&a, n, &script);
+        io(&a, n, &["read -P 0x51 0 1000", "read -P 0x61 1000 3000", "read -P 0x51 4000 61536"]);
+    }
+    assert!(a.stop().success(), "{}", a.logs());
+    for (n, enc) in [("enc", true), ("plain", false)] {
+        let ours = chain_spec(&a.path(&format!("{n}.qcow2")), enc);
+        let q = chain_spec(&theirs.path().join(format!("{n}.qcow2")), enc);
+        let mut c = Command::new("qemu-io");
+        c.args(["--object", &secret, "--image-opts", &q]);
+        for cmd in script {
+            c.args(["-c", cmd]);
+        }
+        assert!(!stdout(&run(&mut c)).contains("fail"));
+        let out = Command::new("qemu-img")
+            .args(["compare", "--object", &secret, "--image-opts", &ours, &q])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("qemu-img")
+            .args(["check", "--object", &secret, "--image-opts", &ours])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("No errors"), "{n}: {out:?}");
+    }
+    // The encrypted overlay never holds plaintext, not even the base's it copied.
+    let bytes = std::fs::read(a.path("enc.qcow2")).unwrap();
+    for b in [0x51u8, 0x61, 0x62] {
+        assert!(!bytes.windows(512).any(|w| w.iter().all(|x| *x == b)), "{b:#x} in plaintext");
+    }
 }

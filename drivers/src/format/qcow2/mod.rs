@@ -181,10 +181,15 @@ impl Qcow2Device {
             }
             None => img.top.storage.alignment(),
         };
-        // Encrypted data is whole sectors.
-        let align = match img.top.crypt {
-            Some(_) => Alignment { request: align.request.max(luks::SECTOR), ..align },
-            None => align,
+        // Encrypted data, in this image or below it, is whole sectors.
+        let encrypted = img.top.crypt.is_some()
+            || img
+                .backing
+                .iter()
+                .any(|b| matches!(b, open::OpenedLayer::Qcow2(q) if q.crypt.is_some()));
+        let align = match encrypted {
+            true => Alignment { request: align.request.max(luks::SECTOR), ..align },
+            false => align,
         };
         let chain = chain_of(&img);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);

@@ -270,9 +270,7 @@ fn open_qcow2(
                 "the image is LUKS-encrypted: give its key (`[disk.encryption] key_file`)",
             ));
         }
-        (_, Some(_)) if !top => {
-            return Err(OpenError::invalid(path, "encrypted backing files are not supported"));
-        }
+        // A chain shares the disk's one key (QEMU names a secret per layer).
         (_, Some(key)) => Some(Arc::new(super::luks::unlock_image(path, f, &header, &key.0)?)),
     };
     let opened =
