@@ -244,6 +244,21 @@ fn a_first_small_write_over_a_backing_file_copies_a_subcluster_not_the_cluster()
     assert_eq!(check(&a.path("sub.qcow2")), (0, 0, 0));
 }
 
+/// A map's extents as (start, length, data, zero), adjacent ones of one kind merged.
+fn extents(json: &str) -> Vec<(u64, u64, bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("map JSON");
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for e in v.as_array().expect("extents") {
+        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let (d, z) = (e["data"].as_bool().unwrap(), e["zero"].as_bool().unwrap());
+        match out.last_mut() {
+            Some(p) if p.0 + p.1 == s && (p.2, p.3) == (d, z) => p.1 += l,
+            _ => out.push((s, l, d, z)),
+        }
+    }
+    out
+}
+
 #[test]
 fn appliance_create_makes_extended_l2_images_qemu_uses() {
     require_tool("qemu-img", "qemu-utils");
@@ -271,6 +286,15 @@ fn appliance_create_makes_extended_l2_images_qemu_uses() {
         assert_eq!(check(&img), (0, 0, 0), "{name}");
         let ours = stdout(&run(Command::new(bin()).arg("check").arg(&img)));
         assert!(ours.contains("No errors were found"), "{ours}");
+        // `appliance map` tells subclusters apart as `qemu-img map` does (which also
+        // probes the file for holes: not on preallocated images).
+        qemu_io(&img, &["write -z 12k 4k".into()]);
+        if !opts.contains("preallocation") {
+            let theirs =
+                stdout(&run(Command::new("qemu-img").args(["map", "--output=json"]).arg(&img)));
+            let ours = stdout(&run(Command::new(bin()).args(["map", "--json"]).arg(&img)));
+            assert_eq!(extents(&ours), extents(&theirs), "{name}: map");
+        }
         // Our internal snapshot of it: QEMU's writes copy the shared subclusters, the
         // snapshot keeps them, applying it (ours) brings them back.
         run(Command::new(bin()).args(["snapshot", "-c", "s1"]).arg(&img));
@@ -279,6 +303,31 @@ fn appliance_create_makes_extended_l2_images_qemu_uses() {
         run(Command::new(bin()).args(["snapshot", "-a", "s1"]).arg(&img));
         qemu_io(&img, &["read -P 0x42 5000 1000".into(), "read -P 0x41 1M 3M".into()]);
         assert_eq!(check(&img), (0, 0, 0), "{name} after applying the snapshot");
+    }
+    // Preallocated over a backing file: the backing file still shows through (without
+    // subclusters the combination is refused, as by qemu-img).
+    let base = dir.path().join("base.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("4M"));
+    qemu_io(&base, &["write -P 0x37 0 4M".into()]);
+    for (name, extl2) in [("pb", "on"), ("pw", "off")] {
+        let o = format!("extended_l2={extl2},preallocation=metadata");
+        let out = Command::new(bin())
+            .args(["create", "-o", &o, "-b", "base.qcow2", "-F", "qcow2"])
+            .arg(dir.path().join(format!("{name}.qcow2")))
+            .arg("4M")
+            .output()
+            .unwrap();
+        if extl2 == "off" {
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && e.contains("extended_l2=on"), "{e}");
+            continue;
+        }
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let img = dir.path().join(format!("{name}.qcow2"));
+        assert_eq!(check(&img), (0, 0, 0));
+        qemu_io(&img, &["read -P 0x37 0 4M".into(), "write -P 0x38 64k 4k".into()]);
+        qemu_io(&img, &["read -P 0x37 0 64k".into(), "read -P 0x38 64k 4k".into()]);
+        assert_eq!(check(&img), (0, 0, 0));
     }
     let small = dir.path().join("small.qcow2");
     let out = Command::new(bin())

@@ -151,6 +151,13 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
     // A raw data file is consistent on its own: every cluster is mapped (QEMU forces
     // metadata preallocation with data_file_raw too).
     let prealloc = o.preallocate_metadata || o.data_file_raw;
+    // A preallocated cluster is data: over a backing file it would hide the backing
+    // file's bytes. With subclusters it can be preallocated and stay unallocated.
+    if prealloc && o.backing_file.is_some() && !o.extended_l2 {
+        return invalid(
+            "a backing file and preallocation=metadata go together only with extended_l2=on",
+        );
+    }
     let (l2_tables, data_clusters) = if prealloc { (l1_size, o.size.div_ceil(cs)) } else { (0, 0) };
     // With a data file the guest's clusters live there, at their guest offsets.
     let (data_clusters, data_at) = match o.data_file {
@@ -270,7 +277,12 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), CreateError> {
                     break;
                 }
                 let host = data_at.map_or(data_off + c * cs, |base| base + c * cs);
-                set_l2_at(&mut l2, j as usize, &L2Entry::Normal { host, copied: true }, &g);
+                let e = match o.backing_file {
+                    // Reserved, every subcluster still reading from the backing file.
+                    Some(_) => L2Entry::Sub { host: Some(host), copied: true, alloc: 0, zero: 0 },
+                    None => L2Entry::Normal { host, copied: true },
+                };
+                set_l2_at(&mut l2, j as usize, &e, &g);
             }
             f.write_all_at(&l2, table_off).map_err(io)?;
         }
