@@ -133,10 +133,17 @@ fn header_and_table_damage_is_refused_at_open() {
 fn unsupported_features_are_named() {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("ext.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-o", "extended_l2=on", p.to_str().unwrap(), "16M"]);
+    // Extended L2 entries with clusters too small for 512-byte subclusters.
+    let p = image(dir.path(), "ext.qcow2", "cluster_size=4096");
+    let v = be_u64(&p, 72) | 1 << 4;
+    put(&p, 72, &v.to_be_bytes());
     let err = refused(dir.path(), &qcow2_disk("x", "ext.qcow2", ""));
-    assert!(err.contains("extended L2"), "{err}");
+    assert!(err.contains("extended L2 entries need clusters of at least 16384"), "{err}");
+    // The legacy AES encryption.
+    let p = image(dir.path(), "aes.qcow2", "cluster_size=65536");
+    put(&p, 32, &1u32.to_be_bytes());
+    let err = refused(dir.path(), &qcow2_disk("a", "aes.qcow2", ""));
+    assert!(err.contains("crypt_method 1") && err.contains("not supported"), "{err}");
     // The corrupt bit: read-write refused with advice, read-only served.
     let p = image(dir.path(), "c.qcow2", "cluster_size=65536");
     let v = be_u64(&p, 72) | 2;
