@@ -107,9 +107,10 @@ pub fn run_unchecked(cmd: &mut Command, timeout: Duration) -> Output {
     Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
-/// Runs `make()`'s `qemu-img create` of a LUKS-encrypted image, again (at most five
-/// times) while QEMU cannot time its PBKDF2 by the thread's CPU time, which a loaded
-/// machine can leave unmeasurable ("Unable to get accurate CPU usage").
+/// Runs `make()`'s `qemu-img create` of a LUKS-encrypted image, again (at most 50
+/// times, a little later each time) while QEMU cannot time its PBKDF2: it refuses when
+/// its first timing run measures no thread CPU time at all ("Unable to get accurate CPU
+/// usage"), which a loaded machine's tick-based accounting often gives.
 pub fn qemu_img_create_luks(make: impl Fn() -> Command) {
     for attempt in 1.. {
         let out = make().output().expect("qemu-img");
@@ -117,7 +118,8 @@ pub fn qemu_img_create_luks(make: impl Fn() -> Command) {
         if out.status.success() {
             return;
         }
-        assert!(attempt < 5 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
+        assert!(attempt < 50 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
+        std::thread::sleep(Duration::from_millis(20 * attempt));
     }
 }
 

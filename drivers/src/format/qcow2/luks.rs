@@ -530,7 +530,8 @@ mod tests {
             if st.status.success() {
                 break;
             }
-            assert!(attempt < 5 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
+            assert!(attempt < 50 && err.contains("accurate CPU usage"), "qemu-img create: {err}");
+            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
         }
         let spec = format!("driver=qcow2,file.filename={},encrypt.key-secret=s0", p.display());
         let st = Command::new("qemu-io")
