@@ -212,12 +212,15 @@ pub enum Driver {
     Mem,
     /// An export of an NBD server (`path` is its URI): raw format.
     Nbd,
+    /// An NVMe namespace's generic character device (`/dev/ngXnY`), driven with NVMe
+    /// commands through io_uring passthrough.
+    NvmeUring,
 }
 
 impl Driver {
     /// Whether this driver stores data in a file named by `path`.
     pub fn uses_file(self) -> bool {
-        matches!(self, Driver::IoUring | Driver::Aio)
+        matches!(self, Driver::IoUring | Driver::Aio | Driver::NvmeUring)
     }
 
     pub fn name(self) -> &'static str {
@@ -227,6 +230,7 @@ impl Driver {
             Driver::Null => "null",
             Driver::Mem => "mem",
             Driver::Nbd => "nbd",
+            Driver::NvmeUring => "nvme_uring",
         }
     }
 }
@@ -698,12 +702,13 @@ impl Validator {
             Some("null") => Driver::Null,
             Some("mem") => Driver::Mem,
             Some("nbd") => Driver::Nbd,
+            Some("nvme_uring") => Driver::NvmeUring,
             Some(other) => {
                 return Err(self.err(
                     raw.driver.as_ref().map(|s| s.span()).unwrap_or(name_span),
                     &key("driver"),
                     format!(
-                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\" or \"nbd\""
+                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\", \"nbd\" or \"nvme_uring\""
                     ),
                 ));
             }
@@ -730,7 +735,7 @@ impl Validator {
                 let span = p.span();
                 let resolved = self.resolve(p.get_ref());
                 if self.require_files {
-                    self.check_image_file(&resolved, span, &key("path"))?;
+                    self.check_image_file(&resolved, driver, span, &key("path"))?;
                 }
                 Some(resolved)
             }
@@ -920,12 +925,28 @@ impl Validator {
     fn check_image_file(
         &self,
         path: &Path,
+        driver: Driver,
         span: std::ops::Range<usize>,
         key: &str,
     ) -> Result<(), ConfigError> {
         use std::os::unix::fs::FileTypeExt;
         match std::fs::metadata(path) {
             Err(e) => Err(self.err(span, key, format!("{}: {e}", path.display()))),
+            Ok(m) if driver == Driver::NvmeUring => {
+                if m.file_type().is_char_device() {
+                    Ok(())
+                } else {
+                    Err(self.err(
+                        span,
+                        key,
+                        format!(
+                            "{} is not an NVMe generic character device (/dev/ngXnY); a file \
+                             or block device is served by driver \"io_uring\"",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
             Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
             Ok(_) => Err(self.err(
                 span,

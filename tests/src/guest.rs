@@ -138,6 +138,12 @@ pub struct BootOptions {
     pub kernel_args: String,
     /// Further QEMU arguments.
     pub extra_args: Vec<String>,
+    /// The machine type (`pc`; `q35` for an emulated NVMe controller behind an IOMMU).
+    pub machine: String,
+    /// Whether the guest has the vhost-user-blk disk (`/dev/vda`) on `vhost_socket`.
+    pub vhost: bool,
+    /// Files added to the initramfs: (host file, absolute path in the guest).
+    pub files: Vec<(PathBuf, String)>,
     /// The whole run, from starting QEMU; then QEMU is killed.
     pub timeout: Duration,
 }
@@ -152,6 +158,9 @@ impl Default for BootOptions {
             device_options: String::new(),
             kernel_args: String::new(),
             extra_args: Vec::new(),
+            machine: "pc".into(),
+            vhost: true,
+            files: Vec::new(),
             timeout: Duration::from_secs(120),
         }
     }
@@ -267,14 +276,12 @@ impl Guest {
         let script = dir.path().join("test.sh");
         std::fs::write(&script, test_script).expect("write test.sh");
         let initrd = dir.path().join("initrd.gz");
-        let out = crate::run_unchecked(
-            Command::new("bash")
-                .arg(scripts().join("mkinitrd.sh"))
-                .arg(&image.initrd)
-                .arg(&script)
-                .arg(&initrd),
-            Duration::from_secs(60),
-        );
+        let mut mk = Command::new("bash");
+        mk.arg(scripts().join("mkinitrd.sh")).arg(&image.initrd).arg(&script).arg(&initrd);
+        for (src, dest) in &options.files {
+            mk.arg(format!("{}={dest}", src.display()));
+        }
+        let out = crate::run_unchecked(&mut mk, Duration::from_secs(120));
         assert!(
             out.status.success(),
             "mkinitrd.sh failed: {}{}",
@@ -294,7 +301,7 @@ impl Guest {
         }
         let mem = options.memory_mib;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-no-user-config", "-accel", "tcg", "-machine", "pc"])
+        cmd.args(["-no-user-config", "-accel", "tcg", "-machine", &options.machine])
             .args(["-m", &format!("{mem}M"), "-smp", &options.smp.to_string()])
             .args(["-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none"])
             .args(["-serial", "stdio", "-no-reboot"])
@@ -304,9 +311,11 @@ impl Guest {
             .arg(&initrd)
             .args(["-append", &append])
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
-            .args(["-numa", "node,memdev=mem"])
-            .args(["-chardev", &chardev, "-device", &device])
-            .args(&options.extra_args)
+            .args(["-numa", "node,memdev=mem"]);
+        if options.vhost {
+            cmd.args(["-chardev", &chardev, "-device", &device]);
+        }
+        cmd.args(&options.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -442,4 +451,57 @@ fn push_opts(to: &mut String, opts: &str) {
         to.push(',');
         to.push_str(opts);
     }
+}
+
+/// The appliance binary (debug info stripped, into `dir`) and the shared libraries it
+/// loads, as [`BootOptions::files`]: for tests that run the appliance inside the guest.
+pub fn appliance_files(dir: &Path) -> Vec<(PathBuf, String)> {
+    let stripped = dir.join("appliance");
+    crate::run(Command::new("objcopy").arg("--strip-debug").arg(crate::bin()).arg(&stripped));
+    let mut files = vec![(stripped, "/bin/appliance".to_string())];
+    let ldd = crate::run(Command::new("ldd").arg(crate::bin()));
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let lib = line.split("=>").last().and_then(|r| r.split_whitespace().next());
+        if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+            files.push((PathBuf::from(lib), lib.to_string()));
+        }
+    }
+    files
+}
+
+/// The guest kernel's network modules (virtio-net and what it needs), as
+/// [`BootOptions::files`] under `/lib/modules/`, in load order: [`NET_SETUP`] loads them.
+pub fn net_module_files() -> Vec<(PathBuf, String)> {
+    let pkg = std::fs::read_to_string(guest_dir().join("kernel.pkg")).expect("guest kernel.pkg");
+    let modules = guest_dir().join("kernel").join(pkg.trim()).join("lib/modules");
+    let kver = std::fs::read_dir(&modules)
+        .expect("guest kernel modules")
+        .next()
+        .expect("one kernel version")
+        .expect("read modules dir")
+        .path();
+    ["net/core/failover.ko", "drivers/net/net_failover.ko", "drivers/net/virtio_net.ko"]
+        .iter()
+        .map(|m| {
+            let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
+            (kver.join("kernel").join(m), format!("/lib/modules/{name}"))
+        })
+        .collect()
+}
+
+/// Guest script lines that bring up the user-mode network of [`user_net_args`]: the guest
+/// is 10.0.2.15, the host's forwarded ports reach it.
+pub const NET_SETUP: &str = "for m in failover net_failover virtio_net; do \
+     insmod /lib/modules/$m.ko || echo \"GUEST-WARN insmod $m failed\"; done\n\
+     ip link set lo up\nip link set eth0 up\nip addr add 10.0.2.15/24 dev eth0\n";
+
+/// QEMU arguments for a user-mode network whose host ports `forwards` (host port, guest
+/// port) on 127.0.0.1 reach the guest.
+pub fn user_net_args(forwards: &[(u16, u16)]) -> Vec<String> {
+    let mut netdev = String::from("user,id=n0");
+    for (host, guest) in forwards {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    vec!["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]
 }

@@ -9,7 +9,7 @@ use crate::driver::BlockDriver;
 use crate::error::OpenError;
 use crate::format::qcow2::{OpenOptions, Qcow2Driver};
 use crate::format::raw::RawDriver;
-use crate::io::{EngineKind, Storage};
+use crate::io::{EngineKind, Storage, nvme};
 
 use super::Bdev;
 use super::qos::QosLimits;
@@ -63,6 +63,10 @@ fn open_with(
                     Some(crate::format::qcow2::luks::Secret(key.into()))
                 }
             };
+            let storage = match disk.driver {
+                config::Driver::NvmeUring => Some(nvme::passthru::open(path, disk.read_only)?),
+                _ => None,
+            };
             let opts = OpenOptions {
                 encryption_key,
                 engine: engine_of(disk),
@@ -71,7 +75,7 @@ fn open_with(
                 allowed_backing_dirs: disk.allowed_backing_dirs.clone(),
                 l2_cache_bytes: disk.l2_cache_bytes,
                 refcount_cache_bytes: disk.refcount_cache_bytes,
-                storage: None,
+                storage,
                 data_storage: None,
                 zero_hop: true,
                 locking,
@@ -99,6 +103,7 @@ fn open_with(
                         reactors.first().ok_or_else(|| OpenError::invalid(path, "no reactor"))?;
                     crate::io::nbd::open(&path.to_string_lossy(), owner)?
                 }
+                config::Driver::NvmeUring => nvme::passthru::open(path, disk.read_only)?,
                 config::Driver::IoUring | config::Driver::Aio if locking => {
                     Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
                 }

@@ -3,6 +3,7 @@
 //! - [`file`]: a regular file or block device driven by io_uring or Linux AIO (the
 //!   engines of [`engine`]), O_DIRECT with its alignment probed ([`probe`]), locked the
 //!   way QEMU locks images ([`lock`]);
+//! - [`nvme`]: an NVMe namespace driven with NVMe commands (`nvme_uring`);
 //! - [`mem`]: a RAM disk; [`null`]: stores nothing; [`sim`]: the fault-injecting disk
 //!   of the crash tests (volatile cache, seeded power cuts).
 //!
@@ -21,6 +22,7 @@ pub mod mem;
 pub mod nbd;
 pub mod net;
 pub mod null;
+pub mod nvme;
 pub mod probe;
 pub mod sim;
 pub mod tls;

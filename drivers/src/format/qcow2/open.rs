@@ -290,7 +290,11 @@ fn open_data_file(
 ) -> Result<Arc<Storage>, OpenError> {
     if opts.storage.is_some() {
         return opts.data_storage.clone().ok_or_else(|| {
-            OpenError::invalid(path, "a simulated image needs a simulated data file")
+            OpenError::invalid(
+                path,
+                "an image on this storage keeps its data in the image itself: external data \
+                 files are only for images in files (or simulated ones, given their own)",
+            )
         });
     }
     let dpath = resolve_confined(path, name, &opts.allowed_backing_dirs, "data file")?;
@@ -403,7 +407,10 @@ pub(crate) fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage,
     let snapshots = super::snapshot::read_snapshots(path, f, h, top.file_size)?;
     if opts.storage.is_some() {
         if h.backing_file.is_some() {
-            return Err(OpenError::invalid(path, "a simulated image cannot have a backing file"));
+            return Err(OpenError::invalid(
+                path,
+                "an image on this storage cannot have a backing file (only images in files can)",
+            ));
         }
         return Ok(OpenedImage { top, reftable, snapshots, backing: Vec::new() });
     }

@@ -295,9 +295,12 @@ impl EngineBackend for Aio {
                 cb.aio_lio_opcode = IOCB_CMD_FDSYNC;
                 cb.aio_fildes = fd as u32;
             }
-            IoOp::Fallocate { .. } | IoOp::Recv { .. } | IoOp::SendMsg { .. } => {
-                // Callers route fallocate through the offload workers and socket I/O
-                // through io_uring.
+            IoOp::Fallocate { .. }
+            | IoOp::Recv { .. }
+            | IoOp::SendMsg { .. }
+            | IoOp::UringCmd { .. } => {
+                // Callers route fallocate through the offload workers, socket I/O
+                // through io_uring and passthrough commands through the NVMe ring.
                 self.slots.complete(slot, -i64::from(libc::EOPNOTSUPP));
                 return true;
             }

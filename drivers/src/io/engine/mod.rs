@@ -106,6 +106,13 @@ pub(crate) enum IoOp {
         fd: RawFd,
         msg: *const libc::msghdr,
     },
+    /// A driver command (`IORING_OP_URING_CMD`, the NVMe ring only): `cmd_op` names
+    /// the command set, `cmd` its 80 bytes (copied into the entry when queued).
+    UringCmd {
+        fd: RawFd,
+        cmd_op: u32,
+        cmd: *const [u8; 80],
+    },
 }
 
 impl IoOp {
@@ -188,6 +195,7 @@ pub(crate) trait EngineBackend {
 pub(crate) enum EngineRef {
     Uring(Rc<uring::Uring>),
     Aio(Rc<aio::Aio>),
+    Nvme(Rc<uring::NvmeRing>),
 }
 
 impl EngineRef {
@@ -195,6 +203,7 @@ impl EngineRef {
         match self {
             EngineRef::Uring(u) => &**u,
             EngineRef::Aio(a) => &**a,
+            EngineRef::Nvme(n) => &**n,
         }
     }
 

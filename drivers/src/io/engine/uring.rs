@@ -1,4 +1,8 @@
-//! The io_uring engine: one ring per reactor, created on first use.
+//! The io_uring engine: one ring per reactor, created on first use, and a second one
+//! with 128-byte submission and 32-byte completion entries for NVMe passthrough
+//! commands (`IORING_OP_URING_CMD`), created on first use by an `nvme_uring` disk: the
+//! entry sizes are fixed when a ring is set up, and doubling every file and socket
+//! operation's entry for the few disks that need it would cost them cache lines.
 //!
 //! Submission entries are pushed as tasks issue I/O and submitted by a `Late` poller at
 //! the end of the tick, or at once when [`SUBMIT_BATCH`] are queued; the completion queue is reaped by an `Early` poller straight from
@@ -11,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, SUBMIT_BATCH, Slots};
 
@@ -26,8 +30,9 @@ const PEER_TAG: u64 = 1 << 32;
 const CQ_DEPTH: u32 = ENGINE_DEPTH + PEER_DEPTH;
 const _: () = assert!(CQ_DEPTH.is_power_of_two() && CQ_DEPTH >= ENGINE_DEPTH);
 
-pub(crate) struct Uring {
-    ring: RefCell<IoUring>,
+/// A ring and its slot tables; `S`/`C` are its submission and completion entry types.
+pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
+    ring: RefCell<IoUring<S, C>>,
     /// Set up with `COOP_TASKRUN` and `TASKRUN_FLAG`: completions become visible once the
     /// reactor enters the kernel, which it does when the ring's `TASKRUN` flag says
     /// completions wait.
@@ -42,8 +47,14 @@ pub(crate) struct Uring {
     sockets: bool,
 }
 
+/// The reactor's ring for files and sockets.
+pub(crate) type Uring = Ring<squeue::Entry, cqueue::Entry>;
+/// The reactor's ring for NVMe passthrough commands.
+pub(crate) type NvmeRing = Ring<squeue::Entry128, cqueue::Entry32>;
+
 thread_local! {
     static URING: OnceCell<Rc<Uring>> = const { OnceCell::new() };
+    static NVME_RING: OnceCell<Rc<NvmeRing>> = const { OnceCell::new() };
 }
 
 /// The current reactor's ring, created (and its pollers registered) on first use.
@@ -51,7 +62,28 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
     if let Some(u) = URING.with(|c| c.get().cloned()) {
         return Ok(u);
     }
-    let u = Rc::new(Uring::new()?);
+    let u = start::<squeue::Entry, cqueue::Entry>()?;
+    URING.with(|c| {
+        let _ = c.set(u.clone());
+    });
+    Ok(u)
+}
+
+/// The current reactor's NVMe passthrough ring, created on first use.
+pub(crate) fn current_nvme() -> io::Result<Rc<NvmeRing>> {
+    if let Some(u) = NVME_RING.with(|c| c.get().cloned()) {
+        return Ok(u);
+    }
+    let u = start::<squeue::Entry128, cqueue::Entry32>()?;
+    NVME_RING.with(|c| {
+        let _ = c.set(u.clone());
+    });
+    Ok(u)
+}
+
+/// Sets up a ring and registers its pollers and wake-up descriptor on this reactor.
+fn start<S: Encode + 'static, C: cqueue::EntryMarker + 'static>() -> io::Result<Rc<Ring<S, C>>> {
+    let u = Rc::new(Ring::<S, C>::new()?);
     let reap = u.clone();
     let submit = u.clone();
     let pending = u.clone();
@@ -62,9 +94,6 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
     );
     poller::register_poller(poller::Phase::Late, move || submit.submit_queued());
     poller::register_wakeup_fd(u.eventfd.as_raw_fd())?;
-    URING.with(|c| {
-        let _ = c.set(u.clone());
-    });
     Ok(u)
 }
 
@@ -75,7 +104,7 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
 /// threads, which by default run where the submitting thread may run: on a pinned
 /// reactor's core, where they wait behind the polling loop. They are allowed the
 /// process's other CPUs instead (all of them if the reactor has the only one).
-fn steer_workers(ring: &IoUring) {
+fn steer_workers<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<S, C>) {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity/CPU_* only touch the sets we
     // own, and the pid is this process (its main thread's mask: reactors narrow their
     // own masks when they pin).
@@ -103,57 +132,14 @@ fn steer_workers(ring: &IoUring) {
     }
 }
 
-impl Uring {
-    fn new() -> io::Result<Self> {
-        // Cooperative task running: a completion interrupt raised on another core no
-        // longer sends an inter-processor interrupt to kick the polling reactor (a VM
-        // exit on both sides under a hypervisor); the kernel raises the ring's TASKRUN
-        // flag instead, and `reap` enters the kernel once for every completion waiting.
-        // A sleeping reactor is still woken (the wakeup does not need the kick). Kernels
-        // before 5.19 refuse the flags; the ring is then set up without them.
-        let coop = IoUring::builder()
-            .setup_cqsize(CQ_DEPTH)
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .build(ENGINE_DEPTH);
-        let (ring, coop) = match coop {
-            Ok(ring) => (Ok(ring), true),
-            Err(_) => (IoUring::builder().setup_cqsize(CQ_DEPTH).build(ENGINE_DEPTH), false),
-        };
-        let ring = ring.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot set up an io_uring of {ENGINE_DEPTH} entries: {e}"),
-            )
-        })?;
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
-        steer_workers(&ring);
-        let sockets = probe_sockets(&ring);
-        Ok(Uring {
-            ring: RefCell::new(ring),
-            coop,
-            slots: Slots::new(ENGINE_DEPTH),
-            peer_slots: Slots::new(PEER_DEPTH),
-            queued: Cell::new(0),
-            eventfd,
-            sockets,
-        })
-    }
+/// Submission entries an [`IoOp`] can be written into.
+pub(crate) trait Encode: squeue::EntryMarker {
+    fn encode(op: &IoOp) -> Self;
+}
 
-    /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.
-    fn tag(op: &IoOp, slot: u32) -> u64 {
-        if op.waits_on_peer() { PEER_TAG | u64::from(slot) } else { u64::from(slot) }
-    }
-
-    fn entry(op: &IoOp, slot: u32) -> squeue::Entry {
-        let e = match *op {
+impl Encode for squeue::Entry {
+    fn encode(op: &IoOp) -> Self {
+        match *op {
             IoOp::Read { fd, off, ptr, len } => {
                 opcode::Read::new(types::Fd(fd), ptr, len).offset(off).build()
             }
@@ -178,8 +164,79 @@ impl Uring {
             IoOp::SendMsg { fd, msg } => {
                 opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build()
             }
+            IoOp::UringCmd { .. } => {
+                // Only the 128-byte ring carries commands (`EngineRef::Nvme`); should one
+                // reach this ring, it fails (EBADF) instead of completing as a no-op.
+                debug_assert!(false, "a passthrough command on the 64-byte ring");
+                opcode::Read::new(types::Fd(-1), std::ptr::null_mut(), 0).build()
+            }
+        }
+    }
+}
+
+impl Encode for squeue::Entry128 {
+    fn encode(op: &IoOp) -> Self {
+        match *op {
+            IoOp::UringCmd { fd, cmd_op, cmd } => {
+                // SAFETY: `cmd` points at the command in the operation's future, alive
+                // while it is queued (the bytes are copied into the entry here).
+                let cmd = unsafe { *cmd };
+                opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd).build()
+            }
+            _ => squeue::Entry::encode(op).into(),
+        }
+    }
+}
+
+impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
+    fn new() -> io::Result<Self> {
+        // Cooperative task running: a completion interrupt raised on another core no
+        // longer sends an inter-processor interrupt to kick the polling reactor (a VM
+        // exit on both sides under a hypervisor); the kernel raises the ring's TASKRUN
+        // flag instead, and `reap` enters the kernel once for every completion waiting.
+        // A sleeping reactor is still woken (the wakeup does not need the kick). Kernels
+        // before 5.19 refuse the flags; the ring is then set up without them.
+        let coop = IoUring::<S, C>::builder()
+            .setup_cqsize(CQ_DEPTH)
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(ENGINE_DEPTH);
+        let (ring, coop) = match coop {
+            Ok(ring) => (Ok(ring), true),
+            Err(_) => {
+                (IoUring::<S, C>::builder().setup_cqsize(CQ_DEPTH).build(ENGINE_DEPTH), false)
+            }
         };
-        e.user_data(Self::tag(op, slot))
+        let ring = ring.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot set up an io_uring of {ENGINE_DEPTH} entries: {e}"),
+            )
+        })?;
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        steer_workers(&ring);
+        let sockets = probe_sockets(&ring);
+        Ok(Ring {
+            ring: RefCell::new(ring),
+            coop,
+            slots: Slots::new(ENGINE_DEPTH),
+            peer_slots: Slots::new(PEER_DEPTH),
+            queued: Cell::new(0),
+            eventfd,
+            sockets,
+        })
+    }
+
+    /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.
+    fn tag(op: &IoOp, slot: u32) -> u64 {
+        if op.waits_on_peer() { PEER_TAG | u64::from(slot) } else { u64::from(slot) }
     }
 
     /// Reaps every available completion; returns how many.
@@ -196,6 +253,7 @@ impl Uring {
         cq.sync();
         let mut n = 0;
         for cqe in &mut cq {
+            let cqe: cqueue::Entry = cqe.into();
             let tag = cqe.user_data();
             if tag == CANCEL_TAG {
                 continue;
@@ -246,7 +304,7 @@ impl Uring {
     }
 
     /// Pushes one entry, submitting what is queued first if the ring is full.
-    fn push(&self, entry: &squeue::Entry) -> bool {
+    fn push(&self, entry: &S) -> bool {
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the entry's pointers stay valid until its completion is reaped: the
         // OpFuture that owns its slot borrows them and, on drop, waits for (or cancels
@@ -267,7 +325,7 @@ impl Uring {
 }
 
 /// Whether the kernel takes `IORING_OP_RECV` and `IORING_OP_SENDMSG` (Linux 5.6).
-fn probe_sockets(ring: &IoUring) -> bool {
+fn probe_sockets<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<S, C>) -> bool {
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe).is_ok()
         && probe.is_supported(opcode::Recv::CODE)
@@ -280,13 +338,15 @@ pub(crate) fn sockets_supported() -> bool {
     current().is_ok_and(|u| u.sockets)
 }
 
-impl EngineBackend for Uring {
+impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
     fn slots(&self, op: &IoOp) -> &Slots {
         if op.waits_on_peer() { &self.peer_slots } else { &self.slots }
     }
 
     fn queue(&self, op: &IoOp, slot: u32) -> bool {
-        if !self.push(&Self::entry(op, slot)) {
+        let mut entry = S::encode(op);
+        entry.set_user_data(Self::tag(op, slot));
+        if !self.push(&entry) {
             return false;
         }
         if self.queued.get() >= SUBMIT_BATCH {
@@ -299,8 +359,9 @@ impl EngineBackend for Uring {
         let slots = self.slots(op);
         if op.waits_on_peer() {
             // A peer may never answer: cancel, then wait for the cancelled completion.
-            let cancel =
-                opcode::AsyncCancel::new(Self::tag(op, slot)).build().user_data(CANCEL_TAG);
+            let cancel = S::from(
+                opcode::AsyncCancel::new(Self::tag(op, slot)).build().user_data(CANCEL_TAG),
+            );
             while !self.push(&cancel) {
                 let _ = self.ring.borrow().submit_and_wait(1);
                 self.queued.set(0);

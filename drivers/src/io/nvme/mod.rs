@@ -1,0 +1,147 @@
+//! NVMe: the command set the NVMe drivers share.
+//!
+//! An NVMe namespace is an array of logical blocks (512 bytes to 4 KiB here, the LBA
+//! format the namespace was formatted with) that commands address by block number:
+//! READ and WRITE (with FUA), FLUSH, WRITE ZEROES (optionally deallocating) and
+//! DATASET MANAGEMENT's deallocate for discard. A command is 64 bytes; the kernel's
+//! passthrough interfaces take its fields in `struct nvme_passthru_cmd` (ioctl) and
+//! `struct nvme_uring_cmd` (io_uring `URING_CMD`), which share one layout ([`Cmd`]).
+//!
+//! What a driver must respect comes from Identify ([`identify`]): the LBA size (the
+//! request alignment), the namespace size, the largest transfer (MDTS), and which
+//! optional commands the controller has (ONCS).
+//!
+//! Drivers: [`passthru`] (`driver = "nvme_uring"`): commands through io_uring on the
+//! namespace's generic character device `/dev/ngXnY`, skipping the block layer while
+//! the kernel keeps the controller.
+
+pub(crate) mod identify;
+pub mod passthru;
+
+use crate::error::IoError;
+
+/// NVM command set opcodes.
+pub(crate) mod opc {
+    pub const FLUSH: u8 = 0x00;
+    pub const WRITE: u8 = 0x01;
+    pub const READ: u8 = 0x02;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DSM: u8 = 0x09;
+    /// Admin.
+    pub const IDENTIFY: u8 = 0x06;
+}
+
+/// CDW12 bit of READ/WRITE: force unit access.
+pub(crate) const FUA: u32 = 1 << 30;
+/// CDW12 bit of WRITE ZEROES: deallocate the blocks too.
+pub(crate) const DEAC: u32 = 1 << 25;
+/// CDW11 bit of DSM: the ranges are to be deallocated.
+pub(crate) const DSM_AD: u32 = 1 << 2;
+/// Blocks per READ/WRITE/WRITE ZEROES command (NLB is a 16-bit, 0-based count).
+pub(crate) const MAX_NLB: u64 = 1 << 16;
+
+/// An NVMe command in the kernel's passthrough layout (`struct nvme_passthru_cmd`;
+/// `struct nvme_uring_cmd` is the same with the last word reserved).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Cmd {
+    pub opcode: u8,
+    pub flags: u8,
+    pub rsvd1: u16,
+    pub nsid: u32,
+    pub cdw2: u32,
+    pub cdw3: u32,
+    pub metadata: u64,
+    pub addr: u64,
+    pub metadata_len: u32,
+    pub data_len: u32,
+    pub cdw10: u32,
+    pub cdw11: u32,
+    pub cdw12: u32,
+    pub cdw13: u32,
+    pub cdw14: u32,
+    pub cdw15: u32,
+    pub timeout_ms: u32,
+    /// The command's result (DW0 of the completion), written by the ioctl.
+    pub result: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Cmd>() == 72);
+
+impl Cmd {
+    /// A READ, WRITE or WRITE ZEROES of `nlb` blocks from `slba`.
+    pub(crate) fn blocks(opcode: u8, nsid: u32, slba: u64, nlb: u64, cdw12_flags: u32) -> Cmd {
+        debug_assert!((1..=MAX_NLB).contains(&nlb), "{nlb} blocks in one command");
+        Cmd {
+            opcode,
+            nsid,
+            cdw10: slba as u32,
+            cdw11: (slba >> 32) as u32,
+            cdw12: (nlb - 1) as u32 | cdw12_flags,
+            ..Cmd::default()
+        }
+    }
+
+    /// The 80 command bytes of a `URING_CMD` submission entry.
+    pub(crate) fn uring_bytes(&self) -> [u8; 80] {
+        let mut out = [0u8; 80];
+        // SAFETY: `Cmd` is repr(C) plain data of 72 bytes without padding (the field
+        // offsets are all naturally aligned), so its bytes are initialised; `out` has
+        // room for them.
+        unsafe {
+            std::ptr::copy_nonoverlapping((self as *const Cmd).cast::<u8>(), out.as_mut_ptr(), 72);
+        }
+        out[68..72].fill(0); // nvme_uring_cmd.rsvd2
+        out
+    }
+}
+
+/// What a completed command's status means to the layers above. `res` is what the
+/// kernel returns for a passthrough command: a negative errno, 0, or the NVMe status
+/// field (status code type << 8 | status code, with the More and Do Not Retry bits).
+pub(crate) fn status(res: i64) -> Result<(), IoError> {
+    if res == 0 {
+        return Ok(());
+    }
+    if res < 0 {
+        return Err(IoError::from_errno((-res) as i32));
+    }
+    let sct = (res >> 8) & 0x7;
+    let sc = res & 0xff;
+    Err(match (sct, sc) {
+        // Invalid command opcode, invalid field: the controller lacks the command.
+        (0, 0x01 | 0x02) => IoError::NotSupported,
+        // LBA out of range.
+        (0, 0x80) => IoError::OutOfRange,
+        // Capacity exceeded.
+        (0, 0x81) => IoError::NoSpace,
+        // Attempted write to a read-only range.
+        (1, 0x82) => IoError::ReadOnly,
+        _ => IoError::Os(libc::EIO),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_layout() {
+        let c = Cmd::blocks(opc::WRITE, 1, 0x1_0000_0002, 8, FUA);
+        let b = c.uring_bytes();
+        assert_eq!(b[0], opc::WRITE);
+        assert_eq!(u32::from_ne_bytes(b[4..8].try_into().unwrap()), 1);
+        assert_eq!(u32::from_ne_bytes(b[40..44].try_into().unwrap()), 2);
+        assert_eq!(u32::from_ne_bytes(b[44..48].try_into().unwrap()), 1);
+        assert_eq!(u32::from_ne_bytes(b[48..52].try_into().unwrap()), 7 | FUA);
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(status(0), Ok(()));
+        assert_eq!(status(-i64::from(libc::EIO)), Err(IoError::Os(libc::EIO)));
+        assert_eq!(status(0x0002), Err(IoError::NotSupported));
+        assert_eq!(status(0x4080), Err(IoError::OutOfRange)); // DNR set
+        assert_eq!(status(0x0281), Err(IoError::Os(libc::EIO))); // media error class
+    }
+}

@@ -1,0 +1,196 @@
+//! `driver = "nvme_uring"` end to end, on a real NVMe controller: QEMU's emulated one,
+//! inside the TCG test guest. The appliance runs in the guest on the namespaces' generic
+//! character devices (`/dev/ng0n1`: 512-byte blocks holding a qcow2 image the host
+//! wrote; `/dev/ng0n2`: 4 KiB blocks served raw) and exports them over NBD through a
+//! forwarded port. The host drives a qemu-io workload (patterns, unaligned and
+//! multi-cluster writes, zeroes with and without unmap, discards, flushes) through it,
+//! the same workload on copies with qemu-io directly, and compares: while the appliance
+//! runs (qemu-img compare over NBD) and after the guest powered off (qemu-img check of the
+//! namespace's backing file, qemu-img compare with the copy). A third disk on a character
+//! device that is no NVMe namespace must fail with an error naming it, the others served.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use appliance_tests::guest::{self, BootOptions, Guest};
+use appliance_tests::{free_port, require_tool, run};
+
+const NBD_PORT: u16 = 10809;
+const STOP_PORT: u16 = 9000;
+
+/// The guest: network, the appliance on the two namespaces and /dev/null, then serve
+/// until the host connects to the stop port; then SIGTERM (drain and flush) and report.
+const SCRIPT: &str = r#"
+cat > /tmp/a.toml <<EOT
+[nbd]
+listen = ["tcp:0.0.0.0:10809"]
+[[disk]]
+name = "q"
+driver = "nvme_uring"
+path = "/dev/ng0n1"
+format = "qcow2"
+[[disk]]
+name = "r"
+driver = "nvme_uring"
+path = "/dev/ng0n2"
+[[disk]]
+name = "notnvme"
+driver = "nvme_uring"
+path = "/dev/null"
+EOT
+ls -l /dev/ng0n1 /dev/ng0n2
+/bin/appliance serve -c /tmp/a.toml > /tmp/app.log 2>&1 &
+pid=$!
+i=0
+while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+cat /tmp/app.log
+echo APPLIANCE-READY
+nc -l -p 9000 < /dev/null
+kill -TERM $pid
+wait $pid
+echo "appliance-exit=$?"
+tail -n 3 /tmp/app.log
+"#;
+
+/// The workload, as qemu-io commands: for the qcow2 disk (64 KiB clusters, 64 MiB) and
+/// the raw one (4 KiB blocks).
+const QCOW2_OPS: &[&str] = &[
+    "write -P 0x21 0 4k",
+    "write -P 0x22 70656 7680", // inside a cluster, 512-byte granular
+    "write -P 0x23 1536k 3M",   // clusters allocated in one request, > MDTS
+    "write -P 0x24 5M 192k",    // over the image's data at 5M
+    "write -z 2M 128k",         // zeroes in allocated clusters
+    "write -z -u 3M 64k",       // zeroes, unmapped
+    "discard 4M 64k",           // discard of written clusters
+    "write -P 0x25 60M 4M",     // the image's end
+    "flush",
+    "write -P 0x26 33280 512", // a single sector
+];
+
+const RAW_OPS: &[&str] = &[
+    "write -P 0x31 0 4k",
+    "write -P 0x32 12k 1M",
+    "write -P 0x33 2M 2M",
+    "write -z 2560k 256k",
+    "write -z -u 3M 64k",
+    "discard 3200k 64k",
+    "flush",
+    "write -P 0x34 8188k 4k",
+];
+
+fn qemu_io(target: &[&str], ops: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(target);
+    for op in ops {
+        cmd.arg("-c").arg(op);
+    }
+    let out = run(&mut cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("error") && !text.contains("failed"),
+        "qemu-io {target:?} reported a failure:\n{text}"
+    );
+}
+
+fn compare(a: &[&str], b: &Path, b_format: &str) {
+    let out = run(Command::new("qemu-img").arg("compare").args(a).arg("-F").arg(b_format).arg(b));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("identical"),
+        "{a:?} and {} differ",
+        b.display()
+    );
+}
+
+/// Writes the namespaces' backing files and their oracle copies.
+fn prepare(dir: &Path) {
+    let ns1 = dir.join("ns1.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&ns1)
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c"])
+        .arg("write -P 0x12 5M 512k")
+        .arg(&ns1));
+    // The namespace is larger than the image, which grows into it.
+    run(Command::new("truncate").args(["-s", "128M"]).arg(&ns1));
+    std::fs::copy(&ns1, dir.join("oracle1.qcow2")).unwrap();
+    let ns2 = dir.join("ns2.img");
+    run(Command::new("truncate").args(["-s", "8M"]).arg(&ns2));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x13 0 8M"]).arg(&ns2));
+    std::fs::copy(&ns2, dir.join("oracle2.img")).unwrap();
+}
+
+fn boot(dir: &Path, port: u16, stop: u16) -> Guest {
+    let image = guest::ensure_built();
+    let mut files = guest::appliance_files(dir);
+    files.extend(guest::net_module_files());
+    let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
+    for a in [
+        format!("file={},if=none,id=nv1,format=raw,discard=unmap", dir.join("ns1.img").display()),
+        format!("file={},if=none,id=nv2,format=raw,discard=unmap", dir.join("ns2.img").display()),
+    ] {
+        extra.extend(["-drive".to_string(), a]);
+    }
+    for d in [
+        "nvme,id=nvme0,serial=appliance-nvme",
+        "nvme-ns,drive=nv1,bus=nvme0,nsid=1",
+        "nvme-ns,drive=nv2,bus=nvme0,nsid=2,logical_block_size=4096,physical_block_size=4096",
+    ] {
+        extra.extend(["-device".to_string(), d.to_string()]);
+    }
+    let options = BootOptions {
+        memory_mib: 1024,
+        machine: "q35".into(),
+        vhost: false,
+        files,
+        extra_args: extra,
+        timeout: Duration::from_secs(600),
+        ..BootOptions::default()
+    };
+    let script = format!("{}{SCRIPT}", guest::NET_SETUP);
+    Guest::spawn(&image, Path::new(""), &script, &options)
+}
+
+#[test]
+fn nvme_passthrough_in_a_guest_against_qemu_io() {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    prepare(dir);
+    let (port, stop) = (free_port(), free_port());
+    let mut g = boot(dir, port, stop);
+    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(300)), "{}", g.output());
+    let console = g.output();
+    assert!(console.contains("disk added disk=\"q\""), "qcow2 disk not served:\n{console}");
+    assert!(console.contains("disk added disk=\"r\""), "raw disk not served:\n{console}");
+    assert!(
+        console.contains("/dev/null: not an NVMe generic character device"),
+        "the disk on /dev/null got no clear error:\n{console}"
+    );
+
+    let q = format!("nbd://127.0.0.1:{port}/q");
+    let r = format!("nbd://127.0.0.1:{port}/r");
+    let (oracle1, oracle2) = (dir.join("oracle1.qcow2"), dir.join("oracle2.img"));
+    qemu_io(&["-f", "raw", &q], QCOW2_OPS);
+    qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], QCOW2_OPS);
+    qemu_io(&["-f", "raw", &r], RAW_OPS);
+    qemu_io(&["-f", "raw", oracle2.to_str().unwrap()], RAW_OPS);
+    // What the appliance serves, while it runs.
+    compare(&["-f", "raw", &q], &oracle1, "qcow2");
+    compare(&["-f", "raw", &r], &oracle2, "raw");
+
+    drop(TcpStream::connect(("127.0.0.1", stop)).expect("connect to the guest's stop port"));
+    let run_ = g.wait();
+    run_.assert_success();
+    assert_eq!(run_.value("appliance-exit"), Some("0"), "{run_}");
+
+    // What the namespaces hold after the guest powered off.
+    let ns1 = dir.join("ns1.img");
+    run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&ns1));
+    compare(&["-f", "qcow2", ns1.to_str().unwrap()], &oracle1, "qcow2");
+    compare(&["-f", "raw", dir.join("ns2.img").to_str().unwrap()], &oracle2, "raw");
+}
