@@ -1,8 +1,15 @@
 //! One conformance suite over every storage driver: io_uring and AIO (with O_DIRECT and
 //! buffered), the RAM disk, and (for what it promises) the null device. Each case runs
 //! on a real reactor against a real file in a temporary directory.
+//!
+//! With `APPLIANCE_NVME_DEVICE=/dev/ngXnY` (a namespace of at least 8 MiB whose contents
+//! may be destroyed) the cases that run over every driver run over `nvme_uring` on that
+//! namespace instead, with the NVMe-only cases; the NVMe guest test
+//! (tests/tests/nvme_uring_guest.rs) runs them inside a guest on QEMU's emulated NVMe
+//! controller:
+//! `conformance aligned_and_unaligned vectored zero_range many_concurrent nvme_`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use drivers::io::align::Aligned;
@@ -25,6 +32,12 @@ fn reactors() -> Reactors {
 enum Kind {
     File(EngineKind, bool),
     Mem,
+    Nvme,
+}
+
+/// The NVMe namespace to test, if any (see the module docs).
+fn nvme_device() -> Option<PathBuf> {
+    std::env::var_os("APPLIANCE_NVME_DEVICE").map(PathBuf::from)
 }
 
 const KINDS: [Kind; 5] = [
@@ -46,6 +59,12 @@ fn open(kind: Kind, dir: &Path) -> Arc<Storage> {
             Storage::open_file(&path, engine, direct, false).unwrap()
         }
         Kind::Mem => Storage::mem(SIZE).unwrap(),
+        Kind::Nvme => {
+            let path = nvme_device().expect("APPLIANCE_NVME_DEVICE");
+            let s = drivers::io::nvme::passthru::open(&path, false).unwrap();
+            assert!(s.size() >= SIZE, "{} is smaller than {SIZE} bytes", path.display());
+            s
+        }
     }
 }
 
@@ -69,7 +88,8 @@ where
 {
     let r = reactors();
     let dir = tempfile::tempdir().unwrap();
-    for kind in KINDS {
+    let kinds = if nvme_device().is_some() { vec![Kind::Nvme] } else { KINDS.to_vec() };
+    for kind in kinds {
         let storage = open(kind, dir.path());
         let body = body.clone();
         r.handles()[0].block_on(move || body(kind, storage));
@@ -353,4 +373,33 @@ fn bdev_checks_ranges_and_read_only() {
         ch.read(0, &[IoSeg::new(&mut back)]).await.unwrap();
     });
     r.stop();
+}
+
+/// NVMe only: what the controller refuses reaches the caller as an error, and the
+/// control plane's byte-granular synchronous access works on whole blocks underneath.
+#[test]
+fn nvme_controller_errors_and_control_plane_io() {
+    let Some(path) = nvme_device() else { return };
+    let s = drivers::io::nvme::passthru::open(&path, false).unwrap();
+    let block = s.alignment().request;
+    assert!(block == 512 || block == 4096, "{block}");
+    s.write_sync(b"header!!", 1000).unwrap();
+    let mut back = [0u8; 8];
+    s.read_sync(&mut back, 1000).unwrap();
+    assert_eq!(&back, b"header!!");
+    let r = reactors();
+    let s2 = s.clone();
+    r.handles()[0].block_on(move || async move {
+        let ch = s2.channel().unwrap();
+        let mut buf = dma::alloc(block).unwrap();
+        // Past the namespace's end: the controller says LBA out of range.
+        let e = ch.read(s2.size(), &[IoSeg::from_dma(&mut buf)]).await.unwrap_err();
+        assert_eq!(e, IoError::OutOfRange);
+        let at = 1000 / block * block;
+        ch.read(at as u64, &[IoSeg::from_dma(&mut buf)]).await.unwrap();
+        assert_eq!(&buf.as_slice()[1000 - at..1000 - at + 8], b"header!!");
+    });
+    r.stop();
+    let e = drivers::io::nvme::passthru::open(Path::new("/dev/null"), false).unwrap_err();
+    assert!(e.to_string().contains("not an NVMe generic character device"), "{e}");
 }

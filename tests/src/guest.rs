@@ -456,18 +456,27 @@ fn push_opts(to: &mut String, opts: &str) {
 /// The appliance binary (debug info stripped, into `dir`) and the shared libraries it
 /// loads, as [`BootOptions::files`]: for tests that run the appliance inside the guest.
 pub fn appliance_files(dir: &Path) -> Vec<(PathBuf, String)> {
-    let stripped = dir.join("appliance");
-    crate::run(Command::new("objcopy").arg("--strip-debug").arg(crate::bin()).arg(&stripped));
-    let mut files = vec![(stripped, "/bin/appliance".to_string())];
-    let ldd = crate::run(Command::new("ldd").arg(crate::bin()));
+    let mut files = Vec::new();
+    add_binary(&mut files, &crate::bin(), "/bin/appliance", dir);
+    files
+}
+
+/// Adds the executable `bin` (debug info stripped, into `dir`) as `dest`, and the shared
+/// libraries it loads that `files` lacks, to `files`.
+pub fn add_binary(files: &mut Vec<(PathBuf, String)>, bin: &Path, dest: &str, dir: &Path) {
+    let stripped = dir.join(Path::new(dest).file_name().expect("a file name"));
+    crate::run(Command::new("objcopy").arg("--strip-debug").arg(bin).arg(&stripped));
+    files.push((stripped, dest.to_string()));
+    let ldd = crate::run(Command::new("ldd").arg(bin));
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
         let lib = line.split("=>").last().and_then(|r| r.split_whitespace().next());
-        if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+        if let Some(lib) = lib.filter(|l| l.starts_with('/'))
+            && !files.iter().any(|(_, d)| d == lib)
+        {
             files.push((PathBuf::from(lib), lib.to_string()));
         }
     }
-    files
 }
 
 /// The guest kernel's network modules (virtio-net and what it needs), as
@@ -504,4 +513,25 @@ pub fn user_net_args(forwards: &[(u16, u16)]) -> Vec<String> {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
     }
     vec!["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]
+}
+
+/// A test binary of this workspace (`cargo test --no-run` of `--test name` in
+/// `package`, same profile as this test), for running a suite inside the guest.
+pub fn test_binary(package: &str, name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace())
+        .args(["test", "--quiet", "--no-run", "--message-format=json", "-p", package])
+        .args(["--test", name]);
+    if crate::bin().parent().and_then(Path::file_name).is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let out = crate::run_unchecked(&mut cmd, Duration::from_secs(1200));
+    assert!(out.status.success(), "building test {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == name && v["target"]["kind"][0] == "test")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no executable for test {name} of {package}"))
 }

@@ -20,9 +20,19 @@ use appliance_tests::{free_port, require_tool, run};
 const NBD_PORT: u16 = 10809;
 const STOP_PORT: u16 = 9000;
 
-/// The guest: network, the appliance on the two namespaces and /dev/null, then serve
-/// until the host connects to the stop port; then SIGTERM (drain and flush) and report.
+/// The guest: the driver conformance suite on namespaces 3 (512-byte blocks) and 4
+/// (4 KiB), network, the appliance on namespaces 1, 2 and 5 and on /dev/null, serving
+/// (while the controller is reset every 0.3 s) until the host connects to the stop
+/// port; then SIGTERM (drain and flush) and report.
 const SCRIPT: &str = r#"
+for n in 3 4; do
+	APPLIANCE_NVME_DEVICE=/dev/ng0n$n /bin/conformance --test-threads=1 aligned_and_unaligned \
+		vectored zero_range many_concurrent nvme_ > /tmp/c.log 2>&1
+	st=$?
+	grep -E "^test |test result" /tmp/c.log
+	[ $st = 0 ] || cat /tmp/c.log
+	echo "conformance-ns$n=$st"
+done
 cat > /tmp/a.toml <<EOT
 [nbd]
 listen = ["tcp:0.0.0.0:10809"]
@@ -36,6 +46,11 @@ name = "r"
 driver = "nvme_uring"
 path = "/dev/ng0n2"
 [[disk]]
+name = "small"
+driver = "nvme_uring"
+path = "/dev/ng0n5"
+format = "qcow2"
+[[disk]]
 name = "notnvme"
 driver = "nvme_uring"
 path = "/dev/null"
@@ -46,8 +61,15 @@ pid=$!
 i=0
 while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 cat /tmp/app.log
+resets=0
+touch /tmp/resets
+(while :; do sleep 0.3; echo 1 > /sys/class/nvme/nvme0/reset_controller && echo reset >> /tmp/resets; done) &
+resetter=$!
 echo APPLIANCE-READY
 nc -l -p 9000 < /dev/null
+kill $resetter
+echo "controller-resets=$(wc -l < /tmp/resets)"
+echo "resubmitted=$(grep -c resubmitted /tmp/app.log)"
 kill -TERM $pid
 wait $pid
 echo "appliance-exit=$?"
@@ -121,25 +143,36 @@ fn prepare(dir: &Path) {
     run(Command::new("truncate").args(["-s", "8M"]).arg(&ns2));
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x13 0 8M"]).arg(&ns2));
     std::fs::copy(&ns2, dir.join("oracle2.img")).unwrap();
+    // The conformance suite's namespaces.
+    for n in [3, 4] {
+        run(Command::new("truncate").args(["-s", "8M"]).arg(dir.join(format!("ns{n}.img"))));
+    }
+    // A namespace too small for what its image is asked to hold.
+    let ns5 = dir.join("ns5.img");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&ns5).arg("64M"));
+    run(Command::new("truncate").args(["-s", "2M"]).arg(&ns5));
 }
 
 fn boot(dir: &Path, port: u16, stop: u16) -> Guest {
     let image = guest::ensure_built();
     let mut files = guest::appliance_files(dir);
+    let conformance = guest::test_binary("drivers", "conformance");
+    guest::add_binary(&mut files, &conformance, "/bin/conformance", dir);
     files.extend(guest::net_module_files());
     let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
-    for a in [
-        format!("file={},if=none,id=nv1,format=raw,discard=unmap", dir.join("ns1.img").display()),
-        format!("file={},if=none,id=nv2,format=raw,discard=unmap", dir.join("ns2.img").display()),
-    ] {
-        extra.extend(["-drive".to_string(), a]);
-    }
-    for d in [
-        "nvme,id=nvme0,serial=appliance-nvme",
-        "nvme-ns,drive=nv1,bus=nvme0,nsid=1",
-        "nvme-ns,drive=nv2,bus=nvme0,nsid=2,logical_block_size=4096,physical_block_size=4096",
-    ] {
-        extra.extend(["-device".to_string(), d.to_string()]);
+    extra.extend(["-device".to_string(), "nvme,id=nvme0,serial=appliance-nvme".to_string()]);
+    for n in 1..=5 {
+        let file = dir.join(format!("ns{n}.img"));
+        let mut ns = format!("nvme-ns,drive=nv{n},bus=nvme0,nsid={n}");
+        if n % 2 == 0 {
+            ns.push_str(",logical_block_size=4096,physical_block_size=4096");
+        }
+        extra.extend([
+            "-drive".to_string(),
+            format!("file={},if=none,id=nv{n},format=raw,discard=unmap", file.display()),
+            "-device".to_string(),
+            ns,
+        ]);
     }
     let options = BootOptions {
         memory_mib: 1024,
@@ -163,8 +196,14 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     prepare(dir);
     let (port, stop) = (free_port(), free_port());
     let mut g = boot(dir, port, stop);
-    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(300)), "{}", g.output());
+    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
     let console = g.output();
+    for n in [3, 4] {
+        assert!(
+            console.contains(&format!("conformance-ns{n}=0")),
+            "the driver conformance suite failed on namespace {n}:\n{console}"
+        );
+    }
     assert!(console.contains("disk added disk=\"q\""), "qcow2 disk not served:\n{console}");
     assert!(console.contains("disk added disk=\"r\""), "raw disk not served:\n{console}");
     assert!(
@@ -179,14 +218,40 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], QCOW2_OPS);
     qemu_io(&["-f", "raw", &r], RAW_OPS);
     qemu_io(&["-f", "raw", oracle2.to_str().unwrap()], RAW_OPS);
+    // A longer run of writes, through several controller resets.
+    let many: Vec<String> =
+        (0..120).map(|i| format!("write -P {} {}k 64k", 0x50 + i % 32, 6144 + i * 448)).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    qemu_io(&["-f", "raw", &q], &many);
+    qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], &many);
     // What the appliance serves, while it runs.
     compare(&["-f", "raw", &q], &oracle1, "qcow2");
     compare(&["-f", "raw", &r], &oracle2, "raw");
+    // A namespace too small for the image's allocations: an error, not a hang.
+    let small = format!("nbd://127.0.0.1:{port}/small");
+    let out = appliance_tests::run_unchecked(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x41 0 8M", &small]),
+        Duration::from_secs(120),
+    );
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("No space left") || text.contains("Input/output error"),
+        "a write beyond a full namespace did not fail clearly:\n{text}"
+    );
+    // ... and the other disks are still served.
+    qemu_io(&["-f", "raw", &r], &["read -P 0x34 8188k 4k"]);
 
     drop(TcpStream::connect(("127.0.0.1", stop)).expect("connect to the guest's stop port"));
     let run_ = g.wait();
     run_.assert_success();
     assert_eq!(run_.value("appliance-exit"), Some("0"), "{run_}");
+    let resets: u32 = run_.expect_value("controller-resets").trim().parse().unwrap_or(0);
+    assert!(resets >= 1, "the controller was never reset while serving:\n{run_}");
+    eprintln!(
+        "controller resets while serving: {resets}; commands resubmitted: {}",
+        run_.value("resubmitted").unwrap_or("?")
+    );
 
     // What the namespaces hold after the guest powered off.
     let ns1 = dir.join("ns1.img");

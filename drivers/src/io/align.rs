@@ -230,8 +230,29 @@ impl Aligned {
     }
 
     /// See [`StorageChannel::zero_range`]. Byte-granular: fallocate zeroes partial units.
+    /// Zeroes `off..off+len`. Devices of fixed size zero whole blocks only (an NVMe
+    /// WRITE ZEROES, a block device's BLKZEROOUT): there, a partial block at either end
+    /// is written with zeros (read-modify-write), the blocks between are zeroed by the
+    /// device. A file system zeroes any byte range itself.
     pub async fn zero_range(&self, off: u64, len: u64, unmap: bool) -> Result<(), IoError> {
-        self.ch.zero_range(off, len, unmap).await
+        let a = self.alignment().request as u64;
+        let whole = off.is_multiple_of(a) && len.is_multiple_of(a);
+        if whole || !self.ch.storage().is_block_device() {
+            return self.ch.zero_range(off, len, unmap).await;
+        }
+        let end = off + len;
+        let head_end = off.next_multiple_of(a).min(end);
+        let tail = (end / a * a).max(head_end);
+        if head_end > off {
+            self.write_zero_bytes(off, head_end - off, false).await?;
+        }
+        if tail > head_end {
+            self.ch.zero_range(head_end, tail - head_end, unmap).await?;
+        }
+        if end > tail {
+            self.write_zero_bytes(tail, end - tail, false).await?;
+        }
+        Ok(())
     }
 
     pub async fn discard(&self, off: u64, len: u64) -> Result<bool, IoError> {

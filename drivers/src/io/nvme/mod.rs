@@ -121,6 +121,21 @@ pub(crate) fn status(res: i64) -> Result<(), IoError> {
     })
 }
 
+/// Whether a command that completed with `res` may be resubmitted: the controller (or
+/// the kernel, resetting it) aborted it without running it to an error, and did not set
+/// Do Not Retry. A controller reset cancels what was in flight with "host aborted"
+/// (path-related status); the resubmitted command runs on the reset controller.
+pub(crate) fn retryable(res: i64) -> bool {
+    if res < 0 {
+        return matches!((-res) as i32, libc::EINTR | libc::EAGAIN | libc::ECANCELED);
+    }
+    let dnr = res & 0x4000 != 0;
+    let (sct, sc) = ((res >> 8) & 0x7, res & 0xff);
+    // Path-related (host aborted, internal path error, controller pathing error);
+    // generic: command aborted by request or by SQ deletion, namespace not ready.
+    res > 0 && !dnr && (sct == 3 || (sct == 0 && matches!(sc, 0x07 | 0x08 | 0x82)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +158,10 @@ mod tests {
         assert_eq!(status(0x0002), Err(IoError::NotSupported));
         assert_eq!(status(0x4080), Err(IoError::OutOfRange)); // DNR set
         assert_eq!(status(0x0281), Err(IoError::Os(libc::EIO))); // media error class
+        assert!(retryable(0x0371)); // host aborted (a controller reset)
+        assert!(retryable(0x0082)); // namespace not ready
+        assert!(!retryable(0x4082)); // ... with Do Not Retry
+        assert!(!retryable(0x0281) && !retryable(0x0080) && !retryable(0));
+        assert!(retryable(-i64::from(libc::EINTR)) && !retryable(-i64::from(libc::EIO)));
     }
 }

@@ -43,6 +43,12 @@ pub const MAX_TRANSFER: u64 = 256 << 10;
 /// not line up count twice).
 pub const MAX_VEC: usize = 32;
 
+/// Resubmissions of an aborted command (see [`NvmeChannel::run`]).
+const RETRIES: u32 = 8;
+/// The first pause before a resubmission (doubling each time: 2 ms .. 512 ms, about a
+/// second in all, the time a controller reset takes).
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 struct NvmeBackend {
     file: File,
     info: NsInfo,
@@ -217,11 +223,28 @@ struct DsmRange {
 }
 
 impl NvmeChannel {
-    /// Submits `cmd` on the NVMe ring and maps its status.
+    /// Submits `cmd` on the NVMe ring and maps its status. A command aborted without
+    /// running (a controller reset cancels what is in flight) is resubmitted, up to
+    /// [`RETRIES`] times with a growing pause, before its status is the answer.
     async fn run(&self, cmd_op: u32, cmd: &Cmd) -> Result<(), IoError> {
         let bytes = cmd.uring_bytes();
         let op = IoOp::UringCmd { fd: self.fd, cmd_op, cmd: &bytes };
-        super::status(self.engine.submit(op).await)
+        let mut tries = 0;
+        loop {
+            let res = self.engine.submit(op).await;
+            if tries < RETRIES && super::retryable(res) {
+                tries += 1;
+                tracing::debug!(
+                    opcode = cmd.opcode,
+                    status = res,
+                    tries,
+                    "NVMe command resubmitted"
+                );
+                poller::sleep(RETRY_PAUSE * (1 << tries)).await;
+                continue;
+            }
+            return super::status(res);
+        }
     }
 
     /// One READ or WRITE of `segs` (whole blocks, at most the largest transfer).
@@ -285,6 +308,11 @@ impl NvmeChannel {
             return Err(IoError::NotSupported);
         }
         let shift = self.info.lba_shift;
+        let mask = (1u64 << shift) - 1;
+        if off & mask != 0 || len & mask != 0 {
+            // The alignment layer writes partial blocks; this zeroes whole ones.
+            return Err(IoError::Invalid);
+        }
         let (mut slba, end) = (off >> shift, (off + len) >> shift);
         let flags = if unmap { DEAC } else { 0 };
         while slba < end {
@@ -300,8 +328,10 @@ impl NvmeChannel {
         if !self.info.dsm {
             return Ok(false);
         }
+        // Only the whole blocks inside the range: a partial one keeps its other bytes.
         let shift = self.info.lba_shift;
-        let (mut slba, end) = (off >> shift, (off + len) >> shift);
+        let (mut slba, end) = ((off + (1 << shift) - 1) >> shift, (off + len) >> shift);
+        let whole = slba << shift == off && end << shift == off + len;
         while slba < end {
             let nlb = (end - slba).min(u64::from(u32::MAX));
             let range = DsmRange { attributes: 0, nlb: (nlb as u32).to_le(), slba: slba.to_le() };
@@ -321,7 +351,7 @@ impl NvmeChannel {
             }
             slba += nlb;
         }
-        Ok(self.info.dealloc_zeroes)
+        Ok(whole && self.info.dealloc_zeroes)
     }
 }
 
