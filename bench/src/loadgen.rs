@@ -104,6 +104,10 @@ pub enum EngineArg {
     #[value(name = "aio")]
     #[serde(rename = "aio")]
     Aio,
+    /// NVMe passthrough on a generic character device (`raw:/dev/ngXnY`).
+    #[value(name = "nvme_uring")]
+    #[serde(rename = "nvme_uring")]
+    NvmeUring,
 }
 
 /// A complete run description.
@@ -512,6 +516,7 @@ fn disk_config(o: &Options) -> Result<config::Disk, String> {
             let driver = match o.engine {
                 EngineArg::IoUring => "io_uring",
                 EngineArg::Aio => "aio",
+                EngineArg::NvmeUring => "nvme_uring",
             };
             let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
             body += &format!(
