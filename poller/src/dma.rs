@@ -329,6 +329,13 @@ pub fn uses_hugepages() -> bool {
     with_core(|c| c.dma.uses_hugepages())
 }
 
+/// The current reactor's region: its start address and length. Every [`DmaBuf`] of this
+/// reactor lies inside it (for registering it with a device once, as io_uring's fixed
+/// buffers or an IOMMU mapping).
+pub fn region() -> (usize, usize) {
+    with_core(|c| (c.dma.inner.base.as_ptr() as usize, c.dma.inner.bytes))
+}
+
 /// A buffer of `len` bytes, or `None` when the pool has no block that large free.
 pub fn alloc(len: usize) -> Option<DmaBuf> {
     with_core(|c| c.dma.alloc(len))

@@ -107,11 +107,14 @@ pub(crate) enum IoOp {
         msg: *const libc::msghdr,
     },
     /// A driver command (`IORING_OP_URING_CMD`, the NVMe ring only): `cmd_op` names
-    /// the command set, `cmd` its 80 bytes (copied into the entry when queued).
+    /// the command set, `cmd` its 80 bytes (copied into the entry when queued). With
+    /// `fixed`, the data buffer is in the ring's registered buffer of that index (the
+    /// reactor's DMA region, see [`uring::NvmeRing`]).
     UringCmd {
         fd: RawFd,
         cmd_op: u32,
         cmd: *const [u8; 80],
+        fixed: Option<u16>,
     },
 }
 

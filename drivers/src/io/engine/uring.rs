@@ -45,7 +45,12 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     eventfd: OwnedFd,
     /// The kernel supports socket receive and sendmsg on the ring.
     sockets: bool,
+    /// The region registered as fixed buffers (start, length), [`FIXED_CHUNK`] each.
+    fixed: Cell<Option<(usize, usize)>>,
 }
+
+/// Bytes per registered buffer (the kernel's limit for one).
+pub(crate) const FIXED_CHUNK: usize = 1 << 30;
 
 /// The reactor's ring for files and sockets.
 pub(crate) type Uring = Ring<squeue::Entry, cqueue::Entry>;
@@ -69,12 +74,31 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
     Ok(u)
 }
 
-/// The current reactor's NVMe passthrough ring, created on first use.
+/// The current reactor's NVMe passthrough ring, created on first use, with the
+/// reactor's DMA region registered as its fixed buffers ([`FIXED_CHUNK`] bytes each):
+/// a command whose buffer lies in the region skips the kernel's per-I/O page pinning.
+/// Registering pins the region; a kernel or memory-lock limit that refuses leaves the
+/// ring without fixed buffers.
 pub(crate) fn current_nvme() -> io::Result<Rc<NvmeRing>> {
     if let Some(u) = NVME_RING.with(|c| c.get().cloned()) {
         return Ok(u);
     }
     let u = start::<squeue::Entry128, cqueue::Entry32>()?;
+    let (base, len) = poller::dma::region();
+    let iovs: Vec<libc::iovec> = (0..len.div_ceil(FIXED_CHUNK))
+        .map(|i| libc::iovec {
+            iov_base: (base + i * FIXED_CHUNK) as *mut libc::c_void,
+            iov_len: FIXED_CHUNK.min(len - i * FIXED_CHUNK),
+        })
+        .collect();
+    // SAFETY: the region lives as long as the reactor, and so does this ring (both are
+    // the reactor thread's); the kernel pins the pages until the ring is closed.
+    match unsafe { u.ring.borrow().submitter().register_buffers(&iovs) } {
+        Ok(()) => u.fixed.set(Some((base, len))),
+        Err(e) => {
+            tracing::info!("NVMe ring without fixed buffers (registering the DMA region: {e})")
+        }
+    }
     NVME_RING.with(|c| {
         let _ = c.set(u.clone());
     });
@@ -177,11 +201,11 @@ impl Encode for squeue::Entry {
 impl Encode for squeue::Entry128 {
     fn encode(op: &IoOp) -> Self {
         match *op {
-            IoOp::UringCmd { fd, cmd_op, cmd } => {
+            IoOp::UringCmd { fd, cmd_op, cmd, fixed } => {
                 // SAFETY: `cmd` points at the command in the operation's future, alive
                 // while it is queued (the bytes are copied into the entry here).
                 let cmd = unsafe { *cmd };
-                opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd).build()
+                opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd).buf_index(fixed).build()
             }
             _ => squeue::Entry::encode(op).into(),
         }
@@ -231,7 +255,26 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             queued: Cell::new(0),
             eventfd,
             sockets,
+            fixed: Cell::new(None),
         })
+    }
+
+    /// Stops using fixed buffers (a kernel that registers them but refuses them for
+    /// NVMe passthrough commands with EINVAL, as the test guest's Debian 6.1 kernel
+    /// does), releasing the pinned region.
+    pub(crate) fn disable_fixed(&self) {
+        if self.fixed.take().is_some() {
+            tracing::info!("NVMe passthrough without fixed buffers: the kernel refuses them");
+            let _ = self.ring.borrow().submitter().unregister_buffers();
+        }
+    }
+
+    /// The index of the fixed buffer holding `len` bytes at `addr`, if they lie in one.
+    pub(crate) fn fixed_index(&self, addr: usize, len: usize) -> Option<u16> {
+        let (base, size) = self.fixed.get()?;
+        let off = addr.checked_sub(base)?;
+        let chunk = off / FIXED_CHUNK;
+        (off + len <= size && (off + len - 1) / FIXED_CHUNK == chunk).then_some(chunk as u16)
     }
 
     /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.

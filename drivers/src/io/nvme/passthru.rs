@@ -225,13 +225,30 @@ struct DsmRange {
 impl NvmeChannel {
     /// Submits `cmd` on the NVMe ring and maps its status. A command aborted without
     /// running (a controller reset cancels what is in flight) is resubmitted, up to
-    /// [`RETRIES`] times with a growing pause, before its status is the answer.
+    /// [`RETRIES`] times with a growing pause, before its status is the answer. A
+    /// single buffer in the reactor's DMA region goes as a fixed buffer.
     async fn run(&self, cmd_op: u32, cmd: &Cmd) -> Result<(), IoError> {
         let bytes = cmd.uring_bytes();
-        let op = IoOp::UringCmd { fd: self.fd, cmd_op, cmd: &bytes };
+        let ring = match &self.engine {
+            EngineRef::Nvme(ring) => Some(ring),
+            _ => None,
+        };
+        let mut fixed = match ring {
+            Some(r) if cmd_op == NVME_URING_CMD_IO && cmd.data_len > 0 => {
+                r.fixed_index(cmd.addr as usize, cmd.data_len as usize)
+            }
+            _ => None,
+        };
         let mut tries = 0;
         loop {
+            let op = IoOp::UringCmd { fd: self.fd, cmd_op, cmd: &bytes, fixed };
             let res = self.engine.submit(op).await;
+            if fixed.is_some() && res == -i64::from(libc::EINVAL) {
+                // Chosen at first use: a kernel without fixed buffers for passthrough.
+                ring.expect("fixed buffers are the NVMe ring's").disable_fixed();
+                fixed = None;
+                continue;
+            }
             if tries < RETRIES && super::retryable(res) {
                 tries += 1;
                 tracing::debug!(
