@@ -307,8 +307,11 @@ pub(crate) fn target_config(
         path: Some(path.to_path_buf()),
         format,
         // A file target goes through the disk's file engine; a disk in memory, on
-        // an NBD server or null writes its target with io_uring.
-        driver: if disk.driver.uses_file() { disk.driver } else { config::Driver::IoUring },
+        // an NVMe namespace, on an NBD server or null writes its target with io_uring.
+        driver: match disk.driver {
+            config::Driver::Aio => config::Driver::Aio,
+            _ => config::Driver::IoUring,
+        },
         direct: disk.direct,
         read_only: false,
         size: None,

@@ -492,3 +492,27 @@ fn encryption_key_files() {
     let e = parse(&format!("{disk}[disk.encryption]\n")).unwrap_err();
     assert!(e.to_string().contains("key_file"), "{e}");
 }
+
+#[test]
+fn nvme_uring_takes_a_character_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    std::fs::write(&img, [0u8; 512]).unwrap();
+    let disk = |path: &str| {
+        format!(
+            "[[disk]]\nname = \"n\"\ndriver = \"nvme_uring\"\nformat = \"qcow2\"\npath = \"{path}\"\n"
+        )
+    };
+    let (key, line, message) = invalid(&disk(&img.to_string_lossy()));
+    assert_eq!((key.as_str(), line), ("disk[0].path", 5));
+    assert!(message.contains("not an NVMe generic character device"), "{message}");
+    assert!(message.contains("a.img"), "{message}");
+    // A character device passes the config check; whether it is an NVMe namespace is
+    // found when the disk opens.
+    let c = parse(&disk("/dev/null")).unwrap();
+    assert_eq!(c.disks[0].driver, Driver::NvmeUring);
+    assert_eq!(c.disks[0].format, Format::Qcow2);
+    let (_, _, message) =
+        invalid("[[disk]]\nname = \"n\"\ndriver = \"nvme\"\npath = \"/dev/null\"\n");
+    assert!(message.contains("\"nvme_uring\""), "{message}");
+}
