@@ -215,6 +215,9 @@ pub enum Driver {
     /// An NVMe namespace's generic character device (`/dev/ngXnY`), driven with NVMe
     /// commands through io_uring passthrough.
     NvmeUring,
+    /// A namespace of an NVMe controller driven from userspace over VFIO (`path` is
+    /// `pci:ADDRESS[/ns=N]`).
+    Nvme,
 }
 
 impl Driver {
@@ -231,6 +234,7 @@ impl Driver {
             Driver::Mem => "mem",
             Driver::Nbd => "nbd",
             Driver::NvmeUring => "nvme_uring",
+            Driver::Nvme => "nvme",
         }
     }
 }
@@ -654,6 +658,33 @@ impl Validator {
         Ok(PathBuf::from(uri))
     }
 
+    /// The PCI address of an NVMe controller (`driver = "nvme"`):
+    /// `pci:DOMAIN:BUS:DEVICE.FUNCTION[/ns=N]`, kept as written.
+    fn pci_path(
+        &self,
+        name_span: std::ops::Range<usize>,
+        path: Option<toml::Spanned<String>>,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<PathBuf, ConfigError> {
+        let Some(p) = path else {
+            let m = "driver nvme needs `path`: the controller's PCI address, such as \"pci:0000:00:04.0\" (or \"pci:0000:00:04.0/ns=2\")";
+            return Err(self.err(name_span, &key("path"), m.into()));
+        };
+        let v = p.get_ref();
+        let addr = v.strip_prefix("pci:").map(|r| r.split_once("/ns=").map_or(r, |(a, _)| a));
+        let ns_ok = v.split_once("/ns=").is_none_or(|(_, n)| n.parse::<u32>().is_ok_and(|n| n > 0));
+        let addr_ok = addr.is_some_and(|a| {
+            a.len() == 12 && a.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        });
+        if !(addr_ok && ns_ok) {
+            let m = format!(
+                "`{v}` is not pci:DOMAIN:BUS:DEVICE.FUNCTION[/ns=N] (such as pci:0000:00:04.0)"
+            );
+            return Err(self.err(p.span(), &key("path"), m));
+        }
+        Ok(PathBuf::from(v))
+    }
+
     fn disk(
         &self,
         index: usize,
@@ -703,12 +734,13 @@ impl Validator {
             Some("mem") => Driver::Mem,
             Some("nbd") => Driver::Nbd,
             Some("nvme_uring") => Driver::NvmeUring,
+            Some("nvme") => Driver::Nvme,
             Some(other) => {
                 return Err(self.err(
                     raw.driver.as_ref().map(|s| s.span()).unwrap_or(name_span),
                     &key("driver"),
                     format!(
-                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\", \"nbd\" or \"nvme_uring\""
+                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\", \"nbd\", \"nvme_uring\" or \"nvme\""
                     ),
                 ));
             }
@@ -716,6 +748,7 @@ impl Validator {
         let size = raw.size.map(|s| (s.span(), s.into_inner().bytes()));
         let path = match (driver.uses_file(), raw.path) {
             (_, p) if driver == Driver::Nbd => Some(self.nbd_uri(name_span.clone(), p, &key)?),
+            (_, p) if driver == Driver::Nvme => Some(self.pci_path(name_span.clone(), p, &key)?),
             (true, None) => {
                 return Err(self.err(
                     name_span,
@@ -740,7 +773,8 @@ impl Validator {
                 Some(resolved)
             }
         };
-        let size = match (driver.uses_file() || driver == Driver::Nbd, size) {
+        let size = match (driver.uses_file() || matches!(driver, Driver::Nbd | Driver::Nvme), size)
+        {
             (false, None) => {
                 return Err(self.err(
                     name_span,
@@ -767,7 +801,7 @@ impl Validator {
             }
             (true, None) => None,
         };
-        if format == Format::Qcow2 && !driver.uses_file() {
+        if format == Format::Qcow2 && !driver.uses_file() && driver != Driver::Nvme {
             return Err(self.err(
                 name_span,
                 &key("format"),
@@ -788,7 +822,7 @@ impl Validator {
             allowed_backing_dirs.push(p);
         }
         if allowed_backing_dirs.is_empty()
-            && driver != Driver::Nbd
+            && !matches!(driver, Driver::Nbd | Driver::Nvme)
             && let Some(dir) = path.as_ref().and_then(|p| p.parent())
         {
             allowed_backing_dirs.push(dir.to_path_buf());

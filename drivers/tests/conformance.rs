@@ -5,9 +5,10 @@
 //! With `APPLIANCE_NVME_DEVICE=/dev/ngXnY` (a namespace of at least 8 MiB whose contents
 //! may be destroyed) the cases that run over every driver run over `nvme_uring` on that
 //! namespace instead, with the NVMe-only cases; the NVMe guest test
-//! (tests/tests/nvme_uring_guest.rs) runs them inside a guest on QEMU's emulated NVMe
+//! (tests/tests/nvme_guest.rs) runs them inside a guest on QEMU's emulated NVMe
 //! controller:
 //! `conformance aligned_and_unaligned vectored zero_range many_concurrent nvme_`.
+//! `APPLIANCE_NVME_DEVICE=pci:0000:00:04.0/ns=1` runs them over the VFIO driver.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +41,17 @@ fn nvme_device() -> Option<PathBuf> {
     std::env::var_os("APPLIANCE_NVME_DEVICE").map(PathBuf::from)
 }
 
+/// Opens the namespace: `pci:...` with the VFIO driver, a path with passthrough.
+fn open_nvme() -> Arc<Storage> {
+    let path = nvme_device().expect("APPLIANCE_NVME_DEVICE");
+    let name = path.to_string_lossy();
+    if name.starts_with("pci:") {
+        drivers::io::nvme::user::open(&name, false).unwrap()
+    } else {
+        drivers::io::nvme::passthru::open(&path, false).unwrap()
+    }
+}
+
 const KINDS: [Kind; 5] = [
     Kind::File(EngineKind::IoUring, true),
     Kind::File(EngineKind::IoUring, false),
@@ -60,9 +72,8 @@ fn open(kind: Kind, dir: &Path) -> Arc<Storage> {
         }
         Kind::Mem => Storage::mem(SIZE).unwrap(),
         Kind::Nvme => {
-            let path = nvme_device().expect("APPLIANCE_NVME_DEVICE");
-            let s = drivers::io::nvme::passthru::open(&path, false).unwrap();
-            assert!(s.size() >= SIZE, "{} is smaller than {SIZE} bytes", path.display());
+            let s = open_nvme();
+            assert!(s.size() >= SIZE, "{s:?} is smaller than {SIZE} bytes");
             s
         }
     }
@@ -380,7 +391,7 @@ fn bdev_checks_ranges_and_read_only() {
 #[test]
 fn nvme_controller_errors_and_control_plane_io() {
     let Some(path) = nvme_device() else { return };
-    let s = drivers::io::nvme::passthru::open(&path, false).unwrap();
+    let s = open_nvme();
     let block = s.alignment().request;
     assert!(block == 512 || block == 4096, "{block}");
     s.write_sync(b"header!!", 1000).unwrap();
@@ -400,6 +411,12 @@ fn nvme_controller_errors_and_control_plane_io() {
         assert_eq!(&buf.as_slice()[1000 - at..1000 - at + 8], b"header!!");
     });
     r.stop();
-    let e = drivers::io::nvme::passthru::open(Path::new("/dev/null"), false).unwrap_err();
-    assert!(e.to_string().contains("not an NVMe generic character device"), "{e}");
+    drop(s);
+    if path.to_string_lossy().starts_with("pci:") {
+        let e = drivers::io::nvme::user::open("pci:0000:99:00.0", false).unwrap_err();
+        assert!(e.to_string().contains("no such device"), "{e}");
+    } else {
+        let e = drivers::io::nvme::passthru::open(Path::new("/dev/null"), false).unwrap_err();
+        assert!(e.to_string().contains("not an NVMe generic character device"), "{e}");
+    }
 }

@@ -482,6 +482,37 @@ pub fn add_binary(files: &mut Vec<(PathBuf, String)>, bin: &Path, dest: &str, di
 /// The guest kernel's network modules (virtio-net and what it needs), as
 /// [`BootOptions::files`] under `/lib/modules/`, in load order: [`NET_SETUP`] loads them.
 pub fn net_module_files() -> Vec<(PathBuf, String)> {
+    module_files(&[
+        "net/core/failover.ko",
+        "drivers/net/net_failover.ko",
+        "drivers/net/virtio_net.ko",
+    ])
+}
+
+/// The guest kernel's VFIO modules, as [`BootOptions::files`]: [`VFIO_SETUP`] loads them.
+pub fn vfio_module_files() -> Vec<(PathBuf, String)> {
+    module_files(&[
+        "virt/lib/irqbypass.ko",
+        "drivers/vfio/vfio.ko",
+        "drivers/vfio/vfio_iommu_type1.ko",
+        "drivers/vfio/vfio_virqfd.ko",
+        "drivers/vfio/pci/vfio-pci-core.ko",
+        "drivers/vfio/pci/vfio-pci.ko",
+    ])
+}
+
+/// Guest script lines that load the VFIO modules of [`vfio_module_files`]; then
+/// `vfio_bind ADDR` hands a PCI device to vfio-pci. The guest needs
+/// `-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on` and the kernel
+/// argument `intel_iommu=on`.
+pub const VFIO_SETUP: &str = "for m in irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci; do \
+     insmod /lib/modules/$m.ko || echo \"GUEST-WARN insmod $m failed\"; done\n\
+     vfio_bind() { echo $1 > /sys/bus/pci/devices/$1/driver/unbind; \
+     echo vfio-pci > /sys/bus/pci/devices/$1/driver_override; echo $1 > /sys/bus/pci/drivers_probe; }\n";
+
+/// Kernel modules of the guest kernel (paths under its `kernel/` directory), as
+/// [`BootOptions::files`] under `/lib/modules/`.
+fn module_files(paths: &[&str]) -> Vec<(PathBuf, String)> {
     let pkg = std::fs::read_to_string(guest_dir().join("kernel.pkg")).expect("guest kernel.pkg");
     let modules = guest_dir().join("kernel").join(pkg.trim()).join("lib/modules");
     let kver = std::fs::read_dir(&modules)
@@ -490,7 +521,7 @@ pub fn net_module_files() -> Vec<(PathBuf, String)> {
         .expect("one kernel version")
         .expect("read modules dir")
         .path();
-    ["net/core/failover.ko", "drivers/net/net_failover.ko", "drivers/net/virtio_net.ko"]
+    paths
         .iter()
         .map(|m| {
             let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();

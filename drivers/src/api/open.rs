@@ -65,6 +65,9 @@ fn open_with(
             };
             let storage = match disk.driver {
                 config::Driver::NvmeUring => Some(nvme::passthru::open(path, disk.read_only)?),
+                config::Driver::Nvme => {
+                    Some(nvme::user::open(&path.to_string_lossy(), disk.read_only)?)
+                }
                 _ => None,
             };
             let opts = OpenOptions {
@@ -104,6 +107,7 @@ fn open_with(
                     crate::io::nbd::open(&path.to_string_lossy(), owner)?
                 }
                 config::Driver::NvmeUring => nvme::passthru::open(path, disk.read_only)?,
+                config::Driver::Nvme => nvme::user::open(&path.to_string_lossy(), disk.read_only)?,
                 config::Driver::IoUring | config::Driver::Aio if locking => {
                     Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
                 }

@@ -13,12 +13,62 @@
 //!
 //! Drivers: [`passthru`] (`driver = "nvme_uring"`): commands through io_uring on the
 //! namespace's generic character device `/dev/ngXnY`, skipping the block layer while
-//! the kernel keeps the controller.
+//! the kernel keeps the controller; [`user`] (`driver = "nvme"`): the controller itself,
+//! driven from userspace over VFIO ([`vfio`], [`ctrl`]), one polled queue pair per
+//! reactor ([`queue`]).
 
+pub(crate) mod ctrl;
 pub(crate) mod identify;
 pub mod passthru;
+pub(crate) mod queue;
+pub mod user;
+pub(crate) mod vfio;
 
 use crate::error::IoError;
+use crate::seg::IoSeg;
+
+/// A piece of a request's segment list that one command carries ([`cuts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Whole segments `start..end`.
+    Run { start: usize, end: usize },
+    /// `len` bytes from `off` into segment `seg` (a segment larger than a command).
+    Piece { seg: usize, off: usize, len: usize },
+}
+
+/// Cuts `segs` into commands of at most `max` bytes and `max_segs` segments: runs of
+/// whole segments, or pieces of a segment too large for one command. Each item is the
+/// cut and its byte offset from the start of the request. Segments are whole blocks
+/// (the alignment layer's guarantee), so every cut is too when `max` is.
+pub(crate) fn cuts<'s>(
+    segs: &'s [IoSeg<'_>],
+    max: usize,
+    max_segs: usize,
+) -> impl Iterator<Item = (u64, Cut)> + 's {
+    let (mut i, mut piece, mut pos) = (0usize, 0usize, 0u64);
+    std::iter::from_fn(move || {
+        let s = segs.get(i)?;
+        let cut = if s.len() > max {
+            let len = (s.len() - piece).min(max);
+            let cut = Cut::Piece { seg: i, off: piece, len };
+            piece += len;
+            if piece == s.len() {
+                (i, piece) = (i + 1, 0);
+            }
+            (len, cut)
+        } else {
+            let (start, mut n) = (i, 0);
+            while i < segs.len() && i - start < max_segs && n + segs[i].len() <= max {
+                n += segs[i].len();
+                i += 1;
+            }
+            (n, Cut::Run { start, end: i })
+        };
+        let at = pos;
+        pos += cut.0 as u64;
+        Some((at, cut.1))
+    })
+}
 
 /// NVM command set opcodes.
 pub(crate) mod opc {
@@ -149,6 +199,30 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(b[40..44].try_into().unwrap()), 2);
         assert_eq!(u32::from_ne_bytes(b[44..48].try_into().unwrap()), 1);
         assert_eq!(u32::from_ne_bytes(b[48..52].try_into().unwrap()), 7 | FUA);
+    }
+
+    #[test]
+    fn cutting() {
+        let mut a = vec![0u8; 64 << 10];
+        let (x, rest) = a.split_at_mut(4096);
+        let (y, z) = rest.split_at_mut(8192);
+        let segs = [IoSeg::new(x), IoSeg::new(y), IoSeg::new(z)];
+        let c: Vec<_> = cuts(&segs, 16384, 32).collect();
+        assert_eq!(
+            c,
+            vec![
+                (0, Cut::Run { start: 0, end: 2 }),
+                (12288, Cut::Piece { seg: 2, off: 0, len: 16384 }),
+                (28672, Cut::Piece { seg: 2, off: 16384, len: 16384 }),
+                (45056, Cut::Piece { seg: 2, off: 32768, len: 16384 }),
+                (61440, Cut::Piece { seg: 2, off: 49152, len: 4096 }),
+            ]
+        );
+        let c: Vec<_> = cuts(&segs[..2], 1 << 20, 1).collect();
+        assert_eq!(
+            c,
+            vec![(0, Cut::Run { start: 0, end: 1 }), (4096, Cut::Run { start: 1, end: 2 })]
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::io::{Allocation, Backend, BackendChannel, Extent, Storage, StoreFutur
 use crate::seg::{self, IoSeg};
 
 use super::identify::{self, NsInfo};
-use super::{Cmd, DEAC, DSM_AD, FUA, MAX_NLB, opc};
+use super::{Cmd, Cut, DEAC, DSM_AD, FUA, MAX_NLB, opc};
 
 /// `_IOWR('N', 0x80, struct nvme_uring_cmd)`: one data buffer.
 const NVME_URING_CMD_IO: u32 = 0xc048_4e80;
@@ -289,33 +289,21 @@ impl NvmeChannel {
         self.run(cmd_op, &cmd).await
     }
 
-    /// READ or WRITE of `segs` at `off`, cut into commands the controller takes: runs
-    /// of whole segments, or pieces of a segment larger than the largest transfer.
+    /// READ or WRITE of `segs` at `off`, cut into commands the controller takes.
     async fn rw(&self, opcode: u8, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        let max = self.max_transfer;
-        if segs.len() <= MAX_VEC && seg::total_len(segs) <= max {
+        if segs.len() <= MAX_VEC && seg::total_len(segs) <= self.max_transfer {
             return self.rw_one(opcode, off, segs, fua).await;
         }
-        let (mut i, mut pos) = (0, off);
-        while i < segs.len() {
-            if segs[i].len() > max {
-                let mut done = 0;
-                while done < segs[i].len() {
-                    let n = (segs[i].len() - done).min(max);
-                    let piece = [segs[i].slice(done, n)];
-                    self.rw_one(opcode, pos, &piece, fua).await?;
-                    (done, pos) = (done + n, pos + n as u64);
+        for (at, cut) in super::cuts(segs, self.max_transfer, MAX_VEC) {
+            match cut {
+                Cut::Run { start, end } => {
+                    self.rw_one(opcode, off + at, &segs[start..end], fua).await?
                 }
-                i += 1;
-                continue;
+                Cut::Piece { seg, off: o, len } => {
+                    let piece = [segs[seg].slice(o, len)];
+                    self.rw_one(opcode, off + at, &piece, fua).await?
+                }
             }
-            let (mut j, mut n) = (i, 0);
-            while j < segs.len() && j - i < MAX_VEC && n + segs[j].len() <= max {
-                n += segs[j].len();
-                j += 1;
-            }
-            self.rw_one(opcode, pos, &segs[i..j], fua).await?;
-            (i, pos) = (j, pos + n as u64);
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
-//! `driver = "nvme_uring"` end to end, on a real NVMe controller: QEMU's emulated one,
-//! inside the TCG test guest. The appliance runs in the guest on the namespaces' generic
+//! Both NVMe drivers end to end, on a real NVMe controller: QEMU's emulated one, inside
+//! the TCG test guest.
+//!
+//! `driver = "nvme_uring"`: The appliance runs in the guest on the namespaces' generic
 //! character devices (`/dev/ng0n1`: 512-byte blocks holding a qcow2 image the host
 //! wrote; `/dev/ng0n2`: 4 KiB blocks served raw) and exports them over NBD through a
 //! forwarded port. The host drives a qemu-io workload (patterns, unaligned and
@@ -8,6 +10,12 @@
 //! runs (qemu-img compare over NBD) and after the guest powered off (qemu-img check of the
 //! namespace's backing file, qemu-img compare with the copy). A third disk on a character
 //! device that is no NVMe namespace must fail with an error naming it, the others served.
+//!
+//! `driver = "nvme"` (VFIO): the guest has an IOMMU (q35, intel-iommu) and two
+//! controllers handed to vfio-pci; the conformance suite runs on the first's namespaces
+//! (512 B and 4 KiB blocks), the appliance serves a qcow2 image on the second's, and the
+//! same qemu-io workload and comparisons judge it; a device not bound to vfio-pci is
+//! refused with the commands that bind it.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -258,4 +266,129 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&ns1));
     compare(&["-f", "qcow2", ns1.to_str().unwrap()], &oracle1, "qcow2");
     compare(&["-f", "raw", dir.join("ns2.img").to_str().unwrap()], &oracle2, "raw");
+}
+
+/// The VFIO guest: both controllers to vfio-pci, the conformance suite on the first,
+/// the appliance on the second, serving until the host connects to the stop port.
+const VFIO_SCRIPT: &str = r#"
+for c in /sys/class/nvme/nvme*; do
+	s=$(cat $c/serial | tr -d ' ')
+	a=$(basename $(readlink -f $c/device))
+	[ "$s" = conformance ] && conf=$a
+	[ "$s" = appliance ] && data=$a
+done
+echo "controllers: conformance=$conf appliance=$data"
+vfio_bind $conf
+vfio_bind $data
+ls -l /dev/vfio
+for n in 1 2; do
+	APPLIANCE_NVME_DEVICE=pci:$conf/ns=$n /bin/conformance --test-threads=1 aligned_and_unaligned \
+		vectored zero_range many_concurrent nvme_ > /tmp/c.log 2>&1
+	st=$?
+	grep -E "^test |test result" /tmp/c.log
+	[ $st = 0 ] || cat /tmp/c.log
+	echo "conformance-ns$n=$st"
+done
+cat > /tmp/a.toml <<EOT
+[nbd]
+listen = ["tcp:0.0.0.0:10809"]
+[[disk]]
+name = "q"
+driver = "nvme"
+path = "pci:$data"
+format = "qcow2"
+[[disk]]
+name = "notvfio"
+driver = "nvme"
+path = "pci:0000:00:1f.0"
+EOT
+/bin/appliance serve -c /tmp/a.toml > /tmp/app.log 2>&1 &
+pid=$!
+i=0
+while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+cat /tmp/app.log
+echo APPLIANCE-READY
+nc -l -p 9000 < /dev/null
+kill -TERM $pid
+wait $pid
+echo "appliance-exit=$?"
+tail -n 3 /tmp/app.log
+"#;
+
+#[test]
+fn nvme_vfio_in_a_guest_against_qemu_io() {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    prepare(dir);
+    let (port, stop) = (free_port(), free_port());
+    let image = guest::ensure_built();
+    let mut files = guest::appliance_files(dir);
+    let conformance = guest::test_binary("drivers", "conformance");
+    guest::add_binary(&mut files, &conformance, "/bin/conformance", dir);
+    files.extend(guest::net_module_files());
+    files.extend(guest::vfio_module_files());
+    let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
+    extra.extend(["-device".into(), "intel-iommu,intremap=on".into()]);
+    // The conformance controller: namespaces 3 (512 B) and 4 (4 KiB); the appliance's:
+    // namespace 1 holding the qcow2 image.
+    let drives = [("conformance", vec![(3, false), (4, true)]), ("appliance", vec![(1, false)])];
+    for (c, (serial, namespaces)) in drives.iter().enumerate() {
+        extra.extend(["-device".into(), format!("nvme,id=nvme{c},serial={serial}")]);
+        for (k, &(n, big)) in namespaces.iter().enumerate() {
+            let file = dir.join(format!("ns{n}.img"));
+            let mut ns = format!("nvme-ns,drive=nv{n},bus=nvme{c},nsid={}", k + 1);
+            if big {
+                ns.push_str(",logical_block_size=4096,physical_block_size=4096");
+            }
+            extra.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=nv{n},format=raw,discard=unmap", file.display()),
+                "-device".into(),
+                ns,
+            ]);
+        }
+    }
+    let options = BootOptions {
+        memory_mib: 1024,
+        machine: "q35,kernel-irqchip=split".into(),
+        kernel_args: "intel_iommu=on".into(),
+        vhost: false,
+        files,
+        extra_args: extra,
+        timeout: Duration::from_secs(600),
+        ..BootOptions::default()
+    };
+    let script = format!("{}{}{VFIO_SCRIPT}", guest::VFIO_SETUP, guest::NET_SETUP);
+    let mut g = Guest::spawn(&image, Path::new(""), &script, &options);
+    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
+    let console = g.output();
+    for l in console.lines().filter(|l| l.starts_with("test ") || l.contains("conformance")) {
+        eprintln!("guest: {l}");
+    }
+    for n in [1, 2] {
+        assert!(
+            console.contains(&format!("conformance-ns{n}=0")),
+            "the conformance suite failed over VFIO on namespace {n}:\n{console}"
+        );
+    }
+    assert!(console.contains("disk added disk=\"q\""), "qcow2 disk not served:\n{console}");
+    assert!(
+        console.contains("not vfio-pci; bind it with"),
+        "a device not bound to vfio-pci got no clear error:\n{console}"
+    );
+
+    let q = format!("nbd://127.0.0.1:{port}/q");
+    let oracle1 = dir.join("oracle1.qcow2");
+    qemu_io(&["-f", "raw", &q], QCOW2_OPS);
+    qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], QCOW2_OPS);
+    compare(&["-f", "raw", &q], &oracle1, "qcow2");
+    drop(TcpStream::connect(("127.0.0.1", stop)).expect("connect to the guest's stop port"));
+    let run_ = g.wait();
+    run_.assert_success();
+    assert_eq!(run_.value("appliance-exit"), Some("0"), "{run_}");
+    let ns1 = dir.join("ns1.img");
+    run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&ns1));
+    compare(&["-f", "qcow2", ns1.to_str().unwrap()], &oracle1, "qcow2");
 }
