@@ -512,7 +512,23 @@ fn nvme_uring_takes_a_character_device() {
     let c = parse(&disk("/dev/null")).unwrap();
     assert_eq!(c.disks[0].driver, Driver::NvmeUring);
     assert_eq!(c.disks[0].format, Format::Qcow2);
-    let (_, _, message) =
-        invalid("[[disk]]\nname = \"n\"\ndriver = \"nvme\"\npath = \"/dev/null\"\n");
-    assert!(message.contains("\"nvme_uring\""), "{message}");
+    let (_, _, message) = invalid("[[disk]]\nname = \"n\"\ndriver = \"nvmex\"\n");
+    assert!(message.contains("\"nvme_uring\" or \"nvme\""), "{message}");
+}
+
+#[test]
+fn nvme_takes_a_pci_address() {
+    let disk =
+        |path: &str| format!("[[disk]]\nname = \"n\"\ndriver = \"nvme\"\npath = \"{path}\"\n");
+    let c = parse(&disk("pci:0000:00:04.0/ns=2")).unwrap();
+    assert_eq!(c.disks[0].driver, Driver::Nvme);
+    assert_eq!(c.disks[0].path.as_deref(), Some(Path::new("pci:0000:00:04.0/ns=2")));
+    assert!(c.disks[0].allowed_backing_dirs.is_empty());
+    for bad in ["/dev/null", "pci:0000:00:04.0/ns=0", "pci:00:04.0", "pci:0000:00:04.0/ns=x"] {
+        let (key, _, message) = invalid(&disk(bad));
+        assert_eq!(key, "disk[0].path");
+        assert!(message.contains("is not pci:DOMAIN:BUS:DEVICE.FUNCTION"), "{bad}: {message}");
+    }
+    let (_, _, message) = invalid("[[disk]]\nname = \"n\"\ndriver = \"nvme\"\n");
+    assert!(message.contains("driver nvme needs `path`"), "{message}");
 }
