@@ -108,6 +108,10 @@ pub enum EngineArg {
     #[value(name = "nvme_uring")]
     #[serde(rename = "nvme_uring")]
     NvmeUring,
+    /// The userspace NVMe driver over VFIO (`raw:pci:0000:00:04.0[/ns=N]`).
+    #[value(name = "nvme")]
+    #[serde(rename = "nvme")]
+    Nvme,
 }
 
 /// A complete run description.
@@ -517,8 +521,12 @@ fn disk_config(o: &Options) -> Result<config::Disk, String> {
                 EngineArg::IoUring => "io_uring",
                 EngineArg::Aio => "aio",
                 EngineArg::NvmeUring => "nvme_uring",
+                EngineArg::Nvme => "nvme",
             };
-            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let abs = match o.engine {
+                EngineArg::Nvme => p.clone(),
+                _ => std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+            };
             body += &format!(
                 "path = {}\nformat = \"{format}\"\ndriver = \"{driver}\"\ndirect = {}\n",
                 crate::toml_str(&abs.to_string_lossy()),

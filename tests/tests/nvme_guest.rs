@@ -28,19 +28,42 @@ use appliance_tests::{free_port, require_tool, run};
 const NBD_PORT: u16 = 10809;
 const STOP_PORT: u16 = 9000;
 
+/// Shell functions of both guest scripts: `conformance DEVICE N` runs the driver
+/// conformance suite on a namespace and prints `conformance-nsN=STATUS`; `serve` runs
+/// the appliance on /tmp/a.toml until the host connects to the stop port (calling the
+/// script's `while_serving` and `served` around it), then SIGTERM (drain and flush).
+const FUNCTIONS: &str = r#"
+conformance() {
+	APPLIANCE_NVME_DEVICE=$1 /bin/conformance --test-threads=1 aligned_and_unaligned \
+		vectored zero_range many_concurrent nvme_ > /tmp/c.log 2>&1
+	st=$?
+	grep -E "^test |test result" /tmp/c.log
+	[ $st = 0 ] || cat /tmp/c.log
+	echo "conformance-ns$2=$st"
+}
+serve() {
+	/bin/appliance serve -c /tmp/a.toml > /tmp/app.log 2>&1 &
+	pid=$!
+	i=0
+	while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+	cat /tmp/app.log
+	while_serving
+	echo APPLIANCE-READY
+	nc -l -p 9000 < /dev/null
+	served
+	kill -TERM $pid
+	wait $pid
+	echo "appliance-exit=$?"
+	tail -n 3 /tmp/app.log
+}
+"#;
+
 /// The guest: the driver conformance suite on namespaces 3 (512-byte blocks) and 4
 /// (4 KiB), network, the appliance on namespaces 1, 2 and 5 and on /dev/null, serving
 /// (while the controller is reset every 0.3 s) until the host connects to the stop
 /// port; then SIGTERM (drain and flush) and report.
 const SCRIPT: &str = r#"
-for n in 3 4; do
-	APPLIANCE_NVME_DEVICE=/dev/ng0n$n /bin/conformance --test-threads=1 aligned_and_unaligned \
-		vectored zero_range many_concurrent nvme_ > /tmp/c.log 2>&1
-	st=$?
-	grep -E "^test |test result" /tmp/c.log
-	[ $st = 0 ] || cat /tmp/c.log
-	echo "conformance-ns$n=$st"
-done
+for n in 3 4; do conformance /dev/ng0n$n $n; done
 cat > /tmp/a.toml <<EOT
 [nbd]
 listen = ["tcp:0.0.0.0:10809"]
@@ -64,24 +87,17 @@ driver = "nvme_uring"
 path = "/dev/null"
 EOT
 ls -l /dev/ng0n1 /dev/ng0n2
-/bin/appliance serve -c /tmp/a.toml > /tmp/app.log 2>&1 &
-pid=$!
-i=0
-while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-cat /tmp/app.log
-resets=0
 touch /tmp/resets
-(while :; do sleep 0.3; echo 1 > /sys/class/nvme/nvme0/reset_controller && echo reset >> /tmp/resets; done) &
-resetter=$!
-echo APPLIANCE-READY
-nc -l -p 9000 < /dev/null
-kill $resetter
-echo "controller-resets=$(wc -l < /tmp/resets)"
-echo "resubmitted=$(grep -c resubmitted /tmp/app.log)"
-kill -TERM $pid
-wait $pid
-echo "appliance-exit=$?"
-tail -n 3 /tmp/app.log
+while_serving() {
+	(while :; do sleep 0.3; echo 1 > /sys/class/nvme/nvme0/reset_controller && echo reset >> /tmp/resets; done) &
+	resetter=$!
+}
+served() {
+	kill $resetter
+	echo "controller-resets=$(wc -l < /tmp/resets)"
+	echo "resubmitted=$(grep -c resubmitted /tmp/app.log)"
+}
+serve
 "#;
 
 /// The workload, as qemu-io commands: for the qcow2 disk (64 KiB clusters, 64 MiB) and
@@ -191,7 +207,7 @@ fn boot(dir: &Path, port: u16, stop: u16) -> Guest {
         timeout: Duration::from_secs(600),
         ..BootOptions::default()
     };
-    let script = format!("{}{SCRIPT}", guest::NET_SETUP);
+    let script = format!("{}{FUNCTIONS}{SCRIPT}", guest::NET_SETUP);
     Guest::spawn(&image, Path::new(""), &script, &options)
 }
 
@@ -281,14 +297,7 @@ echo "controllers: conformance=$conf appliance=$data"
 vfio_bind $conf
 vfio_bind $data
 ls -l /dev/vfio
-for n in 1 2; do
-	APPLIANCE_NVME_DEVICE=pci:$conf/ns=$n /bin/conformance --test-threads=1 aligned_and_unaligned \
-		vectored zero_range many_concurrent nvme_ > /tmp/c.log 2>&1
-	st=$?
-	grep -E "^test |test result" /tmp/c.log
-	[ $st = 0 ] || cat /tmp/c.log
-	echo "conformance-ns$n=$st"
-done
+for n in 1 2; do conformance pci:$conf/ns=$n $n; done
 cat > /tmp/a.toml <<EOT
 [nbd]
 listen = ["tcp:0.0.0.0:10809"]
@@ -302,17 +311,9 @@ name = "notvfio"
 driver = "nvme"
 path = "pci:0000:00:1f.0"
 EOT
-/bin/appliance serve -c /tmp/a.toml > /tmp/app.log 2>&1 &
-pid=$!
-i=0
-while ! grep -q "appliance ready" /tmp/app.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-cat /tmp/app.log
-echo APPLIANCE-READY
-nc -l -p 9000 < /dev/null
-kill -TERM $pid
-wait $pid
-echo "appliance-exit=$?"
-tail -n 3 /tmp/app.log
+while_serving() { :; }
+served() { :; }
+serve
 "#;
 
 #[test]
@@ -360,7 +361,7 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
         timeout: Duration::from_secs(600),
         ..BootOptions::default()
     };
-    let script = format!("{}{}{VFIO_SCRIPT}", guest::VFIO_SETUP, guest::NET_SETUP);
+    let script = format!("{}{}{FUNCTIONS}{VFIO_SCRIPT}", guest::VFIO_SETUP, guest::NET_SETUP);
     let mut g = Guest::spawn(&image, Path::new(""), &script, &options);
     assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
     let console = g.output();
