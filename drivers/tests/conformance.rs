@@ -168,9 +168,14 @@ fn aligned_and_unaligned_writes_read_back() {
             let lo = off.saturating_sub(1000);
             let hi = (off + len as u64 + 1000).min(SIZE);
             let got = read_bytes(&a, lo, (hi - lo) as usize).await;
+            let want = &model[lo as usize..hi as usize];
+            let bad = got.iter().zip(want).position(|(g, w)| g != w);
+            let last = got.iter().zip(want).rposition(|(g, w)| g != w);
             assert!(
-                got == model[lo as usize..hi as usize],
-                "{kind:?}: mismatch around {off}+{len}"
+                bad.is_none(),
+                "{kind:?}: mismatch around {off}+{len}: bytes {:?}..={:?} differ",
+                bad.map(|b| lo + b as u64),
+                last.map(|b| lo + b as u64)
             );
         }
         a.flush().await.unwrap();

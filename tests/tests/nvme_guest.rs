@@ -126,6 +126,11 @@ const RAW_OPS: &[&str] = &[
     "write -P 0x34 8188k 4k",
 ];
 
+/// 120 writes of 64 KiB, each its own pattern, over the qcow2 image's middle.
+fn many_writes() -> Vec<String> {
+    (0..120).map(|i| format!("write -P {} {}k 64k", 0x50 + i % 32, 6144 + i * 448)).collect()
+}
+
 fn qemu_io(target: &[&str], ops: &[&str]) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(target);
@@ -243,8 +248,7 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     qemu_io(&["-f", "raw", &r], RAW_OPS);
     qemu_io(&["-f", "raw", oracle2.to_str().unwrap()], RAW_OPS);
     // A longer run of writes, through several controller resets.
-    let many: Vec<String> =
-        (0..120).map(|i| format!("write -P {} {}k 64k", 0x50 + i % 32, 6144 + i * 448)).collect();
+    let many = many_writes();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     qemu_io(&["-f", "raw", &q], &many);
     qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], &many);
@@ -298,6 +302,7 @@ vfio_bind $conf
 vfio_bind $data
 ls -l /dev/vfio
 for n in 1 2; do conformance pci:$conf/ns=$n $n; done
+APPLIANCE_NVME_RESET_EVERY=97 conformance pci:$conf/ns=3 3-resets
 cat > /tmp/a.toml <<EOT
 [nbd]
 listen = ["tcp:0.0.0.0:10809"]
@@ -311,8 +316,12 @@ name = "notvfio"
 driver = "nvme"
 path = "pci:0000:00:1f.0"
 EOT
+export APPLIANCE_NVME_RESET_EVERY=50
 while_serving() { :; }
-served() { :; }
+served() {
+	echo "controller-resets=$(grep -c 'NVMe controller reset' /tmp/app.log)"
+	echo "queue-recoveries=$(grep -c 'recovered after a reset' /tmp/app.log)"
+}
 serve
 "#;
 
@@ -332,9 +341,13 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
     files.extend(guest::vfio_module_files());
     let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
     extra.extend(["-device".into(), "intel-iommu,intremap=on".into()]);
-    // The conformance controller: namespaces 3 (512 B) and 4 (4 KiB); the appliance's:
-    // namespace 1 holding the qcow2 image.
-    let drives = [("conformance", vec![(3, false), (4, true)]), ("appliance", vec![(1, false)])];
+    // The conformance controller: namespaces 3 (512 B), 4 (4 KiB) and 6 (512 B, the
+    // suite under controller resets every 97 commands); the appliance's: namespace 1
+    // holding the qcow2 image.
+    // A third (fresh) namespace for the suite run through controller resets.
+    run(Command::new("truncate").args(["-s", "8M"]).arg(dir.join("ns6.img")));
+    let drives =
+        [("conformance", vec![(3, false), (4, true), (6, false)]), ("appliance", vec![(1, false)])];
     for (c, (serial, namespaces)) in drives.iter().enumerate() {
         extra.extend(["-device".into(), format!("nvme,id=nvme{c},serial={serial}")]);
         for (k, &(n, big)) in namespaces.iter().enumerate() {
@@ -368,7 +381,7 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
     for l in console.lines().filter(|l| l.starts_with("test ") || l.contains("conformance")) {
         eprintln!("guest: {l}");
     }
-    for n in [1, 2] {
+    for n in ["1", "2", "3-resets"] {
         assert!(
             console.contains(&format!("conformance-ns{n}=0")),
             "the conformance suite failed over VFIO on namespace {n}:\n{console}"
@@ -380,15 +393,25 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
         "a device not bound to vfio-pci got no clear error:\n{console}"
     );
 
+    // The appliance resets the controller after every 50 commands (fault injection):
+    // the workload runs through resets, commands in flight resubmitted.
     let q = format!("nbd://127.0.0.1:{port}/q");
     let oracle1 = dir.join("oracle1.qcow2");
     qemu_io(&["-f", "raw", &q], QCOW2_OPS);
     qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], QCOW2_OPS);
+    let many = many_writes();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    qemu_io(&["-f", "raw", &q], &many);
+    qemu_io(&["-f", "qcow2", oracle1.to_str().unwrap()], &many);
     compare(&["-f", "raw", &q], &oracle1, "qcow2");
     drop(TcpStream::connect(("127.0.0.1", stop)).expect("connect to the guest's stop port"));
     let run_ = g.wait();
     run_.assert_success();
     assert_eq!(run_.value("appliance-exit"), Some("0"), "{run_}");
+    let resets: u32 = run_.expect_value("controller-resets").trim().parse().unwrap_or(0);
+    let recovered: u32 = run_.expect_value("queue-recoveries").trim().parse().unwrap_or(0);
+    eprintln!("controller resets while serving: {resets}; queue recoveries: {recovered}");
+    assert!(resets >= 3 && recovered >= 3, "too few resets under load:\n{run_}");
     let ns1 = dir.join("ns1.img");
     run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&ns1));
     compare(&["-f", "qcow2", ns1.to_str().unwrap()], &oracle1, "qcow2");

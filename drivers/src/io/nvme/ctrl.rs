@@ -11,6 +11,7 @@
 //! disables it, so the kernel's driver finds it in a usable state when it is bound back.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::identify::{self, NsError, NsInfo};
@@ -75,6 +76,17 @@ struct PolledQueue {
 // SAFETY: the queue's memory is only touched under the controller's mutex.
 unsafe impl Send for PolledQueue {}
 
+impl PolledQueue {
+    /// Back to empty, for a controller that was reset: head and tail at 0, phase 1,
+    /// the completion page cleared.
+    fn restart(&mut self) {
+        (self.tail, self.head, self.phase) = (0, 0, true);
+        // SAFETY: the completion page of this queue's memory, not in the device's use
+        // while the controller is disabled.
+        unsafe { std::ptr::write_bytes(self.mem.add(4096), 0, 4096) };
+    }
+}
+
 /// The control plane's I/O queue and its bounce buffer.
 struct SyncIo {
     q: PolledQueue,
@@ -122,6 +134,10 @@ pub(crate) struct Controller {
     qids: Mutex<Vec<u16>>,
     /// DMA regions mapped for the reactors: (start, length, IOVA).
     regions: Mutex<Vec<(usize, usize, u64)>>,
+    /// CAP.TO: how long enabling or disabling may take.
+    timeout: Duration,
+    epoch: AtomicU32,
+    resetting: Mutex<()>,
 }
 
 // SAFETY: registers are accessed with volatile operations; the admin queue is behind a
@@ -169,6 +185,9 @@ impl Controller {
             },
             qids: Mutex::new(Vec::new()),
             regions: Mutex::new(Vec::new()),
+            timeout: Duration::from_secs(1),
+            epoch: AtomicU32::new(0),
+            resetting: Mutex::new(()),
         };
         let cap = c.read64(CAP);
         c.stride = 4 << ((cap >> 32) & 0xf);
@@ -178,8 +197,8 @@ impl Controller {
                 "the controller's smallest memory page is above 4 KiB",
             ));
         }
-        let timeout = Duration::from_millis(500 * ((cap >> 24) & 0xff).max(1));
-        c.enable(timeout)?;
+        c.timeout = Duration::from_millis(500 * ((cap >> 24) & 0xff).max(1));
+        c.enable(c.timeout)?;
         match c.identify(nsid)? {
             Ok(info) => c.info = info,
             Err(e) => return Ok(Err(e)),
@@ -402,24 +421,78 @@ impl Controller {
         let Some(qid) = self.qids.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
             return Ok(None);
         };
+        match self.make_queue(qid, entries, sq, cq) {
+            Ok(()) => Ok(Some(qid)),
+            Err(e) => {
+                self.qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the completion and submission queues of `qid` (again, after a reset).
+    pub(crate) fn make_queue(
+        &self,
+        qid: u16,
+        entries: u16,
+        sq: u64,
+        cq: u64,
+    ) -> std::io::Result<()> {
         let size = (u32::from(entries) - 1) << 16 | u32::from(qid);
         let mut c = sqe(CREATE_CQ, 0);
         (c[6], c[7], c[10], c[11]) = (cq as u32, (cq >> 32) as u32, size, 1);
         let mut s = sqe(CREATE_SQ, 0);
         (s[6], s[7], s[10], s[11]) =
             (sq as u32, (sq >> 32) as u32, size, (u32::from(qid) << 16) | 1);
-        let made = self.admin_cmd(c).and_then(|_| {
-            self.admin_cmd(s).inspect_err(|_| {
-                let _ = self.admin_cmd(delete(DELETE_CQ, qid));
-            })
-        });
-        match made {
-            Ok(_) => Ok(Some(qid)),
-            Err(e) => {
-                self.qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
-                Err(e)
-            }
+        self.admin_cmd(c)?;
+        self.admin_cmd(s).inspect_err(|_| {
+            let _ = self.admin_cmd(delete(DELETE_CQ, qid));
+        })?;
+        Ok(())
+    }
+
+    /// The reset generation: bumped by every [`reset`](Self::reset). A queue pair that
+    /// sees it change re-creates its queues and resubmits what it had in flight.
+    pub(crate) fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether the controller reports a fatal status (CSTS.CFS).
+    pub(crate) fn fatal(&self) -> bool {
+        self.read32(CSTS) & CSTS_CFS != 0
+    }
+
+    /// Resets the controller (unless another reactor already did since `seen`):
+    /// disabled, which aborts every command in flight, then enabled again with its admin
+    /// queue and the control plane's queue; the I/O queue pairs recover on their
+    /// reactors when they see the new epoch.
+    pub(crate) fn reset(&self, seen: u32) -> std::io::Result<()> {
+        let _one = self.resetting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch() != seen {
+            return Ok(());
         }
+        tracing::warn!(csts = self.read32(CSTS), "NVMe controller reset");
+        {
+            let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            self.write32(CC, self.read32(CC) & !CC_EN);
+            if !wait_until(self.timeout, || self.read32(CSTS) & CSTS_RDY == 0) {
+                return Err(std::io::Error::other("the controller did not disable for a reset"));
+            }
+            a.restart();
+        }
+        self.enable(self.timeout)?;
+        let _ = self.admin_cmd({
+            let mut e = sqe(SET_FEATURES, 0);
+            e[10] = FEAT_NUM_QUEUES;
+            e[11] = (63 << 16) | 63;
+            e
+        });
+        if let Some(s) = self.sync_io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            s.q.restart();
+            self.make_queue(s.q.qid, ADMIN_DEPTH, s.q.iova, s.q.iova + 4096)?;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Deletes I/O queue pair `qid` (nothing in flight on it).

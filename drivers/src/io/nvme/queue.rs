@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use poller::{DmaBuf, PollerId, WaitList};
 
@@ -25,9 +26,18 @@ use super::ctrl::{Controller, Sqe, cqe_status, prps};
 /// submission queue can never overflow.
 pub(crate) const QUEUE_ENTRIES: u16 = 256;
 
+/// How long commands may be in flight with none completing before the controller is
+/// checked: a fatal status, or this long again, and it is reset.
+const WATCHDOG: Duration = Duration::from_secs(30);
+/// Polls between watchdog checks while commands are in flight.
+const WATCHDOG_POLLS: u32 = 4096;
+
 struct Slot {
     status: Cell<Option<i64>>,
     waker: RefCell<Option<Waker>>,
+    /// The command as submitted, for resubmission after a controller reset.
+    sqe: Cell<Sqe>,
+    busy: Cell<bool>,
 }
 
 pub(crate) struct QueuePair {
@@ -48,6 +58,14 @@ pub(crate) struct QueuePair {
     free: RefCell<Vec<u16>>,
     waiters: WaitList,
     pollers: RefCell<Vec<PollerId>>,
+    /// The controller's reset epoch this queue's queues were created in.
+    epoch: Cell<u32>,
+    last_progress: Cell<Instant>,
+    polls: Cell<u32>,
+    /// Fault injection (tests): reset the controller after every this many commands
+    /// (`APPLIANCE_NVME_RESET_EVERY`; 0: never).
+    reset_every: u64,
+    submitted: Cell<u64>,
 }
 
 impl QueuePair {
@@ -66,6 +84,7 @@ impl QueuePair {
         let prp = alloc(4096 * usize::from(entries))?;
         let region = (start, len, iova);
         let at = |b: &DmaBuf| iova + (b.as_ptr() as usize - start) as u64;
+        let epoch = ctrl.epoch();
         let qid = ctrl
             .create_queue(entries, at(&sq), at(&cq))?
             .ok_or_else(|| std::io::Error::other("the controller has no I/O queue left"))?;
@@ -82,11 +101,24 @@ impl QueuePair {
             phase: Cell::new(true),
             dirty: Cell::new(false),
             slots: (0..entries - 1)
-                .map(|_| Slot { status: Cell::new(None), waker: RefCell::new(None) })
+                .map(|_| Slot {
+                    status: Cell::new(None),
+                    waker: RefCell::new(None),
+                    sqe: Cell::new([0; 16]),
+                    busy: Cell::new(false),
+                })
                 .collect(),
             free: RefCell::new((0..entries - 1).rev().collect()),
             waiters: WaitList::new(),
             pollers: RefCell::new(Vec::new()),
+            epoch: Cell::new(epoch),
+            last_progress: Cell::new(Instant::now()),
+            polls: Cell::new(0),
+            reset_every: std::env::var("APPLIANCE_NVME_RESET_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            submitted: Cell::new(0),
         });
         let (reap, pending, ring) = (Rc::downgrade(&q), Rc::downgrade(&q), Rc::downgrade(&q));
         let early = poller::register_poller_with_pending(
@@ -119,8 +151,79 @@ impl QueuePair {
         (p, self.iova(self.prp.as_ptr(), 1).expect("the PRP lists are in the region") + off as u64)
     }
 
+    fn at(&self, b: &DmaBuf) -> u64 {
+        self.iova(b.as_ptr(), 1).expect("queue memory is in the region")
+    }
+
+    /// After a controller reset (a new epoch): re-creates this queue pair on the same
+    /// memory and resubmits every command it had in flight, in command-ID order. The
+    /// aborted commands (and any whose completion the reset lost) run again: reads,
+    /// writes, zeroes, deallocations and flushes all give the same result twice.
+    fn recover(&self) {
+        let epoch = self.ctrl.epoch();
+        if epoch == self.epoch.get() {
+            return;
+        }
+        self.epoch.set(epoch);
+        (self.head.set(0), self.tail.set(0), self.phase.set(true));
+        // SAFETY: this queue's completion memory; the device does not write it until
+        // the queue is created again below.
+        unsafe { std::ptr::write_bytes(self.cq.as_ptr().cast_mut(), 0, self.cq.len()) };
+        let made =
+            self.ctrl.make_queue(self.qid, self.entries, self.at(&self.sq), self.at(&self.cq));
+        let mut resubmitted = 0;
+        for slot in self.slots.iter().filter(|s| s.busy.get() && s.status.get().is_none()) {
+            if made.is_err() {
+                slot.status.set(Some(-i64::from(libc::EIO)));
+                if let Some(w) = slot.waker.borrow_mut().take() {
+                    w.wake();
+                }
+                continue;
+            }
+            self.write_entry(slot.sqe.get());
+            resubmitted += 1;
+        }
+        self.last_progress.set(Instant::now());
+        match made {
+            Ok(()) => {
+                tracing::info!(qid = self.qid, resubmitted, "NVMe queue recovered after a reset")
+            }
+            Err(e) => tracing::error!(qid = self.qid, "NVMe queue lost in a reset: {e}"),
+        }
+    }
+
+    /// Writes `e` at the submission tail (at most entries - 1 commands are in flight,
+    /// so it is free).
+    fn write_entry(&self, e: Sqe) {
+        let at = self.sq.as_ptr().cast_mut().wrapping_add(usize::from(self.tail.get()) * 64);
+        // SAFETY: the tail entry of this queue's submission queue, which the device reads
+        // only after the doorbell.
+        unsafe { std::ptr::write_volatile(at.cast::<Sqe>(), e) };
+        self.tail.set((self.tail.get() + 1) % self.entries);
+        self.dirty.set(true);
+    }
+
+    /// While commands are in flight: every [`WATCHDOG_POLLS`] polls without progress for
+    /// [`WATCHDOG`], or with the controller in fatal status, a reset.
+    fn watchdog(&self) {
+        let polls = self.polls.get().wrapping_add(1);
+        self.polls.set(polls);
+        if polls % WATCHDOG_POLLS != 0 {
+            return;
+        }
+        let stuck = self.last_progress.get().elapsed() > WATCHDOG;
+        if stuck || self.ctrl.fatal() {
+            tracing::warn!(qid = self.qid, stuck, "NVMe commands not completing");
+            if let Err(e) = self.ctrl.reset(self.epoch.get()) {
+                tracing::error!("NVMe controller reset failed: {e}");
+            }
+            self.last_progress.set(Instant::now());
+        }
+    }
+
     /// Writes the submission tail doorbell if entries were queued this tick.
     fn ring_doorbell(&self) -> bool {
+        self.recover();
         if !self.dirty.replace(false) {
             return false;
         }
@@ -136,6 +239,7 @@ impl QueuePair {
 
     /// Reaps completed entries; returns how many.
     fn reap(&self) -> usize {
+        self.recover();
         let mut n = 0;
         loop {
             let at = self.cq.as_ptr().wrapping_add(usize::from(self.head.get()) * 16);
@@ -161,7 +265,11 @@ impl QueuePair {
             }
             n += 1;
         }
+        if n == 0 && self.in_flight() > 0 {
+            self.watchdog();
+        }
         if n > 0 {
+            self.last_progress.set(Instant::now());
             // SAFETY: this queue's completion doorbell, written only by this reactor.
             unsafe {
                 std::ptr::write_volatile(
@@ -171,6 +279,19 @@ impl QueuePair {
             };
         }
         n
+    }
+
+    /// Fault injection: with `APPLIANCE_NVME_RESET_EVERY=N`, every N-th command resets
+    /// the controller right after it is submitted, with it (and others) in flight.
+    fn inject_reset(&self) {
+        let n = self.submitted.get() + 1;
+        self.submitted.set(n);
+        if self.reset_every > 0 && n % self.reset_every == 0 {
+            self.ring_doorbell();
+            if let Err(e) = self.ctrl.reset(self.epoch.get()) {
+                tracing::error!("NVMe controller reset failed: {e}");
+            }
+        }
     }
 
     /// Runs `cmd`; resolves to the completion's status.
@@ -231,22 +352,24 @@ impl Future for Submit<'_> {
                 q.waiters.register(cx.waker());
                 return Poll::Pending;
             };
+            q.recover();
             let e = q.entry(&this.cmd, cid);
-            let at = q.sq.as_ptr().cast_mut().wrapping_add(usize::from(q.tail.get()) * 64);
-            // SAFETY: the tail entry of this queue's submission queue, which the device
-            // reads only after the doorbell; at most entries - 1 commands are in flight,
-            // so it is free.
-            unsafe { std::ptr::write_volatile(at.cast::<Sqe>(), e) };
-            q.tail.set((q.tail.get() + 1) % q.entries);
-            q.dirty.set(true);
-            *q.slots[usize::from(cid)].waker.borrow_mut() = Some(cx.waker().clone());
+            let slot = &q.slots[usize::from(cid)];
+            (slot.sqe.set(e), slot.busy.set(true));
+            if q.in_flight() == 1 {
+                q.last_progress.set(Instant::now());
+            }
+            q.write_entry(e);
+            *slot.waker.borrow_mut() = Some(cx.waker().clone());
             this.cid = Some(cid);
+            q.inject_reset();
             return Poll::Pending;
         };
         let slot = &q.slots[usize::from(cid)];
         match slot.status.take() {
             Some(status) => {
                 this.cid = None;
+                slot.busy.set(false);
                 q.free.borrow_mut().push(cid);
                 q.waiters.wake_one();
                 Poll::Ready(status)
@@ -269,6 +392,7 @@ impl Drop for Submit<'_> {
             std::hint::spin_loop();
         }
         q.slots[usize::from(cid)].status.set(None);
+        q.slots[usize::from(cid)].busy.set(false);
         q.slots[usize::from(cid)].waker.borrow_mut().take();
         q.free.borrow_mut().push(cid);
         q.waiters.wake_one();
