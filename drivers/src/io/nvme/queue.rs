@@ -165,7 +165,9 @@ impl QueuePair {
             return;
         }
         self.epoch.set(epoch);
-        (self.head.set(0), self.tail.set(0), self.phase.set(true));
+        self.head.set(0);
+        self.tail.set(0);
+        self.phase.set(true);
         // SAFETY: this queue's completion memory; the device does not write it until
         // the queue is created again below.
         unsafe { std::ptr::write_bytes(self.cq.as_ptr().cast_mut(), 0, self.cq.len()) };
@@ -208,7 +210,7 @@ impl QueuePair {
     fn watchdog(&self) {
         let polls = self.polls.get().wrapping_add(1);
         self.polls.set(polls);
-        if polls % WATCHDOG_POLLS != 0 {
+        if !polls.is_multiple_of(WATCHDOG_POLLS) {
             return;
         }
         let stuck = self.last_progress.get().elapsed() > WATCHDOG;
@@ -286,7 +288,7 @@ impl QueuePair {
     fn inject_reset(&self) {
         let n = self.submitted.get() + 1;
         self.submitted.set(n);
-        if self.reset_every > 0 && n % self.reset_every == 0 {
+        if self.reset_every > 0 && n.is_multiple_of(self.reset_every) {
             self.ring_doorbell();
             if let Err(e) = self.ctrl.reset(self.epoch.get()) {
                 tracing::error!("NVMe controller reset failed: {e}");
@@ -355,7 +357,8 @@ impl Future for Submit<'_> {
             q.recover();
             let e = q.entry(&this.cmd, cid);
             let slot = &q.slots[usize::from(cid)];
-            (slot.sqe.set(e), slot.busy.set(true));
+            slot.sqe.set(e);
+            slot.busy.set(true);
             if q.in_flight() == 1 {
                 q.last_progress.set(Instant::now());
             }
