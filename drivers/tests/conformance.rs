@@ -408,6 +408,9 @@ fn nvme_controller_errors_and_control_plane_io() {
     r.handles()[0].block_on(move || async move {
         let ch = s2.channel().unwrap();
         let mut buf = dma::alloc(block).unwrap();
+        // Nothing to transfer: done, no command.
+        ch.read(0, &[]).await.unwrap();
+        ch.write(0, &[], false).await.unwrap();
         // Past the namespace's end: the controller says LBA out of range.
         let e = ch.read(s2.size(), &[IoSeg::from_dma(&mut buf)]).await.unwrap_err();
         assert_eq!(e, IoError::OutOfRange);

@@ -182,38 +182,66 @@ fn prepare(dir: &Path) {
     run(Command::new("truncate").args(["-s", "2M"]).arg(&ns5));
 }
 
-fn boot(dir: &Path, port: u16, stop: u16) -> Guest {
+/// QEMU arguments for NVMe controllers, each (serial, namespaces as (N of the backing
+/// file nsN.img, 4 KiB blocks)), namespace IDs from 1 in order.
+fn nvme_args(dir: &Path, controllers: &[(&str, &[(u32, bool)])]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (c, (serial, namespaces)) in controllers.iter().enumerate() {
+        args.extend(["-device".into(), format!("nvme,id=nvme{c},serial={serial}")]);
+        for (k, &(n, big)) in namespaces.iter().enumerate() {
+            let file = dir.join(format!("ns{n}.img"));
+            let mut ns = format!("nvme-ns,drive=nv{n},bus=nvme{c},nsid={}", k + 1);
+            if big {
+                ns.push_str(",logical_block_size=4096,physical_block_size=4096");
+            }
+            args.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=nv{n},format=raw,discard=unmap", file.display()),
+                "-device".into(),
+                ns,
+            ]);
+        }
+    }
+    args
+}
+
+/// Boots the guest with the appliance, the conformance suite, the network (NBD and the
+/// stop port forwarded) and `controllers`, running [`FUNCTIONS`] and `script`; with
+/// `vfio`, an IOMMU and the VFIO modules too.
+fn spawn(
+    dir: &Path,
+    (port, stop): (u16, u16),
+    vfio: bool,
+    controllers: &[(&str, &[(u32, bool)])],
+    script: &str,
+) -> Guest {
     let image = guest::ensure_built();
     let mut files = guest::appliance_files(dir);
     let conformance = guest::test_binary("drivers", "conformance");
     guest::add_binary(&mut files, &conformance, "/bin/conformance", dir);
     files.extend(guest::net_module_files());
     let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
-    extra.extend(["-device".to_string(), "nvme,id=nvme0,serial=appliance-nvme".to_string()]);
-    for n in 1..=5 {
-        let file = dir.join(format!("ns{n}.img"));
-        let mut ns = format!("nvme-ns,drive=nv{n},bus=nvme0,nsid={n}");
-        if n % 2 == 0 {
-            ns.push_str(",logical_block_size=4096,physical_block_size=4096");
-        }
-        extra.extend([
-            "-drive".to_string(),
-            format!("file={},if=none,id=nv{n},format=raw,discard=unmap", file.display()),
-            "-device".to_string(),
-            ns,
-        ]);
+    let mut setup = guest::NET_SETUP.to_string();
+    let (mut machine, mut kernel_args) = ("q35".to_string(), String::new());
+    if vfio {
+        files.extend(guest::vfio_module_files());
+        extra.extend(["-device".into(), "intel-iommu,intremap=on".into()]);
+        setup.push_str(guest::VFIO_SETUP);
+        machine.push_str(",kernel-irqchip=split");
+        kernel_args.push_str("intel_iommu=on");
     }
+    extra.extend(nvme_args(dir, controllers));
     let options = BootOptions {
         memory_mib: 1024,
-        machine: "q35".into(),
+        machine,
+        kernel_args,
         vhost: false,
         files,
         extra_args: extra,
         timeout: Duration::from_secs(600),
         ..BootOptions::default()
     };
-    let script = format!("{}{FUNCTIONS}{SCRIPT}", guest::NET_SETUP);
-    Guest::spawn(&image, Path::new(""), &script, &options)
+    Guest::spawn(&image, Path::new(""), &format!("{setup}{FUNCTIONS}{script}"), &options)
 }
 
 #[test]
@@ -224,7 +252,8 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     let dir = dir.path();
     prepare(dir);
     let (port, stop) = (free_port(), free_port());
-    let mut g = boot(dir, port, stop);
+    let namespaces: &[(u32, bool)] = &[(1, false), (2, true), (3, false), (4, true), (5, false)];
+    let mut g = spawn(dir, (port, stop), false, &[("appliance-nvme", namespaces)], SCRIPT);
     assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
     let console = g.output();
     for n in [3, 4] {
@@ -333,49 +362,13 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
     let dir = dir.path();
     prepare(dir);
     let (port, stop) = (free_port(), free_port());
-    let image = guest::ensure_built();
-    let mut files = guest::appliance_files(dir);
-    let conformance = guest::test_binary("drivers", "conformance");
-    guest::add_binary(&mut files, &conformance, "/bin/conformance", dir);
-    files.extend(guest::net_module_files());
-    files.extend(guest::vfio_module_files());
-    let mut extra = guest::user_net_args(&[(port, NBD_PORT), (stop, STOP_PORT)]);
-    extra.extend(["-device".into(), "intel-iommu,intremap=on".into()]);
-    // The conformance controller: namespaces 3 (512 B), 4 (4 KiB) and 6 (512 B, the
-    // suite under controller resets every 97 commands); the appliance's: namespace 1
-    // holding the qcow2 image.
-    // A third (fresh) namespace for the suite run through controller resets.
+    // The conformance controller: namespaces 3 (512 B), 4 (4 KiB) and 6 (512 B, fresh,
+    // for the suite under controller resets every 97 commands); the appliance's:
+    // namespace 1 holding the qcow2 image.
     run(Command::new("truncate").args(["-s", "8M"]).arg(dir.join("ns6.img")));
-    let drives =
-        [("conformance", vec![(3, false), (4, true), (6, false)]), ("appliance", vec![(1, false)])];
-    for (c, (serial, namespaces)) in drives.iter().enumerate() {
-        extra.extend(["-device".into(), format!("nvme,id=nvme{c},serial={serial}")]);
-        for (k, &(n, big)) in namespaces.iter().enumerate() {
-            let file = dir.join(format!("ns{n}.img"));
-            let mut ns = format!("nvme-ns,drive=nv{n},bus=nvme{c},nsid={}", k + 1);
-            if big {
-                ns.push_str(",logical_block_size=4096,physical_block_size=4096");
-            }
-            extra.extend([
-                "-drive".into(),
-                format!("file={},if=none,id=nv{n},format=raw,discard=unmap", file.display()),
-                "-device".into(),
-                ns,
-            ]);
-        }
-    }
-    let options = BootOptions {
-        memory_mib: 1024,
-        machine: "q35,kernel-irqchip=split".into(),
-        kernel_args: "intel_iommu=on".into(),
-        vhost: false,
-        files,
-        extra_args: extra,
-        timeout: Duration::from_secs(600),
-        ..BootOptions::default()
-    };
-    let script = format!("{}{}{FUNCTIONS}{VFIO_SCRIPT}", guest::VFIO_SETUP, guest::NET_SETUP);
-    let mut g = Guest::spawn(&image, Path::new(""), &script, &options);
+    let controllers: &[(&str, &[(u32, bool)])] =
+        &[("conformance", &[(3, false), (4, true), (6, false)]), ("appliance", &[(1, false)])];
+    let mut g = spawn(dir, (port, stop), true, controllers, VFIO_SCRIPT);
     assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
     let console = g.output();
     for l in console.lines().filter(|l| l.starts_with("test ") || l.contains("conformance")) {

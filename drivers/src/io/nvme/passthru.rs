@@ -273,6 +273,10 @@ impl NvmeChannel {
         fua: bool,
     ) -> Result<(), IoError> {
         let len = seg::total_len(segs);
+        if len == 0 {
+            // Nothing to transfer (NLB is a count minus one: zero blocks cannot be said).
+            return Ok(());
+        }
         let shift = self.info.lba_shift;
         let flags = if fua { FUA } else { 0 };
         let mut cmd =

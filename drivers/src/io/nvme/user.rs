@@ -185,6 +185,10 @@ impl UserChannel {
         fua: bool,
     ) -> Result<(), IoError> {
         let len = seg::total_len(segs);
+        if len == 0 {
+            // Nothing to transfer (NLB is a count minus one: zero blocks cannot be said).
+            return Ok(());
+        }
         let shift = self.ctrl.info.lba_shift;
         let opcode = if write { opc::WRITE } else { opc::READ };
         let mut cmd = self.cmd(opcode, off >> shift, ((len >> shift) - 1) as u32);
