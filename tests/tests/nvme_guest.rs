@@ -254,7 +254,9 @@ fn nvme_passthrough_in_a_guest_against_qemu_io() {
     let (port, stop) = (free_port(), free_port());
     let namespaces: &[(u32, bool)] = &[(1, false), (2, true), (3, false), (4, true), (5, false)];
     let mut g = spawn(dir, (port, stop), false, &[("appliance-nvme", namespaces)], SCRIPT);
-    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
+    if !g.wait_for("APPLIANCE-READY", Duration::from_secs(400)) {
+        panic!("the guest never served:\n{}", g.kill());
+    }
     let console = g.output();
     for n in [3, 4] {
         assert!(
@@ -331,7 +333,7 @@ vfio_bind $conf
 vfio_bind $data
 ls -l /dev/vfio
 for n in 1 2; do conformance pci:$conf/ns=$n $n; done
-APPLIANCE_NVME_RESET_EVERY=97 conformance pci:$conf/ns=3 3-resets
+APPLIANCE_NVME_RESET_EVERY=499 conformance pci:$conf/ns=3 3-resets
 cat > /tmp/a.toml <<EOT
 [nbd]
 listen = ["tcp:0.0.0.0:10809"]
@@ -363,13 +365,15 @@ fn nvme_vfio_in_a_guest_against_qemu_io() {
     prepare(dir);
     let (port, stop) = (free_port(), free_port());
     // The conformance controller: namespaces 3 (512 B), 4 (4 KiB) and 6 (512 B, fresh,
-    // for the suite under controller resets every 97 commands); the appliance's:
+    // for the suite under controller resets every 499 commands); the appliance's:
     // namespace 1 holding the qcow2 image.
     run(Command::new("truncate").args(["-s", "8M"]).arg(dir.join("ns6.img")));
     let controllers: &[(&str, &[(u32, bool)])] =
         &[("conformance", &[(3, false), (4, true), (6, false)]), ("appliance", &[(1, false)])];
     let mut g = spawn(dir, (port, stop), true, controllers, VFIO_SCRIPT);
-    assert!(g.wait_for("APPLIANCE-READY", Duration::from_secs(400)), "{}", g.output());
+    if !g.wait_for("APPLIANCE-READY", Duration::from_secs(400)) {
+        panic!("the guest never served:\n{}", g.kill());
+    }
     let console = g.output();
     for l in console.lines().filter(|l| l.starts_with("test ") || l.contains("conformance")) {
         eprintln!("guest: {l}");

@@ -27,6 +27,41 @@ pub(crate) mod vfio;
 use crate::error::IoError;
 use crate::seg::IoSeg;
 
+/// A channel that runs one READ or WRITE command over segments within its limits
+/// ([`transfer`] cuts requests to them).
+pub(crate) trait OneCommand {
+    fn one(
+        &self,
+        opcode: u8,
+        off: u64,
+        segs: &[IoSeg<'_>],
+        fua: bool,
+    ) -> impl std::future::Future<Output = Result<(), IoError>>;
+}
+
+/// READ or WRITE of `segs` at `off` through `ch`, cut into commands of at most `max`
+/// bytes and `max_segs` segments (one command when the request fits).
+pub(crate) async fn transfer<C: OneCommand>(
+    ch: &C,
+    (opcode, off, fua): (u8, u64, bool),
+    segs: &[IoSeg<'_>],
+    (max, max_segs): (usize, usize),
+) -> Result<(), IoError> {
+    if segs.len() <= max_segs && crate::seg::total_len(segs) <= max {
+        return ch.one(opcode, off, segs, fua).await;
+    }
+    for (at, cut) in cuts(segs, max, max_segs) {
+        match cut {
+            Cut::Run { start, end } => ch.one(opcode, off + at, &segs[start..end], fua).await?,
+            Cut::Piece { seg, off: o, len } => {
+                let piece = [segs[seg].slice(o, len)];
+                ch.one(opcode, off + at, &piece, fua).await?
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A piece of a request's segment list that one command carries ([`cuts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Cut {

@@ -28,7 +28,7 @@ use crate::io::{Allocation, Backend, BackendChannel, Extent, Storage, StoreFutur
 use crate::seg::{self, IoSeg};
 
 use super::identify::{self, NsInfo};
-use super::{Cmd, Cut, DEAC, DSM_AD, FUA, MAX_NLB, opc};
+use super::{Cmd, DEAC, DSM_AD, FUA, MAX_NLB, opc};
 
 /// `_IOWR('N', 0x80, struct nvme_uring_cmd)`: one data buffer.
 const NVME_URING_CMD_IO: u32 = 0xc048_4e80;
@@ -293,25 +293,6 @@ impl NvmeChannel {
         self.run(cmd_op, &cmd).await
     }
 
-    /// READ or WRITE of `segs` at `off`, cut into commands the controller takes.
-    async fn rw(&self, opcode: u8, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
-        if segs.len() <= MAX_VEC && seg::total_len(segs) <= self.max_transfer {
-            return self.rw_one(opcode, off, segs, fua).await;
-        }
-        for (at, cut) in super::cuts(segs, self.max_transfer, MAX_VEC) {
-            match cut {
-                Cut::Run { start, end } => {
-                    self.rw_one(opcode, off + at, &segs[start..end], fua).await?
-                }
-                Cut::Piece { seg, off: o, len } => {
-                    let piece = [segs[seg].slice(o, len)];
-                    self.rw_one(opcode, off + at, &piece, fua).await?
-                }
-            }
-        }
-        Ok(())
-    }
-
     async fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<(), IoError> {
         if !self.info.write_zeroes {
             return Err(IoError::NotSupported);
@@ -364,12 +345,26 @@ impl NvmeChannel {
     }
 }
 
+impl super::OneCommand for NvmeChannel {
+    fn one(
+        &self,
+        opcode: u8,
+        off: u64,
+        segs: &[IoSeg<'_>],
+        fua: bool,
+    ) -> impl std::future::Future<Output = Result<(), IoError>> {
+        self.rw_one(opcode, off, segs, fua)
+    }
+}
+
 impl BackendChannel for NvmeChannel {
     fn read<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> StoreFuture<'a> {
-        StoreFuture::new(self.rw(opc::READ, off, segs, false))
+        let limits = (self.max_transfer, MAX_VEC);
+        StoreFuture::new(super::transfer(self, (opc::READ, off, false), segs, limits))
     }
     fn write<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>], fua: bool) -> StoreFuture<'a> {
-        StoreFuture::new(self.rw(opc::WRITE, off, segs, fua))
+        let limits = (self.max_transfer, MAX_VEC);
+        StoreFuture::new(super::transfer(self, (opc::WRITE, off, fua), segs, limits))
     }
     fn flush(&self) -> StoreFuture<'_> {
         StoreFuture::new(async move {

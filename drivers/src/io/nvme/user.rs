@@ -22,7 +22,7 @@ use crate::seg::{self, IoSeg};
 use super::ctrl::Controller;
 use super::queue::{Command, QueuePair};
 use super::vfio::Vfio;
-use super::{Cut, DEAC, DSM_AD, FUA, MAX_NLB, opc};
+use super::{DEAC, DSM_AD, FUA, MAX_NLB, opc};
 
 /// The largest transfer per command: one PRP-list page.
 pub const MAX_TRANSFER: u64 = 512 << 10;
@@ -179,7 +179,7 @@ impl UserChannel {
     /// One READ or WRITE of `segs` (at most the largest transfer).
     async fn rw_one(
         &self,
-        write: bool,
+        opcode: u8,
         off: u64,
         segs: &[IoSeg<'_>],
         fua: bool,
@@ -190,7 +190,7 @@ impl UserChannel {
             return Ok(());
         }
         let shift = self.ctrl.info.lba_shift;
-        let opcode = if write { opc::WRITE } else { opc::READ };
+        let write = opcode == opc::WRITE;
         let mut cmd = self.cmd(opcode, off >> shift, ((len >> shift) - 1) as u32);
         if fua {
             cmd.cdw12 |= FUA;
@@ -211,27 +211,6 @@ impl UserChannel {
         if !write {
             // SAFETY: as above.
             unsafe { seg::copy_into_segs(segs, 0, bounce.as_ptr(), len) };
-        }
-        Ok(())
-    }
-
-    async fn rw(
-        &self,
-        write: bool,
-        off: u64,
-        segs: &[IoSeg<'_>],
-        fua: bool,
-    ) -> Result<(), IoError> {
-        for (at, cut) in super::cuts(segs, self.max_transfer, usize::MAX) {
-            match cut {
-                Cut::Run { start, end } => {
-                    self.rw_one(write, off + at, &segs[start..end], fua).await?
-                }
-                Cut::Piece { seg, off: o, len } => {
-                    let piece = [segs[seg].slice(o, len)];
-                    self.rw_one(write, off + at, &piece, fua).await?
-                }
-            }
         }
         Ok(())
     }
@@ -279,12 +258,26 @@ impl UserChannel {
     }
 }
 
+impl super::OneCommand for UserChannel {
+    fn one(
+        &self,
+        opcode: u8,
+        off: u64,
+        segs: &[IoSeg<'_>],
+        fua: bool,
+    ) -> impl std::future::Future<Output = Result<(), IoError>> {
+        self.rw_one(opcode, off, segs, fua)
+    }
+}
+
 impl BackendChannel for UserChannel {
     fn read<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>]) -> StoreFuture<'a> {
-        StoreFuture::new(self.rw(false, off, segs, false))
+        let limits = (self.max_transfer, usize::MAX);
+        StoreFuture::new(super::transfer(self, (opc::READ, off, false), segs, limits))
     }
     fn write<'a>(&'a self, off: u64, segs: &'a [IoSeg<'a>], fua: bool) -> StoreFuture<'a> {
-        StoreFuture::new(self.rw(true, off, segs, fua))
+        let limits = (self.max_transfer, usize::MAX);
+        StoreFuture::new(super::transfer(self, (opc::WRITE, off, fua), segs, limits))
     }
     fn flush(&self) -> StoreFuture<'_> {
         StoreFuture::new(self.exec(self.cmd(opc::FLUSH, 0, 0)))
