@@ -323,6 +323,7 @@ pub(crate) fn target_config(
         qos: None,
         nbd_allow: None,
         encryption_key_file: None,
+        rbd: None,
     }
 }
 

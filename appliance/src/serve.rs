@@ -855,9 +855,13 @@ fn quick_start(cwd: &Path) -> Result<Config, ServeError> {
     Ok(config)
 }
 
-fn print_connect_help(config: &Config) {
+fn print_connect_help(config: &Config, served: &dyn Fn(&str) -> bool) {
     let Some(nbd) = &config.nbd else { return };
     for d in &config.disks {
+        if !served(&d.name) {
+            println!("disk {:?} is not served: it failed to open (see the error above)", d.name);
+            continue;
+        }
         for l in &nbd.listen {
             let uri = match l {
                 ListenAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", d.name, p.display()),
@@ -866,7 +870,8 @@ fn print_connect_help(config: &Config) {
             println!("disk {:?} is served at {uri}", d.name);
         }
     }
-    if let (Some(d), Some(l)) = (config.disks.first(), nbd.listen.first()) {
+    let first = config.disks.iter().find(|d| served(&d.name));
+    if let (Some(d), Some(l)) = (first, nbd.listen.first()) {
         let uri = match l {
             ListenAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", d.name, p.display()),
             ListenAddr::Tcp(a) => format!("nbd://{a}/{}", d.name),
@@ -908,7 +913,7 @@ pub fn run(config_path: Option<&Path>, strict: bool) -> Result<(), ServeError> {
         listen.join(", "),
         vhost.join(", ")
     );
-    print_connect_help(&config);
+    print_connect_help(&config, &|name| app.served_disk(name).is_ok());
     notify_ready();
     let sig = wait_for_signal(&signals, &app, config_path);
     tracing::info!("signal {sig} received; draining connections and flushing disks");

@@ -12,6 +12,7 @@
 //! - The validated [`Config`] is plain data; nothing downstream re-parses or re-checks it.
 
 mod raw;
+mod rbd;
 mod render;
 mod security;
 mod size;
@@ -20,6 +21,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use rbd::{DEFAULT_CEPH_CONF, DEFAULT_RBD_TIMEOUT, RbdCluster, RbdImage};
 
 pub use security::{DEFAULT_SOCKET_MODE, SocketPerms, TlsFiles};
 pub use size::{ByteSize, parse_byte_size};
@@ -218,6 +221,8 @@ pub enum Driver {
     /// A namespace of an NVMe controller driven from userspace over VFIO (`path` is
     /// `pci:ADDRESS[/ns=N]`).
     Nvme,
+    /// An image in a Ceph cluster, through librbd (`path` is `rbd:POOL[/NS]/IMAGE`).
+    Rbd,
 }
 
 impl Driver {
@@ -235,6 +240,7 @@ impl Driver {
             Driver::Nbd => "nbd",
             Driver::NvmeUring => "nvme_uring",
             Driver::Nvme => "nvme",
+            Driver::Rbd => "rbd",
         }
     }
 }
@@ -272,6 +278,8 @@ pub struct Disk {
     /// `[disk.encryption] key_file`: the file holding the key of a LUKS-encrypted
     /// qcow2 image (its whole content, as QEMU's `secret` object with `file=`).
     pub encryption_key_file: Option<PathBuf>,
+    /// `[disk.rbd]`: how an RBD disk reaches its cluster (`Some` for driver rbd only).
+    pub rbd: Option<RbdCluster>,
 }
 
 /// `[disk.vhost_user_blk]`: a vhost-user-blk socket for a hypervisor.
@@ -735,12 +743,13 @@ impl Validator {
             Some("nbd") => Driver::Nbd,
             Some("nvme_uring") => Driver::NvmeUring,
             Some("nvme") => Driver::Nvme,
+            Some("rbd") => Driver::Rbd,
             Some(other) => {
                 return Err(self.err(
                     raw.driver.as_ref().map(|s| s.span()).unwrap_or(name_span),
                     &key("driver"),
                     format!(
-                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\", \"nbd\", \"nvme_uring\" or \"nvme\""
+                        "`{other}` is not a driver; use \"io_uring\", \"aio\", \"null\", \"mem\", \"nbd\", \"nvme_uring\", \"nvme\" or \"rbd\""
                     ),
                 ));
             }
@@ -749,6 +758,7 @@ impl Validator {
         let path = match (driver.uses_file(), raw.path) {
             (_, p) if driver == Driver::Nbd => Some(self.nbd_uri(name_span.clone(), p, &key)?),
             (_, p) if driver == Driver::Nvme => Some(self.pci_path(name_span.clone(), p, &key)?),
+            (_, p) if driver == Driver::Rbd => Some(self.rbd_path(name_span.clone(), p, &key)?),
             (true, None) => {
                 return Err(self.err(
                     name_span,
@@ -773,7 +783,10 @@ impl Validator {
                 Some(resolved)
             }
         };
-        let size = match (driver.uses_file() || matches!(driver, Driver::Nbd | Driver::Nvme), size)
+        let size = match (
+            driver.uses_file() || matches!(driver, Driver::Nbd | Driver::Nvme | Driver::Rbd),
+            size,
+        )
         {
             (false, None) => {
                 return Err(self.err(
@@ -801,7 +814,10 @@ impl Validator {
             }
             (true, None) => None,
         };
-        if format == Format::Qcow2 && !driver.uses_file() && driver != Driver::Nvme {
+        if format == Format::Qcow2
+            && !driver.uses_file()
+            && !matches!(driver, Driver::Nvme | Driver::Rbd)
+        {
             return Err(self.err(
                 name_span,
                 &key("format"),
@@ -822,7 +838,7 @@ impl Validator {
             allowed_backing_dirs.push(p);
         }
         if allowed_backing_dirs.is_empty()
-            && !matches!(driver, Driver::Nbd | Driver::Nvme)
+            && !matches!(driver, Driver::Nbd | Driver::Nvme | Driver::Rbd)
             && let Some(dir) = path.as_ref().and_then(|p| p.parent())
         {
             allowed_backing_dirs.push(dir.to_path_buf());
@@ -889,6 +905,7 @@ impl Validator {
         };
         let nbd_allow = self.disk_allow(raw.nbd.take(), nbd, &key)?;
         let encryption_key_file = raw.encryption.take().map(|e| self.resolve(e.key_file.get_ref()));
+        let rbd = self.disk_rbd(raw.rbd.take(), driver == Driver::Rbd, &key)?;
         let qos = match raw.qos {
             None => None,
             Some(q) => {
@@ -936,6 +953,7 @@ impl Validator {
             qos,
             nbd_allow,
             encryption_key_file,
+            rbd,
         })
     }
 

@@ -92,6 +92,7 @@ pub(crate) struct RawDisk {
     pub qos: Option<Spanned<RawQos>>,
     pub nbd: Option<RawDiskNbd>,
     pub encryption: Option<RawDiskEncryption>,
+    pub rbd: Option<Spanned<crate::rbd::RawDiskRbd>>,
 }
 
 #[derive(Debug, Deserialize)]

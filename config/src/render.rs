@@ -151,6 +151,18 @@ pub fn disk(d: &Disk) -> Table {
         et.insert("key_file".into(), Value::String(k.display().to_string()));
         t.insert("encryption".into(), Value::Table(et));
     }
+    if let Some(r) = &d.rbd {
+        let mut rt = Table::new();
+        rt.insert("conf".into(), path(&r.conf));
+        if let Some(id) = &r.id {
+            rt.insert("id".into(), Value::String(id.clone()));
+        }
+        if let Some(k) = &r.keyring {
+            rt.insert("keyring".into(), path(k));
+        }
+        rt.insert("timeout".into(), Value::Float(r.timeout.as_secs_f64()));
+        t.insert("rbd".into(), Value::Table(rt));
+    }
     if let Some(allow) = &d.nbd_allow {
         let mut nt = Table::new();
         let list = allow.iter().map(|cn| Value::String(format!("CN={cn}"))).collect();

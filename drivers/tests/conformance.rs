@@ -359,6 +359,7 @@ fn bdev_checks_ranges_and_read_only() {
         qos: None,
         nbd_allow: None,
         encryption_key_file: None,
+        rbd: None,
     };
     let owner = r.handles()[0].clone();
     let rw = Bdev::open(&disk(false), std::slice::from_ref(&owner)).unwrap();

@@ -68,6 +68,7 @@ fn open_with(
                 config::Driver::Nvme => {
                     Some(nvme::user::open(&path.to_string_lossy(), disk.read_only)?)
                 }
+                config::Driver::Rbd => Some(open_rbd(disk, path)?),
                 _ => None,
             };
             let opts = OpenOptions {
@@ -108,6 +109,7 @@ fn open_with(
                 }
                 config::Driver::NvmeUring => nvme::passthru::open(path, disk.read_only)?,
                 config::Driver::Nvme => nvme::user::open(&path.to_string_lossy(), disk.read_only)?,
+                config::Driver::Rbd => open_rbd(disk, path)?,
                 config::Driver::IoUring | config::Driver::Aio if locking => {
                     Storage::open_file(path, engine_of(disk), disk.direct, disk.read_only)?
                 }
@@ -119,4 +121,9 @@ fn open_with(
         }
     };
     Ok(Bdev::new(&disk.name, driver, qos_of(disk)))
+}
+
+fn open_rbd(disk: &config::Disk, path: &Path) -> Result<Arc<Storage>, OpenError> {
+    let how = disk.rbd.clone().unwrap_or_default();
+    crate::io::rbd::open(&path.to_string_lossy(), &how, disk.read_only)
 }

@@ -24,6 +24,7 @@ pub mod net;
 pub mod null;
 pub mod nvme;
 pub mod probe;
+pub mod rbd;
 pub mod sim;
 pub mod tls;
 
@@ -92,6 +93,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Synchronous flush for the control plane.
     fn sync(&self) -> std::io::Result<()> {
         Ok(())
+    }
+
+    /// Sets the size of storage that is not a file but can change size (an RBD image);
+    /// regular files are resized through their descriptor.
+    fn resize(&self, _len: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 
     /// The file descriptor, for file backends.
@@ -225,14 +232,13 @@ impl Storage {
     /// Sets a regular file's size to `len` bytes and makes it durable. Growing leaves
     /// the new tail unallocated (it reads as zeros); shrinking is refused
     /// (`InvalidData`) unless nothing past `len` holds data (`SEEK_DATA` finds none).
-    /// Control plane, with nothing in flight. Other storage (a block device, memory)
-    /// has the size it has: `Unsupported`.
+    /// Control plane, with nothing in flight. An RBD image grows through its backend;
+    /// other storage (a block device, memory) has the size it has: `Unsupported`.
     pub fn resize_sync(&self, len: u64) -> std::io::Result<()> {
-        let fd = match self.raw_fd() {
-            Some(fd) if !self.is_block_device() && self.path.is_some() => fd,
-            _ => return Err(std::io::ErrorKind::Unsupported.into()),
-        };
-        resize_fd(fd, len)?;
+        match self.raw_fd() {
+            Some(fd) if !self.is_block_device() && self.path.is_some() => resize_fd(fd, len)?,
+            _ => self.backend.resize(len)?,
+        }
         self.backend.sync()?;
         self.size.store(len, Ordering::Release);
         Ok(())

@@ -49,6 +49,15 @@ pub(crate) enum BlockingOp {
         fd: RawFd,
         len: u64,
     },
+    /// A driver's own blocking call (`f(ctx, a, b)`, returning a value or -errno),
+    /// such as librbd's synchronous `rbd_diff_iterate2` and `rbd_resize`. `ctx` points at
+    /// state the caller keeps alive until the operation completes.
+    Call {
+        f: fn(usize, u64, u64) -> i64,
+        ctx: usize,
+        a: u64,
+        b: u64,
+    },
 }
 
 /// Serialises file growth (on the offload threads, never on a reactor): the size check
@@ -90,17 +99,20 @@ struct Pool {
     workers: OnceLock<Vec<Thread>>,
 }
 
-static POOL: OnceLock<Pool> = OnceLock::new();
+/// The pool for file operations, and the one for drivers' own calls (which may wait on
+/// a network: a cluster that stops answering must not hold up another disk's files).
+static POOLS: [OnceLock<Pool>; 2] = [OnceLock::new(), OnceLock::new()];
 
-fn pool() -> &'static Pool {
-    let pool =
-        POOL.get_or_init(|| Pool { queue: ArrayQueue::new(QUEUE_DEPTH), workers: OnceLock::new() });
+fn pool(op: &BlockingOp) -> &'static Pool {
+    let lane = usize::from(matches!(op, BlockingOp::Call { .. }));
+    let pool = POOLS[lane]
+        .get_or_init(|| Pool { queue: ArrayQueue::new(QUEUE_DEPTH), workers: OnceLock::new() });
     pool.workers.get_or_init(|| {
         (0..WORKERS)
             .map(|i| {
                 std::thread::Builder::new()
-                    .name(format!("offload-{i}"))
-                    .spawn(move || worker(POOL.get().expect("pool initialised")))
+                    .name(format!("offload-{lane}-{i}"))
+                    .spawn(move || worker(POOLS[lane].get().expect("pool initialised")))
                     .expect("spawn offload worker")
                     .thread()
                     .clone()
@@ -138,6 +150,7 @@ fn run(op: BlockingOp) -> i64 {
             i64::from(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) })
         }
         BlockingOp::Ftruncate { fd, len } => grow_file(fd, len),
+        BlockingOp::Call { f, ctx, a, b } => return f(ctx, a, b),
     };
     if r < 0 {
         -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
@@ -177,7 +190,7 @@ impl Future for Offload {
             }
             return Poll::Pending;
         }
-        let pool = pool();
+        let pool = pool(&this.op);
         let job = Job { op: this.op, cell: &this.cell, waker: cx.waker().clone() };
         match pool.queue.push(job) {
             Ok(()) => {
