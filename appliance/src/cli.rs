@@ -48,7 +48,8 @@ pub enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Create a qcow2 image (v3 by default).
+    /// Create a qcow2 image (v3 by default), or a raw RBD image
+    /// (`-f raw rbd:POOL/IMAGE[:conf=PATH:id=ID:keyring=PATH] SIZE`).
     Create {
         /// Options: cluster_size, refcount_bits, compat (0.10 or 1.1), lazy_refcounts,
         /// extended_l2 (32 subclusters per cluster; clusters of 16k or more), preallocation (off or metadata), compression_type (zlib or zstd),
@@ -63,7 +64,7 @@ pub enum Command {
         /// Backing file format (qcow2 or raw); probed when omitted.
         #[arg(short = 'F', long)]
         backing_format: Option<String>,
-        /// Format of the new image (only qcow2).
+        /// Format of the new image (qcow2; raw for an RBD image).
         #[arg(short = 'f', long, default_value = "qcow2")]
         format: String,
         /// The image to create.
@@ -184,9 +185,21 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Create { format, file, size, .. } if crate::rbd_tools::is_rbd(&file) => {
+            let r = crate::rbd_tools::create(&file.to_string_lossy(), &format, size.as_deref());
+            report(r.map(|()| 0), &file)
+        }
+        Command::Info { json, file } if crate::rbd_tools::is_rbd(&file) => {
+            report(crate::rbd_tools::info(&file.to_string_lossy(), json).map(|()| 0), &file)
+        }
+        Command::Resize { file, size } if crate::rbd_tools::is_rbd(&file) => {
+            report(crate::rbd_tools::resize(&file.to_string_lossy(), &size).map(|()| 0), &file)
+        }
         Command::Create { options, backing, backing_format, format, file, size } => {
             if format != "qcow2" {
-                eprintln!("appliance: create makes qcow2 images (use truncate for raw ones)");
+                eprintln!(
+                    "appliance: create makes qcow2 images and raw RBD images (use truncate for raw files)"
+                );
                 return ExitCode::FAILURE;
             }
             let r = crate::tools::create_image(

@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod nbd;
 pub mod perms;
+pub mod rbd_tools;
 mod resize;
 pub mod serve;
 mod snapshots;

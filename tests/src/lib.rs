@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod ceph;
 pub mod fuzz_seeds;
 pub mod guest;
 pub mod jobs;

@@ -53,3 +53,51 @@ pub fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// qemu-storage-daemon serving one block node (`--blockdev BLOCKDEV`, whose node name
+/// must be `r`) as the writable NBD export `r` on a unix socket in `dir`; killed when
+/// dropped.
+pub struct Qsd {
+    child: Child,
+    sock: std::path::PathBuf,
+}
+
+impl Qsd {
+    pub fn start_nbd(dir: &Path, blockdev: &str) -> Qsd {
+        let sock = dir.join("qsd-nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", blockdev, "--nbd-server"])
+            .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+            .args(["--export", "type=nbd,id=e,node-name=r,name=r,writable=on"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qemu-storage-daemon (qemu-system-x86)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("qsd output");
+                panic!(
+                    "qemu-storage-daemon --blockdev {blockdev} did not listen:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd { child, sock }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///r?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,290 @@
+//! Ceph RBD disks (`driver = "rbd"`) against a real single-node cluster
+//! (tests/ceph/cluster.sh): fio, qemu-io and nbdinfo over NBD, `rbd export` as the
+//! oracle, `rbd du` for discards, qemu-img and qemu-storage-daemon (their `rbd` driver) as
+//! peers, the image tools, online growth, and the faults a cluster brings: an OSD stopped
+//! under load, a missing pool or image, a wrong key, a cluster that is down.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use appliance_tests::ceph::Cluster;
+use appliance_tests::ops::{control_extra, rpc_ok};
+use appliance_tests::qemu_nbd::Qsd;
+use appliance_tests::{Appliance, Setup, bin, pattern, require_tool, run, run_unchecked, stdout};
+
+const MIB: usize = 1 << 20;
+
+fn fio_verify(uri: &str, size: &str) {
+    let out = run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=16",
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]));
+    let text = stdout(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').expect("fio json")..]).expect("fio json");
+    assert_eq!(json["jobs"][0]["error"], 0, "fio reported an error:\n{text}");
+    assert!(json["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() > 0, "fio verified nothing");
+}
+
+/// qemu-io on `target` (an NBD URI or QEMU's rbd: name); the output must report no
+/// failure and no pattern mismatch.
+fn qemu_io(target: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let text = stdout(&run(c.arg(target)));
+    assert!(!text.contains("failed") && !text.contains("Pattern verification"), "{text}");
+    text
+}
+
+fn require_peers() {
+    for (t, p) in [("fio", "fio"), ("qemu-io", "qemu-utils"), ("nbdinfo", "libnbd-bin")] {
+        require_tool(t, p);
+    }
+}
+
+#[test]
+fn fio_and_qemu_io_over_nbd_match_rbd_export_and_discards_free_space() {
+    require_peers();
+    let cluster = Cluster::start();
+    // The image tools make and describe the image.
+    let spec = format!("rbd:rbd/vm7:conf={}", cluster.conf().display());
+    run(Command::new(bin()).args(["create", "-f", "raw", &spec, "256M"]));
+    let info = stdout(&run(Command::new(bin()).args(["info", &spec])));
+    assert!(info.contains(&format!("virtual size: {} bytes", 256 * MIB)), "{info}");
+    assert!(info.contains("fast-diff"), "{info}");
+
+    let mut a = Appliance::start(
+        Setup { cores: "[0, 1]", disks: cluster.disk_toml("vm7", "vm7", 30, ""), ..Setup::default() },
+        |_| {},
+    );
+    let uri = a.uri("vm7");
+    fio_verify(&uri, "64M");
+    // A known pattern at 64..96 MiB, and 128..192 MiB filled, then discarded.
+    let data = pattern(7, 32 * MIB);
+    let src = a.path("pattern.bin");
+    std::fs::write(&src, &data).unwrap();
+    qemu_io(&uri, &[&format!("write -s {} 64M 32M", src.display()), "write -P 0xee 128M 64M", "flush"]);
+    let used_full = cluster.used("vm7");
+    qemu_io(&uri, &["discard 128M 64M", "write -z 100M 1M", "flush"]);
+    let used_after = cluster.used("vm7");
+    assert!(
+        used_after + 60 * MIB as u64 <= used_full,
+        "discarding 64 MiB of whole objects frees them: {used_full} -> {used_after} bytes"
+    );
+    // Block status (fast-diff) shows the discarded objects as holes.
+    let map = stdout(&run(Command::new("nbdinfo").args(["--map", &uri])));
+    assert!(
+        map.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 4
+                && f[0].parse::<u64>().is_ok_and(|o| o <= 128 * MIB as u64)
+                && f[0].parse::<u64>().unwrap() + f[1].parse::<u64>().unwrap() >= 192 * MIB as u64
+                && l.contains("hole")
+        }),
+        "128..192 MiB is a hole after the discard:\n{map}"
+    );
+    assert!(a.stop().success(), "{}", a.logs());
+
+    let bytes = cluster.export("vm7", &a.path("export.raw"));
+    assert_eq!(bytes.len(), 256 * MIB);
+    assert!(bytes[64 * MIB..96 * MIB] == data[..], "rbd export holds what was written");
+    assert!(bytes[100 * MIB..101 * MIB].iter().all(|&b| b == 0), "write-zeroes reads zeros");
+}
+
+#[test]
+fn qemu_img_and_qemu_storage_daemon_read_what_the_appliance_wrote_and_back() {
+    require_peers();
+    require_tool("qemu-storage-daemon", "qemu-system-x86 qemu-block-extra");
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "64M", "rbd/shared"]);
+    let qname = cluster.qemu_name("shared");
+    // QEMU writes first, through librbd itself.
+    qemu_io(&qname, &["write -P 0x5a 0 4M", "write -P 0x6b 10M 1M"]);
+
+    let mut a = Appliance::start(
+        Setup { disks: cluster.disk_toml("d", "shared", 30, ""), ..Setup::default() },
+        |_| {},
+    );
+    let uri = a.uri("d");
+    qemu_io(&uri, &["read -P 0x5a 0 4M", "read -P 0x6b 10M 1M", "write -P 0x7c 20M 2M", "flush"]);
+    assert!(a.stop().success(), "{}", a.logs());
+
+    qemu_io(&qname, &["read -P 0x7c 20M 2M", "read -P 0x5a 0 4M"]);
+    // qemu-storage-daemon serves the same image over NBD: it reads the appliance's data.
+    let blockdev = format!(
+        "driver=rbd,node-name=r,pool=rbd,image=shared,conf={}",
+        cluster.conf().display()
+    );
+    let qsd = Qsd::start_nbd(a.dir.path(), &blockdev);
+    qemu_io(&qsd.uri(), &["read -P 0x7c 20M 2M", "read -P 0x6b 10M 1M", "write -P 0x8d 30M 1M"]);
+    drop(qsd);
+    qemu_io(&qname, &["read -P 0x8d 30M 1M"]);
+
+    // qcow2 on RBD: qemu-img makes it, the appliance writes through it (the image grows
+    // as clusters are appended), qemu-img checks it and reads the data.
+    let q2 = cluster.qemu_name("q2");
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", &q2, "1G"]));
+    let mut a = Appliance::start(
+        Setup {
+            disks: cluster.disk_toml("q", "q2", 30, "format = \"qcow2\""),
+            ..Setup::default()
+        },
+        |_| {},
+    );
+    let uri = a.uri("q");
+    qemu_io(&uri, &["write -P 0x33 0 8M", "write -P 0x44 700M 3M", "flush"]);
+    assert!(a.stop().success(), "{}", a.logs());
+    run(Command::new("qemu-img").args(["check", "-f", "qcow2", &q2]));
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2", "-c", "read -P 0x33 0 8M", "-c", "read -P 0x44 700M 3M", &q2]);
+    let text = stdout(&run(&mut c));
+    assert!(!text.contains("Pattern verification"), "{text}");
+}
+
+#[test]
+fn an_osd_stopped_under_load_delays_then_fails_requests_and_nothing_flushed_is_lost() {
+    require_peers();
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "64M", "rbd/f"]);
+    let disks = format!(
+        "{}\n[[disk]]\nname = \"ram\"\ndriver = \"mem\"\nsize = \"16MiB\"\n",
+        cluster.disk_toml("f", "f", 5, "")
+    );
+    let mut a = Appliance::start(Setup { disks, ..Setup::default() }, |_| {});
+    let uri = a.uri("f");
+    qemu_io(&uri, &["write -P 0x11 0 8M", "flush"]);
+
+    // 1. The OSD comes back within the timeout: the waiting write completes.
+    let u = uri.clone();
+    let writer = std::thread::spawn(move || {
+        let t = Instant::now();
+        let out = run_unchecked(
+            Command::new("qemu-io").args(["-f", "raw", "-c", "sleep 1500", "-c", "write -P 0x22 8M 1M", "-c", "flush", &u]),
+            Duration::from_secs(120),
+        );
+        (stdout(&out), t.elapsed())
+    });
+    cluster.osd_stop();
+    // Meanwhile the same reactor serves the other disk at once.
+    let t = Instant::now();
+    qemu_io(&a.uri("ram"), &["write -P 0x99 0 1M", "read -P 0x99 0 1M"]);
+    assert!(t.elapsed() < Duration::from_secs(3), "the memory disk was held up: {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.osd_start();
+    let (text, took) = writer.join().unwrap();
+    assert!(!text.contains("failed"), "the write waited for the OSD and completed:\n{text}");
+    assert!(took >= Duration::from_secs(2), "the write waited: {took:?}");
+
+    // 2. The OSD stays down past the timeout: requests fail with EIO, in bounded time.
+    cluster.osd_stop();
+    let t = Instant::now();
+    let out = run_unchecked(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 16M 1M", &uri]),
+        Duration::from_secs(60),
+    );
+    let took = t.elapsed();
+    let text = stdout(&out);
+    assert!(text.contains("Input/output error"), "a write past the timeout fails with EIO:\n{text}");
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(30), "bounded by the 5 s timeout: {took:?}");
+    assert!(a.logs().contains("timed out"), "{}", a.logs());
+    cluster.osd_start();
+
+    // 3. Back: I/O resumes, and everything acknowledged as flushed is there.
+    qemu_io(&uri, &["write -P 0x44 24M 1M", "flush", "read -P 0x11 0 8M", "read -P 0x22 8M 1M", "read -P 0x44 24M 1M"]);
+    assert!(a.stop().success(), "{}", a.logs());
+    let bytes = cluster.export("f", &a.path("export.raw"));
+    assert!(bytes[..8 * MIB].iter().all(|&b| b == 0x11));
+    assert!(bytes[8 * MIB..9 * MIB].iter().all(|&b| b == 0x22));
+    assert!(bytes[24 * MIB..25 * MIB].iter().all(|&b| b == 0x44));
+}
+
+#[test]
+fn a_missing_pool_or_image_a_wrong_key_and_a_down_cluster_fail_only_their_disk() {
+    require_peers();
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "16M", "rbd/ok"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bad_keyring = dir.path().join("bad.keyring");
+    // A well-formed key that is not client.appliance's.
+    std::fs::write(&bad_keyring, "[client.appliance]\n\tkey = AQBcQhRr6gOhDBAAf5uuAgGNVLa1YvpOj1orqQ==\n").unwrap();
+    // A configuration whose monitor address nobody listens on.
+    let down_conf = dir.path().join("down.conf");
+    let port = appliance_tests::free_port();
+    std::fs::write(&down_conf, format!("[global]\nmon_host = 127.0.0.1:{port}\n")).unwrap();
+    let conf = cluster.conf().display().to_string();
+    let keyring = cluster.keyring().display().to_string();
+    let rbd = |name: &str, path: &str, conf: &str, keyring: &str| {
+        format!(
+            "[[disk]]\nname = \"{name}\"\ndriver = \"rbd\"\npath = \"{path}\"\n[disk.rbd]\n\
+             conf = \"{conf}\"\nid = \"appliance\"\nkeyring = \"{keyring}\"\ntimeout = 3\n"
+        )
+    };
+    let disks = [
+        rbd("nopool", "rbd:nosuchpool/ok", &conf, &keyring),
+        rbd("noimage", "rbd:rbd/nosuch", &conf, &keyring),
+        rbd("badkey", "rbd:rbd/ok", &conf, &bad_keyring.display().to_string()),
+        rbd("down", "rbd:rbd/ok", &down_conf.display().to_string(), &keyring),
+        rbd("good", "rbd:rbd/ok", &conf, &keyring),
+    ]
+    .join("\n");
+    let mut a = Appliance::start(Setup { disks, ..Setup::default() }, |_| {});
+    let logs = a.logs();
+    for (disk, why) in [
+        ("nopool", "pool `nosuchpool` does not exist"),
+        ("noimage", "image `nosuch` does not exist in pool `rbd`"),
+        ("badkey", "Permission denied"),
+        ("down", "is the cluster up?"),
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains(&format!("disk `{disk}`")) && l.contains(why)),
+            "disk {disk}: expected an error saying {why:?}:\n{logs}"
+        );
+    }
+    let list = stdout(&run(Command::new("nbdinfo").args(["--list", &a.uri("")])));
+    assert!(list.contains("export=\"good\""), "{list}");
+    assert!(!list.contains("export=\"badkey\""), "{list}");
+    qemu_io(&a.uri("good"), &["write -P 0x1 0 1M", "read -P 0x1 0 1M"]);
+    assert!(a.stop().success(), "{}", a.logs());
+}
+
+#[test]
+fn an_rbd_disk_grows_online_and_with_the_resize_tool() {
+    require_peers();
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "32M", "rbd/g"]);
+    let mut a = Appliance::start(
+        Setup {
+            disks: cluster.disk_toml("g", "g", 30, ""),
+            extra: control_extra(None),
+            ..Setup::default()
+        },
+        |_| {},
+    );
+    qemu_io(&a.uri("g"), &["write -P 0x5 0 1M", "flush"]);
+    rpc_ok(&a, "disk_resize", serde_json::json!({"disk": "g", "size": 96 * MIB}));
+    let size = stdout(&run(Command::new("nbdinfo").args(["--size", &a.uri("g")])));
+    assert_eq!(size.trim(), (96 * MIB).to_string());
+    qemu_io(&a.uri("g"), &["write -P 0x6 90M 1M", "read -P 0x5 0 1M", "flush"]);
+    assert!(a.stop().success(), "{}", a.logs());
+    let info = cluster.rbd(&["info", "--format", "json", "rbd/g"]);
+    assert!(info.contains(&format!("\"size\":{}", 96 * MIB)), "{info}");
+    let spec = format!("rbd:rbd/g:conf={}", cluster.conf().display());
+    run(Command::new(bin()).args(["resize", &spec, "+32M"]));
+    let info = stdout(&run(Command::new(bin()).args(["info", &spec])));
+    assert!(info.contains(&format!("virtual size: {} bytes", 128 * MIB)), "{info}");
+    let bytes = cluster.export("g", &a.path("export.raw"));
+    assert!(bytes[90 * MIB..91 * MIB].iter().all(|&b| b == 0x6));
+}
