@@ -288,3 +288,55 @@ fn an_rbd_disk_grows_online_and_with_the_resize_tool() {
     let bytes = cluster.export("g", &a.path("export.raw"));
     assert!(bytes[90 * MIB..91 * MIB].iter().all(|&b| b == 0x6));
 }
+
+/// What the guest does on its RBD disk: concurrent O_DIRECT writers that check what they
+/// wrote, discard and write-zeroes, a flush.
+const GUEST_SCRIPT: &str = r#"
+set -e
+dev=/dev/vda
+echo size=$(blockdev --getsize64 $dev)
+for i in 1 2 3 4; do
+  ( xio prand $dev $((i * 4))M 3M $i && xio check-prand $dev $((i * 4))M 3M $i && echo writer$i=ok ) &
+done
+wait
+xio fill $dev 32M 8M 0xcd
+xio discard $dev 32M 4M
+xio fill $dev 40M 1M 0xee
+xio zeroout $dev 40M 512k
+xio check $dev 40M 512k 0
+xio flush $dev
+echo done=1
+"#;
+
+#[test]
+fn a_guest_over_vhost_user_blk_on_an_rbd_disk() {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let image = appliance_tests::guest::ensure_built();
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "64M", "rbd/guest"]);
+    let vhost = "[disk.vhost_user_blk]\nsocket = \"{dir}/vm.vhost\"\nqueues = 2\n";
+    let disks = format!("{}{vhost}", cluster.disk_toml("vm", "guest", 30, ""));
+    let mut a = Appliance::start(Setup { cores: "[0, 1]", disks, ..Setup::default() }, |_| {});
+    let opts = appliance_tests::guest::BootOptions {
+        queues: 2,
+        timeout: Duration::from_secs(240),
+        ..Default::default()
+    };
+    let r = appliance_tests::guest::boot_with(&image, &a.path("vm.vhost"), GUEST_SCRIPT, &opts);
+    r.assert_success();
+    assert_eq!(r.expect_value("size"), (64 * MIB).to_string(), "{r}");
+    for i in 1..=4 {
+        assert_eq!(r.expect_value(&format!("writer{i}")), "ok", "{r}");
+    }
+    assert!(a.stop().success(), "{}", a.logs());
+    let bytes = cluster.export("guest", &a.path("export.raw"));
+    for i in 1..=4usize {
+        assert!(
+            bytes[i * 4 * MIB..(i * 4 + 3) * MIB] == pattern(i as u64, 3 * MIB)[..],
+            "writer {i}'s data is in the RBD image"
+        );
+    }
+    assert!(bytes[36 * MIB..40 * MIB].iter().all(|&b| b == 0xcd), "the fill outside the discard");
+    assert!(bytes[40 * MIB..40 * MIB + 512 * 1024].iter().all(|&b| b == 0), "zeroed");
+    assert!(bytes[40 * MIB + 512 * 1024..41 * MIB].iter().all(|&b| b == 0xee));
+}
