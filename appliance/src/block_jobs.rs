@@ -159,6 +159,12 @@ fn mirror_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
         };
         return start(app, disk, source, tbdev, target.to_string(), false, tcfg, reactors, opts);
     }
+    if target.starts_with("rbd:") {
+        let size = source.info().size;
+        let (tbdev, tcfg) = open_rbd_target(a, &disk_cfg, target, create, format, size, &reactors)?;
+        let name = tcfg.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        return start(app, disk, source, tbdev, name, create, tcfg, reactors, opts);
+    }
     let path = app.resolve(Path::new(target));
     let path = confine(app, a, &path, &disk_cfg)?;
     if app.serves_file(&path) {
@@ -245,6 +251,57 @@ pub(crate) fn open_nbd_target(
         .map_err(|e| a.bad("target", &format!("cannot be opened: {e}")))?;
     let driver = drivers::format::raw::RawDriver::new(storage, false);
     Ok(drivers::Bdev::new(&format!("{disk}.mirror"), Arc::new(driver), Default::default()))
+}
+
+/// Opens (with `create`, first makes) an RBD image as a mirror target:
+/// `rbd:POOL[/NS]/IMAGE`, with QEMU's `:conf=...:id=...:keyring=...` options, or without
+/// them the source disk's cluster settings (an RBD disk) or the defaults. Returns the
+/// target and the disk's configuration once it pivots.
+pub(crate) fn open_rbd_target(
+    a: &Args<'_>,
+    disk: &config::Disk,
+    target: &str,
+    create: bool,
+    format: Option<config::Format>,
+    size: u64,
+    reactors: &[poller::ReactorHandle],
+) -> Result<(Arc<drivers::Bdev>, config::Disk), Fail> {
+    let (image, mut how) = crate::rbd_tools::parse(target).map_err(|e| a.bad("target", &e))?;
+    if !target["rbd:".len()..].contains(':')
+        && let Some(own) = &disk.rbd
+    {
+        how = own.clone();
+    }
+    if disk.driver == config::Driver::Rbd
+        && disk.path.as_deref() == Some(Path::new(&image))
+        && disk.rbd.as_ref().is_some_and(|r| r.conf == how.conf)
+    {
+        return Err(a.bad("target", "is this disk's own RBD image"));
+    }
+    let format = format.unwrap_or(config::Format::Raw);
+    if create {
+        if format != config::Format::Raw {
+            return Err(a.bad("format", "of a new RBD image is raw"));
+        }
+        drivers::io::rbd::create(&image, &how, size)
+            .map_err(|e| a.bad("target", &format!("cannot be created: {e}")))?;
+    }
+    let tcfg = config::Disk {
+        driver: config::Driver::Rbd,
+        direct: false,
+        allowed_backing_dirs: Vec::new(),
+        rbd: Some(how),
+        ..target_config(disk, Path::new(&image), format)
+    };
+    let tbdev = drivers::Bdev::open(&tcfg, reactors)
+        .map_err(|e| a.bad("target", &format!("cannot be opened: {e}")))?;
+    if tbdev.info().size < size {
+        return Err(a.bad(
+            "target",
+            &format!("{image} holds {} bytes, less than the disk's {size}", tbdev.info().size),
+        ));
+    }
+    Ok((tbdev, config::Disk { name: disk.name.clone(), ..tcfg }))
 }
 
 /// Makes or checks the target file; returns its format.
@@ -456,8 +513,11 @@ pub(crate) fn confine(
 ) -> Result<PathBuf, Fail> {
     let configured = app.config().control.map(|c| c.allowed_target_dirs).unwrap_or_default();
     let dirs = if configured.is_empty() {
+        // A disk in a file may write targets beside it; one elsewhere (an RBD image, an
+        // NVMe namespace, an NBD export) has no directory of its own.
         let own = disk.path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
-        own.into_iter().collect()
+        let in_file = matches!(disk.driver, config::Driver::IoUring | config::Driver::Aio);
+        own.filter(|_| in_file).into_iter().collect()
     } else {
         configured
     };
@@ -467,6 +527,15 @@ pub(crate) fn confine(
         .iter()
         .filter_map(|d| d.canonicalize().ok())
         .any(|d| canonical.starts_with(&d) && canonical != d);
+    if dirs.is_empty() {
+        let m = format!(
+            "{}: disk `{}` is not in a local directory, so no target file is allowed until \
+             [control] allowed_target_dirs names the directories",
+            path.display(),
+            disk.name
+        );
+        return Err(a.bad("target", &m));
+    }
     if !inside {
         let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         let m = format!(

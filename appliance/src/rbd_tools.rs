@@ -37,7 +37,9 @@ pub fn parse(spec: &str) -> Result<(String, RbdCluster), String> {
 /// `appliance create -f raw rbd:... SIZE`.
 pub fn create(spec: &str, format: &str, size: Option<&str>) -> Result<(), String> {
     if format != "raw" {
-        return Err("an RBD image is created raw (-f raw); RBD keeps its own snapshots and clones".into());
+        return Err(
+            "an RBD image is created raw (-f raw); RBD keeps its own snapshots and clones".into()
+        );
     }
     let (image, how) = parse(spec)?;
     let size = size.ok_or("a size is needed")?;

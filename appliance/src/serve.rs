@@ -692,6 +692,7 @@ impl Appliance {
                 driver: moved.driver,
                 direct: moved.direct,
                 allowed_backing_dirs: moved.allowed_backing_dirs,
+                rbd: moved.rbd,
                 l2_cache_bytes: None,
                 refcount_cache_bytes: None,
                 shards: None,

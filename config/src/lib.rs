@@ -786,8 +786,7 @@ impl Validator {
         let size = match (
             driver.uses_file() || matches!(driver, Driver::Nbd | Driver::Nvme | Driver::Rbd),
             size,
-        )
-        {
+        ) {
             (false, None) => {
                 return Err(self.err(
                     name_span,

@@ -32,7 +32,11 @@ impl RbdImage {
         let bad = || format!("`{s}` is not rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE");
         let rest = s.strip_prefix("rbd:").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let ok = |p: &str| !p.is_empty() && p.len() <= 255 && !p.chars().any(|c| c.is_control() || c == '@' || c == ':');
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 255
+                && !p.chars().any(|c| c.is_control() || c == '@' || c == ':')
+        };
         match parts.as_slice() {
             [pool, image] if ok(pool) && ok(image) => Ok(RbdImage {
                 pool: (*pool).into(),
@@ -136,7 +140,9 @@ impl Validator {
         if let Some(id) = raw.id {
             let v = id.get_ref();
             if v.is_empty() || v.starts_with("client.") || v.chars().any(|ch| ch.is_control()) {
-                let m = format!("`{v}`: the client id without `client.` (\"appliance\" is client.appliance)");
+                let m = format!(
+                    "`{v}`: the client id without `client.` (\"appliance\" is client.appliance)"
+                );
                 return Err(self.err(id.span(), &key("rbd.id"), m));
             }
             c.id = Some(v.clone());

@@ -36,7 +36,11 @@ impl Cluster {
             }
         };
         let c = Cluster { dir, stopped: false };
-        run(Command::new("bash").arg(script()).arg("start").arg(c.dir.path()).arg(port.to_string()));
+        run(Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(c.dir.path())
+            .arg(port.to_string()));
         c
     }
 

@@ -34,12 +34,17 @@ pub fn qemu_io(img: &Path, cmds: &[&str]) {
 /// A 128 MiB qcow2 disk `vm` with data at 0..8M and 32..36M, zero clusters at
 /// 16..24M, nothing elsewhere; served on two reactors with a control socket.
 pub fn start_vm() -> Appliance {
+    start_vm_with("")
+}
+
+/// [`start_vm`] with further `[control]` lines (`allowed_target_dirs = [...]`, say).
+pub fn start_vm_with(control: &str) -> Appliance {
     require_tool("qemu-img", "qemu-utils");
     let setup = Setup {
         cores: "[0, 1]",
         disks: "[[disk]]\nname = \"vm\"\npath = \"{dir}/vm.qcow2\"\nformat = \"qcow2\"\n".into(),
         // `state_dir` belongs to [appliance], which `extra` follows.
-        extra: format!("state_dir = \"{{dir}}/state\"\n{}", control_extra(None)),
+        extra: format!("state_dir = \"{{dir}}/state\"\n{}{control}\n", control_extra(None)),
         ..Setup::default()
     };
     Appliance::start(setup, |dir| {

@@ -67,7 +67,11 @@ fn fio_and_qemu_io_over_nbd_match_rbd_export_and_discards_free_space() {
     assert!(info.contains("fast-diff"), "{info}");
 
     let mut a = Appliance::start(
-        Setup { cores: "[0, 1]", disks: cluster.disk_toml("vm7", "vm7", 30, ""), ..Setup::default() },
+        Setup {
+            cores: "[0, 1]",
+            disks: cluster.disk_toml("vm7", "vm7", 30, ""),
+            ..Setup::default()
+        },
         |_| {},
     );
     let uri = a.uri("vm7");
@@ -76,7 +80,10 @@ fn fio_and_qemu_io_over_nbd_match_rbd_export_and_discards_free_space() {
     let data = pattern(7, 32 * MIB);
     let src = a.path("pattern.bin");
     std::fs::write(&src, &data).unwrap();
-    qemu_io(&uri, &[&format!("write -s {} 64M 32M", src.display()), "write -P 0xee 128M 64M", "flush"]);
+    qemu_io(
+        &uri,
+        &[&format!("write -s {} 64M 32M", src.display()), "write -P 0xee 128M 64M", "flush"],
+    );
     let used_full = cluster.used("vm7");
     qemu_io(&uri, &["discard 128M 64M", "write -z 100M 1M", "flush"]);
     let used_after = cluster.used("vm7");
@@ -124,10 +131,8 @@ fn qemu_img_and_qemu_storage_daemon_read_what_the_appliance_wrote_and_back() {
 
     qemu_io(&qname, &["read -P 0x7c 20M 2M", "read -P 0x5a 0 4M"]);
     // qemu-storage-daemon serves the same image over NBD: it reads the appliance's data.
-    let blockdev = format!(
-        "driver=rbd,node-name=r,pool=rbd,image=shared,conf={}",
-        cluster.conf().display()
-    );
+    let blockdev =
+        format!("driver=rbd,node-name=r,pool=rbd,image=shared,conf={}", cluster.conf().display());
     let qsd = Qsd::start_nbd(a.dir.path(), &blockdev);
     qemu_io(&qsd.uri(), &["read -P 0x7c 20M 2M", "read -P 0x6b 10M 1M", "write -P 0x8d 30M 1M"]);
     drop(qsd);
@@ -138,10 +143,7 @@ fn qemu_img_and_qemu_storage_daemon_read_what_the_appliance_wrote_and_back() {
     let q2 = cluster.qemu_name("q2");
     run(Command::new("qemu-img").args(["create", "-f", "qcow2", &q2, "1G"]));
     let mut a = Appliance::start(
-        Setup {
-            disks: cluster.disk_toml("q", "q2", 30, "format = \"qcow2\""),
-            ..Setup::default()
-        },
+        Setup { disks: cluster.disk_toml("q", "q2", 30, "format = \"qcow2\""), ..Setup::default() },
         |_| {},
     );
     let uri = a.uri("q");
@@ -172,7 +174,17 @@ fn an_osd_stopped_under_load_delays_then_fails_requests_and_nothing_flushed_is_l
     let writer = std::thread::spawn(move || {
         let t = Instant::now();
         let out = run_unchecked(
-            Command::new("qemu-io").args(["-f", "raw", "-c", "sleep 1500", "-c", "write -P 0x22 8M 1M", "-c", "flush", &u]),
+            Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-c",
+                "sleep 1500",
+                "-c",
+                "write -P 0x22 8M 1M",
+                "-c",
+                "flush",
+                &u,
+            ]),
             Duration::from_secs(120),
         );
         (stdout(&out), t.elapsed())
@@ -197,13 +209,28 @@ fn an_osd_stopped_under_load_delays_then_fails_requests_and_nothing_flushed_is_l
     );
     let took = t.elapsed();
     let text = stdout(&out);
-    assert!(text.contains("Input/output error"), "a write past the timeout fails with EIO:\n{text}");
-    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(30), "bounded by the 5 s timeout: {took:?}");
+    assert!(
+        text.contains("Input/output error"),
+        "a write past the timeout fails with EIO:\n{text}"
+    );
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(30),
+        "bounded by the 5 s timeout: {took:?}"
+    );
     assert!(a.logs().contains("timed out"), "{}", a.logs());
     cluster.osd_start();
 
     // 3. Back: I/O resumes, and everything acknowledged as flushed is there.
-    qemu_io(&uri, &["write -P 0x44 24M 1M", "flush", "read -P 0x11 0 8M", "read -P 0x22 8M 1M", "read -P 0x44 24M 1M"]);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x44 24M 1M",
+            "flush",
+            "read -P 0x11 0 8M",
+            "read -P 0x22 8M 1M",
+            "read -P 0x44 24M 1M",
+        ],
+    );
     assert!(a.stop().success(), "{}", a.logs());
     let bytes = cluster.export("f", &a.path("export.raw"));
     assert!(bytes[..8 * MIB].iter().all(|&b| b == 0x11));
@@ -219,7 +246,11 @@ fn a_missing_pool_or_image_a_wrong_key_and_a_down_cluster_fail_only_their_disk()
     let dir = tempfile::tempdir().unwrap();
     let bad_keyring = dir.path().join("bad.keyring");
     // A well-formed key that is not client.appliance's.
-    std::fs::write(&bad_keyring, "[client.appliance]\n\tkey = AQBcQhRr6gOhDBAAf5uuAgGNVLa1YvpOj1orqQ==\n").unwrap();
+    std::fs::write(
+        &bad_keyring,
+        "[client.appliance]\n\tkey = AQBcQhRr6gOhDBAAf5uuAgGNVLa1YvpOj1orqQ==\n",
+    )
+    .unwrap();
     // A configuration whose monitor address nobody listens on.
     let down_conf = dir.path().join("down.conf");
     let port = appliance_tests::free_port();
@@ -339,4 +370,55 @@ fn a_guest_over_vhost_user_blk_on_an_rbd_disk() {
     assert!(bytes[36 * MIB..40 * MIB].iter().all(|&b| b == 0xcd), "the fill outside the discard");
     assert!(bytes[40 * MIB..40 * MIB + 512 * 1024].iter().all(|&b| b == 0), "zeroed");
     assert!(bytes[40 * MIB + 512 * 1024..41 * MIB].iter().all(|&b| b == 0xee));
+}
+
+#[test]
+fn a_live_disk_mirrors_into_the_cluster_and_back_out() {
+    use appliance_tests::jobs::*;
+    use appliance_tests::ops::rpc;
+    require_peers();
+    let cluster = Cluster::start();
+    // Once on RBD the disk has no directory of its own: its file targets must be allowed.
+    let mut a = start_vm_with("allowed_target_dirs = [\"{dir}\"]");
+    // Evacuate the local qcow2 disk into a new RBD image while it is written.
+    let writer = Writer::start(&a.sock);
+    let fio = fio_background(&a.uri("vm"), 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let target = cluster.qemu_name("evac");
+    let job = start_mirror(&a, serde_json::json!({"disk": "vm", "target": target, "create": true}));
+    wait_state(&a, &job, &["ready"], Duration::from_secs(120));
+    assert!(rpc(&a, "job_complete", serde_json::json!({"job": job}))["result"].is_object());
+    wait_state(&a, &job, &["concluded"], Duration::from_secs(60));
+    let list = rpc(&a, "disk_list", serde_json::json!({}));
+    assert_eq!(list["result"][0]["path"], "rbd:rbd/evac", "{list}");
+    std::thread::sleep(Duration::from_millis(500));
+    let last = writer.finish();
+    fio_ok(fio);
+    check_writer(&a.sock, &last);
+    read_pattern_ok(&a, "read -P 0x11 0 8M");
+    read_pattern_ok(&a, "read -P 0 16M 8M");
+    read_pattern_ok(&a, "read -P 0x22 32M 4M");
+    // Zero and unwritten ranges were not copied: the image stays thin.
+    let used = cluster.used("evac");
+    assert!(used < 100 * MIB, "the RBD image holds only data: {used} bytes used");
+
+    // And out again: a point-in-time copy of the RBD disk into a local raw file.
+    let back = a.path("back.raw");
+    let (code, msg) = appliance_tests::ops::rpc_error(
+        &a,
+        "mirror_start",
+        serde_json::json!({"disk": "vm", "target": "/etc/back.raw", "create": true}),
+    );
+    assert!(code < 0 && msg.contains("outside the allowed target directories"), "{msg}");
+    let job = start_mirror(
+        &a,
+        serde_json::json!({"disk": "vm", "target": back, "create": true, "format": "raw"}),
+    );
+    wait_state(&a, &job, &["ready"], Duration::from_secs(120));
+    assert!(rpc(&a, "job_cancel", serde_json::json!({"job": job}))["result"].is_object());
+    wait_state(&a, &job, &["concluded"], Duration::from_secs(60));
+    assert!(a.stop().success(), "{}", a.logs());
+    let exported = cluster.export("evac", &a.path("evac.raw"));
+    assert!(std::fs::read(&back).unwrap() == exported, "the copy out equals the RBD image");
+    assert!(exported[..8 * MIB as usize].iter().all(|&b| b == 0x11));
 }

@@ -58,7 +58,9 @@ fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
     let id = how.id.as_deref().map(|i| cstr("client id", i)).transpose()?;
     let mut handle: RadosT = std::ptr::null_mut();
     // SAFETY: `handle` is an out-parameter; `id` is a C string or null (the default).
-    let rc = unsafe { (lib.rados_create)(&mut handle, id.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
+    let rc = unsafe {
+        (lib.rados_create)(&mut handle, id.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+    };
     if rc < 0 {
         return Err(format!("cannot create a cluster handle: {}", ffi::errno_text(rc.into())));
     }
@@ -68,7 +70,10 @@ fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
     // SAFETY: a live handle and a C string.
     let rc = unsafe { (lib.rados_conf_read_file)(handle, cstr("conf", &conf)?.as_ptr()) };
     if rc < 0 {
-        return Err(format!("cannot read the cluster configuration {conf}: {}", ffi::errno_text(rc.into())));
+        return Err(format!(
+            "cannot read the cluster configuration {conf}: {}",
+            ffi::errno_text(rc.into())
+        ));
     }
     let secs = how.timeout.as_secs().max(1).to_string();
     let mut options = vec![
@@ -81,7 +86,9 @@ fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
     }
     for (k, v) in &options {
         // SAFETY: a live handle and C strings.
-        let rc = unsafe { (lib.rados_conf_set)(handle, cstr("option", k)?.as_ptr(), cstr(k, v)?.as_ptr()) };
+        let rc = unsafe {
+            (lib.rados_conf_set)(handle, cstr("option", k)?.as_ptr(), cstr(k, v)?.as_ptr())
+        };
         if rc < 0 {
             return Err(format!("cannot set {k} = {v}: {}", ffi::errno_text(rc.into())));
         }
@@ -136,7 +143,9 @@ fn ioctx(cluster: &Cluster, name: &RbdImage) -> Result<IoCtxT, String> {
     let lib = cluster.lib;
     let mut io: IoCtxT = std::ptr::null_mut();
     // SAFETY: a connected handle, a C string and an out-parameter.
-    let rc = unsafe { (lib.rados_ioctx_create)(cluster.handle, cstr("pool", &name.pool)?.as_ptr(), &mut io) };
+    let rc = unsafe {
+        (lib.rados_ioctx_create)(cluster.handle, cstr("pool", &name.pool)?.as_ptr(), &mut io)
+    };
     if rc == -libc::ENOENT {
         return Err(format!("pool `{}` does not exist", name.pool));
     }
@@ -158,7 +167,11 @@ fn ioctx(cluster: &Cluster, name: &RbdImage) -> Result<IoCtxT, String> {
 
 impl Image {
     /// Opens `name` (read-only: without taking its exclusive lock).
-    pub(crate) fn open(how: &RbdCluster, name: &RbdImage, read_only: bool) -> Result<Image, String> {
+    pub(crate) fn open(
+        how: &RbdCluster,
+        name: &RbdImage,
+        read_only: bool,
+    ) -> Result<Image, String> {
         let cluster = connect(how)?;
         let lib = cluster.lib;
         let io = ioctx(&cluster, name)?;
@@ -171,14 +184,20 @@ impl Image {
             // SAFETY: created above, not used elsewhere.
             unsafe { (lib.rados_ioctx_destroy)(io) };
             return Err(match -rc {
-                libc::ENOENT => format!("image `{}` does not exist in pool `{}`", name.image, name.pool),
+                libc::ENOENT => {
+                    format!("image `{}` does not exist in pool `{}`", name.image, name.pool)
+                }
                 _ => format!("cannot open the image: {}", ffi::errno_text(rc.into())),
             });
         }
         Ok(Image { lib, handle, ioctx: io, grow: Mutex::new(()), _cluster: cluster })
     }
 
-    fn query(&self, f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int, what: &str) -> Result<u64, String> {
+    fn query(
+        &self,
+        f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+        what: &str,
+    ) -> Result<u64, String> {
         let mut v = 0u64;
         // SAFETY: a live image and an out-parameter.
         let rc = unsafe { f(self.handle, &mut v) };
@@ -243,7 +262,9 @@ pub(crate) fn create(how: &RbdCluster, name: &RbdImage, size: u64) -> Result<(),
     image?;
     match -rc {
         0 => Ok(()),
-        libc::EEXIST => Err(format!("image `{}` already exists in pool `{}`", name.image, name.pool)),
+        libc::EEXIST => {
+            Err(format!("image `{}` already exists in pool `{}`", name.image, name.pool))
+        }
         _ => Err(format!("cannot create the image: {}", ffi::errno_text(rc.into()))),
     }
 }

@@ -117,7 +117,14 @@ impl Backend for RbdBackend {
         while done < readable {
             let rest = &mut buf[done..readable];
             // SAFETY: a live image and a writable buffer of the length passed.
-            let n = unsafe { (img.lib.rbd_read)(img.handle, off + done as u64, rest.len(), rest.as_mut_ptr().cast()) };
+            let n = unsafe {
+                (img.lib.rbd_read)(
+                    img.handle,
+                    off + done as u64,
+                    rest.len(),
+                    rest.as_mut_ptr().cast(),
+                )
+            };
             if n < 0 {
                 return Err(os_err(n as i64));
             }
@@ -318,7 +325,9 @@ impl BackendChannel for RbdChannel {
     fn discard(&self, off: u64, len: u64) -> StoreFuture<'_, bool> {
         // librbd skips the parts of a discard that do not cover a whole object
         // (`rbd_skip_partial_discard`): what it leaves is not known to read as zeros.
-        StoreFuture::new(async move { rbd_result(self.aio(Op::Discard { off, len }).await).map(|()| false) })
+        StoreFuture::new(async move {
+            rbd_result(self.aio(Op::Discard { off, len }).await).map(|()| false)
+        })
     }
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent> {
         StoreFuture::new(RbdChannel::block_status(self, off, len))
