@@ -513,7 +513,7 @@ fn nvme_uring_takes_a_character_device() {
     assert_eq!(c.disks[0].driver, Driver::NvmeUring);
     assert_eq!(c.disks[0].format, Format::Qcow2);
     let (_, _, message) = invalid("[[disk]]\nname = \"n\"\ndriver = \"nvmex\"\n");
-    assert!(message.contains("\"nvme_uring\" or \"nvme\""), "{message}");
+    assert!(message.contains("\"nvme_uring\", \"nvme\" or \"rbd\""), "{message}");
 }
 
 #[test]
@@ -531,4 +531,67 @@ fn nvme_takes_a_pci_address() {
     }
     let (_, _, message) = invalid("[[disk]]\nname = \"n\"\ndriver = \"nvme\"\n");
     assert!(message.contains("driver nvme needs `path`"), "{message}");
+}
+
+#[test]
+fn rbd_takes_an_image_name_and_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("ceph.conf");
+    let keyring = dir.path().join("k.keyring");
+    std::fs::write(&conf, "[global]\n").unwrap();
+    std::fs::write(&keyring, "").unwrap();
+    let disk = |path: &str, rbd: &str| {
+        format!("[[disk]]\nname = \"r\"\ndriver = \"rbd\"\npath = \"{path}\"\n{rbd}")
+    };
+    let section = format!(
+        "[disk.rbd]\nconf = \"{}\"\nid = \"appliance\"\nkeyring = \"{}\"\ntimeout = 7.5\n",
+        conf.display(),
+        keyring.display()
+    );
+    let c = parse(&disk("rbd:pool/ns/img", &section)).unwrap();
+    let d = &c.disks[0];
+    assert_eq!(d.driver, Driver::Rbd);
+    assert_eq!(d.format, Format::Raw);
+    assert!(!d.direct && d.allowed_backing_dirs.is_empty());
+    let r = d.rbd.as_ref().unwrap();
+    assert_eq!((r.conf.as_path(), r.id.as_deref()), (conf.as_path(), Some("appliance")));
+    assert_eq!(r.keyring.as_deref(), Some(keyring.as_path()));
+    assert_eq!(r.timeout, std::time::Duration::from_millis(7500));
+    // It renders back to the same configuration.
+    assert_eq!(parse(&c.to_toml()).unwrap().disks, c.disks);
+    // Without [disk.rbd]: the cluster's defaults.
+    let c = parse(&disk("rbd:pool/img", "format = \"qcow2\"\n")).unwrap();
+    assert_eq!(c.disks[0].rbd, Some(RbdCluster::default()));
+    assert_eq!(c.disks[0].format, Format::Qcow2);
+    for bad in ["pool/img", "rbd:pool", "rbd:/img", "rbd:a/b/c/d", "rbd:pool/img@snap"] {
+        let (key, line, message) = invalid(&disk(bad, ""));
+        assert_eq!((key.as_str(), line), ("disk[0].path", 4), "{bad}");
+        assert!(message.contains("is not rbd:POOL/IMAGE"), "{bad}: {message}");
+    }
+    let (_, _, message) = invalid("[[disk]]\nname = \"r\"\ndriver = \"rbd\"\n");
+    assert!(message.contains("driver rbd needs `path`"), "{message}");
+    let (key, _, message) = invalid(&disk("rbd:p/i", "size = \"1GiB\"\n"));
+    assert_eq!(key, "disk[0].size", "{message}");
+    let cases = [
+        ("[disk.rbd]\ntimeout = 0.5\n", "disk[0].rbd.timeout", "1 to 3600 seconds"),
+        ("[disk.rbd]\nid = \"client.x\"\n", "disk[0].rbd.id", "without `client.`"),
+        ("[disk.rbd]\nconf = \"/nonexistent/ceph.conf\"\n", "disk[0].rbd.conf", "no such file"),
+        ("[disk.rbd]\nkeyring = \"/nonexistent/k\"\n", "disk[0].rbd.keyring", "no such file"),
+        ("[disk.rbd]\npool = \"x\"\n", "", "unknown field `pool`"),
+    ];
+    for (rbd, want_key, want) in cases {
+        match parse(&disk("rbd:p/i", rbd)) {
+            Err(ConfigError::Invalid { key, message, .. }) => {
+                assert_eq!(key, want_key, "{rbd}");
+                assert!(message.contains(want), "{rbd}: {message}");
+            }
+            Err(e) => assert!(want_key.is_empty() && e.to_string().contains(want), "{rbd}: {e}"),
+            Ok(_) => panic!("{rbd} accepted"),
+        }
+    }
+    // [disk.rbd] belongs to RBD disks only.
+    let (key, _, message) =
+        invalid("[[disk]]\nname = \"m\"\ndriver = \"mem\"\nsize = 4096\n[disk.rbd]\nid = \"a\"\n");
+    assert_eq!(key, "disk[0].rbd");
+    assert!(message.contains("driver \"rbd\" only"), "{message}");
 }
