@@ -54,7 +54,8 @@ pub enum CtlCommand {
     Config,
     /// Re-read the config file (as SIGHUP does) and apply its disk set.
     Reload,
-    /// Start a mirror of DISK to TARGET (a file); then `job complete` pivots to it.
+    /// Start a mirror of DISK to TARGET (a file, an NBD URI or an RBD image,
+    /// `rbd:POOL/IMAGE[:conf=PATH:id=ID:keyring=PATH]`); then `job complete` pivots to it.
     /// Options are key=value pairs: format=qcow2 create=true sync=full|none
     /// granularity=65536 buf_size=16777216 copy_mode=adaptive speed=BYTES unmap=true
     /// on_source_error=report|ignore|stop on_target_error=...

@@ -313,11 +313,16 @@ fn the_example_config_is_valid() {
     let images = dir.path().join("images");
     std::fs::create_dir_all(images.join("base")).unwrap();
     std::fs::write(images.join("vm1.qcow2"), [0u8; 512]).unwrap();
+    std::fs::write(dir.path().join("ceph.conf"), "").unwrap();
+    std::fs::write(dir.path().join("ceph.client.appliance.keyring"), "").unwrap();
     let example = include_str!("../../examples/appliance.toml")
         .replace("/var/lib/images", &images.display().to_string())
-        .replace("/run/appliance", &dir.path().display().to_string());
+        .replace("/run/appliance", &dir.path().display().to_string())
+        .replace("/etc/ceph", &dir.path().display().to_string());
     let c = parse(&example).unwrap();
-    assert_eq!(c.disks.len(), 2);
+    assert_eq!(c.disks.len(), 3);
+    assert_eq!(c.disks[2].driver, Driver::Rbd);
+    assert_eq!(c.disks[2].rbd.as_ref().unwrap().id.as_deref(), Some("appliance"));
     let vm1 = &c.disks[0];
     assert_eq!(vm1.format, Format::Qcow2);
     assert_eq!(vm1.vhost_user_blk.as_ref().unwrap().queues, 2);

@@ -29,9 +29,9 @@ pub use fd::Async;
 pub use inline::InlineFuture;
 pub use mailbox::{MailSender, Mailbox, mailbox};
 pub use reactor::{
-    IdlePolicy, Phase, PollerId, ReactorHandle, ReactorOptions, Reactors, StatsSnapshot, current,
-    current_index, on_reactor, peers, register_poller, register_poller_with_pending,
-    register_wakeup_fd, unregister_poller, unregister_wakeup_fd,
+    ForeignWait, IdlePolicy, Phase, PollerId, ReactorHandle, ReactorOptions, Reactors,
+    StatsSnapshot, current, current_index, on_reactor, peers, register_poller,
+    register_poller_with_pending, register_wakeup_fd, unregister_poller, unregister_wakeup_fd,
 };
 pub use timer::{Elapsed, sleep, sleep_until, timeout};
 

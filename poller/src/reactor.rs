@@ -467,6 +467,9 @@ pub(crate) struct Core {
     peers: Arc<[ReactorHandle]>,
     idle_ticks: Cell<u32>,
     idle_since: Cell<Option<Instant>>,
+    /// Operations another thread completes that this reactor's tasks wait for
+    /// ([`ForeignWait`]).
+    foreign: Cell<u32>,
     /// Counts not yet added to the published stats.
     count: Counts,
 }
@@ -508,6 +511,7 @@ impl Core {
             peers,
             idle_ticks: Cell::new(0),
             idle_since: Cell::new(None),
+            foreign: Cell::new(0),
             count: Counts::default(),
         });
         CORE.with(|c| *c.borrow_mut() = Some(core.clone()));
@@ -621,20 +625,25 @@ impl Core {
         if !n.is_multiple_of(IDLE_CLOCK_EVERY) {
             return;
         }
-        let IdlePolicy::Adaptive { spin } = self.idle else {
-            if !n.is_multiple_of(BUSY_YIELD_EVERY) {
-                return;
-            }
-            // Busy: spin, but let anything else runnable on this core go first now and
-            // then — io_uring's kernel workers finishing requests that could not be
-            // issued without blocking (allocating writes), which otherwise wait for the
-            // scheduler to preempt the loop. With nothing else runnable this returns
-            // at once.
+        if n.is_multiple_of(BUSY_YIELD_EVERY) {
+            // Spinning (busy, or inside the adaptive spin window): let anything else
+            // runnable on this core go first now and then — io_uring's kernel workers
+            // finishing requests that could not be issued without blocking (allocating
+            // writes), a client library's threads completing the reactor's requests
+            // (librbd), which otherwise wait for the scheduler to preempt the loop. With
+            // nothing else runnable this returns at once.
             // SAFETY: sched_yield has no preconditions.
             unsafe { libc::sched_yield() };
-            return;
-        };
+        }
+        let IdlePolicy::Adaptive { spin } = self.idle else { return };
+        // Waiting only on other threads (a client library's completions, which ring the
+        // doorbell): spinning would take the core from them when they share it.
+        let spin = if self.foreign.get() > 0 { Duration::ZERO } else { spin };
         match self.idle_since.get() {
+            None if spin.is_zero() => {
+                self.sleep();
+                self.idle_ticks.set(0);
+            }
             None => self.idle_since.set(Some(now)),
             Some(since) if now.duration_since(since) >= spin => {
                 self.sleep();
@@ -703,6 +712,26 @@ pub(crate) fn executor() -> Rc<Executor> {
 
 pub(crate) fn try_executor() -> Option<Rc<Executor>> {
     try_core().map(|c| c.executor.clone())
+}
+
+/// Marks, for its life, an operation that another thread completes (librbd's
+/// completions): while only such operations are outstanding, an `adaptive` reactor
+/// sleeps on its doorbell at once instead of spinning, since the threads that will
+/// complete them may need this very core. A no-op off a reactor. Not `Send`: created
+/// and dropped on one reactor.
+pub struct ForeignWait(std::marker::PhantomData<*const ()>);
+
+impl ForeignWait {
+    pub fn begin() -> ForeignWait {
+        try_with_core(|c| c.foreign.set(c.foreign.get() + 1));
+        ForeignWait(std::marker::PhantomData)
+    }
+}
+
+impl Drop for ForeignWait {
+    fn drop(&mut self) {
+        try_with_core(|c| c.foreign.set(c.foreign.get().saturating_sub(1)));
+    }
 }
 
 /// Schedules a task, locally or through its reactor's remote wake ring.

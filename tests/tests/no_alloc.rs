@@ -3,8 +3,9 @@
 //! through an in-process appliance, over a RAM disk and over a file with each engine,
 //! on one reactor and on two; and over a qcow2 image on one shard and split over two,
 //! where half the requests are forwarded to the other reactor's shard and back; with
-//! sockets on the reactor's io_uring (the default) and on epoll. Every
-//! eighth write is FUA and every burst ends with a flush.
+//! sockets on the reactor's io_uring (the default) and on epoll; and over an RBD image
+//! of a single-node Ceph cluster, whose completions come back from librbd's threads.
+//! Every eighth write is FUA and every burst ends with a flush.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -157,6 +158,20 @@ fn steady_state_data_path_does_not_allocate() {
         }
     }
     qcow2_on_one_and_two_shards();
+    rbd_on_one_and_two_reactors();
+}
+
+/// Part of the one test above: an RBD disk of a single-node cluster. librbd's own
+/// allocations (its completion, its threads' work) go through C's allocator and are
+/// not counted; the appliance's side of each request (the future, the completion's
+/// hand-off to the reactor through its wake ring) must allocate nothing.
+fn rbd_on_one_and_two_reactors() {
+    let cluster = appliance_tests::ceph::Cluster::start();
+    cluster.rbd(&["create", "--size", "16M", "rbd/d"]);
+    let toml = cluster.disk_toml("d", "d", 30, "");
+    for cores in ["[0]", "[0, 1]"] {
+        check(&toml, cores, |_| {});
+    }
 }
 
 /// Part of the one test above: the counter is global, so checks must not run at once.

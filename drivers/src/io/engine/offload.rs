@@ -164,6 +164,8 @@ pub(crate) struct Offload {
     op: BlockingOp,
     cell: Cell,
     submitted: bool,
+    /// Held while a worker has the job: the reactor sleeps rather than spin for it.
+    waiting: Option<poller::ForeignWait>,
     _pin: PhantomPinned,
 }
 
@@ -173,6 +175,7 @@ impl Offload {
             op,
             cell: Cell { result: AtomicI64::new(0), done: AtomicBool::new(false) },
             submitted: false,
+            waiting: None,
             _pin: PhantomPinned,
         }
     }
@@ -186,6 +189,7 @@ impl Future for Offload {
         if this.submitted {
             // Acquire: pairs with the worker's Release store of `done`.
             if this.cell.done.load(Ordering::Acquire) {
+                this.waiting = None;
                 return Poll::Ready(this.cell.result.load(Ordering::Relaxed));
             }
             return Poll::Pending;
@@ -195,6 +199,7 @@ impl Future for Offload {
         match pool.queue.push(job) {
             Ok(()) => {
                 this.submitted = true;
+                this.waiting = Some(poller::ForeignWait::begin());
                 for w in pool.workers.get().into_iter().flatten() {
                     w.unpark();
                 }

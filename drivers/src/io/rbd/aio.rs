@@ -9,6 +9,9 @@
 //! from its rbd callback). Nothing is allocated on the reactor side; librbd allocates
 //! its completion, as it does for every caller.
 //!
+//! While librbd holds a request the reactor's idle policy does not spin for it
+//! (`poller::ForeignWait`): librbd's threads, which complete it, may need that core.
+//!
 //! A future dropped while its request is in flight waits for the completion before the
 //! memory goes (as the io_uring engine does): the buffers and the cell must outlive
 //! librbd's use of them. That wait is bounded by `rados_osd_op_timeout`.
@@ -47,6 +50,8 @@ pub(crate) struct Aio {
     op: Op,
     cell: Cell,
     submitted: bool,
+    /// Held while librbd has the request: the reactor sleeps rather than spin for it.
+    waiting: Option<poller::ForeignWait>,
     _pin: PhantomPinned,
 }
 
@@ -64,6 +69,7 @@ impl Aio {
                 waker: UnsafeCell::new(None),
             },
             submitted: false,
+            waiting: None,
             _pin: PhantomPinned,
         }
     }
@@ -138,10 +144,12 @@ impl Future for Aio {
                 return Poll::Ready(rc);
             }
             this.submitted = true;
+            this.waiting = Some(poller::ForeignWait::begin());
             return Poll::Pending;
         }
         // Acquire: pairs with the Release store in `complete`.
         if this.cell.done.load(Ordering::Acquire) {
+            this.waiting = None;
             return Poll::Ready(this.cell.result.load(Ordering::Relaxed));
         }
         Poll::Pending
