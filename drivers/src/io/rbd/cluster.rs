@@ -113,6 +113,8 @@ fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
 
 /// An open image, with the pool context it lives in.
 pub(crate) struct Image {
+    /// `rbd:POOL[/NS]/IMAGE`, for messages.
+    pub(crate) name: String,
     pub(crate) lib: &'static Lib,
     pub(crate) handle: ImageT,
     ioctx: IoCtxT,
@@ -190,7 +192,14 @@ impl Image {
                 _ => format!("cannot open the image: {}", ffi::errno_text(rc.into())),
             });
         }
-        Ok(Image { lib, handle, ioctx: io, grow: Mutex::new(()), _cluster: cluster })
+        Ok(Image {
+            name: name.to_string(),
+            lib,
+            handle,
+            ioctx: io,
+            grow: Mutex::new(()),
+            _cluster: cluster,
+        })
     }
 
     fn query(

@@ -186,11 +186,11 @@ struct RbdChannel {
 
 /// An errno from librbd as an I/O error; a request that waited out the timeout is EIO
 /// to the client.
-fn rbd_result(rv: i64) -> Result<(), IoError> {
+fn rbd_result(image: &Image, rv: i64) -> Result<(), IoError> {
     match rv {
         0.. => Ok(()),
         e if e == -i64::from(libc::ETIMEDOUT) => {
-            tracing::warn!("rbd: a request timed out waiting for the cluster");
+            tracing::warn!(image = %image.name, "rbd: a request timed out waiting for the cluster");
             Err(IoError::Os(libc::EIO))
         }
         e => Err(IoError::Os((-e) as i32)),
@@ -234,7 +234,7 @@ fn grow_call(ctx: usize, len: u64, _: u64) -> i64 {
     match img.grow_to(len) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::warn!("rbd: {e}");
+            tracing::warn!(image = %img.name, "rbd: {e}");
             -i64::from(libc::EIO)
         }
     }
@@ -259,6 +259,10 @@ unsafe extern "C" fn diff_cb(off: u64, len: usize, exists: i32, arg: *mut std::f
 }
 
 impl RbdChannel {
+    fn result(&self, rv: i64) -> Result<(), IoError> {
+        rbd_result(&self.image, rv)
+    }
+
     fn aio(&self, op: Op) -> Aio {
         Aio::new(self.image.lib, self.image.handle, op)
     }
@@ -272,14 +276,14 @@ impl RbdChannel {
 
     async fn read(&self, off: u64, segs: &[IoSeg<'_>]) -> Result<(), IoError> {
         let (iov, n) = Self::iov(segs)?;
-        rbd_result(self.aio(Op::Readv { iov, n, off }).await)
+        self.result(self.aio(Op::Readv { iov, n, off }).await)
     }
 
     async fn write(&self, off: u64, segs: &[IoSeg<'_>], fua: bool) -> Result<(), IoError> {
         let (iov, n) = Self::iov(segs)?;
-        rbd_result(self.aio(Op::Writev { iov, n, off }).await)?;
+        self.result(self.aio(Op::Writev { iov, n, off }).await)?;
         if fua {
-            rbd_result(self.aio(Op::Flush).await)?;
+            self.result(self.aio(Op::Flush).await)?;
         }
         Ok(())
     }
@@ -288,7 +292,7 @@ impl RbdChannel {
         if grows {
             self.grow_to(off + len).await?;
         }
-        rbd_result(self.aio(Op::WriteZeroes { off, len }).await)
+        self.result(self.aio(Op::WriteZeroes { off, len }).await)
     }
 
     async fn block_status(&self, off: u64, len: u64) -> Result<Extent, IoError> {
@@ -304,7 +308,7 @@ impl RbdChannel {
     async fn grow_to(&self, len: u64) -> Result<bool, IoError> {
         let ctx = Arc::as_ptr(&self.image) as usize;
         let r = Offload::new(BlockingOp::Call { f: grow_call, ctx, a: len, b: 0 }).await;
-        rbd_result(r)?;
+        self.result(r)?;
         Ok(true)
     }
 }
@@ -317,7 +321,7 @@ impl BackendChannel for RbdChannel {
         StoreFuture::new(RbdChannel::write(self, off, segs, fua))
     }
     fn flush(&self) -> StoreFuture<'_> {
-        StoreFuture::new(async move { rbd_result(self.aio(Op::Flush).await) })
+        StoreFuture::new(async move { self.result(self.aio(Op::Flush).await) })
     }
     fn zero_range(&self, off: u64, len: u64, _unmap: bool, grows: bool) -> StoreFuture<'_> {
         StoreFuture::new(RbdChannel::zero_range(self, off, len, grows))
@@ -326,7 +330,7 @@ impl BackendChannel for RbdChannel {
         // librbd skips the parts of a discard that do not cover a whole object
         // (`rbd_skip_partial_discard`): what it leaves is not known to read as zeros.
         StoreFuture::new(async move {
-            rbd_result(self.aio(Op::Discard { off, len }).await).map(|()| false)
+            self.result(self.aio(Op::Discard { off, len }).await).map(|()| false)
         })
     }
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent> {
