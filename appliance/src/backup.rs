@@ -4,7 +4,8 @@
 //! writes is stored compressed where it shrinks, as `qemu-img convert -c` does.
 //!
 //! The target is opened like a mirror's (see `block_jobs`): a file inside the allowed
-//! target directories (created, raw or qcow2, when `create` is set), or an NBD export.
+//! target directories (created, raw or qcow2, when `create` is set), an NBD export, or
+//! an RBD image (`rbd:POOL/IMAGE`, created raw and thin).
 //! An incremental backup usually goes into a qcow2 overlay whose backing file is the
 //! previous backup (`qemu-img create -f qcow2 -b full.qcow2 -F qcow2 inc1.qcow2`):
 //! the job writes only the chunks the bitmap marks, zero chunks as zero clusters, so
@@ -19,7 +20,8 @@ use jobs::backup::{Backup, BackupSync};
 use serde_json::{Value, json};
 
 use crate::block_jobs::{
-    confine, job_disk, open_nbd_target, prepare_target, target_config, target_format,
+    confine, job_disk, open_nbd_target, open_rbd_target, prepare_target, target_config,
+    target_format,
 };
 use crate::control::{Args, Fail, Params, only};
 use crate::serve::Appliance;
@@ -49,6 +51,14 @@ pub(crate) fn call(app: &Arc<Appliance>, method: &str, params: &Params) -> Resul
         }
         let t = open_nbd_target(app, &a, &disk, target, create, format, &reactors)?;
         (t, target.to_string(), false)
+    } else if target.starts_with("rbd:") {
+        if compress {
+            return Err(a.bad("compress", "needs a qcow2 file target, not an RBD image"));
+        }
+        let size = source.info().size;
+        let (t, tcfg) =
+            open_rbd_target(&a, &disk_cfg, target, create, format, size, "backup", &reactors)?;
+        (t, tcfg.path.unwrap_or_default().display().to_string(), create)
     } else {
         let path = confine(app, &a, &app.resolve(Path::new(target)), &disk_cfg)?;
         if app.serves_file(&path) {

@@ -161,7 +161,8 @@ fn mirror_start(app: &Arc<Appliance>, a: &Args<'_>) -> Result<Value, Fail> {
     }
     if target.starts_with("rbd:") {
         let size = source.info().size;
-        let (tbdev, tcfg) = open_rbd_target(a, &disk_cfg, target, create, format, size, &reactors)?;
+        let (tbdev, tcfg) =
+            open_rbd_target(a, &disk_cfg, target, create, format, size, "mirror", &reactors)?;
         let name = tcfg.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         return start(app, disk, source, tbdev, name, create, tcfg, reactors, opts);
     }
@@ -256,7 +257,9 @@ pub(crate) fn open_nbd_target(
 /// Opens (with `create`, first makes) an RBD image as a mirror target:
 /// `rbd:POOL[/NS]/IMAGE`, with QEMU's `:conf=...:id=...:keyring=...` options, or without
 /// them the source disk's cluster settings (an RBD disk) or the defaults. Returns the
-/// target and the disk's configuration once it pivots.
+/// target (named for its `role`: mirror, backup) and the disk's configuration once it
+/// pivots.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open_rbd_target(
     a: &Args<'_>,
     disk: &config::Disk,
@@ -264,6 +267,7 @@ pub(crate) fn open_rbd_target(
     create: bool,
     format: Option<config::Format>,
     size: u64,
+    role: &str,
     reactors: &[poller::ReactorHandle],
 ) -> Result<(Arc<drivers::Bdev>, config::Disk), Fail> {
     let (image, mut how) = crate::rbd_tools::parse(target).map_err(|e| a.bad("target", &e))?;
@@ -291,6 +295,7 @@ pub(crate) fn open_rbd_target(
         direct: false,
         allowed_backing_dirs: Vec::new(),
         rbd: Some(how),
+        name: format!("{}.{role}", disk.name),
         ..target_config(disk, Path::new(&image), format)
     };
     let tbdev = drivers::Bdev::open(&tcfg, reactors)

@@ -309,7 +309,9 @@ fn an_rbd_disk_grows_online_and_with_the_resize_tool() {
     let size = stdout(&run(Command::new("nbdinfo").args(["--size", &a.uri("g")])));
     assert_eq!(size.trim(), (96 * MIB).to_string());
     qemu_io(&a.uri("g"), &["write -P 0x6 90M 1M", "read -P 0x5 0 1M", "flush"]);
-    assert!(a.stop().success(), "{}", a.logs());
+    // Killed without a chance to flush librbd's cache: what was flushed is in the
+    // cluster.
+    a.kill();
     let info = cluster.rbd(&["info", "--format", "json", "rbd/g"]);
     assert!(info.contains(&format!("\"size\":{}", 96 * MIB)), "{info}");
     let spec = format!("rbd:rbd/g:conf={}", cluster.conf().display());
@@ -391,6 +393,26 @@ fn a_live_disk_mirrors_into_the_cluster_and_back_out() {
     wait_state(&a, &job, &["concluded"], Duration::from_secs(60));
     let list = rpc(&a, "disk_list", serde_json::json!({}));
     assert_eq!(list["result"][0]["path"], "rbd:rbd/evac", "{list}");
+    // Bad RBD targets are refused, naming the field.
+    for (target, why) in [
+        ("rbd:rbd", "is not rbd:POOL/IMAGE"),
+        ("rbd:rbd/evac", "is this disk's own RBD image"),
+        ("rbd:rbd/x:bogus=1", "RBD options are conf="),
+    ] {
+        let (code, msg) = appliance_tests::ops::rpc_error(
+            &a,
+            "mirror_start",
+            serde_json::json!({"disk": "vm", "target": target, "create": true}),
+        );
+        assert!(code < 0 && msg.contains("`target`") && msg.contains(why), "{target}: {msg}");
+    }
+    // The same image named with its cluster options is the disk's own too.
+    let (_, msg) = appliance_tests::ops::rpc_error(
+        &a,
+        "mirror_start",
+        serde_json::json!({"disk": "vm", "target": cluster.qemu_name("evac"), "create": true}),
+    );
+    assert!(msg.contains("is this disk's own RBD image"), "{msg}");
     std::thread::sleep(Duration::from_millis(500));
     let last = writer.finish();
     fio_ok(fio);
@@ -401,6 +423,17 @@ fn a_live_disk_mirrors_into_the_cluster_and_back_out() {
     // Zero and unwritten ranges were not copied: the image stays thin.
     let used = cluster.used("evac");
     assert!(used < 100 * MIB, "the RBD image holds only data: {used} bytes used");
+
+    // A full backup of the RBD disk into another RBD image.
+    let r = rpc(
+        &a,
+        "backup_start",
+        serde_json::json!({"disk": "vm", "target": "rbd:rbd/bk", "create": true, "sync": "full"}),
+    );
+    let bjob =
+        r["result"]["job"].as_str().unwrap_or_else(|| panic!("backup_start: {r}")).to_string();
+    let j = wait_state(&a, &bjob, &["concluded"], Duration::from_secs(120));
+    assert!(j["error"].is_null(), "{j}");
 
     // And out again: a point-in-time copy of the RBD disk into a local raw file.
     let back = a.path("back.raw");
@@ -420,5 +453,8 @@ fn a_live_disk_mirrors_into_the_cluster_and_back_out() {
     assert!(a.stop().success(), "{}", a.logs());
     let exported = cluster.export("evac", &a.path("evac.raw"));
     assert!(std::fs::read(&back).unwrap() == exported, "the copy out equals the RBD image");
+    // Block status from the object map: objects never written are not copied.
+    assert!(sparse(&back, "raw", 40 * MIB, 24 * MIB), "the copy out stays sparse");
     assert!(exported[..8 * MIB as usize].iter().all(|&b| b == 0x11));
+    assert!(cluster.export("bk", &a.path("bk.raw")) == exported, "the RBD backup equals the disk");
 }
