@@ -268,6 +268,9 @@ fn a_missing_pool_or_image_a_wrong_key_and_a_down_cluster_fail_only_their_disk()
         rbd("noimage", "rbd:rbd/nosuch", &conf, &keyring),
         rbd("badkey", "rbd:rbd/ok", &conf, &bad_keyring.display().to_string()),
         rbd("down", "rbd:rbd/ok", &down_conf.display().to_string(), &keyring),
+        // A second disk of the cluster that is down fails at once, without waiting the
+        // timeout again.
+        rbd("down2", "rbd:rbd/other", &down_conf.display().to_string(), &keyring),
         rbd("good", "rbd:rbd/ok", &conf, &keyring),
     ]
     .join("\n");
@@ -278,6 +281,7 @@ fn a_missing_pool_or_image_a_wrong_key_and_a_down_cluster_fail_only_their_disk()
         ("noimage", "image `nosuch` does not exist in pool `rbd`"),
         ("badkey", "Permission denied"),
         ("down", "is the cluster up?"),
+        ("down2", "not retried within the timeout"),
     ] {
         assert!(
             logs.lines().any(|l| l.contains(&format!("disk `{disk}`")) && l.contains(why)),

@@ -37,6 +37,11 @@ impl Drop for Cluster {
 
 static CLUSTERS: Mutex<Vec<Weak<Cluster>>> = Mutex::new(Vec::new());
 
+/// The last failed connection to each cluster: disks of a cluster that is down fail at
+/// once, for one `timeout` after an attempt that waited it out, instead of each waiting
+/// it out again (twenty disks of a down cluster would hold up start-up twenty times).
+static FAILED: Mutex<Vec<(RbdCluster, std::time::Instant, String)>> = Mutex::new(Vec::new());
+
 fn cstr(what: &str, s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} `{s}` holds a NUL byte"))
 }
@@ -48,12 +53,56 @@ pub(crate) fn connect(how: &RbdCluster) -> Result<Arc<Cluster>, String> {
     if let Some(c) = all.iter().filter_map(Weak::upgrade).find(|c| c.how == *how) {
         return Ok(c);
     }
-    let c = Arc::new(new_connection(how)?);
-    all.push(Arc::downgrade(&c));
-    Ok(c)
+    let mut failed = FAILED.lock().unwrap_or_else(|p| p.into_inner());
+    failed.retain(|(_, at, _)| at.elapsed() < how.timeout.max(std::time::Duration::from_secs(1)));
+    if let Some((_, at, e)) = failed.iter().find(|(h, ..)| h == how) {
+        return Err(format!(
+            "{e} ({:.0} s ago; not retried within the timeout)",
+            at.elapsed().as_secs_f64()
+        ));
+    }
+    match new_connection(how) {
+        Ok(c) => {
+            let c = Arc::new(c);
+            all.push(Arc::downgrade(&c));
+            Ok(c)
+        }
+        Err((e, timed_out)) => {
+            if timed_out {
+                failed.push((how.clone(), std::time::Instant::now(), e.clone()));
+            }
+            Err(e)
+        }
+    }
 }
 
-fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
+/// A new connection, or why not and whether it was for want of an answer (timed out).
+fn new_connection(how: &RbdCluster) -> Result<Cluster, (String, bool)> {
+    configure(how).map_err(|e| (e, false)).and_then(|cluster| {
+        // SAFETY: a configured handle; blocks at most client_mount_timeout.
+        let rc = unsafe { (cluster.lib.rados_connect)(cluster.handle) };
+        if rc >= 0 {
+            return Ok(cluster);
+        }
+        let who = format!("client.{}", how.id.as_deref().unwrap_or("admin"));
+        let timed_out = matches!(-rc, libc::ETIMEDOUT | libc::EINTR);
+        let hint = match -rc {
+            libc::EACCES | libc::EPERM => " (is the keyring's key for this client right?)",
+            libc::ENOENT => " (no keyring with a key for this client: set [disk.rbd] keyring)",
+            _ if timed_out => " (no monitor answered: is the cluster up?)",
+            _ => "",
+        };
+        let conf = how.conf.display();
+        let e = format!(
+            "cannot connect to the cluster of {conf} as {who}: {}{hint}",
+            ffi::errno_text(rc.into())
+        );
+        Err((e, timed_out))
+    })
+}
+
+/// A cluster handle with `how`'s configuration, not yet connected.
+fn configure(how: &RbdCluster) -> Result<Cluster, String> {
     let lib = ffi::lib()?;
     let id = how.id.as_deref().map(|i| cstr("client id", i)).transpose()?;
     let mut handle: RadosT = std::ptr::null_mut();
@@ -92,21 +141,6 @@ fn new_connection(how: &RbdCluster) -> Result<Cluster, String> {
         if rc < 0 {
             return Err(format!("cannot set {k} = {v}: {}", ffi::errno_text(rc.into())));
         }
-    }
-    // SAFETY: a configured handle; blocks at most client_mount_timeout.
-    let rc = unsafe { (lib.rados_connect)(handle) };
-    if rc < 0 {
-        let who = format!("client.{}", how.id.as_deref().unwrap_or("admin"));
-        let hint = match -rc {
-            libc::EACCES | libc::EPERM => " (is the keyring's key for this client right?)",
-            libc::ENOENT => " (no keyring with a key for this client: set [disk.rbd] keyring)",
-            libc::ETIMEDOUT | libc::EINTR => " (no monitor answered: is the cluster up?)",
-            _ => "",
-        };
-        return Err(format!(
-            "cannot connect to the cluster of {conf} as {who}: {}{hint}",
-            ffi::errno_text(rc.into())
-        ));
     }
     Ok(cluster)
 }
