@@ -180,6 +180,13 @@ pub fn sparse(img: &Path, fmt: &str, off: u64, len: u64) -> bool {
     })
 }
 
+/// Disk `vm` still reads what [`start_vm`] put in it (data, zero clusters, data).
+pub fn vm_contents_ok(a: &Appliance) {
+    read_pattern_ok(a, "read -P 0x11 0 8M");
+    read_pattern_ok(a, "read -P 0 16M 8M");
+    read_pattern_ok(a, "read -P 0x22 32M 4M");
+}
+
 pub fn read_pattern_ok(a: &Appliance, cmd: &str) {
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &a.uri("vm")]));
     assert!(!stdout(&out).contains("fail"), "{cmd}: {}", stdout(&out));

@@ -60,6 +60,35 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// fio's nbd engine writing `size` at random through `uri` (`bsrange`, `iodepth`), then
+/// reading it back with `verify=crc32c`; fails the test on any error or mismatch and
+/// returns fio's job report.
+pub fn fio_verify(uri: &str, size: &str, bsrange: &str, depth: u32) -> serde_json::Value {
+    let out = run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        &format!("--bsrange={bsrange}"),
+        "--bs_unaligned=0",
+        &format!("--iodepth={depth}"),
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]));
+    // fio prints "fio: connected to NBD server" before its JSON.
+    let text = stdout(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').expect("fio json")..]).expect("fio json");
+    let job = json["jobs"][0].clone();
+    assert_eq!(job["error"], 0, "fio reported an error:\n{text}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "fio verified nothing:\n{text}");
+    job
+}
+
 /// Runs a command with a timeout; panics with its output if it fails or hangs.
 pub fn run(cmd: &mut Command) -> Output {
     let out = run_unchecked(cmd, Duration::from_secs(300));

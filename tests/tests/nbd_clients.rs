@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use appliance_tests::{Appliance, Setup, pattern, require_tool, run, sparse_file, stdout};
+use appliance_tests::{
+    Appliance, Setup, fio_verify, pattern, require_tool, run, sparse_file, stdout,
+};
 
 const DRIVERS: [&str; 2] = ["io_uring", "aio"];
 const MIB: u64 = 1 << 20;
@@ -25,28 +27,8 @@ fn fio_random_writes_verify_crc32c() {
     require_tool("fio", "fio");
     for driver in DRIVERS {
         let mut a = start(driver, 64 * MIB);
-        for (uri, depth) in [(a.uri("d"), "32"), (a.tcp_uri("d"), "8")] {
-            let out = run(Command::new("fio").args([
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bsrange=512-64k",
-                "--bs_unaligned=0",
-                &format!("--iodepth={depth}"),
-                "--size=32M",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output-format=json",
-            ]));
-            // fio prints "fio: connected to NBD server" before its JSON.
-            let text = stdout(&out);
-            let json: serde_json::Value =
-                serde_json::from_str(&text[text.find('{').expect("fio json")..]).expect("fio json");
-            let job = &json["jobs"][0];
-            assert_eq!(job["error"], 0, "{driver}: fio reported an error");
+        for (uri, depth) in [(a.uri("d"), 32), (a.tcp_uri("d"), 8)] {
+            let job = fio_verify(&uri, "32M", "512-64k", depth);
             assert!(
                 job["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB,
                 "{driver}: wrote everything"
