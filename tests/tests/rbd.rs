@@ -145,7 +145,9 @@ fn an_osd_stopped_under_load_delays_then_fails_requests_and_nothing_flushed_is_l
         "{}\n[[disk]]\nname = \"ram\"\ndriver = \"mem\"\nsize = \"16MiB\"\n",
         cluster.disk_toml("f", "f", 5, "")
     );
-    let mut a = Appliance::start(Setup { disks, ..Setup::default() }, |_| {});
+    let metrics = appliance_tests::free_port();
+    let extra = control_extra(Some(metrics));
+    let mut a = Appliance::start(Setup { disks, extra, ..Setup::default() }, |_| {});
     let uri = a.uri("f");
     qemu_io(&uri, &["write -P 0x11 0 8M", "flush"]);
 
@@ -198,6 +200,11 @@ fn an_osd_stopped_under_load_delays_then_fails_requests_and_nothing_flushed_is_l
         "bounded by the 5 s timeout: {took:?}"
     );
     assert!(a.logs().contains("timed out"), "{}", a.logs());
+    // The metrics count it (refreshed every second).
+    appliance_tests::ops::scrape_until(metrics, "the timeout counted", |text| {
+        let name = "appliance_rbd_requests_timed_out_total";
+        appliance_tests::ops::sample(text, name, &[("disk", "f")]) >= 1.0
+    });
     cluster.osd_start();
 
     // 3. Back: I/O resumes, and everything acknowledged as flushed is there.

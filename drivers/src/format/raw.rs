@@ -58,6 +58,10 @@ impl BlockDriver for RawDriver {
     fn resizable(&self) -> Option<&dyn Resizable> {
         Some(self)
     }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.storage.stats()
+    }
 }
 
 impl Resizable for RawDriver {

@@ -101,6 +101,11 @@ pub trait Backend: Send + Sync + 'static {
         Err(std::io::ErrorKind::Unsupported.into())
     }
 
+    /// Counters for the metrics endpoint (`rbd_requests_timed_out`, say).
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// The file descriptor, for file backends.
     fn raw_fd(&self) -> Option<RawFd> {
         None
@@ -242,6 +247,11 @@ impl Storage {
         self.backend.sync()?;
         self.size.store(len, Ordering::Release);
         Ok(())
+    }
+
+    /// The backend's counters, for the metrics endpoint.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.backend.stats()
     }
 
     /// Synchronous flush for control-plane repairs.

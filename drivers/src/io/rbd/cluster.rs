@@ -154,6 +154,8 @@ pub(crate) struct Image {
     ioctx: IoCtxT,
     /// Serialises growth (offload workers of several channels).
     grow: Mutex<()>,
+    /// Requests that waited out the timeout (failed with EIO).
+    pub(crate) timeouts: std::sync::atomic::AtomicU64,
     _cluster: Arc<Cluster>,
 }
 
@@ -232,6 +234,7 @@ impl Image {
             handle,
             ioctx: io,
             grow: Mutex::new(()),
+            timeouts: std::sync::atomic::AtomicU64::new(0),
             _cluster: cluster,
         })
     }

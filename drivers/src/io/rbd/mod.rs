@@ -177,6 +177,11 @@ impl Backend for RbdBackend {
     fn reports_holes(&self) -> bool {
         self.fast_diff
     }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        let t = self.image.timeouts.load(std::sync::atomic::Ordering::Relaxed);
+        vec![("rbd_requests_timed_out", t)]
+    }
 }
 
 struct RbdChannel {
@@ -190,6 +195,7 @@ fn rbd_result(image: &Image, rv: i64) -> Result<(), IoError> {
     match rv {
         0.. => Ok(()),
         e if e == -i64::from(libc::ETIMEDOUT) => {
+            image.timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(image = %image.name, "rbd: a request timed out waiting for the cluster");
             Err(IoError::Os(libc::EIO))
         }
