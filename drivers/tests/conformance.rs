@@ -201,6 +201,52 @@ fn vectored_io_with_unaligned_memory() {
     });
 }
 
+/// Registered chunks of this process's io_uring fixed-buffer tables (`UserBufs` entries
+/// in the rings' fdinfo that are not `<none>`).
+fn registered_fixed_chunks() -> usize {
+    let mut n = 0;
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let is_ring =
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"));
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ));
+        if let (true, Ok(info)) = (is_ring, info) {
+            let bufs = info.lines().skip_while(|l| !l.starts_with("UserBufs:")).skip(1);
+            n += bufs
+                .take_while(|l| l.starts_with(char::is_whitespace))
+                .filter(|l| l.contains("0x"))
+                .count();
+        }
+    }
+    n
+}
+
+#[test]
+fn dma_buffers_go_to_io_uring_as_fixed_buffers() {
+    let r = reactors();
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(Kind::File(EngineKind::IoUring, true), dir.path());
+    r.handles()[0].block_on(move || async move {
+        let a = Aligned::new(storage.channel().unwrap());
+        // One chunk-sized buffer (a fixed buffer) and one larger than a chunk (plain),
+        // written (FUA for the first) and read back into other DMA buffers.
+        for (off, len, fua) in [(0u64, 4096usize, true), (1 << 20, 4 << 20, false)] {
+            let data = pattern(off + 7, len);
+            let mut w = dma::alloc(len).unwrap();
+            w.as_mut_slice().copy_from_slice(&data);
+            a.write(off, &[IoSeg::from_dma(&mut w)], fua).await.unwrap();
+            let mut rd = dma::alloc(len).unwrap();
+            a.read(off, &[IoSeg::from_dma(&mut rd)]).await.unwrap();
+            assert!(rd.as_slice() == &data[..], "{len} bytes at {off} read back differently");
+        }
+        let chunks = registered_fixed_chunks();
+        assert!((1..=16).contains(&chunks), "{chunks} chunks of the DMA pool registered");
+    });
+    r.stop();
+}
+
 #[test]
 fn reads_past_end_of_file_are_zero() {
     let r = reactors();

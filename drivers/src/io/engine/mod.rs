@@ -22,6 +22,7 @@
 //! alternating rounds; docs/perf/profile.md). It sleeps once the disk is idle.
 
 pub(crate) mod aio;
+mod fixed;
 pub(crate) mod offload;
 pub(crate) mod uring;
 

@@ -8,7 +8,8 @@
 //! the end of the tick, or at once when [`SUBMIT_BATCH`] are queued; the completion queue is reaped by an `Early` poller straight from
 //! shared memory. The ring has `ENGINE_DEPTH` submission entries and twice as many
 //! completion entries (the kernel default), and at most `ENGINE_DEPTH` operations are in
-//! flight (the slot table), so the completion queue cannot overflow.
+//! flight (the slot table), so the completion queue cannot overflow. Both rings take
+//! the reactor's DMA region as fixed buffers, registered a chunk at a time ([`Fixed`]).
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
@@ -17,6 +18,7 @@ use std::rc::Rc;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::fixed::Fixed;
 use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, SUBMIT_BATCH, Slots};
 
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
@@ -45,12 +47,9 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     eventfd: OwnedFd,
     /// The kernel supports socket receive and sendmsg on the ring.
     sockets: bool,
-    /// The region registered as fixed buffers (start, length), [`FIXED_CHUNK`] each.
-    fixed: Cell<Option<(usize, usize)>>,
+    /// The reactor's DMA region as fixed buffers, once set up (see [`Fixed`]).
+    fixed: OnceCell<Fixed>,
 }
-
-/// Bytes per registered buffer (the kernel's limit for one).
-pub(crate) const FIXED_CHUNK: usize = 1 << 30;
 
 /// The reactor's ring for files and sockets.
 pub(crate) type Uring = Ring<squeue::Entry, cqueue::Entry>;
@@ -62,12 +61,15 @@ thread_local! {
     static NVME_RING: OnceCell<Rc<NvmeRing>> = const { OnceCell::new() };
 }
 
-/// The current reactor's ring, created (and its pollers registered) on first use.
+/// The current reactor's ring, created (and its pollers registered) on first use, with
+/// the reactor's DMA region as its fixed buffers: a read or write whose buffer lies in
+/// the region skips the kernel's per-I/O page pinning ([`Fixed`]).
 pub(crate) fn current() -> io::Result<Rc<Uring>> {
     if let Some(u) = URING.with(|c| c.get().cloned()) {
         return Ok(u);
     }
     let u = start::<squeue::Entry, cqueue::Entry>()?;
+    u.enable_fixed();
     URING.with(|c| {
         let _ = c.set(u.clone());
     });
@@ -75,30 +77,14 @@ pub(crate) fn current() -> io::Result<Rc<Uring>> {
 }
 
 /// The current reactor's NVMe passthrough ring, created on first use, with the
-/// reactor's DMA region registered as its fixed buffers ([`FIXED_CHUNK`] bytes each):
-/// a command whose buffer lies in the region skips the kernel's per-I/O page pinning.
-/// Registering pins the region; a kernel or memory-lock limit that refuses leaves the
-/// ring without fixed buffers.
+/// reactor's DMA region as its fixed buffers ([`Fixed`]): a command whose buffer lies
+/// in the region skips the kernel's per-I/O page pinning.
 pub(crate) fn current_nvme() -> io::Result<Rc<NvmeRing>> {
     if let Some(u) = NVME_RING.with(|c| c.get().cloned()) {
         return Ok(u);
     }
     let u = start::<squeue::Entry128, cqueue::Entry32>()?;
-    let (base, len) = poller::dma::region();
-    let iovs: Vec<libc::iovec> = (0..len.div_ceil(FIXED_CHUNK))
-        .map(|i| libc::iovec {
-            iov_base: (base + i * FIXED_CHUNK) as *mut libc::c_void,
-            iov_len: FIXED_CHUNK.min(len - i * FIXED_CHUNK),
-        })
-        .collect();
-    // SAFETY: the region lives as long as the reactor, and so does this ring (both are
-    // the reactor thread's); the kernel pins the pages until the ring is closed.
-    match unsafe { u.ring.borrow().submitter().register_buffers(&iovs) } {
-        Ok(()) => u.fixed.set(Some((base, len))),
-        Err(e) => {
-            tracing::info!("NVMe ring without fixed buffers (registering the DMA region: {e})")
-        }
-    }
+    u.enable_fixed();
     NVME_RING.with(|c| {
         let _ = c.set(u.clone());
     });
@@ -156,50 +142,70 @@ fn steer_workers<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<
     }
 }
 
-/// Submission entries an [`IoOp`] can be written into.
+/// Submission entries an [`IoOp`] can be written into; `fixed` is the index of the
+/// registered buffer a read's or write's buffer lies in ([`Fixed`]).
 pub(crate) trait Encode: squeue::EntryMarker {
-    fn encode(op: &IoOp) -> Self;
+    fn encode(op: &IoOp, fixed: Option<u16>) -> Self;
 }
 
 impl Encode for squeue::Entry {
-    fn encode(op: &IoOp) -> Self {
-        match *op {
-            IoOp::Read { fd, off, ptr, len } => {
-                opcode::Read::new(types::Fd(fd), ptr, len).offset(off).build()
+    fn encode(op: &IoOp, fixed: Option<u16>) -> Self {
+        match (*op, fixed) {
+            (IoOp::Read { fd, off, ptr, len }, Some(i)) => {
+                opcode::ReadFixed::new(types::Fd(fd), ptr, len, i).offset(off).build()
             }
-            IoOp::Write { fd, off, ptr, len, fua } => opcode::Write::new(types::Fd(fd), ptr, len)
-                .offset(off)
-                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                .build(),
-            IoOp::Readv { fd, off, iov, cnt } => {
-                opcode::Readv::new(types::Fd(fd), iov, cnt).offset(off).build()
+            (IoOp::Write { fd, off, ptr, len, fua }, Some(i)) => {
+                opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
+                    .offset(off)
+                    .rw_flags(dsync(fua))
+                    .build()
             }
-            IoOp::Writev { fd, off, iov, cnt, fua } => opcode::Writev::new(types::Fd(fd), iov, cnt)
-                .offset(off)
-                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                .build(),
-            IoOp::Fsync { fd } => {
-                opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build()
-            }
-            IoOp::Fallocate { fd, off, len, mode } => {
-                opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build()
-            }
-            IoOp::Recv { fd, ptr, len } => opcode::Recv::new(types::Fd(fd), ptr, len).build(),
-            IoOp::SendMsg { fd, msg } => {
-                opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build()
-            }
-            IoOp::UringCmd { .. } => {
-                // Only the 128-byte ring carries commands (`EngineRef::Nvme`); should one
-                // reach this ring, it fails (EBADF) instead of completing as a no-op.
-                debug_assert!(false, "a passthrough command on the 64-byte ring");
-                opcode::Read::new(types::Fd(-1), std::ptr::null_mut(), 0).build()
-            }
+            (op, _) => encode_plain(op),
         }
     }
 }
 
+/// An operation without a fixed buffer.
+fn encode_plain(op: IoOp) -> squeue::Entry {
+    match op {
+        IoOp::Read { fd, off, ptr, len } => {
+            opcode::Read::new(types::Fd(fd), ptr, len).offset(off).build()
+        }
+        IoOp::Write { fd, off, ptr, len, fua } => {
+            opcode::Write::new(types::Fd(fd), ptr, len).offset(off).rw_flags(dsync(fua)).build()
+        }
+        IoOp::Readv { fd, off, iov, cnt } => {
+            opcode::Readv::new(types::Fd(fd), iov, cnt).offset(off).build()
+        }
+        IoOp::Writev { fd, off, iov, cnt, fua } => {
+            opcode::Writev::new(types::Fd(fd), iov, cnt).offset(off).rw_flags(dsync(fua)).build()
+        }
+        IoOp::Fsync { fd } => {
+            opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build()
+        }
+        IoOp::Fallocate { fd, off, len, mode } => {
+            opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build()
+        }
+        IoOp::Recv { fd, ptr, len } => opcode::Recv::new(types::Fd(fd), ptr, len).build(),
+        IoOp::SendMsg { fd, msg } => {
+            opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build()
+        }
+        IoOp::UringCmd { .. } => {
+            // Only the 128-byte ring carries commands (`EngineRef::Nvme`); should one
+            // reach this ring, it fails (EBADF) instead of completing as a no-op.
+            debug_assert!(false, "a passthrough command on the 64-byte ring");
+            opcode::Read::new(types::Fd(-1), std::ptr::null_mut(), 0).build()
+        }
+    }
+}
+
+/// The flags of a write: `RWF_DSYNC` when it is FUA.
+fn dsync(fua: bool) -> i32 {
+    if fua { libc::RWF_DSYNC } else { 0 }
+}
+
 impl Encode for squeue::Entry128 {
-    fn encode(op: &IoOp) -> Self {
+    fn encode(op: &IoOp, _fixed: Option<u16>) -> Self {
         match *op {
             IoOp::UringCmd { fd, cmd_op, cmd, fixed } => {
                 // SAFETY: `cmd` points at the command in the operation's future, alive
@@ -207,7 +213,7 @@ impl Encode for squeue::Entry128 {
                 let cmd = unsafe { *cmd };
                 opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd).buf_index(fixed).build()
             }
-            _ => squeue::Entry::encode(op).into(),
+            _ => encode_plain(*op).into(),
         }
     }
 }
@@ -255,7 +261,7 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             queued: Cell::new(0),
             eventfd,
             sockets,
-            fixed: Cell::new(None),
+            fixed: OnceCell::new(),
         })
     }
 
@@ -263,18 +269,22 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
     /// NVMe passthrough commands with EINVAL, as the test guest's Debian 6.1 kernel
     /// does), releasing the pinned region.
     pub(crate) fn disable_fixed(&self) {
-        if self.fixed.take().is_some() {
+        if let Some(f) = self.fixed.get() {
             tracing::info!("NVMe passthrough without fixed buffers: the kernel refuses them");
-            let _ = self.ring.borrow().submitter().unregister_buffers();
+            f.disable(&self.ring.borrow());
+        }
+    }
+
+    /// Sets up the fixed-buffer table (once, on the reactor that owns the ring).
+    fn enable_fixed(&self) {
+        if let Some(f) = Fixed::new(&self.ring.borrow()) {
+            let _ = self.fixed.set(f);
         }
     }
 
     /// The index of the fixed buffer holding `len` bytes at `addr`, if they lie in one.
     pub(crate) fn fixed_index(&self, addr: usize, len: usize) -> Option<u16> {
-        let (base, size) = self.fixed.get()?;
-        let off = addr.checked_sub(base)?;
-        let chunk = off / FIXED_CHUNK;
-        (off + len <= size && (off + len - 1) / FIXED_CHUNK == chunk).then_some(chunk as u16)
+        self.fixed.get()?.index(&self.ring.borrow(), addr, len)
     }
 
     /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.
@@ -387,7 +397,12 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
     }
 
     fn queue(&self, op: &IoOp, slot: u32) -> bool {
-        let mut entry = S::encode(op);
+        let fixed = match *op {
+            IoOp::Read { ptr, len, .. } => self.fixed_index(ptr as usize, len as usize),
+            IoOp::Write { ptr, len, .. } => self.fixed_index(ptr as usize, len as usize),
+            _ => None,
+        };
+        let mut entry = S::encode(op, fixed);
         entry.set_user_data(Self::tag(op, slot));
         if !self.push(&entry) {
             return false;
