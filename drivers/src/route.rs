@@ -211,7 +211,7 @@ where
         while pool.is_full() {
             pool.finished().await;
         }
-        if pool.spawn(run(p)).is_err() {
+        if !pool.spawn_with(|| run(p)) {
             unreachable!("the pool had room");
         }
     }

@@ -62,6 +62,40 @@ fn task_pool_runs_tasks_and_hands_back_when_full() {
 }
 
 #[test]
+fn task_pool_spawn_with_makes_tasks_in_their_slots() {
+    let r = start(1, IdlePolicy::Busy);
+    let done = r.handles()[0].block_on(|| async {
+        let counter = Rc::new(Cell::new(0u32));
+        // A future with a large state (as a request future that can reach metadata
+        // writeback is): made in its slot, then run there.
+        let make = |c: Rc<Cell<u32>>, k: u32| async move {
+            let mut big = [0u8; 64 << 10];
+            sleep(Duration::from_millis(1)).await;
+            big[k as usize] = 1;
+            c.set(c.get() + u32::from(big.iter().map(|&b| b as u32).sum::<u32>() == 1));
+        };
+        let pool = TaskPool::new(3);
+        for k in 0..3 {
+            assert!(pool.spawn_with(|| make(counter.clone(), k)));
+        }
+        let mut called = false;
+        assert!(!pool.spawn_with(|| {
+            called = true;
+            make(counter.clone(), 0)
+        }));
+        assert!(!called, "a full pool does not make the task");
+        pool.drain().await;
+        for k in 0..3 {
+            assert!(pool.spawn_with(|| make(counter.clone(), k)), "slots are reused");
+        }
+        pool.drain().await;
+        counter.get()
+    });
+    assert_eq!(done, 6);
+    r.stop();
+}
+
+#[test]
 fn timers_fire_in_order_and_timeouts_expire() {
     let r = start(1, IdlePolicy::adaptive());
     let order = r.handles()[0].block_on(|| async {

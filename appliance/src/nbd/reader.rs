@@ -147,7 +147,7 @@ where
             pool.finished().await;
         }
         let a = Admitted { req, payload, refused, ticket };
-        if pool.spawn(handler(c.clone(), a)).is_err() {
+        if !pool.spawn_with(|| handler(c.clone(), a)) {
             unreachable!("the pool had a free slot");
         }
     }

@@ -142,7 +142,7 @@ impl Runner {
             }
             if let Some(req) = self.take_request(head) {
                 self.in_flight.set(self.in_flight.get() + 1);
-                if pool.spawn(make(self.clone(), req)).is_err() {
+                if !pool.spawn_with(|| make(self.clone(), req)) {
                     unreachable!("the pool had room");
                 }
             }
