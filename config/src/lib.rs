@@ -936,12 +936,29 @@ impl Validator {
                 Some(Qos { iops, bandwidth, burst })
             }
         };
+        let direct = match raw.direct {
+            // Meaningless without a file, and not rendered back: refused, as `size`
+            // on a file disk is, so what the file says is what runs.
+            Some(d) if !driver.uses_file() => {
+                return Err(self.err(
+                    d.span(),
+                    &key("direct"),
+                    format!(
+                        "driver {} opens no file; `direct` (O_DIRECT) is for io_uring, aio \
+                         and nvme_uring disks",
+                        driver.name()
+                    ),
+                ));
+            }
+            Some(d) => d.into_inner(),
+            None => driver.uses_file(),
+        };
         Ok(Disk {
             name,
             path,
             format,
             driver,
-            direct: raw.direct.unwrap_or(driver.uses_file()),
+            direct,
             read_only: raw.read_only.unwrap_or(false),
             size,
             allowed_backing_dirs,

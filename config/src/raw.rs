@@ -81,7 +81,7 @@ pub(crate) struct RawDisk {
     pub path: Option<Spanned<String>>,
     pub format: Option<Spanned<String>>,
     pub driver: Option<Spanned<String>>,
-    pub direct: Option<bool>,
+    pub direct: Option<Spanned<bool>>,
     pub read_only: Option<bool>,
     pub size: Option<Spanned<ByteSize>>,
     pub allowed_backing_dirs: Option<Vec<Spanned<String>>>,

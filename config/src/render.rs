@@ -5,7 +5,7 @@
 
 use toml::{Table, Value};
 
-use crate::{Config, Disk, Driver, Format, Hugepages, IdlePolicy, SocketPerms, TlsFiles};
+use crate::{Config, Disk, Format, Hugepages, IdlePolicy, SocketPerms, TlsFiles};
 
 fn int(v: u64) -> Value {
     // TOML integers are i64; every size the appliance accepts fits.
@@ -108,7 +108,7 @@ pub fn disk(d: &Disk) -> Table {
         ),
     );
     t.insert("driver".into(), Value::String(d.driver.name().into()));
-    if matches!(d.driver, Driver::IoUring | Driver::Aio) {
+    if d.driver.uses_file() {
         t.insert("direct".into(), Value::Boolean(d.direct));
     }
     t.insert("read_only".into(), Value::Boolean(d.read_only));

@@ -148,6 +148,15 @@ fn memory_disks_need_a_size_and_no_path() {
     assert_eq!(c.disks[0].size, Some(64 << 20));
     assert!(c.disks[0].read_only);
     assert!(!c.disks[0].direct);
+    // O_DIRECT means nothing without a file: refused, naming the key and its line (it
+    // was accepted, then lost when the config was rendered back).
+    for d in ["mem", "null"] {
+        let (key, line, m) = invalid(&format!(
+            "[[disk]]\nname = \"a\"\ndriver = \"{d}\"\nsize = 512\ndirect = true\n"
+        ));
+        assert_eq!((key.as_str(), line), ("disk[0].direct", 5), "{m}");
+        assert!(m.contains(d) && m.contains("opens no file"), "{m}");
+    }
 }
 
 #[test]
