@@ -111,6 +111,11 @@ pub struct RunRecord {
     pub server_cpu_cores: Option<f64>,
     /// Server CPU time per I/O, microseconds.
     pub server_cpu_us_per_io: Option<f64>,
+    /// Requests in flight at the block device holding the images, averaged over the run
+    /// (`/sys/dev/block/*/stat`: time in queue over wall time): how much of the job's
+    /// queue depth the storage sees, the rest being in the client, the transport or
+    /// the server.
+    pub disk_queue: Option<f64>,
     pub fio_output: String,
 }
 
@@ -235,19 +240,18 @@ impl Options {
             .collect()
     }
 
-    /// The targets of one job in round `round`: every (server, format) pair and the
-    /// device, reversed on odd rounds (ABBA).
+    /// The targets of one job in round `round`: every (server, format) pair, then the
+    /// device and the `null` disk (one run each, whatever the format), reversed on odd
+    /// rounds (ABBA).
     pub fn order(&self, round: usize) -> Vec<(Kind, Option<Format>)> {
         let mut v = Vec::new();
         for &f in &self.formats {
-            for &k in &self.servers {
-                if k != Kind::Device {
-                    v.push((k, Some(f)));
-                }
+            for &k in self.servers.iter().filter(|k| k.per_format()) {
+                v.push((k, Some(f)));
             }
         }
-        if self.servers.contains(&Kind::Device) {
-            v.push((Kind::Device, None));
+        for &k in self.servers.iter().filter(|k| !k.per_format()) {
+            v.push((k, None));
         }
         if round % 2 == 1 {
             v.reverse();
@@ -374,7 +378,11 @@ fn run_one(
     kind: Kind,
     format: Option<Format>,
 ) -> RunRecord {
-    let fmt_name = format.map_or("file", Format::name);
+    let fmt_name = match (kind, format) {
+        (Kind::Null, _) => "null",
+        (_, Some(f)) => f.name(),
+        (_, None) => "file",
+    };
     let base = format!("{seq:04}-r{round}-{}-{fmt_name}-{}", job.name, kind.name());
     let log = logs.join(&base);
     let mut rec = RunRecord {
@@ -387,6 +395,7 @@ fn run_one(
         measure: Measure::default(),
         server_cpu_cores: None,
         server_cpu_us_per_io: None,
+        disk_queue: None,
         fio_output: format!("logs/{base}.json"),
     };
     let runopts = fio::RunOpts {
@@ -396,19 +405,24 @@ fn run_one(
         io_size: job.empty.then_some(o.empty_io_size),
         slack: Duration::from_secs(60),
     };
-    let result = (|| -> Result<(Measure, Option<f64>), String> {
-        let image = match (job.empty, kind, format) {
-            (true, Kind::Device, _) => make_empty(o, &images.dir, Format::Raw)?,
-            (true, _, Some(f)) => make_empty(o, &images.dir, f)?,
-            (false, _, Some(Format::Qcow2)) => images.alloc_qcow2.clone(),
-            _ => images.data_raw.clone(),
+    let result = (|| -> Result<(Measure, Option<f64>, Option<f64>), String> {
+        // An empty image is made for each run of the write-to-empty job and removed
+        // after it; the null disk opens no image at all.
+        let fresh = match (job.empty, kind, format) {
+            (_, Kind::Null, _) | (false, ..) => None,
+            (true, Kind::Device, _) => Some(make_empty(o, &images.dir, Format::Raw)?),
+            (true, _, f) => Some(make_empty(o, &images.dir, f.unwrap_or(Format::Raw))?),
         };
+        let image = match (&fresh, format) {
+            (Some(p), _) => p.clone(),
+            (None, Some(Format::Qcow2)) => images.alloc_qcow2.clone(),
+            (None, _) => images.data_raw.clone(),
+        };
+        let _remove = fresh.map(Remove);
         if kind == Kind::Device {
-            let m = fio::run(job, &fio::Target::File(image.clone()), &runopts, &log);
-            if job.empty {
-                let _ = std::fs::remove_file(&image);
-            }
-            return m.map(|m| (m, None));
+            let disk = DiskQueue::of(&images.dir);
+            let m = fio::run(job, &fio::Target::File(image.clone()), &runopts, &log)?;
+            return Ok((m, None, disk.and_then(|d| d.average())));
         }
         let spec = Spec {
             kind,
@@ -419,18 +433,18 @@ fn run_one(
             appliance_cores: o.appliance_cores.clone(),
             appliance_bin: appliance.to_path_buf(),
             appliance_idle: o.appliance_idle.clone(),
-            appliance_delay_us: o.slow_appliance_us,
+            appliance_delay_us: if kind == Kind::Null { 0 } else { o.slow_appliance_us },
+            null_size: if job.empty { o.empty_size } else { o.image_size },
         };
         let server = Server::start(&spec)?;
         let cpu0 = server.cpu_time();
         let t0 = Instant::now();
+        let disk = DiskQueue::of(&images.dir);
         let m = fio::run(job, &fio::Target::Nbd(server.uri()), &runopts, &log);
+        let queue = disk.and_then(|d| d.average());
         let wall = t0.elapsed();
         let cpu1 = server.cpu_time();
         let stopped = server.stop(Duration::from_secs(30));
-        if job.empty {
-            let _ = std::fs::remove_file(&image);
-        }
         let m = m?;
         stopped?;
         let cores = match (cpu0, cpu1) {
@@ -439,10 +453,11 @@ fn run_one(
             }
             _ => None,
         };
-        Ok((m, cores))
+        Ok((m, cores, queue))
     })();
     match result {
-        Ok((m, cores)) => {
+        Ok((m, cores, queue)) => {
+            rec.disk_queue = queue;
             rec.server_cpu_cores = cores;
             rec.server_cpu_us_per_io = cores.filter(|_| m.iops > 0.0).map(|c| c / m.iops * 1e6);
             rec.measure = m;
@@ -450,6 +465,49 @@ fn run_one(
         Err(e) => rec.error = Some(e),
     }
     rec
+}
+
+/// Removes a file when dropped (a run's fresh empty image, whatever the run's outcome).
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The block device a directory lives on, and its time-in-queue counter when the
+/// measurement started.
+struct DiskQueue {
+    stat: PathBuf,
+    queue_ms: u64,
+    at: Instant,
+}
+
+impl DiskQueue {
+    /// Starts measuring the device under `dir`; `None` when it is not a block device
+    /// (tmpfs, overlay) or the kernel does not say.
+    fn of(dir: &Path) -> Option<DiskQueue> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(dir).ok()?.dev();
+        let stat =
+            PathBuf::from(format!("/sys/dev/block/{}:{}/stat", libc::major(dev), libc::minor(dev)));
+        let queue_ms = Self::read(&stat)?;
+        Some(DiskQueue { stat, queue_ms, at: Instant::now() })
+    }
+
+    /// Field 11 of the block layer's stat file: milliseconds spent in queue, summed
+    /// over the requests (Documentation/block/stat.rst).
+    fn read(stat: &Path) -> Option<u64> {
+        std::fs::read_to_string(stat).ok()?.split_whitespace().nth(10)?.parse().ok()
+    }
+
+    /// Requests in flight on average since [`DiskQueue::of`].
+    fn average(&self) -> Option<f64> {
+        let ms = Self::read(&self.stat)?.checked_sub(self.queue_ms)?;
+        let wall = self.at.elapsed().as_secs_f64() * 1e3;
+        (wall > 0.0).then(|| ms as f64 / wall)
+    }
 }
 
 /// What a harness run produced.
@@ -513,7 +571,7 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                     total,
                     round + 1,
                     job.name,
-                    format.map_or("file", Format::name),
+                    if kind == Kind::Null { "null" } else { format.map_or("file", Format::name) },
                     kind.name()
                 );
                 match &r.error {
@@ -585,9 +643,10 @@ mod tests {
         let o = Options::full("x".into());
         let a = o.order(0);
         let b = o.order(1);
-        assert_eq!(a.len(), 7);
+        assert_eq!(a.len(), 8);
         assert_eq!(a[0], (Kind::Appliance, Some(Format::Raw)));
         assert_eq!(a[6], (Kind::Device, None));
+        assert_eq!(a[7], (Kind::Null, None));
         let mut r = b.clone();
         r.reverse();
         assert_eq!(a, r);

@@ -22,10 +22,15 @@ pub enum Kind {
     /// No server: fio straight on the raw file (the device limit).
     #[serde(rename = "device")]
     Device,
+    /// The appliance serving a `null` disk (no storage behind it): what the NBD client
+    /// reaches on this machine, the transport's ceiling.
+    #[serde(rename = "null")]
+    Null,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Appliance, Kind::Qsd, Kind::QemuNbd, Kind::Device];
+    pub const ALL: [Kind; 5] =
+        [Kind::Appliance, Kind::Qsd, Kind::QemuNbd, Kind::Device, Kind::Null];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,14 +38,26 @@ impl Kind {
             Kind::Qsd => "qsd",
             Kind::QemuNbd => "qemu-nbd",
             Kind::Device => "device",
+            Kind::Null => "null",
         }
+    }
+
+    /// Whether the target serves the job's image, so runs once per format; the device
+    /// and the `null` disk are the same for every format.
+    pub fn per_format(self) -> bool {
+        !matches!(self, Kind::Device | Kind::Null)
+    }
+
+    /// Whether the target is the appliance's binary.
+    fn is_appliance(self) -> bool {
+        matches!(self, Kind::Appliance | Kind::Null)
     }
 
     pub fn parse(s: &str) -> Result<Kind, String> {
         Kind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown server {s:?} (appliance, qsd, qemu-nbd, device)"))
+            .ok_or_else(|| format!("unknown server {s:?} (appliance, qsd, qemu-nbd, device, null)"))
     }
 }
 
@@ -85,6 +102,8 @@ pub struct Spec {
     pub appliance_idle: String,
     /// `APPLIANCE_DEBUG_DELAY_US` for the appliance (0: none).
     pub appliance_delay_us: u64,
+    /// Size of the `null` disk ([`Kind::Null`]; the image is not used).
+    pub null_size: u64,
 }
 
 /// A running server.
@@ -134,21 +153,28 @@ fn appliance_cores(s: &Spec) -> Vec<usize> {
 }
 
 fn appliance_config(s: &Spec, sock: &Path) -> String {
-    let format = s.format.name();
     let cores: Vec<String> = appliance_cores(s).iter().map(usize::to_string).collect();
+    let disk = if s.kind == Kind::Null {
+        format!("driver = \"null\"\nsize = {}\n", s.null_size)
+    } else {
+        format!(
+            "path = {}\nformat = \"{}\"\ndriver = \"io_uring\"\n",
+            crate::toml_str(&s.image.to_string_lossy()),
+            s.format.name()
+        )
+    };
     format!(
-        "[appliance]\ncores = [{}]\nidle = {}\n\n[nbd]\nlisten = [{}]\n\n[[disk]]\nname = \"d\"\npath = {}\nformat = \"{format}\"\ndriver = \"io_uring\"\n",
+        "[appliance]\ncores = [{}]\nidle = {}\n\n[nbd]\nlisten = [{}]\n\n[[disk]]\nname = \"d\"\n{disk}",
         cores.join(", "),
         crate::toml_str(&s.appliance_idle),
         crate::toml_str(&format!("unix:{}", sock.display())),
-        crate::toml_str(&s.image.to_string_lossy()),
     )
 }
 
 /// The command that starts the server of `s` listening on `sock`.
 pub fn command(s: &Spec, sock: &Path) -> Result<Command, String> {
     let mut c = Command::new("taskset");
-    let cpus = if s.kind == Kind::Appliance {
+    let cpus = if s.kind.is_appliance() {
         appliance_cores(s).iter().map(usize::to_string).collect::<Vec<_>>().join(",")
     } else {
         s.core.to_string()
@@ -159,7 +185,7 @@ pub fn command(s: &Spec, sock: &Path) -> Result<Command, String> {
         return Err(format!("image path {img:?} contains a comma (QEMU option syntax)"));
     }
     match s.kind {
-        Kind::Appliance => {
+        Kind::Appliance | Kind::Null => {
             let cfg = s.dir.join("appliance.toml");
             std::fs::write(&cfg, appliance_config(s, sock))
                 .map_err(|e| format!("{}: {e}", cfg.display()))?;
@@ -333,10 +359,34 @@ mod tests {
             appliance_bin: "/bin/false".into(),
             appliance_idle: "busy".into(),
             appliance_delay_us: 0,
+            null_size: 0,
         };
         let c = command(&s, Path::new("/d/nbd.sock")).unwrap();
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(&"driver=qcow2,node-name=q,file=f".to_string()), "{args:?}");
         assert!(args.contains(&"type=nbd,id=e,node-name=q,name=d,writable=on".to_string()));
+    }
+
+    #[test]
+    fn null_ceiling_is_a_valid_appliance_config() {
+        let s = Spec {
+            kind: Kind::Null,
+            format: Format::Raw,
+            image: "/unused".into(),
+            dir: "/d".into(),
+            core: 0,
+            appliance_cores: vec![],
+            appliance_bin: "/bin/false".into(),
+            appliance_idle: "busy".into(),
+            appliance_delay_us: 0,
+            null_size: 2 << 30,
+        };
+        let text = appliance_config(&s, Path::new("/d/nbd.sock"));
+        let c = config::Config::parse(&text, "null.toml", Path::new("/")).expect(&text);
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.disks[0].size, Some(2 << 30), "{text}");
+        assert!(!text.contains("/unused"), "a null disk opens no image: {text}");
+        assert!(!Kind::Null.per_format() && !Kind::Device.per_format());
+        assert!(Kind::Appliance.per_format() && Kind::Qsd.per_format());
     }
 }

@@ -138,7 +138,7 @@ fn harness_smoke() {
                 .iter()
                 .find(|c| c["job"] == job.name && c["format"] == format)
                 .unwrap_or_else(|| panic!("no case {} {format}", job.name));
-            for server in ["appliance", "qsd", "qemu-nbd", "device"] {
+            for server in ["appliance", "qsd", "qemu-nbd", "device", "null"] {
                 let s = &c["servers"][server];
                 assert_eq!(s["failures"].as_u64(), Some(0), "{} {format} {server}", job.name);
                 assert!(
@@ -147,7 +147,13 @@ fn harness_smoke() {
                     job.name
                 );
             }
-            for ratio in ["appliance/qsd", "appliance/qemu-nbd", "appliance/device"] {
+            for ratio in [
+                "appliance/qsd",
+                "appliance/qemu-nbd",
+                "appliance/device",
+                "appliance/null",
+                "appliance/limit",
+            ] {
                 assert!(
                     c["ratios"][ratio]["spread"]["median"].as_f64().is_some(),
                     "{} {ratio}",
@@ -157,8 +163,20 @@ fn harness_smoke() {
         }
     }
     let runs = v["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), jobs.len() * 7);
+    assert_eq!(runs.len(), jobs.len() * 8);
     assert!(runs.iter().all(|r| r["error"].is_null()));
+    // The limit of a round is the lower of the device and the null disk.
+    for c in cases {
+        let per = |k: &str| c["servers"][k]["per_round_iops"][0].as_f64().unwrap();
+        let limit = per("device").min(per("null"));
+        let ratio = c["ratios"]["appliance/limit"]["per_round"][0].as_f64().unwrap();
+        assert!((ratio - per("appliance") / limit).abs() < 1e-9, "{c}");
+    }
+    // Every run on a file knows how busy its disk was (the work directory is on a
+    // block device here); the null disk's runs leave it idle.
+    for r in runs.iter().filter(|r| r["server"] == "device") {
+        assert!(r["disk_queue"].as_f64().is_some_and(|q| q > 0.0), "{r}");
+    }
     for key in ["nproc", "cpu_model", "kernel", "memory", "fio", "qemu", "appliance_commit", "date"]
     {
         assert!(v["stamp"][key].is_string() || v["stamp"][key].is_number(), "stamp.{key}");

@@ -136,6 +136,7 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
                     appliance_bin: bin.clone(),
                     appliance_idle: "adaptive".into(),
                     appliance_delay_us: 0,
+                    null_size: 0,
                 };
                 let cell = measure(&spec, parse_size(size)?, args.writes)
                     .unwrap_or_else(|e| format!("error: {e}"));
