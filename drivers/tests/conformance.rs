@@ -10,8 +10,10 @@
 //! `conformance aligned_and_unaligned vectored zero_range many_concurrent nvme_`.
 //! `APPLIANCE_NVME_DEVICE=pci:0000:00:04.0/ns=1` runs them over the VFIO driver.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use drivers::io::align::Aligned;
 use drivers::io::probe::Alignment;
@@ -474,4 +476,110 @@ fn nvme_controller_errors_and_control_plane_io() {
         let e = drivers::io::nvme::passthru::open(Path::new("/dev/null"), false).unwrap_err();
         assert!(e.to_string().contains("not an NVMe generic character device"), "{e}");
     }
+}
+
+/// Polls two futures together until both finish (operations queued in the same tick).
+async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none()
+            && let Poll::Ready(v) = a.as_mut().poll(cx)
+        {
+            ra = Some(v);
+        }
+        if rb.is_none()
+            && let Poll::Ready(v) = b.as_mut().poll(cx)
+        {
+            rb = Some(v);
+        }
+        if ra.is_some() && rb.is_some() { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    (ra.unwrap(), rb.unwrap())
+}
+
+/// Socket entries wait for the tick's device entries to be submitted first (see
+/// drivers/src/io/engine/uring.rs): a receive queued and dropped before the tick ends is
+/// still cancelled cleanly, and socket and file operations queued in one tick all
+/// complete, in both orders.
+#[test]
+fn socket_and_file_operations_of_one_tick_complete() {
+    // A socket entry that never reaches the kernel hangs its waiter: fail instead.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        socket_and_file_operations();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("socket and file operations of one tick did not complete within 60 s")
+        }
+        Err(e) => panic!("the test body failed: {e}"),
+    }
+}
+
+fn socket_and_file_operations() {
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    let r = reactors();
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(Kind::File(EngineKind::IoUring, true), dir.path());
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let peer_thread = std::thread::spawn(move || {
+        // Answers every 8-byte message with the same bytes, reversed.
+        let mut m = [0u8; 8];
+        while peer.read_exact(&mut m).is_ok() {
+            m.reverse();
+            if peer.write_all(&m).is_err() {
+                break;
+            }
+        }
+    });
+    r.handles()[0].block_on(move || async move {
+        ours.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(ours);
+        let sock = drivers::io::net::Socket::new(
+            poller::Async::new(fd).unwrap(),
+            config::SocketIo::IoUring,
+        )
+        .unwrap();
+        assert!(matches!(sock, drivers::io::net::Socket::Uring(_)), "the ring takes sockets");
+        let a = Aligned::new(storage.channel().unwrap());
+        // A receive queued, then dropped in the same tick, from a silent peer.
+        {
+            let mut buf = [0u8; 8];
+            let mut recv = std::pin::pin!(sock.read(&mut buf));
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+        }
+        for round in 0..64u64 {
+            let msg = round.to_le_bytes();
+            let data = pattern(round, 4096);
+            let send = async {
+                let n = sock.send(&[std::io::IoSlice::new(&msg)]).await.unwrap();
+                assert_eq!(n, 8);
+                let mut back = [0u8; 8];
+                sock.read_exact(&mut back).await.unwrap();
+                back
+            };
+            let disk = async {
+                write_bytes(&a, round * 4096, &data).await.unwrap();
+                read_bytes(&a, round * 4096, 4096).await
+            };
+            let (back, got) = if round % 2 == 0 {
+                both(send, disk).await
+            } else {
+                let (g, b) = both(disk, send).await;
+                (b, g)
+            };
+            let mut want = msg;
+            want.reverse();
+            assert_eq!(back, want, "round {round}");
+            assert!(got == data, "round {round}: the file read back differently");
+        }
+    });
+    r.stop();
+    peer_thread.join().unwrap();
 }
