@@ -360,7 +360,7 @@ impl Results {
             let _ = writeln!(s, "\n## Aims\n");
             let _ = writeln!(
                 s,
-                "On raw, every job at least 0.95 of its limit; allocating qcow2 writes (the empty-image job) at least 0.85 of it; every job at least 1.5x qemu-storage-daemon where the limit leaves room for that; qcow2 on an allocated image at least 0.95 of raw.\n"
+                "On raw, every job at least 0.95 of its limit; allocating qcow2 writes (the empty-image job) at least 0.85 of it; every job at least 1.5x qemu-storage-daemon where the limit leaves room for that (0.95 of the limit meets it when 1.5x lies above); qcow2 on an allocated image at least 0.95 of raw.\n"
             );
             let _ = writeln!(
                 s,
@@ -533,7 +533,7 @@ fn add_format_ratios(cases: &mut [Case]) {
 ///   transport's ceiling);
 /// - allocating qcow2 writes (the empty-image job) at least 0.85 of the limit;
 /// - every job at least 1.5x qemu-storage-daemon, where the limit leaves room for it
-///   (where it does not, reaching 0.95 of the limit meets the aim);
+///   (0.95 of the limit meets the aim when 1.5x lies above it);
 /// - qcow2 on an allocated image at least 0.95 of raw on the same server.
 fn aims(cases: &[Case]) -> Vec<Aim> {
     let mut v = format_aims(cases);
@@ -561,9 +561,13 @@ fn aims(cases: &[Case]) -> Vec<Aim> {
             Spread::of(&per.iter().flatten().copied().collect::<Vec<_>>()).map(|s| s.median)
         });
         let mut aim = Aim::new(c, &qsd, 1.5, vs_qsd, None);
-        if let Some(room) = room.filter(|r| *r < 1.5) {
-            aim.note = Some(format!("the limit is {room:.2}x qsd: 0.95 of the limit meets it"));
-            aim.met = Some(vs_qsd.is_some_and(|m| m >= 1.5) || at_limit.is_some_and(|l| l >= 0.95));
+        // Where 1.5x qsd lies above 0.95 of the limit, 0.95 of the limit is all a server
+        // can be asked for.
+        if aim.met == Some(false)
+            && let (Some(l), Some(room)) = (at_limit.filter(|l| *l >= 0.95), room)
+        {
+            aim.met = Some(true);
+            aim.note = Some(format!("{l:.2} of the limit, which is {room:.2}x qsd"));
         }
         v.push(aim);
     }
