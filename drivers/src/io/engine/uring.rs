@@ -6,18 +6,19 @@
 //!
 //! Submission entries are pushed as tasks issue I/O and submitted by a `Late` poller at
 //! the end of the tick, or at once when [`SUBMIT_BATCH`] are queued; the completion
-//! queue is reaped by an `Early` poller straight from shared memory.
+//! queue is reaped by an `Early` poller straight from shared memory. The ring has
+//! `ENGINE_DEPTH` submission entries and twice as many completion entries (the kernel
+//! default), and at most `ENGINE_DEPTH` operations are in flight (the slot table), so the
+//! completion queue cannot overflow. Both rings take the reactor's DMA region as fixed
+//! buffers, registered a chunk at a time ([`Fixed`]).
 //!
 //! Device entries go to the kernel before socket entries, in a submission of their own.
 //! The kernel holds a submission's block requests in a plug and rings the device's
 //! doorbell when the whole submission has been issued; a `sendmsg` in the same batch
 //! copies a reply and wakes the client first, and a receive copies requests, so the
-//! disk waited for both. With the device first, 4k random reads over NBD ran 1.08-1.20x
-//! and 64k sequential reads 1.12-1.30x (docs/perf/profile.md, 2026-12-06), for one more
-//! `io_uring_enter` in the ticks that have both kinds. The ring has `ENGINE_DEPTH` submission entries and twice as many
-//! completion entries (the kernel default), and at most `ENGINE_DEPTH` operations are in
-//! flight (the slot table), so the completion queue cannot overflow. Both rings take
-//! the reactor's DMA region as fixed buffers, registered a chunk at a time ([`Fixed`]).
+//! disk waited for both. With the device first, 4k random reads over NBD ran a median
+//! 1.12x faster (docs/perf/profile.md, 2026-12-06), for one more `io_uring_enter` in the
+//! ticks that have both kinds. Socket entries keep their order among themselves.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
@@ -373,9 +374,6 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         }
     }
 
-    /// Work the reactor must not sleep through: queued submissions and any operation in
-    /// flight (see the engines' module doc). Completions waiting in the ring, or for the
-    /// kernel's task work, belong to operations still in flight until reaped.
     /// Everything in the submission queue went to the kernel: what is still queued is
     /// the held socket entries.
     fn submitted(&self) {
@@ -401,6 +399,9 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         held.clear();
     }
 
+    /// Work the reactor must not sleep through: queued submissions and any operation in
+    /// flight (see the engines' module doc). Completions waiting in the ring, or for the
+    /// kernel's task work, belong to operations still in flight until reaped.
     fn has_pending(&self) -> bool {
         self.queued.get() > 0 || self.slots.in_flight() > 0
     }
