@@ -59,7 +59,8 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     /// The reactor's DMA region as fixed buffers, once set up (see [`Fixed`]).
     fixed: OnceCell<Fixed>,
     /// Socket entries of this tick, held back until the device entries are submitted
-    /// (see the module doc). At most [`PEER_DEPTH`]: each holds a socket slot.
+    /// (see the module doc). At most [`PEER_DEPTH`]: each holds a socket slot, so the
+    /// array never grows past its first reservation.
     held: RefCell<Vec<S>>,
 }
 
@@ -274,7 +275,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             eventfd,
             sockets,
             fixed: OnceCell::new(),
-            held: RefCell::new(Vec::with_capacity(PEER_DEPTH as usize)),
+            // Reserved whole on the first socket operation (the NVMe ring never has one).
+            held: RefCell::new(Vec::new()),
         })
     }
 
@@ -456,6 +458,9 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
         entry.set_user_data(Self::tag(op, slot));
         if op.waits_on_peer() {
             let mut held = self.held.borrow_mut();
+            if held.capacity() == 0 {
+                held.reserve_exact(PEER_DEPTH as usize);
+            }
             debug_assert!(held.len() < PEER_DEPTH as usize, "each held entry holds a slot");
             held.push(entry);
             self.queued.set(self.queued.get() + 1);
