@@ -347,20 +347,24 @@ mod tests {
         assert!(t.is_some());
     }
 
-    #[test]
-    fn qsd_command_line() {
-        let s = Spec {
-            kind: Kind::Qsd,
-            format: Format::Qcow2,
-            image: "/i/img.qcow2".into(),
+    fn spec(kind: Kind, format: Format, image: &str) -> Spec {
+        Spec {
+            kind,
+            format,
+            image: image.into(),
             dir: "/d".into(),
             core: 0,
             appliance_cores: vec![],
             appliance_bin: "/bin/false".into(),
             appliance_idle: "busy".into(),
             appliance_delay_us: 0,
-            null_size: 0,
-        };
+            null_size: 2 << 30,
+        }
+    }
+
+    #[test]
+    fn qsd_command_line() {
+        let s = spec(Kind::Qsd, Format::Qcow2, "/i/img.qcow2");
         let c = command(&s, Path::new("/d/nbd.sock")).unwrap();
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(&"driver=qcow2,node-name=q,file=f".to_string()), "{args:?}");
@@ -369,18 +373,7 @@ mod tests {
 
     #[test]
     fn null_ceiling_is_a_valid_appliance_config() {
-        let s = Spec {
-            kind: Kind::Null,
-            format: Format::Raw,
-            image: "/unused".into(),
-            dir: "/d".into(),
-            core: 0,
-            appliance_cores: vec![],
-            appliance_bin: "/bin/false".into(),
-            appliance_idle: "busy".into(),
-            appliance_delay_us: 0,
-            null_size: 2 << 30,
-        };
+        let s = spec(Kind::Null, Format::Raw, "/unused");
         let text = appliance_config(&s, Path::new("/d/nbd.sock"));
         let c = config::Config::parse(&text, "null.toml", Path::new("/")).expect(&text);
         assert_eq!(c.disks.len(), 1);
