@@ -48,8 +48,9 @@ pub struct Options {
     /// The appliance's reactors (empty: one, on `server_core`).
     pub appliance_cores: Vec<usize>,
     pub fio_core: usize,
-    /// CPU fio runs on for the device baseline (default: the server core, so the
-    /// device sees the same CPU, interrupt routing included, as the servers).
+    /// CPU fio runs on for the `device` baseline (default: the server core, so the
+    /// device sees the same CPU, interrupt routing included, as the servers);
+    /// `device-client-core` runs it on `fio_core`, and the limit takes the better.
     pub device_core: usize,
     pub keep_work: bool,
 }
@@ -410,7 +411,7 @@ fn run_one(
         // after it; the null disk opens no image at all.
         let fresh = match (job.empty, kind, format) {
             (_, Kind::Null, _) | (false, ..) => None,
-            (true, Kind::Device, _) => Some(make_empty(o, &images.dir, Format::Raw)?),
+            (true, k, _) if k.is_device() => Some(make_empty(o, &images.dir, Format::Raw)?),
             (true, _, f) => Some(make_empty(o, &images.dir, f.unwrap_or(Format::Raw))?),
         };
         let image = match (&fresh, format) {
@@ -419,7 +420,7 @@ fn run_one(
             (None, _) => images.data_raw.clone(),
         };
         let _remove = fresh.map(Remove);
-        if kind == Kind::Device {
+        if kind.is_device() {
             let disk = DiskQueue::of(&images.dir);
             let m = fio::run(job, &fio::Target::File(image.clone()), &runopts, &log)?;
             return Ok((m, None, disk.and_then(|d| d.average())));
@@ -643,10 +644,11 @@ mod tests {
         let o = Options::full("x".into());
         let a = o.order(0);
         let b = o.order(1);
-        assert_eq!(a.len(), 8);
+        assert_eq!(a.len(), 9);
         assert_eq!(a[0], (Kind::Appliance, Some(Format::Raw)));
         assert_eq!(a[6], (Kind::Device, None));
-        assert_eq!(a[7], (Kind::Null, None));
+        assert_eq!(a[7], (Kind::DeviceClientCore, None));
+        assert_eq!(a[8], (Kind::Null, None));
         let mut r = b.clone();
         r.reverse();
         assert_eq!(a, r);

@@ -50,9 +50,14 @@ struct Args {
     /// Image formats to serve.
     #[arg(long, value_delimiter = ',', default_value = "raw,qcow2")]
     formats: Vec<String>,
-    /// Targets: appliance, qsd, qemu-nbd, device (fio on the raw file), null (the
-    /// appliance serving a `null` disk: the transport's ceiling).
-    #[arg(long, value_delimiter = ',', default_value = "appliance,qsd,qemu-nbd,device,null")]
+    /// Targets: appliance, qsd, qemu-nbd, device (fio on the raw file, on the device
+    /// CPU), device-client-core (the same on the fio CPU), null (the appliance serving
+    /// a `null` disk: the transport's ceiling).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "appliance,qsd,qemu-nbd,device,device-client-core,null"
+    )]
     servers: Vec<String>,
     /// Only these jobs (see bench::fio::jobs; default: all).
     #[arg(long, value_delimiter = ',')]
