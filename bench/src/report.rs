@@ -58,28 +58,25 @@ fn divide(a: &[Option<f64>], b: &[Option<f64>]) -> Vec<Option<f64>> {
         .collect()
 }
 
-/// Round by round the better of two measures of the same thing, or whichever was taken.
-fn best(a: &[Option<f64>], b: &[Option<f64>]) -> Vec<Option<f64>> {
+/// Round by round `pick(a, b)` where both were measured, or whichever was.
+fn combine(a: &[Option<f64>], b: &[Option<f64>], pick: fn(f64, f64) -> f64) -> Vec<Option<f64>> {
     a.iter()
         .zip(b)
         .map(|(a, b)| match (a, b) {
-            (Some(a), Some(b)) => Some(a.max(*b)),
+            (Some(a), Some(b)) => Some(pick(*a, *b)),
             (a, b) => a.or(*b),
         })
         .collect()
 }
 
 /// Round by round the limit of a job: the lower of the device (the better of its two
-/// cores) and the `null` disk over NBD, or whichever of them was measured.
-fn limits(device: &[Option<f64>], null: &[Option<f64>]) -> Vec<Option<f64>> {
-    device
-        .iter()
-        .zip(null)
-        .map(|(d, n)| match (d, n) {
-            (Some(d), Some(n)) => Some(d.min(*n)),
-            (d, n) => d.or(*n),
-        })
-        .collect()
+/// CPUs) and the `null` disk over NBD, or whichever of them was measured.
+fn limits(
+    device: &[Option<f64>],
+    other_cpu: &[Option<f64>],
+    null: &[Option<f64>],
+) -> Vec<Option<f64>> {
+    combine(&combine(device, other_cpu, f64::max), null, f64::min)
 }
 
 /// One job on one image format.
@@ -210,8 +207,11 @@ impl Results {
                         let per = divide(&a, &per_round(peer));
                         ratios.insert(ratio_key(peer), RatioSummary::of(per));
                     }
-                    let device = best(&per_round(Kind::Device), &per_round(Kind::DeviceClientCore));
-                    let limit = limits(&device, &per_round(Kind::Null));
+                    let limit = limits(
+                        &per_round(Kind::Device),
+                        &per_round(Kind::DeviceClientCore),
+                        &per_round(Kind::Null),
+                    );
                     if limit.iter().any(Option::is_some) {
                         ratios.insert(LIMIT_RATIO.into(), RatioSummary::of(divide(&a, &limit)));
                     }
@@ -612,4 +612,20 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<(), String> {
     w("iops.svg", r.iops_chart())?;
     w("ratios.svg", r.ratio_chart())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_the_better_device_figure_or_the_ceiling_whichever_is_lower() {
+        let device = [Some(100.0), Some(100.0), None, None];
+        let other_cpu = [Some(150.0), Some(90.0), Some(80.0), None];
+        let null = [Some(120.0), Some(200.0), None, Some(70.0)];
+        assert_eq!(
+            limits(&device, &other_cpu, &null),
+            vec![Some(120.0), Some(100.0), Some(80.0), Some(70.0)]
+        );
+    }
 }
