@@ -40,15 +40,17 @@ use poller::WaitList;
 /// In-flight device operations per engine per reactor.
 pub const ENGINE_DEPTH: u32 = 1024;
 /// Queued operations that are submitted at once instead of waiting for the end of the
-/// tick. Batching submissions saves system calls, but a whole tick's worth in one call
-/// (up to the queue depth of every client served) reaches the device as one burst, which
-/// it completes as one burst, and the queue runs in convoys. On this project's virtio
-/// disk, 4k reads at QD32 over vhost-user-blk ran at 47–55k IOPS with one submission per
-/// tick and 56–63k with a submission every 4 or 8 entries (16: 53–60k; every entry:
-/// 58–64k), random writes at 62–71k against 81–109k; the in-process engine 55–58k against
-/// 59–71k. NBD clients, which send one request per system call, rarely queue that many
-/// in a tick, so nothing changes for them.
-pub const SUBMIT_BATCH: u32 = 8;
+/// tick. Batching submissions saves system calls, but a batch reaches the device as one
+/// burst: its first request waits for the rest to be built, the virtual disk completes
+/// them as one burst, and the queue runs in convoys. On this project's virtio disk, 4k
+/// reads at QD32 over vhost-user-blk ran at 47–55k IOPS with one submission per tick
+/// and 56–63k with one every 4 or 8 entries (2026-12-05, a day the disk was slow); on a
+/// faster day (2026-12-06, the disk at 199k for fio alone) every 8 entries ran at 176.8k
+/// (requests at the disk for 117 µs on average), every 2 at 189.6k (96 µs) and every
+/// entry at 184.6k, random writes at 151.0k, 155.2k and 159.4k, 64k reads and writes
+/// alike (medians of 3 alternating rounds, docs/perf/vhost.md). Sequential requests
+/// submitted together are still merged by the block layer's plug.
+pub const SUBMIT_BATCH: u32 = 2;
 /// In-flight socket operations per io_uring per reactor: a receive and a send for each
 /// of [`net::MAX_SOCKETS`](super::net::MAX_SOCKETS) sockets. Their own table, so
 /// connections that never speak can hold every socket slot without taking one from

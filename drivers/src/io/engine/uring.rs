@@ -5,7 +5,8 @@
 //! operation's entry for the few disks that need it would cost them cache lines.
 //!
 //! Submission entries are pushed as tasks issue I/O and submitted by a `Late` poller at
-//! the end of the tick, or at once when [`SUBMIT_BATCH`] are queued; the completion
+//! the end of the tick, or at once when [`SUBMIT_BATCH`] device entries are queued
+//! (socket entries always wait for the end of the tick); the completion
 //! queue is reaped by an `Early` poller straight from shared memory. The ring has
 //! `ENGINE_DEPTH` submission entries and twice as many completion entries (the kernel
 //! default), and at most `ENGINE_DEPTH` operations are in flight (the slot table), so the
@@ -341,17 +342,27 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             return false;
         }
         if !self.held.borrow().is_empty() {
-            let mut ring = self.ring.borrow_mut();
-            let devices = ring.submission().len() as u32;
-            if devices > 0 {
-                // The device entries alone, so their doorbell does not wait for the
-                // socket work. A refusal leaves them queued for the submission below.
-                // SAFETY: as in the submission below.
-                let _ = unsafe { ring.submitter().enter::<libc::sigset_t>(devices, 0, 0, None) };
-            }
-            drop(ring);
+            // The device entries alone, so their doorbell does not wait for the socket
+            // work. A refusal leaves them queued for the submission below.
+            self.submit_devices();
             self.release_held();
         }
+        self.enter_all();
+        true
+    }
+
+    /// Submits the device entries in the submission queue (the held socket entries are
+    /// not in it), running any waiting completion work in the same system call.
+    fn submit_devices(&self) {
+        if self.ring.borrow_mut().submission().is_empty() {
+            return;
+        }
+        self.enter_all();
+    }
+
+    /// Submits everything in the submission queue. Short of kernel resources, or with
+    /// the completion queue backed up, the entries stay in the queue for the next try.
+    fn enter_all(&self) {
         let mut ring = self.ring.borrow_mut();
         let (len, taskrun) = {
             let sq = ring.submission();
@@ -362,16 +373,11 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         // pointers stay valid until their completions are reaped.
         match unsafe { ring.submitter().enter::<libc::sigset_t>(len, 0, flags, None) } {
             Ok(_) => {
+                drop(ring);
                 self.submitted();
-                true
             }
-            // The kernel is short of resources or the CQ is backed up: the entries stay
-            // in the SQ and go with the next tick's submit.
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) =>
-            {
-                true
-            }
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
         }
     }
@@ -469,8 +475,10 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
         if !self.push(&entry) {
             return false;
         }
-        if self.queued.get() >= SUBMIT_BATCH {
-            self.submit_queued();
+        // Only device entries count toward the batch: socket entries wait for the end of
+        // the tick, where replies are coalesced.
+        if self.ring.borrow_mut().submission().len() as u32 >= SUBMIT_BATCH {
+            self.submit_devices();
         }
         true
     }
