@@ -50,8 +50,9 @@ pub const SEG_MAX: u32 = 126;
 /// shared validation step refuses as too large.
 pub const SIZE_MAX: u32 = 256 << 10;
 const _: () = assert!(SIZE_MAX as u64 * SEG_MAX as u64 <= drivers::api::MAX_TRANSFER_BYTES as u64);
-/// Segments per side (device-readable, device-writable) including header and status.
-pub const MAX_SIDE_SEGS: usize = SEG_MAX as usize + 2;
+/// Segments a chain may have: seg_max data segments, the header and the status byte, and
+/// room for a driver that splits either of those over two descriptors.
+pub const MAX_SEGS: usize = SEG_MAX as usize + 4;
 /// Largest discard / write-zeroes range, in 512-byte sectors.
 pub const MAX_DISCARD_SECTORS: u32 = (32 << 20) >> 9;
 /// Ranges per discard / write-zeroes request.
@@ -98,26 +99,72 @@ pub enum ChainError {
     Malformed,
 }
 
-/// A parsed request; segments point into guest memory.
+/// A parsed request; segments point into guest memory. One array holds both sides, the
+/// device-readable segments first: a request is built where it is parsed and moved once
+/// into its task, so its size is what each request copies.
 #[derive(Clone, Copy)]
 pub struct BlkReq {
     pub head: u16,
     pub kind: u32,
     pub sector: u64,
-    pub out: [IoSeg<'static>; MAX_SIDE_SEGS],
-    pub n_out: usize,
-    pub inn: [IoSeg<'static>; MAX_SIDE_SEGS],
-    pub n_inn: usize,
+    segs: [IoSeg<'static>; MAX_SEGS],
+    /// `segs[..split]` are device-readable, `segs[split..end]` device-writable.
+    split: usize,
+    end: usize,
     /// The status byte (the last device-writable byte).
     pub status: *mut u8,
 }
 
 impl BlkReq {
     pub fn data_out(&self) -> &[IoSeg<'static>] {
-        &self.out[..self.n_out]
+        &self.segs[..self.split]
     }
     pub fn data_in(&self) -> &[IoSeg<'static>] {
-        &self.inn[..self.n_inn]
+        &self.segs[self.split..self.end]
+    }
+
+    /// Removes the 16-byte header from the front of the readable side, in place.
+    fn take_header(&mut self) -> Result<[u8; 16], ChainError> {
+        let mut hdr = [0u8; 16];
+        let mut got = 0;
+        let mut whole = 0;
+        for s in &mut self.segs[..self.split] {
+            let n = s.len().min(16 - got);
+            // SAFETY: `s` covers `s.len()` mapped bytes.
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), hdr.as_mut_ptr().add(got), n) };
+            got += n;
+            if n == s.len() {
+                whole += 1;
+            } else {
+                *s = s.slice(n, s.len() - n);
+            }
+            if got == 16 {
+                break;
+            }
+        }
+        if got < 16 {
+            return Err(ChainError::Malformed);
+        }
+        self.segs.copy_within(whole..self.end, 0);
+        self.split -= whole;
+        self.end -= whole;
+        Ok(hdr)
+    }
+
+    /// Removes the status byte from the back of the writable side, in place.
+    fn take_status(&mut self) -> Result<*mut u8, ChainError> {
+        if self.end == self.split {
+            return Err(ChainError::Malformed);
+        }
+        let tail = self.segs[self.end - 1];
+        // SAFETY: the segment is at least one byte long.
+        let status = unsafe { tail.as_ptr().add(tail.len() - 1) };
+        if tail.len() > 1 {
+            self.segs[self.end - 1] = tail.slice(0, tail.len() - 1);
+        } else {
+            self.end -= 1;
+        }
+        Ok(status)
     }
 }
 
@@ -156,10 +203,9 @@ pub fn parse(
         head,
         kind: 0,
         sector: 0,
-        out: [IoSeg::EMPTY; MAX_SIDE_SEGS],
-        n_out: 0,
-        inn: [IoSeg::EMPTY; MAX_SIDE_SEGS],
-        n_inn: 0,
+        segs: [IoSeg::EMPTY; MAX_SEGS],
+        split: 0,
+        end: 0,
         status: std::ptr::null_mut(),
     };
     let mut table = desc_table;
@@ -167,6 +213,7 @@ pub fn parse(
     let mut idx = u32::from(head);
     let mut ttl = table_size;
     let mut in_indirect = false;
+    let mut seen_writable = false;
     loop {
         if ttl == 0 {
             return Err(ChainError::BadChain);
@@ -199,96 +246,34 @@ pub fn parse(
         // SAFETY: `ptr..ptr+len` lies inside a mapped guest region, which stays mapped
         // while the queue runs (the memory table is replaced only with queues stopped).
         let seg = unsafe { IoSeg::from_raw(ptr, d.len as usize) };
-        if d.flags & VIRTQ_DESC_F_WRITE != 0 {
-            if req.n_inn == MAX_SIDE_SEGS {
+        let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
+        if !writable && seen_writable {
+            // Readable after writable: not a valid virtio-blk layout.
+            return Err(ChainError::Malformed);
+        }
+        seen_writable |= writable;
+        // Empty descriptors carry nothing: not kept.
+        if !seg.is_empty() {
+            if req.end == MAX_SEGS {
                 return Err(ChainError::TooManySegments);
             }
-            req.inn[req.n_inn] = seg;
-            req.n_inn += 1;
-        } else {
-            if req.n_inn > 0 {
-                // Readable after writable: not a valid virtio-blk layout.
-                return Err(ChainError::Malformed);
+            req.segs[req.end] = seg;
+            req.end += 1;
+            if !writable {
+                req.split += 1;
             }
-            if req.n_out == MAX_SIDE_SEGS {
-                return Err(ChainError::TooManySegments);
-            }
-            req.out[req.n_out] = seg;
-            req.n_out += 1;
         }
         if d.flags & VIRTQ_DESC_F_NEXT == 0 {
             break;
         }
         idx = u32::from(d.next);
     }
-    // Header: the first 16 readable bytes.
-    let mut hdr = [0u8; 16];
-    if drivers::seg::total_len(req.data_out()) < 16 {
-        return Err(ChainError::Malformed);
-    }
-    let mut got = 0;
-    let mut consumed = 0;
-    for s in req.data_out() {
-        let n = s.len().min(16 - got);
-        // SAFETY: `s` covers `s.len()` mapped bytes.
-        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), hdr.as_mut_ptr().add(got), n) };
-        got += n;
-        if got == 16 {
-            break;
-        }
-        consumed += 1;
-    }
-    let _ = consumed;
+    // Header: the first 16 readable bytes; status: the last writable byte.
+    let hdr = req.take_header()?;
     req.kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
     req.sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8"));
-    let (out, n_out) = drop_front(&req.out[..req.n_out], 16);
-    req.out = out;
-    req.n_out = n_out;
-    // Status: the last writable byte.
-    if drivers::seg::total_len(req.data_in()) < 1 {
-        return Err(ChainError::Malformed);
-    }
-    let (inn, n_inn, status) = drop_back(&req.inn[..req.n_inn]);
-    req.inn = inn;
-    req.n_inn = n_inn;
-    req.status = status;
+    req.status = req.take_status()?;
     Ok(req)
-}
-
-fn drop_front(segs: &[IoSeg<'static>], mut n: usize) -> ([IoSeg<'static>; MAX_SIDE_SEGS], usize) {
-    let mut out = [IoSeg::EMPTY; MAX_SIDE_SEGS];
-    let mut k = 0;
-    for s in segs {
-        if n >= s.len() {
-            n -= s.len();
-            continue;
-        }
-        out[k] = s.slice(n, s.len() - n);
-        n = 0;
-        k += 1;
-    }
-    (out, k)
-}
-
-fn drop_back(segs: &[IoSeg<'static>]) -> ([IoSeg<'static>; MAX_SIDE_SEGS], usize, *mut u8) {
-    let mut out = [IoSeg::EMPTY; MAX_SIDE_SEGS];
-    let mut k = 0;
-    let mut last = segs.len();
-    while last > 0 && segs[last - 1].is_empty() {
-        last -= 1;
-    }
-    let tail = segs[last - 1];
-    // SAFETY: the segment is at least one byte long.
-    let status = unsafe { tail.as_ptr().add(tail.len() - 1) };
-    for s in &segs[..last - 1] {
-        out[k] = *s;
-        k += 1;
-    }
-    if tail.len() > 1 {
-        out[k] = tail.slice(0, tail.len() - 1);
-        k += 1;
-    }
-    (out, k, status)
 }
 
 /// Reads `len` bytes starting `skip` bytes into `segs` (discard ranges).
@@ -331,4 +316,109 @@ pub fn write_to_segs(segs: &[IoSeg<'_>], data: &[u8]) -> usize {
 /// A fence for shared-memory structures the guest or front-end reads.
 pub fn fence() {
     std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest memory of one 64 KiB region with the descriptors `descs` (address, length,
+    /// writable) chained from index 0 of a table at 0, and `header` at 0x1000.
+    fn chain(descs: &[(u64, u32, bool)], header: &[u8]) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 10)]).expect("memory");
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let mut flags = if last { 0 } else { VIRTQ_DESC_F_NEXT };
+            if writable {
+                flags |= VIRTQ_DESC_F_WRITE;
+            }
+            let d = Desc { addr, len, flags, next: i as u16 + 1 };
+            mem.write_obj(d, GuestAddress(i as u64 * 16)).expect("descriptor");
+        }
+        mem.write_slice(header, GuestAddress(0x1000)).expect("header");
+        mem
+    }
+
+    fn header(kind: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn lens(segs: &[IoSeg<'_>]) -> Vec<usize> {
+        segs.iter().map(|s| s.len()).collect()
+    }
+
+    #[test]
+    fn header_and_status_in_their_own_descriptors() {
+        let mem = chain(
+            &[(0x1000, 16, false), (0x2000, 4096, true), (0x3000, 1, true)],
+            &header(T_IN, 7),
+        );
+        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        assert_eq!((r.kind, r.sector), (T_IN, 7));
+        assert!(r.data_out().is_empty());
+        assert_eq!(lens(r.data_in()), [4096]);
+        let base = mem.get_host_address(GuestAddress(0x3000)).expect("mapped");
+        assert_eq!(r.status, base);
+    }
+
+    #[test]
+    fn header_split_and_shared_with_data_status_shared_with_data() {
+        // 10 + 6 header bytes, the second descriptor running on into 512 bytes of data;
+        // an empty descriptor in between; the status byte at the end of the data.
+        let mut h = [0u8; 0x40];
+        h[..10].copy_from_slice(&header(T_OUT, 9)[..10]);
+        h[0x20..0x26].copy_from_slice(&header(T_OUT, 9)[10..]);
+        let mem = chain(
+            &[(0x1000, 10, false), (0x1400, 0, false), (0x1020, 6 + 512, false), (0x3000, 1, true)],
+            &h,
+        );
+        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        assert_eq!((r.kind, r.sector), (T_OUT, 9));
+        assert_eq!(lens(r.data_out()), [512]);
+        assert_eq!(
+            r.data_out()[0].as_ptr(),
+            mem.get_host_address(GuestAddress(0x1026)).expect("mapped")
+        );
+        assert!(r.data_in().is_empty());
+
+        let mem = chain(
+            &[(0x1000, 16, false), (0x2000, 0, true), (0x2000, 513, true), (0x3000, 0, true)],
+            &header(T_IN, 1),
+        );
+        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        assert_eq!(lens(r.data_in()), [512]);
+        assert_eq!(r.status, mem.get_host_address(GuestAddress(0x2200)).expect("mapped"));
+    }
+
+    #[test]
+    fn malformed_chains_are_refused() {
+        let h = header(T_IN, 0);
+        // Readable after writable, even after an empty writable one.
+        let mem = chain(
+            &[(0x1000, 16, false), (0x2000, 0, true), (0x2000, 512, false), (0x3000, 1, true)],
+            &h,
+        );
+        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+        // A short header, and no status byte.
+        let mem = chain(&[(0x1000, 15, false), (0x3000, 1, true)], &h);
+        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+        let mem = chain(&[(0x1000, 16, false), (0x2000, 0, true)], &h);
+        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+    }
+
+    #[test]
+    fn more_segments_than_the_request_holds_are_refused() {
+        let n = MAX_SEGS + 1;
+        let mut descs = vec![(0x1000, 16, false)];
+        descs.extend((1..n).map(|i| (0x2000 + i as u64 * 8, 8, true)));
+        let mem = chain(&descs, &header(T_IN, 0));
+        assert_eq!(parse(&mem, 0, 1024, 0, false).err(), Some(ChainError::TooManySegments));
+        descs.pop();
+        let mem = chain(&descs, &header(T_IN, 0));
+        let r = parse(&mem, 0, 1024, 0, false).expect("MAX_SEGS segments fit");
+        assert_eq!(r.data_in().len(), MAX_SEGS - 1);
+    }
 }
