@@ -311,7 +311,7 @@ pub fn virtqueue_chain(data: &[u8]) -> Option<u8> {
     mem.write_slice(&body[..first], GuestAddress(0)).expect("fill region 0");
     let second = &body[first..body.len().min(first + 4096)];
     mem.write_slice(second, GuestAddress(1 << 20)).expect("fill region 1");
-    let req = blk::parse(&mem, 0, size, head, indirect).ok()?;
+    let req = blk::parse(&mem, &blk::DescTable::new(&mem, 0, size), head, indirect).ok()?;
     let req = OnReactor(req);
     let ram = w.ram.clone();
     let (status, written) = reactor(0).block_on(move || async move {

@@ -181,6 +181,60 @@ struct Desc {
 // SAFETY: plain old data; any bit pattern is valid.
 unsafe impl vm_memory::ByteValued for Desc {}
 
+impl Desc {
+    fn from_le(b: [u8; 16]) -> Desc {
+        Desc {
+            addr: u64::from_le_bytes(b[0..8].try_into().expect("8")),
+            len: u32::from_le_bytes(b[8..12].try_into().expect("4")),
+            flags: u16::from_le_bytes(b[12..14].try_into().expect("2")),
+            next: u16::from_le_bytes(b[14..16].try_into().expect("2")),
+        }
+    }
+}
+
+/// A queue's descriptor table: its guest address and size, and where it is mapped when
+/// it lies in one guest memory region (always, for the drivers seen), so a descriptor is
+/// read without looking its address up again. Valid with the memory it was made from,
+/// which [`parse`] must be given (a queue keeps that memory for as long as it runs).
+#[derive(Clone, Copy)]
+pub struct DescTable {
+    addr: u64,
+    size: u16,
+    host: Option<std::ptr::NonNull<u8>>,
+}
+
+impl DescTable {
+    pub fn new(mem: &GuestMemoryMmap, addr: u64, size: u16) -> DescTable {
+        let bytes = usize::from(size) * 16;
+        let host = mem
+            .get_slice(GuestAddress(addr), bytes)
+            .ok()
+            .and_then(|s| std::ptr::NonNull::new(s.ptr_guard_mut().as_ptr()));
+        DescTable { addr, size, host }
+    }
+
+    /// Descriptor `idx` (below the size) of this table.
+    fn read(&self, mem: &GuestMemoryMmap, idx: u32) -> Result<Desc, ChainError> {
+        debug_assert!(idx < u32::from(self.size));
+        match self.host {
+            Some(base) => {
+                // SAFETY: `idx` is below the size, so the 16 bytes lie inside the table,
+                // which lies inside a mapped guest region that stays mapped while the
+                // queue runs (the memory table is replaced only with queues stopped). A
+                // volatile read of bytes: the guest may write the table at any time, and
+                // any value read is validated below.
+                let b = unsafe {
+                    std::ptr::read_volatile(base.as_ptr().add(idx as usize * 16).cast::<[u8; 16]>())
+                };
+                Ok(Desc::from_le(b))
+            }
+            None => mem
+                .read_obj(GuestAddress(self.addr + u64::from(idx) * 16))
+                .map_err(|_| ChainError::BadAddress),
+        }
+    }
+}
+
 fn host_ptr(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Result<*mut u8, ChainError> {
     if len == 0 {
         return Ok(std::ptr::NonNull::<u8>::dangling().as_ptr());
@@ -194,8 +248,7 @@ fn host_ptr(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Result<*mut u8, Chain
 /// last byte). Descriptor boundaries are not assumed (virtio framing rules).
 pub fn parse(
     mem: &GuestMemoryMmap,
-    desc_table: u64,
-    queue_size: u16,
+    ring: &DescTable,
     head: u16,
     indirect_ok: bool,
 ) -> Result<BlkReq, ChainError> {
@@ -208,8 +261,8 @@ pub fn parse(
         end: 0,
         status: std::ptr::null_mut(),
     };
-    let mut table = desc_table;
-    let mut table_size = u32::from(queue_size);
+    let mut table: Option<u64> = None;
+    let mut table_size = u32::from(ring.size);
     let mut idx = u32::from(head);
     let mut ttl = table_size;
     let mut in_indirect = false;
@@ -222,9 +275,12 @@ pub fn parse(
         if idx >= table_size {
             return Err(ChainError::BadChain);
         }
-        let d: Desc = mem
-            .read_obj(GuestAddress(table + u64::from(idx) * 16))
-            .map_err(|_| ChainError::BadAddress)?;
+        let d = match table {
+            None => ring.read(mem, idx)?,
+            Some(t) => mem
+                .read_obj(GuestAddress(t + u64::from(idx) * 16))
+                .map_err(|_| ChainError::BadAddress)?,
+        };
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if !indirect_ok
                 || in_indirect
@@ -235,7 +291,7 @@ pub fn parse(
             {
                 return Err(ChainError::BadChain);
             }
-            table = d.addr;
+            table = Some(d.addr);
             table_size = d.len / 16;
             idx = 0;
             ttl = table_size;
@@ -356,7 +412,7 @@ mod tests {
             &[(0x1000, 16, false), (0x2000, 4096, true), (0x3000, 1, true)],
             &header(T_IN, 7),
         );
-        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        let r = parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).expect("valid chain");
         assert_eq!((r.kind, r.sector), (T_IN, 7));
         assert!(r.data_out().is_empty());
         assert_eq!(lens(r.data_in()), [4096]);
@@ -375,7 +431,7 @@ mod tests {
             &[(0x1000, 10, false), (0x1400, 0, false), (0x1020, 6 + 512, false), (0x3000, 1, true)],
             &h,
         );
-        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        let r = parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).expect("valid chain");
         assert_eq!((r.kind, r.sector), (T_OUT, 9));
         assert_eq!(lens(r.data_out()), [512]);
         assert_eq!(
@@ -388,7 +444,7 @@ mod tests {
             &[(0x1000, 16, false), (0x2000, 0, true), (0x2000, 513, true), (0x3000, 0, true)],
             &header(T_IN, 1),
         );
-        let r = parse(&mem, 0, 8, 0, false).expect("valid chain");
+        let r = parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).expect("valid chain");
         assert_eq!(lens(r.data_in()), [512]);
         assert_eq!(r.status, mem.get_host_address(GuestAddress(0x2200)).expect("mapped"));
     }
@@ -401,12 +457,32 @@ mod tests {
             &[(0x1000, 16, false), (0x2000, 0, true), (0x2000, 512, false), (0x3000, 1, true)],
             &h,
         );
-        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+        assert_eq!(
+            parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).err(),
+            Some(ChainError::Malformed)
+        );
         // A short header, and no status byte.
         let mem = chain(&[(0x1000, 15, false), (0x3000, 1, true)], &h);
-        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+        assert_eq!(
+            parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).err(),
+            Some(ChainError::Malformed)
+        );
         let mem = chain(&[(0x1000, 16, false), (0x2000, 0, true)], &h);
-        assert_eq!(parse(&mem, 0, 8, 0, false).err(), Some(ChainError::Malformed));
+        assert_eq!(
+            parse(&mem, &DescTable::new(&mem, 0, 8), 0, false).err(),
+            Some(ChainError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_table_running_out_of_guest_memory_is_read_descriptor_by_descriptor() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 10)]).expect("memory");
+        let at = (64 << 10) - 16;
+        let d = Desc { addr: 0x1000, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 1 };
+        mem.write_obj(d, GuestAddress(at)).expect("descriptor");
+        let table = DescTable::new(&mem, at, 8);
+        assert!(table.host.is_none());
+        assert_eq!(parse(&mem, &table, 0, false).err(), Some(ChainError::BadAddress));
     }
 
     #[test]
@@ -415,10 +491,14 @@ mod tests {
         let mut descs = vec![(0x1000, 16, false)];
         descs.extend((1..n).map(|i| (0x2000 + i as u64 * 8, 8, true)));
         let mem = chain(&descs, &header(T_IN, 0));
-        assert_eq!(parse(&mem, 0, 1024, 0, false).err(), Some(ChainError::TooManySegments));
+        assert_eq!(
+            parse(&mem, &DescTable::new(&mem, 0, 1024), 0, false).err(),
+            Some(ChainError::TooManySegments)
+        );
         descs.pop();
         let mem = chain(&descs, &header(T_IN, 0));
-        let r = parse(&mem, 0, 1024, 0, false).expect("MAX_SEGS segments fit");
+        let r =
+            parse(&mem, &DescTable::new(&mem, 0, 1024), 0, false).expect("MAX_SEGS segments fit");
         assert_eq!(r.data_in().len(), MAX_SEGS - 1);
     }
 }

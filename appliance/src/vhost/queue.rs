@@ -53,8 +53,7 @@ pub struct QueueStart {
 struct Runner {
     queue: RefCell<Queue>,
     mem: Arc<GuestMemoryMmap>,
-    desc_table: u64,
-    size: u16,
+    desc_table: blk::DescTable,
     indirect: bool,
     call: RefCell<Option<Arc<File>>>,
     kick: Option<File>,
@@ -94,7 +93,7 @@ impl Runner {
     }
 
     fn take_request(&self, head: u16) -> Option<BlkReq> {
-        match blk::parse(&self.mem, self.desc_table, self.size, head, self.indirect) {
+        match blk::parse(&self.mem, &self.desc_table, head, self.indirect) {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(head, "bad virtio-blk descriptor chain: {e:?}");
@@ -355,11 +354,11 @@ pub fn start(s: QueueStart) -> Result<(), String> {
     if let Some(k) = &s.kick {
         poller::register_wakeup_fd(k.as_raw_fd()).map_err(|e| e.to_string())?;
     }
+    let desc_table = blk::DescTable::new(&s.mem, s.desc, s.size);
     let runner = Rc::new(Runner {
         queue: RefCell::new(q),
         mem: s.mem,
-        desc_table: s.desc,
-        size: s.size,
+        desc_table,
         indirect: s.indirect,
         call: RefCell::new(s.call),
         kick: s.kick,

@@ -23,7 +23,7 @@
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -54,6 +54,11 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     /// Socket operations ([`IoOp::waits_on_peer`]); they do not keep the reactor awake.
     peer_slots: Slots,
     queued: Cell<u32>,
+    /// Runs of device entries in the submission queue (an entry continuing the one
+    /// before it is merged into its request, so it starts no run), and where the last
+    /// one ends.
+    runs: Cell<u32>,
+    run_end: Cell<Option<(RawFd, bool, u64)>>,
     eventfd: OwnedFd,
     /// The kernel supports socket receive and sendmsg on the ring.
     sockets: bool,
@@ -273,6 +278,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             slots: Slots::new(ENGINE_DEPTH),
             peer_slots: Slots::new(PEER_DEPTH),
             queued: Cell::new(0),
+            runs: Cell::new(0),
+            run_end: Cell::new(None),
             eventfd,
             sockets,
             fixed: OnceCell::new(),
@@ -386,6 +393,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
     /// the held socket entries.
     fn submitted(&self) {
         self.queued.set(self.held.borrow().len() as u32);
+        self.runs.set(0);
+        self.run_end.set(None);
     }
 
     /// Moves the held socket entries into the submission queue (submitting what is
@@ -475,9 +484,13 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
         if !self.push(&entry) {
             return false;
         }
-        // Only device entries count toward the batch: socket entries wait for the end of
-        // the tick, where replies are coalesced.
-        if self.ring.borrow_mut().submission().len() as u32 >= SUBMIT_BATCH {
+        // Only device runs count toward the batch: socket entries wait for the end of
+        // the tick, where replies are coalesced, and an entry continuing the one before
+        // it joins its request in the kernel.
+        if !op.continues(self.run_end.replace(op.run_end())) {
+            self.runs.set(self.runs.get() + 1);
+        }
+        if self.runs.get() >= SUBMIT_BATCH {
             self.submit_devices();
         }
         true
