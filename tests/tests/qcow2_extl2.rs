@@ -239,6 +239,16 @@ fn a_first_small_write_over_a_backing_file_copies_a_subcluster_not_the_cluster()
         sub <= 16 * (64 << 10) + 2 * (2 << 20) && sub * 8 < whole,
         "with subclusters the file grew {sub} bytes, without {whole}"
     );
+    // The file grows ahead of its clusters; without subclusters that room is reserved
+    // (writes into it overwrite reserved blocks instead of filling holes), with them
+    // it stays sparse.
+    let len = |p: &str| std::fs::metadata(a.path(p)).unwrap().len();
+    let (sub_len, whole_len) = (len("sub.qcow2"), len("whole.qcow2"));
+    assert!(whole_len >= 16 * (2 << 20) + (16 << 20), "without subclusters {whole_len} bytes");
+    let reserved = allocated(&a.path("whole.qcow2"));
+    assert!(reserved >= whole_len - (1 << 20), "{reserved} of {whole_len} bytes reserved");
+    let sparse = allocated(&a.path("sub.qcow2"));
+    assert!(sparse * 4 < sub_len, "with subclusters {sparse} of {sub_len} bytes allocated");
     let mut a = a;
     assert!(a.stop().success(), "{}", a.logs());
     assert_eq!(check(&a.path("sub.qcow2")), (0, 0, 0));

@@ -220,8 +220,8 @@ impl Aligned {
     }
 
     /// See [`StorageChannel::grow_to`].
-    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
-        self.ch.grow_to(len).await
+    pub async fn grow_to(&self, len: u64, reserve: bool) -> Result<(), IoError> {
+        self.ch.grow_to(len, reserve).await
     }
 
     /// The storage's current size in bytes.

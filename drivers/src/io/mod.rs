@@ -132,8 +132,9 @@ pub trait BackendChannel {
     /// Releases the range if it can; whether it now reads as zeros.
     fn discard(&self, off: u64, len: u64) -> StoreFuture<'_, bool>;
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent>;
-    /// Grows a regular file sparsely to `len` bytes (others: nothing to do).
-    fn grow_to(&self, _len: u64) -> StoreFuture<'_, bool> {
+    /// Grows a regular file to `len` bytes, with `reserve` reserving the new range's
+    /// space where it can (others: nothing to do).
+    fn grow_to(&self, _len: u64, _reserve: bool) -> StoreFuture<'_, bool> {
         StoreFuture::ready(Ok(false))
     }
 }
@@ -406,16 +407,18 @@ impl StorageChannel {
         self.ch.flush().await
     }
 
-    /// Grows a regular file to at least `len` bytes (a sparse extension: the new range
-    /// reads as zeros and takes no space). Formats that append call it ahead of their
-    /// writes, so those land inside the file: a direct write that extends a file
-    /// serialises on the inode in most file systems, one inside it does not. Other
+    /// Grows a regular file to at least `len` bytes (the new range reads as zeros).
+    /// Formats that append call it ahead of their writes, so those land inside the
+    /// file: a direct write that extends a file serialises on the inode in most file
+    /// systems. With `reserve` the new range's space is reserved too, where the file
+    /// system can (else the extension is sparse): a write into a hole also allocates
+    /// under the inode's exclusive lock, an overwrite of reserved blocks does not. Other
     /// storage (block devices, memory, simulated disks) is left as it is.
-    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
+    pub async fn grow_to(&self, len: u64, reserve: bool) -> Result<(), IoError> {
         if self.storage.read_only || len <= self.storage.size() {
             return Ok(());
         }
-        if self.ch.grow_to(len).await? {
+        if self.ch.grow_to(len, reserve).await? {
             self.storage.note_end(len);
         }
         Ok(())

@@ -89,9 +89,10 @@ const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
 const SCAN_LIMIT: u64 = 1 << 16;
 /// The image file grows ahead of allocation by an eighth of its size, within these
-/// bounds, so allocating writes land inside the file (see `ensure_file_len`).
+/// bounds, so allocating writes land inside the file, in space reserved for them (see
+/// `ensure_file_len`). The bound caps the space a file holds beyond its last cluster.
 const GROW_MIN: u64 = 16 << 20;
-const GROW_MAX: u64 = 1 << 30;
+const GROW_MAX: u64 = 256 << 20;
 
 /// A run of free clusters found by `find_free`.
 struct FreeRun {
