@@ -220,8 +220,13 @@ impl Aligned {
     }
 
     /// See [`StorageChannel::grow_to`].
-    pub async fn grow_to(&self, len: u64, reserve: bool) -> Result<(), IoError> {
-        self.ch.grow_to(len, reserve).await
+    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
+        self.ch.grow_to(len).await
+    }
+
+    /// See [`StorageChannel::reserve`].
+    pub async fn reserve(&self, off: u64, len: u64) -> Result<bool, IoError> {
+        self.ch.reserve(off, len).await
     }
 
     /// The storage's current size in bytes.

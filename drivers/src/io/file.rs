@@ -308,11 +308,23 @@ impl FileChannel {
         Ok(Extent { len: (hole.max(off + 1) - off).min(len), allocation: Allocation::Data })
     }
 
-    async fn grow_to(&self, len: u64, reserve: bool) -> Result<bool, IoError> {
+    /// fallocate mode 0: holes become unwritten extents, data stays, the size grows.
+    async fn reserve(&self, off: u64, len: u64) -> Result<bool, IoError> {
         if self.block_device {
             return Ok(false);
         }
-        let r = Offload::new(BlockingOp::Grow { fd: self.fd, len, reserve }).await;
+        match self.fallocate(off, len, 0).await {
+            Ok(()) => Ok(true),
+            Err(IoError::NotSupported | IoError::NoSpace | IoError::Os(libc::EINVAL)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn grow_to(&self, len: u64) -> Result<bool, IoError> {
+        if self.block_device {
+            return Ok(false);
+        }
+        let r = Offload::new(BlockingOp::Ftruncate { fd: self.fd, len }).await;
         check(r).map_err(IoError::from)?;
         Ok(true)
     }
@@ -340,7 +352,10 @@ impl BackendChannel for FileChannel {
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent> {
         StoreFuture::new(FileChannel::block_status(self, off, len))
     }
-    fn grow_to(&self, len: u64, reserve: bool) -> StoreFuture<'_, bool> {
-        StoreFuture::new(FileChannel::grow_to(self, len, reserve))
+    fn grow_to(&self, len: u64) -> StoreFuture<'_, bool> {
+        StoreFuture::new(FileChannel::grow_to(self, len))
+    }
+    fn reserve(&self, off: u64, len: u64) -> StoreFuture<'_, bool> {
+        StoreFuture::new(FileChannel::reserve(self, off, len))
     }
 }

@@ -132,9 +132,14 @@ pub trait BackendChannel {
     /// Releases the range if it can; whether it now reads as zeros.
     fn discard(&self, off: u64, len: u64) -> StoreFuture<'_, bool>;
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent>;
-    /// Grows a regular file to `len` bytes, with `reserve` reserving the new range's
-    /// space where it can (others: nothing to do).
-    fn grow_to(&self, _len: u64, _reserve: bool) -> StoreFuture<'_, bool> {
+    /// Grows a regular file sparsely to `len` bytes (others: nothing to do).
+    fn grow_to(&self, _len: u64) -> StoreFuture<'_, bool> {
+        StoreFuture::ready(Ok(false))
+    }
+    /// Reserves space for `off..off+len` in a regular file (its holes become
+    /// allocated blocks reading as zeros, data is left as it is, the file grows to
+    /// cover the range); whether it did (others: nothing to do).
+    fn reserve(&self, _off: u64, _len: u64) -> StoreFuture<'_, bool> {
         StoreFuture::ready(Ok(false))
     }
 }
@@ -407,21 +412,37 @@ impl StorageChannel {
         self.ch.flush().await
     }
 
-    /// Grows a regular file to at least `len` bytes (the new range reads as zeros).
-    /// Formats that append call it ahead of their writes, so those land inside the
-    /// file: a direct write that extends a file serialises on the inode in most file
-    /// systems. With `reserve` the new range's space is reserved too, where the file
-    /// system can (else the extension is sparse): a write into a hole also allocates
-    /// under the inode's exclusive lock, an overwrite of reserved blocks does not. Other
+    /// Grows a regular file to at least `len` bytes (a sparse extension: the new range
+    /// reads as zeros and takes no space). Formats that append call it ahead of their
+    /// writes, so those land inside the file: a direct write that extends a file
+    /// serialises on the inode in most file systems, one inside it does not. Other
     /// storage (block devices, memory, simulated disks) is left as it is.
-    pub async fn grow_to(&self, len: u64, reserve: bool) -> Result<(), IoError> {
+    pub async fn grow_to(&self, len: u64) -> Result<(), IoError> {
         if self.storage.read_only || len <= self.storage.size() {
             return Ok(());
         }
-        if self.ch.grow_to(len, reserve).await? {
+        if self.ch.grow_to(len).await? {
             self.storage.note_end(len);
         }
         Ok(())
+    }
+
+    /// Reserves the space of `off..off+len` where the storage can: a regular file's
+    /// holes in the range become allocated blocks that read as zeros (unwritten
+    /// extents), its data stays, and it grows to cover the range. A direct write into
+    /// reserved blocks is an overwrite, which ext4 and XFS run under the inode's shared
+    /// lock in the submitter's context; one into a hole allocates under the exclusive
+    /// lock (io_uring hands it to its kernel workers). Returns whether space was
+    /// reserved: never an error when the storage cannot (no support, no space).
+    pub async fn reserve(&self, off: u64, len: u64) -> Result<bool, IoError> {
+        if self.storage.read_only {
+            return Ok(false);
+        }
+        let done = self.ch.reserve(off, len).await?;
+        if done {
+            self.storage.note_end(off + len);
+        }
+        Ok(done)
     }
 
     /// Makes `off..off+len` read as zeros. With `unmap`, space may be released. Returns

@@ -42,14 +42,12 @@ pub(crate) enum BlockingOp {
         len: u64,
         mode: i32,
     },
-    /// Grows a regular file to at least `len` bytes (ahead of appends), with `reserve`
-    /// reserving the new range's space where the file system can; never shrinks it:
-    /// channels on several reactors grow the same file, and a smaller target arriving
-    /// late must not cut off what a larger one made room for.
-    Grow {
+    /// Grows a regular file to at least `len` bytes (ahead of appends); never shrinks
+    /// it: channels on several reactors grow the same file, and a smaller target
+    /// arriving late must not cut off what a larger one made room for.
+    Ftruncate {
         fd: RawFd,
         len: u64,
-        reserve: bool,
     },
     /// A driver's own blocking call (`f(ctx, a, b)`, returning a value or -errno),
     /// such as librbd's synchronous `rbd_diff_iterate2` and `rbd_resize`. `ctx` points at
@@ -63,10 +61,10 @@ pub(crate) enum BlockingOp {
 }
 
 /// Serialises file growth (on the offload threads, never on a reactor): the size check
-/// and the growth must not interleave with another's.
+/// and the ftruncate must not interleave with another's.
 static GROW: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn grow_file(fd: RawFd, len: u64, reserve: bool) -> i64 {
+fn grow_file(fd: RawFd, len: u64) -> i64 {
     let _g = GROW.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: `st` is a valid out-parameter; `fd` is open for the op's lifetime.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -74,17 +72,7 @@ fn grow_file(fd: RawFd, len: u64, reserve: bool) -> i64 {
     if unsafe { libc::fstat(fd, &mut st) } < 0 {
         return -1;
     }
-    let cur = st.st_size as u64;
-    if cur >= len {
-        return 0;
-    }
-    // Reserve the range as unwritten extents (reading as zeros): a direct write into
-    // reserved blocks is an overwrite, which file systems such as ext4 and XFS run under
-    // the inode's shared lock and in the submitter's context, while one into a hole
-    // allocates under the exclusive lock (io_uring hands it to a kernel worker). Where
-    // fallocate is unsupported or the space is short, the file grows sparsely instead.
-    // SAFETY: plain integers; a bad fd is an error return.
-    if reserve && unsafe { libc::fallocate(fd, 0, cur as i64, (len - cur) as i64) } == 0 {
+    if st.st_size as u64 >= len {
         return 0;
     }
     // SAFETY: as above.
@@ -161,7 +149,7 @@ fn run(op: BlockingOp) -> i64 {
             // SAFETY: as above.
             i64::from(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) })
         }
-        BlockingOp::Grow { fd, len, reserve } => grow_file(fd, len, reserve),
+        BlockingOp::Ftruncate { fd, len } => grow_file(fd, len),
         BlockingOp::Call { f, ctx, a, b } => return f(ctx, a, b),
     };
     if r < 0 {

@@ -342,7 +342,7 @@ impl BackendChannel for RbdChannel {
     fn block_status(&self, off: u64, len: u64) -> StoreFuture<'_, Extent> {
         StoreFuture::new(RbdChannel::block_status(self, off, len))
     }
-    fn grow_to(&self, len: u64, _reserve: bool) -> StoreFuture<'_, bool> {
+    fn grow_to(&self, len: u64) -> StoreFuture<'_, bool> {
         StoreFuture::new(RbdChannel::grow_to(self, len))
     }
 }

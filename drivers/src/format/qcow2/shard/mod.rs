@@ -89,10 +89,13 @@ const MAX_PENDING_FREES: usize = 8192;
 /// Free clusters scanned per allocation before settling for a shorter run.
 const SCAN_LIMIT: u64 = 1 << 16;
 /// The image file grows ahead of allocation by an eighth of its size, within these
-/// bounds, so allocating writes land inside the file, in space reserved for them (see
-/// `ensure_file_len`). The bound caps the space a file holds beyond its last cluster.
+/// bounds, so allocating writes land inside the file (see `ensure_file_len`).
 const GROW_MIN: u64 = 16 << 20;
-const GROW_MAX: u64 = 256 << 20;
+const GROW_MAX: u64 = 1 << 30;
+/// Space reserved ahead of a shard's allocations: a first window of `RESERVE_MIN`, each
+/// next one twice the last, up to `RESERVE_MAX` (see `make_room`).
+const RESERVE_MIN: u64 = 16 << 20;
+const RESERVE_MAX: u64 = 256 << 20;
 
 /// A run of free clusters found by `find_free`.
 struct FreeRun {
@@ -252,6 +255,11 @@ pub(crate) struct Shard {
     header_lock: MetaLock,
     /// One file extension at a time.
     grow_lock: MetaLock,
+    /// Clusters `[lo, hi)` whose space this shard reserved last (see `make_room`).
+    reserved: Cell<(u64, u64)>,
+    /// Bytes the next reservation takes (doubling up to `RESERVE_MAX`); 0 once the
+    /// storage could not reserve: the file then grows sparsely.
+    reserve_step: Cell<u64>,
     cursor: Cell<u64>,
     /// One past the last cluster this shard allocated: clusters of its groups past
     /// both this and the file's end at open were never written (see `alloc_run`).
@@ -309,6 +317,8 @@ impl Shard {
             alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             grow_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
+            reserved: Cell::new((0, 0)),
+            reserve_step: Cell::new(RESERVE_MIN),
             cursor: Cell::new(cursor),
             pending: RefCell::new(Vec::with_capacity(MAX_PENDING_FREES)),
             snap_gen: Cell::new(0),
