@@ -301,7 +301,7 @@ pub fn virtqueue_chain(data: &[u8]) -> Option<u8> {
     if data.len() < 5 {
         return None;
     }
-    let size = u16::from_le_bytes([data[0], data[1]]);
+    let size = u32::from(u16::from_le_bytes([data[0], data[1]]));
     let head = u16::from_le_bytes([data[2], data[3]]);
     let indirect = data[4] & 1 != 0;
     let ranges = [(GuestAddress(0), 64 << 10), (GuestAddress(1 << 20), 4096)];

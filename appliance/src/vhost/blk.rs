@@ -192,20 +192,21 @@ impl Desc {
     }
 }
 
-/// A queue's descriptor table: its guest address and size, and where it is mapped when
-/// it lies in one guest memory region (always, for the drivers seen), so a descriptor is
-/// read without looking its address up again. Valid with the memory it was made from,
-/// which [`parse`] must be given (a queue keeps that memory for as long as it runs).
+/// A descriptor table (a queue's, or a request's indirect one): its guest address and
+/// size in descriptors, and where it is mapped when it lies in one guest memory region
+/// (always, for the drivers seen), so a descriptor is read without looking its address
+/// up again. Valid with the memory it was made from, which [`parse`] must be given (a
+/// queue keeps that memory for as long as it runs).
 #[derive(Clone, Copy)]
 pub struct DescTable {
     addr: u64,
-    size: u16,
+    size: u32,
     host: Option<std::ptr::NonNull<u8>>,
 }
 
 impl DescTable {
-    pub fn new(mem: &GuestMemoryMmap, addr: u64, size: u16) -> DescTable {
-        let bytes = usize::from(size) * 16;
+    pub fn new(mem: &GuestMemoryMmap, addr: u64, size: u32) -> DescTable {
+        let bytes = size as usize * 16;
         let host = mem
             .get_slice(GuestAddress(addr), bytes)
             .ok()
@@ -215,7 +216,7 @@ impl DescTable {
 
     /// Descriptor `idx` (below the size) of this table.
     fn read(&self, mem: &GuestMemoryMmap, idx: u32) -> Result<Desc, ChainError> {
-        debug_assert!(idx < u32::from(self.size));
+        debug_assert!(idx < self.size);
         match self.host {
             Some(base) => {
                 // SAFETY: `idx` is below the size, so the 16 bytes lie inside the table,
@@ -261,10 +262,9 @@ pub fn parse(
         end: 0,
         status: std::ptr::null_mut(),
     };
-    let mut table: Option<u64> = None;
-    let mut table_size = u32::from(ring.size);
+    let mut table = *ring;
     let mut idx = u32::from(head);
-    let mut ttl = table_size;
+    let mut ttl = table.size;
     let mut in_indirect = false;
     let mut seen_writable = false;
     loop {
@@ -272,15 +272,10 @@ pub fn parse(
             return Err(ChainError::BadChain);
         }
         ttl -= 1;
-        if idx >= table_size {
+        if idx >= table.size {
             return Err(ChainError::BadChain);
         }
-        let d = match table {
-            None => ring.read(mem, idx)?,
-            Some(t) => mem
-                .read_obj(GuestAddress(t + u64::from(idx) * 16))
-                .map_err(|_| ChainError::BadAddress)?,
-        };
+        let d = table.read(mem, idx)?;
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if !indirect_ok
                 || in_indirect
@@ -291,10 +286,11 @@ pub fn parse(
             {
                 return Err(ChainError::BadChain);
             }
-            table = Some(d.addr);
-            table_size = d.len / 16;
+            // Mapped once for the request (Linux drivers put every request with more
+            // than one segment in an indirect table).
+            table = DescTable::new(mem, d.addr, d.len / 16);
             idx = 0;
-            ttl = table_size;
+            ttl = table.size;
             in_indirect = true;
             continue;
         }
@@ -500,5 +496,31 @@ mod tests {
         let r =
             parse(&mem, &DescTable::new(&mem, 0, 1024), 0, false).expect("MAX_SEGS segments fit");
         assert_eq!(r.data_in().len(), MAX_SEGS - 1);
+    }
+
+    #[test]
+    fn indirect_tables_are_walked_and_refused_when_not_negotiated_or_nested() {
+        // The request's three descriptors at 0x8000; the ring's descriptor 0 points there.
+        let mem = chain(
+            &[(0x1000, 16, false), (0x2000, 4096, true), (0x3000, 1, true)],
+            &header(T_IN, 5),
+        );
+        for i in 0..3u64 {
+            let d: Desc = mem.read_obj(GuestAddress(i * 16)).expect("descriptor");
+            mem.write_obj(d, GuestAddress(0x8000 + i * 16)).expect("copy");
+        }
+        let ind = Desc { addr: 0x8000, len: 48, flags: VIRTQ_DESC_F_INDIRECT, next: 0 };
+        mem.write_obj(ind, GuestAddress(0)).expect("ring descriptor");
+        let ring = DescTable::new(&mem, 0, 8);
+        let r = parse(&mem, &ring, 0, true).expect("valid indirect chain");
+        assert_eq!((r.kind, r.sector), (T_IN, 5));
+        assert_eq!(lens(r.data_in()), [4096]);
+        assert_eq!(parse(&mem, &ring, 0, false).err(), Some(ChainError::BadChain));
+        // An indirect descriptor inside the table, and a table past guest memory.
+        mem.write_obj(ind, GuestAddress(0x8010)).expect("nested");
+        assert_eq!(parse(&mem, &ring, 0, true).err(), Some(ChainError::BadChain));
+        let far = Desc { addr: 1 << 30, ..ind };
+        mem.write_obj(far, GuestAddress(0)).expect("ring descriptor");
+        assert_eq!(parse(&mem, &ring, 0, true).err(), Some(ChainError::BadAddress));
     }
 }

@@ -354,7 +354,7 @@ pub fn start(s: QueueStart) -> Result<(), String> {
     if let Some(k) = &s.kick {
         poller::register_wakeup_fd(k.as_raw_fd()).map_err(|e| e.to_string())?;
     }
-    let desc_table = blk::DescTable::new(&s.mem, s.desc, s.size);
+    let desc_table = blk::DescTable::new(&s.mem, s.desc, u32::from(s.size));
     let runner = Rc::new(Runner {
         queue: RefCell::new(q),
         mem: s.mem,
