@@ -62,20 +62,25 @@ impl Shard {
     /// entries, like storage that cannot reserve, grows sparsely (`ensure_file_len`).
     /// The window is per shard, after its own allocations: shards allocate in groups
     /// far apart, and one window over the gap between them would reserve all of it.
+    /// Windows only move forward: clusters below the last one's end (reused after a
+    /// free, or a hole punched there) are written where they are, so an image whose
+    /// frees send allocation back and forth costs one reservation per new window, not
+    /// one per allocation.
     async fn make_room(&self, start: u64, len: u64) -> Result<(), IoError> {
         let g = self.g();
         let end = start + len;
         let step = self.reserve_step.get();
         if !g.extended_l2 && step != 0 {
-            let (lo, hi) = self.reserved.get();
-            if start >= lo && end <= hi {
+            let done = self.reserved_end.get();
+            if end <= done {
                 return Ok(());
             }
-            let group_end = ((start >> self.img.group_bits()) + 1) << self.img.group_bits();
-            let to = (start + (step >> g.cluster_bits)).min(group_end).max(end);
+            let from = start.max(done);
+            let group_end = ((from >> self.img.group_bits()) + 1) << self.img.group_bits();
+            let to = (from + (step >> g.cluster_bits)).min(group_end).max(end);
             let cb = g.cluster_bits;
-            if self.top().io.reserve(start << cb, (to - start) << cb).await? {
-                self.reserved.set((start, to));
+            if self.top().io.reserve(from << cb, (to - from) << cb).await? {
+                self.reserved_end.set(to);
                 self.reserve_step.set((step * 2).min(RESERVE_MAX));
                 return Ok(());
             }

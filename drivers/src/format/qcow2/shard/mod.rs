@@ -255,8 +255,8 @@ pub(crate) struct Shard {
     header_lock: MetaLock,
     /// One file extension at a time.
     grow_lock: MetaLock,
-    /// Clusters `[lo, hi)` whose space this shard reserved last (see `make_room`).
-    reserved: Cell<(u64, u64)>,
+    /// The end of the last window of clusters this shard reserved (see `make_room`).
+    reserved_end: Cell<u64>,
     /// Bytes the next reservation takes (doubling up to `RESERVE_MAX`); 0 once the
     /// storage could not reserve: the file then grows sparsely.
     reserve_step: Cell<u64>,
@@ -317,7 +317,7 @@ impl Shard {
             alloc_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             header_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
             grow_lock: MetaLock { held: Cell::new(false), waiters: WaitList::new() },
-            reserved: Cell::new((0, 0)),
+            reserved_end: Cell::new(0),
             reserve_step: Cell::new(RESERVE_MIN),
             cursor: Cell::new(cursor),
             pending: RefCell::new(Vec::with_capacity(MAX_PENDING_FREES)),
