@@ -55,11 +55,12 @@ impl Shard {
     /// Makes room in the file for the new clusters `start..start+len`: reserves their
     /// space and a window after them (within their allocation group) where the storage
     /// can, so the writes into them overwrite reserved blocks instead of filling holes
-    /// (see `Io::reserve`: 4k random writes into an empty image ran 1.21-1.26x). A
-    /// cluster then takes its whole size on the host however little of it is written,
-    /// as with QEMU's own driver, which zeroes a new cluster's untouched parts by
-    /// reserving them. Subclusters exist to take less, so an image with extended L2
-    /// entries, like storage that cannot reserve, grows sparsely (`ensure_file_len`).
+    /// (see `StorageChannel::reserve`; 4k random writes into an empty image ran
+    /// 1.21-1.24x). A cluster then takes its whole size on the host however little of
+    /// it is written, as with QEMU's own driver, which zeroes a new cluster's untouched
+    /// parts by reserving them. Subclusters exist to take less, so an image with
+    /// extended L2 entries, like storage that cannot reserve, grows sparsely
+    /// (`ensure_file_len`).
     /// The window is per shard, after its own allocations: shards allocate in groups
     /// far apart, and one window over the gap between them would reserve all of it.
     /// Windows only move forward: clusters below the last one's end (reused after a
