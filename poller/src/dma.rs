@@ -5,6 +5,13 @@
 //!   alignment a Linux device reports.
 //! - The region is backed by hugepages (through `hugepage-rs`) when asked for and
 //!   available, by ordinary anonymous memory otherwise; pages are touched lazily.
+//!   Ordinary memory is aligned to 2 MiB and, unless hugepages are off, advised as
+//!   transparent huge pages (`MADV_HUGEPAGE`), so each 2 MiB chunk the buffers reach
+//!   (the chunks the io_uring registers as fixed buffers, see `drivers`) is one
+//!   physically contiguous page where the kernel can give one. What the device gets is
+//!   then one segment per buffer instead of one per 4 KiB page: on the virtio disk of
+//!   the benchmark machine, 64 KiB sequential reads over NBD ran 1.2–1.3x faster (the
+//!   disk's own time per request 420 against 520 µs) and 4 KiB requests the same.
 //! - The allocator's bookkeeping is allocated once with the region: allocating and
 //!   freeing a buffer touch only fixed arrays (intrusive free lists), never the heap.
 //! - An empty pool is a status: [`alloc`] returns `None`, and [`alloc_wait`] parks the
@@ -137,11 +144,29 @@ fn map_region(bytes: usize, mode: HugepageMode) -> io::Result<(NonNull<u8>, Back
             ),
         ));
     }
+    let p = map_aligned(bytes, HUGE_ALIGN)?;
+    if mode == HugepageMode::Auto {
+        // Transparent huge pages where the kernel has them (best effort: `never` in
+        // /sys/kernel/mm/transparent_hugepage/enabled, or no free 2 MiB page at the first
+        // touch of a chunk, leave ordinary pages). See the module doc.
+        // SAFETY: advice on a mapping this function owns; it changes no contents.
+        unsafe { libc::madvise(p.as_ptr().cast(), bytes, libc::MADV_HUGEPAGE) };
+    }
+    Ok((p, Backing::Mmap))
+}
+
+/// Huge-page alignment of the ordinary-memory region.
+const HUGE_ALIGN: usize = 2 << 20;
+
+/// An anonymous private mapping of `bytes` (a multiple of 4 KiB) aligned to `align` (a
+/// power of two): mapped `align` longer, then trimmed at both ends.
+fn map_aligned(bytes: usize, align: usize) -> io::Result<NonNull<u8>> {
+    let len = bytes + align;
     // SAFETY: an anonymous private mapping with no address hint has no preconditions.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            bytes,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -151,7 +176,20 @@ fn map_region(bytes: usize, mode: HugepageMode) -> io::Result<(NonNull<u8>, Back
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    Ok((NonNull::new(p.cast()).expect("mmap returned null"), Backing::Mmap))
+    let start = p as usize;
+    let aligned = start.next_multiple_of(align);
+    let (head, tail) = (aligned - start, start + len - (aligned + bytes));
+    // SAFETY: both ranges lie in the mapping just made, outside [aligned, aligned+bytes),
+    // which is what the region keeps; nothing references them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(p, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(NonNull::new(aligned as *mut u8).expect("mmap returned null"))
 }
 
 fn order_for(len: usize) -> u8 {

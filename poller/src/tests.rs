@@ -210,6 +210,8 @@ fn dma_buffers_are_aligned_and_waiters_get_freed_buffers() {
     r.handles()[0].block_on(|| async {
         let max = dma::max_len();
         assert_eq!(max, 2 << 20);
+        let (base, len) = dma::region();
+        assert_eq!((base % (2 << 20), len), (0, 8 << 20), "the region is 2 MiB-aligned");
         let a = dma::alloc(512).unwrap();
         assert_eq!(a.as_ptr() as usize % 4096, 0);
         assert_eq!(a.capacity(), 4096);

@@ -60,6 +60,9 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     runs: Cell<u32>,
     run_end: Cell<Option<(RawFd, bool, u64)>>,
     eventfd: OwnedFd,
+    /// The kernel signals `eventfd` on completions: only while the reactor prepares to
+    /// sleep (see [`Ring::wants_reactor`]).
+    eventfd_on: Cell<bool>,
     /// The kernel supports socket receive and sendmsg on the ring.
     sockets: bool,
     /// The reactor's DMA region as fixed buffers, once set up (see [`Fixed`]).
@@ -119,7 +122,7 @@ fn start<S: Encode + 'static, C: cqueue::EntryMarker + 'static>() -> io::Result<
     poller::register_poller_with_pending(
         poller::Phase::Early,
         move || reap.reap() > 0,
-        move || pending.has_pending(),
+        move || pending.wants_reactor(),
     );
     poller::register_poller(poller::Phase::Late, move || submit.submit_queued());
     poller::register_wakeup_fd(u.eventfd.as_raw_fd())?;
@@ -256,7 +259,7 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
                 (IoUring::<S, C>::builder().setup_cqsize(CQ_DEPTH).build(ENGINE_DEPTH), false)
             }
         };
-        let ring = ring.map_err(|e| {
+        let mut ring = ring.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot set up an io_uring of {ENGINE_DEPTH} entries: {e}"),
@@ -270,6 +273,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         // SAFETY: `efd` is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // Signalled only while the reactor goes to sleep (`wants_reactor`).
+        ring.completion().disable_eventfd();
         steer_workers(&ring);
         let sockets = probe_sockets(&ring);
         Ok(Ring {
@@ -281,6 +286,7 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             runs: Cell::new(0),
             run_end: Cell::new(None),
             eventfd,
+            eventfd_on: Cell::new(false),
             sockets,
             fixed: OnceCell::new(),
             // Reserved whole on the first socket operation (the NVMe ring never has one).
@@ -318,6 +324,10 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
     /// Reaps every available completion; returns how many.
     fn reap(&self) -> usize {
         let mut ring = self.ring.borrow_mut();
+        if self.eventfd_on.replace(false) {
+            // Awake again: the reactor reaps every tick, no signal needed.
+            ring.completion().disable_eventfd();
+        }
         if self.coop && ring.submission().taskrun() {
             // SAFETY: no submission entries and no argument are passed; GETEVENTS with
             // min_complete 0 only runs the pending completion work and returns.
@@ -421,6 +431,37 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
     /// kernel's task work, belong to operations still in flight until reaped.
     fn has_pending(&self) -> bool {
         self.queued.get() > 0 || self.slots.in_flight() > 0
+    }
+
+    /// Asked by a reactor about to sleep: work it must not sleep through
+    /// ([`Ring::has_pending`]), or completions already in the ring or waiting for the
+    /// kernel's task work. Turns the eventfd on first, so a completion posted after
+    /// this check wakes the sleep.
+    ///
+    /// An awake reactor reaps every tick, so the kernel does not signal the eventfd
+    /// then (`IORING_CQ_EVENTFD_DISABLED`): that signal, a lock and a wakeup of the
+    /// reactor's own epoll set on every batch of completions, was the largest single
+    /// cost left in the reactor's ring work. The re-check after turning it on cannot
+    /// miss a completion: socket completions are posted by the reactor's own task work,
+    /// whose pending flag (checked here, and the interrupted sleep's
+    /// `signal_pending`) is set before the reactor is woken; only device completions
+    /// are posted by other threads (the kernel's workers), and a ring with a device
+    /// operation in flight never lets the reactor sleep.
+    fn wants_reactor(&self) -> bool {
+        if self.has_pending() {
+            return true;
+        }
+        let mut ring = self.ring.borrow_mut();
+        if !self.eventfd_on.replace(true) {
+            ring.completion().enable_eventfd();
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.coop && ring.submission().taskrun() {
+            return true;
+        }
+        let mut cq = ring.completion();
+        cq.sync();
+        !cq.is_empty()
     }
 
     /// Pushes one entry, submitting what is queued first if the ring is full.
