@@ -8,10 +8,11 @@
 //!   Ordinary memory is aligned to 2 MiB and, unless hugepages are off, advised as
 //!   transparent huge pages (`MADV_HUGEPAGE`), so each 2 MiB chunk the buffers reach
 //!   (the chunks the io_uring registers as fixed buffers, see `drivers`) is one
-//!   physically contiguous page where the kernel can give one. What the device gets is
-//!   then one segment per buffer instead of one per 4 KiB page: on the virtio disk of
-//!   the benchmark machine, 64 KiB sequential reads over NBD ran 1.2–1.3x faster (the
-//!   disk's own time per request 420 against 520 µs) and 4 KiB requests the same.
+//!   physically contiguous page where the kernel can give one, and a buffer the device
+//!   gets is contiguous memory rather than pages from anywhere: on the virtio disk of
+//!   the benchmark machine, 64 KiB sequential reads over NBD ran 1.22–1.30x faster (the
+//!   disk's own time per request about 420 against 520 µs); 4 KiB requests did not
+//!   lose (docs/perf/profile.md).
 //! - The allocator's bookkeeping is allocated once with the region: allocating and
 //!   freeing a buffer touch only fixed arrays (intrusive free lists), never the heap.
 //! - An empty pool is a status: [`alloc`] returns `None`, and [`alloc_wait`] parks the

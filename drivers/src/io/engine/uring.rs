@@ -440,8 +440,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
     ///
     /// An awake reactor reaps every tick, so the kernel does not signal the eventfd
     /// then (`IORING_CQ_EVENTFD_DISABLED`): that signal, a lock and a wakeup of the
-    /// reactor's own epoll set on every batch of completions, was the largest single
-    /// cost left in the reactor's ring work. The re-check after turning it on cannot
+    /// reactor's own epoll set on every batch of completions, was 4–5 % of the
+    /// reactor's samples serving the `null` disk. The re-check after turning it on cannot
     /// miss a completion: socket completions are posted by the reactor's own task work,
     /// whose pending flag (checked here, and the interrupted sleep's
     /// `signal_pending`) is set before the reactor is woken; only device completions
