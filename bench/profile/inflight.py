@@ -8,7 +8,7 @@ reads /sys/block/DEVICE/inflight (reads + writes) in a loop and prints the sampl
 runs ("from-to µs: count") and a histogram of the counts. The averages the harness
 records (time in queue over wall time) cannot tell a disk that always holds half the
 job's requests from one that holds all of them half the time and none the rest; this
-trace can (docs/perf/profile.md, 2026-12-06 13:40).
+trace can (docs/perf/profile.md, 2026-12-06 13:00).
 
 The sampler is a process like any other: on a machine whose cores are all busy (a
 busy-polling server on one, the client on the other) it is descheduled for hundreds of
