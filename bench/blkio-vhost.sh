@@ -10,7 +10,10 @@
 #
 # Environment: JOBS='randread 4k 32;read 64k 8' (default: 4k QD32 randread and randwrite,
 # 64k QD8 read and write) ROUNDS=3 SECS=5 SIZE=2G QUEUES=1 WORK=/var/tmp SERVER_CPU=0 CLIENT_CPU=1
-# APPLIANCE_CPUS=0 (e.g. 0,1 with QUEUES=2: one queue per reactor).
+# APPLIANCE_CPUS=0 (e.g. 0,1 with QUEUES=2: one queue per reactor) LOAD_ARGS= (e.g. --wait:
+# the front-end's threads block on their completion eventfds instead of polling, which a
+# reactor sharing their CPU needs: on a 2-vCPU machine, two polling front-end threads
+# on a reactor's CPU halve what it serves).
 set -euo pipefail
 OUT=${1:-bench/results/blkio-vhost-$(date -u +%Y%m%dT%H%M%SZ)}
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-5}; SIZE=${SIZE:-2G}; QUEUES=${QUEUES:-1}
@@ -56,7 +59,7 @@ one() { # target workload bs qd -> IOPS
   start "$t"
   local cpus=$CLIENT_CPU
   taskset -c "$CLIENT_CPU" "$LOAD" --socket "$SOCK" --workload "$w" --bs "$bs" --qd "$qd" \
-    --queues "$QUEUES" --time "$SECS" --json | python3 -c "import json,sys;print(json.load(sys.stdin)['iops'])"
+    --queues "$QUEUES" --time "$SECS" --json ${LOAD_ARGS:-} | python3 -c "import json,sys;print(json.load(sys.stdin)['iops'])"
   kill "$PID"; wait "$PID" 2>/dev/null || true
 }
 
