@@ -57,7 +57,6 @@ one() { # target workload bs qd -> IOPS
     return
   fi
   start "$t"
-  local cpus=$CLIENT_CPU
   taskset -c "$CLIENT_CPU" "$LOAD" --socket "$SOCK" --workload "$w" --bs "$bs" --qd "$qd" \
     --queues "$QUEUES" --time "$SECS" --json ${LOAD_ARGS:-} | python3 -c "import json,sys;print(json.load(sys.stdin)['iops'])"
   kill "$PID"; wait "$PID" 2>/dev/null || true
@@ -75,7 +74,7 @@ for r in $(seq "$ROUNDS"); do
     done
   done
 done
-python3 - "$OUT/runs.csv" "$QUEUES" > "$OUT/table.md" <<'PY'
+python3 - "$OUT/runs.csv" "$QUEUES" "${LOAD_ARGS:-}" > "$OUT/table.md" <<'PY'
 import csv, statistics as st, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 jobs = list(dict.fromkeys(r['job'] for r in rows))
@@ -92,7 +91,7 @@ def ratio(j, a, b):
 def med(j, t):
     xs = [v[(k, j, t)] for k in rounds if (k, j, t) in v]
     return f"{st.median(xs)/1000:.1f}k" if xs else "–"
-print(f"queues: {sys.argv[2]}, {len(rounds)} alternating rounds; medians, ratios are medians of per-round ratios (range)\n")
+print(f"queues: {sys.argv[2]}, front-end {'`' + sys.argv[3] + '`' if sys.argv[3] else 'polling'}, {len(rounds)} alternating rounds; medians, ratios are medians of per-round ratios (range)\n")
 print("`device` is fio on the file from the server's CPU, `device-client-core` from the client's; appliance/device is against the better of the two, round by round.\n")
 print("| job | appliance | qsd | device | device-client-core | appliance/device | appliance/qsd |")
 print("|---|---:|---:|---:|---:|---:|---:|")
