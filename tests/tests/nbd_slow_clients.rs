@@ -42,9 +42,10 @@ fn healthy(a: &Appliance, seed: u64) -> Duration {
     let t = Instant::now();
     let mut c = Client::connect(&a.sock, "m", true, false).expect("a healthy client connects");
     let data = pattern(seed, 256 << 10);
+    let failed = |e: std::io::Error| -> Reply { panic!("healthy client: {e}\n{}", a.logs()) };
     for i in 0..16 {
-        assert_eq!(c.write(i, 40 * MIB + i * (256 << 10), &data).unwrap().error, 0);
-        let r = c.read(100 + i, 40 * MIB + i * (256 << 10), data.len()).unwrap();
+        assert_eq!(c.write(i, 40 * MIB + i * (256 << 10), &data).unwrap_or_else(failed).error, 0);
+        let r = c.read(100 + i, 40 * MIB + i * (256 << 10), data.len()).unwrap_or_else(failed);
         assert!(r.error == 0 && r.data == data, "healthy client's data");
     }
     c.disconnect();
