@@ -353,44 +353,85 @@ pub(super) async fn handle(c: Rc<Conn>, a: Admitted) {
     c.push(reply);
 }
 
+/// What the watchdog concludes at one of its checks.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Fine,
+    Stalled,
+    Idle,
+}
+
+/// The watchdog's two clocks: no progress at all (for `idle`), and no progress while
+/// the server waited on the client (for `stall`). Time a request spends waiting for
+/// the server's own budget or buffers is not the client's stall: a healthy client
+/// queued behind stalled ones is not counted as stalled the moment it is admitted.
+struct Clock {
+    t: Timeouts,
+    seen: u64,
+    quiet: Duration,
+    owed: Duration,
+}
+
+impl Clock {
+    fn new(t: Timeouts) -> Clock {
+        Clock { t, seen: u64::MAX, quiet: Duration::ZERO, owed: Duration::ZERO }
+    }
+
+    /// One check, `period` after the last: the progress counter, whether the server
+    /// is waiting on the client, and whether the client has requests outstanding.
+    fn check(&mut self, period: Duration, progress: u64, waiting: bool, busy: bool) -> Verdict {
+        if progress != self.seen {
+            self.seen = progress;
+            self.quiet = Duration::ZERO;
+            self.owed = Duration::ZERO;
+            return Verdict::Fine;
+        }
+        self.quiet += period;
+        self.owed = if waiting { self.owed + period } else { Duration::ZERO };
+        if self.owed >= self.t.stall {
+            Verdict::Stalled
+        } else if self.t.idle.is_some_and(|i| self.quiet >= i) && !waiting && !busy {
+            Verdict::Idle
+        } else {
+            Verdict::Fine
+        }
+    }
+}
+
 /// Closes the connection when it stalls (no progress for `stall` while the server
 /// waits on the client) or idles (no request for `idle`). Holds only a weak reference,
 /// so a finished connection is released at once, not at the watchdog's next check.
 async fn watchdog(c: Weak<Conn>, t: Timeouts) {
     let shortest = t.idle.map_or(t.stall, |i| i.min(t.stall));
     let period = (shortest / 4).max(Duration::from_millis(50));
-    let mut seen = u64::MAX;
-    let mut quiet = Duration::ZERO;
+    let mut clock = Clock::new(t);
     loop {
         poller::sleep(period).await;
         let Some(c) = c.upgrade() else { return };
         if c.dead.get() || c.writer_done.get() {
             return;
         }
-        let p = c.progress.get();
-        if p != seen {
-            seen = p;
-            quiet = Duration::ZERO;
-            continue;
-        }
-        quiet += period;
-        if c.waiting_on_client() && quiet >= t.stall {
-            tracing::info!(
-                export = c.export(),
-                "NBD client made no progress for {:?} (a partial request or unread replies); disconnecting",
-                t.stall
-            );
-            c.kill();
-            return;
-        }
-        if let Some(idle) = t.idle
-            && quiet >= idle
-            && !c.waiting_on_client()
-            && c.budget.outstanding() == 0
-        {
-            tracing::info!(export = c.export(), "NBD client idle for {idle:?}; disconnecting");
-            c.stop_reading();
-            return;
+        let busy = c.budget.outstanding() > 0;
+        match clock.check(period, c.progress.get(), c.waiting_on_client(), busy) {
+            Verdict::Fine => {}
+            Verdict::Stalled => {
+                tracing::info!(
+                    export = c.export(),
+                    "NBD client made no progress for {:?} (a partial request or unread replies); disconnecting",
+                    t.stall
+                );
+                c.kill();
+                return;
+            }
+            Verdict::Idle => {
+                tracing::info!(
+                    export = c.export(),
+                    "NBD client idle for {:?}; disconnecting",
+                    t.idle
+                );
+                c.stop_reading();
+                return;
+            }
         }
     }
 }
@@ -414,4 +455,53 @@ pub async fn run(c: Rc<Conn>, timeouts: Timeouts) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Duration = Duration::from_millis(500);
+
+    fn clock(idle: Option<u64>) -> Clock {
+        Clock::new(Timeouts { stall: 4 * P, idle: idle.map(|n| n as u32 * P) })
+    }
+
+    #[test]
+    fn a_client_is_stalled_only_after_the_server_waited_on_it_for_the_whole_timeout() {
+        let mut c = clock(None);
+        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+        // Queued behind the server's own budget for longer than the timeout...
+        for _ in 0..10 {
+            assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+        }
+        // ...then admitted and owing its payload: the timeout starts only now.
+        for _ in 0..3 {
+            assert_eq!(c.check(P, 1, true, true), Verdict::Fine);
+        }
+        assert_eq!(c.check(P, 1, true, true), Verdict::Stalled);
+    }
+
+    #[test]
+    fn progress_resets_both_clocks() {
+        let mut c = clock(Some(6));
+        for _ in 0..3 {
+            assert_eq!(c.check(P, 7, true, true), Verdict::Fine);
+        }
+        assert_eq!(c.check(P, 8, true, true), Verdict::Fine, "a receive");
+        for _ in 0..3 {
+            assert_eq!(c.check(P, 8, true, true), Verdict::Fine);
+        }
+        assert_eq!(c.check(P, 8, true, true), Verdict::Stalled);
+    }
+
+    #[test]
+    fn idle_counts_quiet_time_without_requests_outstanding() {
+        let mut c = clock(Some(3));
+        assert_eq!(c.check(P, 1, false, false), Verdict::Fine);
+        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+        assert_eq!(c.check(P, 1, false, true), Verdict::Fine, "requests outstanding");
+        assert_eq!(c.check(P, 1, false, false), Verdict::Idle);
+    }
 }

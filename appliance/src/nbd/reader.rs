@@ -150,7 +150,6 @@ where
         };
         c.mid_request.set(false);
         let ticket = c.budget.admit(buffer_bytes(c, &req, payload_len)).await;
-        c.mid_request.set(payload_len > 0);
         let Some((payload, refused)) = take_payload(c, &mut rx, &req, payload_len).await else {
             return;
         };
@@ -177,6 +176,9 @@ async fn take_payload(c: &Conn, rx: &mut Rx, req: &Request, len: u64) -> Option<
     }
     if req.kind == proto::CMD_WRITE && len <= u64::from(c.max_block) {
         let mut buf = dma::alloc_wait(len as usize).await.ok()?;
+        // Only now does the server wait on the client (not while it waited for its
+        // own budget or buffers).
+        c.mid_request.set(true);
         if !receive(c, rx, buf.as_mut_slice()).await {
             return None;
         }
@@ -186,6 +188,7 @@ async fn take_payload(c: &Conn, rx: &mut Rx, req: &Request, len: u64) -> Option<
         tracing::info!("NBD request with a {len}-byte payload; disconnecting the client");
         return None;
     }
+    c.mid_request.set(true);
     if !rx.skip(c, len).await {
         return None;
     }
