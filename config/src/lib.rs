@@ -123,7 +123,8 @@ pub struct Nbd {
     /// A connection with no request for this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// A connection that makes no progress for this long while the server waits on
-    /// the client (a partial request, replies it does not read) is closed.
+    /// the client (a partial request, replies it does not read) is closed; one that
+    /// holds buffers another request on its reactor waits for, after at most 2 s.
     pub stall_timeout: Duration,
     /// How connections move bytes once their handshake is done.
     pub socket_io: SocketIo,

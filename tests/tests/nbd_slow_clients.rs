@@ -121,6 +121,35 @@ fn clients_that_send_a_header_and_stall_are_disconnected() {
     assert!(a.stop().success());
 }
 
+/// Stalled clients that hold all of the reactor's NBD buffers keep a healthy client of
+/// the same reactor waiting for the pressure grace (2 s), not for `stall_timeout`.
+#[test]
+fn stalled_clients_holding_the_buffers_others_need_go_first() {
+    let mut a = start("stall_timeout = 60");
+    // Four 8 MiB write headers fill the reactor's NBD half of its 64 MiB pool.
+    let mut stalled: Vec<Client> = (0..4)
+        .map(|i| {
+            let mut c = Client::connect(&a.sock, "m", i % 2 == 0, false).unwrap();
+            c.request(CMD_WRITE, 0, 1, 0, 8 * MIB, &[0x22; 100]).unwrap();
+            c
+        })
+        .collect();
+    let took = healthy(&a, 4);
+    assert!(took < Duration::from_secs(10), "a healthy client took {took:?}\n{}", a.logs());
+    // As many as made room went (at least one); the rest hold their buffers until
+    // stall_timeout, with nobody waiting for them.
+    let closed = stalled
+        .iter_mut()
+        .map(|c| closed_by_server(c, Duration::from_secs(1)))
+        .filter(|&x| x)
+        .count();
+    assert!(closed >= 1, "{}", a.logs());
+    assert!(a.logs().contains("while holding buffers other requests wait for"), "{}", a.logs());
+    drop(stalled);
+    healthy(&a, 5);
+    assert!(a.stop().success());
+}
+
 #[test]
 fn connections_past_max_connections_are_refused_with_a_reason() {
     let mut a = start("max_connections = 3");

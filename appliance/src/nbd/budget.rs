@@ -20,6 +20,13 @@
 //! count, so a client that pipelines payload-less requests (flushes, trims) and never
 //! reads is bounded too.
 //!
+//! A few stalled clients can still fill the reactor's half of the pool (two 32 MiB
+//! write headers with no payload do, with the default pool). The reactor therefore
+//! counts the requests blocked on its budget ([`Budget::squeezed`]); while any is, the
+//! watchdog gives a connection that holds buffers and owes the server bytes only a
+//! short grace instead of `stall_timeout`, so clients of other disks on the reactor
+//! wait about a second, not half a minute.
+//!
 //! Bookkeeping is reactor-local `Cell`s; admission is a comparison, release a
 //! subtraction and a wake-up: no allocation, no lock.
 
@@ -36,6 +43,8 @@ pub struct ReactorBudget {
     held: Cell<usize>,
     cap: usize,
     waiters: WaitList,
+    /// Requests waiting for room in `held` (see [`Blocked`]).
+    blocked: Cell<u32>,
 }
 
 thread_local! {
@@ -43,7 +52,27 @@ thread_local! {
         held: Cell::new(0),
         cap: poller::dma::max_len() * 2,
         waiters: WaitList::new(),
+        blocked: Cell::new(0),
     });
+}
+
+/// Counts one request blocked on the reactor's budget for as long as it lives (also
+/// when its connection's reader is dropped while it waits).
+struct Blocked(Rc<ReactorBudget>);
+
+impl Blocked {
+    fn new(r: &Rc<ReactorBudget>) -> Blocked {
+        r.blocked.set(r.blocked.get() + 1);
+        Blocked(r.clone())
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let b = &self.0.blocked;
+        debug_assert!(b.get() > 0);
+        b.set(b.get() - 1);
+    }
 }
 
 /// A connection's budget.
@@ -91,16 +120,20 @@ impl Budget {
 
     /// Waits until a request holding `bytes` of buffers fits, then reserves it.
     pub async fn admit(self: &Rc<Self>, bytes: usize) -> Ticket {
+        let mut blocked = None;
         loop {
             if !self.fits_connection(bytes) {
                 // Only this connection's own replies going out can make room.
+                blocked = None;
                 self.waiters.wait().await;
             } else if !self.fits_reactor(bytes) {
+                blocked.get_or_insert_with(|| Blocked::new(&self.reactor));
                 self.reactor.waiters.wait().await;
             } else {
                 break;
             }
         }
+        drop(blocked);
         self.outstanding.set(self.outstanding.get() + 1);
         self.held.set(self.held.get() + bytes);
         self.reactor.held.set(self.reactor.held.get() + bytes);
@@ -110,6 +143,16 @@ impl Budget {
     /// Requests admitted whose replies are not yet sent.
     pub fn outstanding(&self) -> u32 {
         self.outstanding.get()
+    }
+
+    /// Bytes of buffers this connection holds.
+    pub fn held(&self) -> usize {
+        self.held.get()
+    }
+
+    /// Whether some request on this reactor is waiting for room in its budget.
+    pub fn squeezed(&self) -> bool {
+        self.reactor.blocked.get() > 0
     }
 }
 
@@ -148,6 +191,39 @@ mod tests {
         let out = r.handles()[0].call(f);
         r.stop();
         out
+    }
+
+    #[test]
+    fn the_reactor_is_squeezed_while_a_request_waits_for_its_budget() {
+        let r = poller::Reactors::start(poller::ReactorOptions {
+            dma_pool_bytes: 64 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        r.handles()[0].block_on(|| async {
+            let (hog, healthy) = (Budget::new(), Budget::new());
+            let cap = hog.reactor.cap;
+            let pinned = hog.admit(cap).await;
+            assert!(!healthy.squeezed(), "nobody waits yet");
+            let waiting = Rc::new(Cell::new(false));
+            let w = waiting.clone();
+            let h = healthy.clone();
+            poller::spawn(async move {
+                let t = h.admit(4096).await;
+                w.set(true);
+                drop(t);
+            });
+            poller::yield_now().await;
+            assert!(healthy.squeezed() && hog.squeezed(), "a request waits for the reactor");
+            assert!(!waiting.get());
+            drop(pinned);
+            for _ in 0..4 {
+                poller::yield_now().await;
+            }
+            assert!(waiting.get(), "admitted once the hog let go");
+            assert!(!healthy.squeezed(), "the count falls when the waiter is admitted");
+        });
+        r.stop();
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drivers::{Admit, BdevChannel, IoSeg, ReqKind, ZeroFlags};
 use poller::{DmaBuf, TaskPool, dma};
@@ -353,44 +353,71 @@ pub(super) async fn handle(c: Rc<Conn>, a: Admitted) {
     c.push(reply);
 }
 
+/// How long a connection that holds buffers may owe the server bytes while other
+/// requests on its reactor wait for buffers (`stall_timeout` if that is shorter): long
+/// enough for a TCP retransmission or two, short against `stall_timeout`'s default.
+const PRESSURE_GRACE: Duration = Duration::from_secs(2);
+
 /// What the watchdog concludes at one of its checks.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Fine,
+    /// No progress for `stall_timeout` while the server waited on the client.
     Stalled,
+    /// No progress for the pressure grace while holding buffers others wait for.
+    Pinning,
     Idle,
 }
 
-/// The watchdog's two clocks: no progress at all (for `idle`), and no progress while
-/// the server waited on the client (for `stall`). Time a request spends waiting for
-/// the server's own budget or buffers is not the client's stall: a healthy client
-/// queued behind stalled ones is not counted as stalled the moment it is admitted.
+/// What the watchdog sees of the connection at a check.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The progress counter (receives and sends).
+    progress: u64,
+    /// The server waits on the client: a header's tail, a payload, unread replies.
+    waiting: bool,
+    /// Requests admitted whose replies are not yet sent.
+    busy: bool,
+    /// The connection holds buffers while another request on the reactor waits for some.
+    pinning: bool,
+}
+
+/// The watchdog's two clocks: since the last progress (for `idle`), and since the
+/// server started waiting on the client without progress (for `stall`). Time a
+/// request spends waiting for the server's own budget or buffers is not the client's
+/// stall: a healthy client queued behind stalled ones is not counted as stalled the
+/// moment it is admitted.
 struct Clock {
     t: Timeouts,
     seen: u64,
-    quiet: Duration,
-    owed: Duration,
+    quiet_since: Instant,
+    owed_since: Option<Instant>,
 }
 
 impl Clock {
-    fn new(t: Timeouts) -> Clock {
-        Clock { t, seen: u64::MAX, quiet: Duration::ZERO, owed: Duration::ZERO }
+    fn new(t: Timeouts, now: Instant) -> Clock {
+        Clock { t, seen: u64::MAX, quiet_since: now, owed_since: None }
     }
 
-    /// One check, `period` after the last: the progress counter, whether the server
-    /// is waiting on the client, and whether the client has requests outstanding.
-    fn check(&mut self, period: Duration, progress: u64, waiting: bool, busy: bool) -> Verdict {
-        if progress != self.seen {
-            self.seen = progress;
-            self.quiet = Duration::ZERO;
-            self.owed = Duration::ZERO;
+    fn grace(&self) -> Duration {
+        self.t.stall.min(PRESSURE_GRACE)
+    }
+
+    fn check(&mut self, now: Instant, s: Seen) -> Verdict {
+        if s.progress != self.seen {
+            self.seen = s.progress;
+            self.quiet_since = now;
+            self.owed_since = s.waiting.then_some(now);
             return Verdict::Fine;
         }
-        self.quiet += period;
-        self.owed = if waiting { self.owed + period } else { Duration::ZERO };
-        if self.owed >= self.t.stall {
+        self.owed_since = if s.waiting { Some(self.owed_since.unwrap_or(now)) } else { None };
+        let owed = self.owed_since.map_or(Duration::ZERO, |since| now - since);
+        if owed >= self.t.stall {
             Verdict::Stalled
-        } else if self.t.idle.is_some_and(|i| self.quiet >= i) && !waiting && !busy {
+        } else if s.pinning && owed >= self.grace() {
+            Verdict::Pinning
+        } else if self.t.idle.is_some_and(|i| now - self.quiet_since >= i) && !s.waiting && !s.busy
+        {
             Verdict::Idle
         } else {
             Verdict::Fine
@@ -399,30 +426,46 @@ impl Clock {
 }
 
 /// Closes the connection when it stalls (no progress for `stall` while the server
-/// waits on the client) or idles (no request for `idle`). Holds only a weak reference,
-/// so a finished connection is released at once, not at the watchdog's next check.
+/// waits on the client, or for the pressure grace while it holds buffers other
+/// requests wait for) or idles (no request for `idle`). Checks at least every second,
+/// and four times a grace while the connection holds buffers and owes the server
+/// bytes. Holds only a weak reference, so a finished connection is released at once,
+/// not at the watchdog's next check.
 async fn watchdog(c: Weak<Conn>, t: Timeouts) {
+    let floor = Duration::from_millis(50);
     let shortest = t.idle.map_or(t.stall, |i| i.min(t.stall));
-    let period = (shortest / 4).max(Duration::from_millis(50));
-    let mut clock = Clock::new(t);
+    let period = (shortest / 4).clamp(floor, Duration::from_secs(1));
+    let mut clock = Clock::new(t, Instant::now());
+    let fast = (clock.grace() / 4).max(floor);
+    let mut next = period;
     loop {
-        poller::sleep(period).await;
+        poller::sleep(next).await;
         let Some(c) = c.upgrade() else { return };
         if c.dead.get() || c.writer_done.get() {
             return;
         }
-        let busy = c.budget.outstanding() > 0;
-        match clock.check(period, c.progress.get(), c.waiting_on_client(), busy) {
-            Verdict::Fine => {}
-            Verdict::Stalled => {
-                tracing::info!(
-                    export = c.export(),
-                    "NBD client made no progress for {:?} (a partial request or unread replies); disconnecting",
-                    t.stall
-                );
-                c.kill();
-                return;
-            }
+        let waiting = c.waiting_on_client();
+        let holds = c.budget.held() > 0;
+        next = if waiting && holds { fast } else { period };
+        let seen = Seen {
+            progress: c.progress.get(),
+            waiting,
+            busy: c.budget.outstanding() > 0,
+            pinning: holds && c.budget.squeezed(),
+        };
+        match clock.check(Instant::now(), seen) {
+            Verdict::Fine => continue,
+            Verdict::Stalled => tracing::info!(
+                export = c.export(),
+                "NBD client made no progress for {:?} (a partial request or unread replies); disconnecting",
+                t.stall
+            ),
+            Verdict::Pinning => tracing::info!(
+                export = c.export(),
+                held = c.budget.held(),
+                "NBD client made no progress for {:?} while holding buffers other requests wait for; disconnecting",
+                clock.grace()
+            ),
             Verdict::Idle => {
                 tracing::info!(
                     export = c.export(),
@@ -433,6 +476,8 @@ async fn watchdog(c: Weak<Conn>, t: Timeouts) {
                 return;
             }
         }
+        c.kill();
+        return;
     }
 }
 
@@ -463,45 +508,80 @@ mod tests {
 
     const P: Duration = Duration::from_millis(500);
 
-    fn clock(idle: Option<u64>) -> Clock {
-        Clock::new(Timeouts { stall: 4 * P, idle: idle.map(|n| n as u32 * P) })
+    struct Sim {
+        clock: Clock,
+        now: Instant,
+    }
+
+    impl Sim {
+        fn new(idle: Option<u32>) -> Sim {
+            let now = Instant::now();
+            Sim {
+                clock: Clock::new(Timeouts { stall: 4 * P, idle: idle.map(|n| n * P) }, now),
+                now,
+            }
+        }
+
+        /// A check one period after the last.
+        fn at(&mut self, progress: u64, waiting: bool, busy: bool, pinning: bool) -> Verdict {
+            self.now += P;
+            self.clock.check(self.now, Seen { progress, waiting, busy, pinning })
+        }
     }
 
     #[test]
     fn a_client_is_stalled_only_after_the_server_waited_on_it_for_the_whole_timeout() {
-        let mut c = clock(None);
-        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+        let mut s = Sim::new(None);
+        assert_eq!(s.at(1, false, true, false), Verdict::Fine);
         // Queued behind the server's own budget for longer than the timeout...
         for _ in 0..10 {
-            assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
+            assert_eq!(s.at(1, false, true, false), Verdict::Fine);
         }
         // ...then admitted and owing its payload: the timeout starts only now.
-        for _ in 0..3 {
-            assert_eq!(c.check(P, 1, true, true), Verdict::Fine);
+        for _ in 0..4 {
+            assert_eq!(s.at(1, true, true, false), Verdict::Fine);
         }
-        assert_eq!(c.check(P, 1, true, true), Verdict::Stalled);
+        assert_eq!(s.at(1, true, true, false), Verdict::Stalled);
     }
 
     #[test]
-    fn progress_resets_both_clocks() {
-        let mut c = clock(Some(6));
-        for _ in 0..3 {
-            assert_eq!(c.check(P, 7, true, true), Verdict::Fine);
+    fn progress_restarts_both_clocks() {
+        let mut s = Sim::new(Some(6));
+        for _ in 0..4 {
+            assert_eq!(s.at(7, true, true, false), Verdict::Fine);
         }
-        assert_eq!(c.check(P, 8, true, true), Verdict::Fine, "a receive");
+        assert_eq!(s.at(8, true, true, false), Verdict::Fine, "a receive");
         for _ in 0..3 {
-            assert_eq!(c.check(P, 8, true, true), Verdict::Fine);
+            assert_eq!(s.at(8, true, true, false), Verdict::Fine);
         }
-        assert_eq!(c.check(P, 8, true, true), Verdict::Stalled);
+        assert_eq!(s.at(8, true, true, false), Verdict::Stalled);
+    }
+
+    #[test]
+    fn holding_buffers_others_wait_for_shortens_the_timeout_to_the_grace() {
+        let mut s = Sim::new(None);
+        s.clock.t.stall = 20 * P;
+        assert_eq!(s.clock.grace(), PRESSURE_GRACE);
+        assert_eq!(s.at(1, true, true, false), Verdict::Fine);
+        for _ in 0..3 {
+            assert_eq!(s.at(1, true, true, true), Verdict::Fine);
+        }
+        assert_eq!(s.at(1, true, true, true), Verdict::Pinning);
+        // Not while it owes nothing (its buffers are the disk's, or it is making progress).
+        let mut s = Sim::new(None);
+        for i in 0..6 {
+            assert_eq!(s.at(1, false, true, true), Verdict::Fine);
+            assert_eq!(s.at(2 + i, true, true, true), Verdict::Fine);
+        }
     }
 
     #[test]
     fn idle_counts_quiet_time_without_requests_outstanding() {
-        let mut c = clock(Some(3));
-        assert_eq!(c.check(P, 1, false, false), Verdict::Fine);
-        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
-        assert_eq!(c.check(P, 1, false, true), Verdict::Fine);
-        assert_eq!(c.check(P, 1, false, true), Verdict::Fine, "requests outstanding");
-        assert_eq!(c.check(P, 1, false, false), Verdict::Idle);
+        let mut s = Sim::new(Some(3));
+        assert_eq!(s.at(1, false, false, false), Verdict::Fine);
+        assert_eq!(s.at(1, false, true, false), Verdict::Fine);
+        assert_eq!(s.at(1, false, true, false), Verdict::Fine);
+        assert_eq!(s.at(1, false, true, false), Verdict::Fine, "requests outstanding");
+        assert_eq!(s.at(1, false, false, false), Verdict::Idle);
     }
 }
