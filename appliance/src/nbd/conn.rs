@@ -470,7 +470,7 @@ async fn watchdog(c: Weak<Conn>, t: Timeouts) {
                 tracing::info!(
                     export = c.export(),
                     "NBD client idle for {:?}; disconnecting",
-                    t.idle
+                    t.idle.unwrap_or_default()
                 );
                 c.stop_reading();
                 return;
