@@ -25,7 +25,7 @@
 //! counts the requests blocked on its budget ([`Budget::squeezed`]); while any is, the
 //! watchdog gives a connection that holds buffers and owes the server bytes only a
 //! short grace instead of `stall_timeout`, so clients of other disks on the reactor
-//! wait about a second, not half a minute.
+//! wait a few seconds (the 2 s grace and a check), not half a minute.
 //!
 //! Bookkeeping is reactor-local `Cell`s; admission is a comparison, release a
 //! subtraction and a wake-up: no allocation, no lock.
