@@ -117,6 +117,10 @@ pub struct RunRecord {
     /// queue depth the storage sees, the rest being in the client, the transport or
     /// the server.
     pub disk_queue: Option<f64>,
+    /// Time a request spent at that device on average over the run, microseconds
+    /// (fields 4 and 8 over fields 1 and 5): with `disk_queue`, whether the storage was
+    /// slower per request or was given fewer requests.
+    pub disk_us_per_request: Option<f64>,
     pub fio_output: String,
 }
 
@@ -397,6 +401,7 @@ fn run_one(
         server_cpu_cores: None,
         server_cpu_us_per_io: None,
         disk_queue: None,
+        disk_us_per_request: None,
         fio_output: format!("logs/{base}.json"),
     };
     let runopts = fio::RunOpts {
@@ -406,7 +411,7 @@ fn run_one(
         io_size: job.empty.then_some(o.empty_io_size),
         slack: Duration::from_secs(60),
     };
-    let result = (|| -> Result<(Measure, Option<f64>, Option<f64>), String> {
+    let result = (|| -> Result<(Measure, Option<f64>, Option<DiskSeen>), String> {
         // An empty image is made for each run of the write-to-empty job and removed
         // after it; the null disk opens no image at all.
         let fresh = match (job.empty, kind, format) {
@@ -423,7 +428,7 @@ fn run_one(
         if kind.is_device() {
             let disk = DiskQueue::of(&images.dir);
             let m = fio::run(job, &fio::Target::File(image.clone()), &runopts, &log)?;
-            return Ok((m, None, disk.and_then(|d| d.average())));
+            return Ok((m, None, disk.and_then(|d| d.seen())));
         }
         let spec = Spec {
             kind,
@@ -442,7 +447,7 @@ fn run_one(
         let t0 = Instant::now();
         let disk = DiskQueue::of(&images.dir);
         let m = fio::run(job, &fio::Target::Nbd(server.uri()), &runopts, &log);
-        let queue = disk.and_then(|d| d.average());
+        let seen = disk.and_then(|d| d.seen());
         let wall = t0.elapsed();
         let cpu1 = server.cpu_time();
         let stopped = server.stop(Duration::from_secs(30));
@@ -454,11 +459,12 @@ fn run_one(
             }
             _ => None,
         };
-        Ok((m, cores, queue))
+        Ok((m, cores, seen))
     })();
     match result {
-        Ok((m, cores, queue)) => {
-            rec.disk_queue = queue;
+        Ok((m, cores, seen)) => {
+            rec.disk_queue = seen.map(|d| d.queue);
+            rec.disk_us_per_request = seen.and_then(|d| d.us_per_request);
             rec.server_cpu_cores = cores;
             rec.server_cpu_us_per_io = cores.filter(|_| m.iops > 0.0).map(|c| c / m.iops * 1e6);
             rec.measure = m;
@@ -477,12 +483,56 @@ impl Drop for Remove {
     }
 }
 
-/// The block device a directory lives on, and its time-in-queue counter when the
-/// measurement started.
+/// The block device a directory lives on, and its counters when the measurement
+/// started.
 struct DiskQueue {
     stat: PathBuf,
-    queue_ms: u64,
+    start: DiskCounters,
     at: Instant,
+}
+
+/// What the block layer's stat file counts (Documentation/block/stat.rst).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DiskCounters {
+    /// Reads and writes completed (fields 1 and 5).
+    requests: u64,
+    /// Milliseconds those requests spent at the device, summed (fields 4 and 8).
+    request_ms: u64,
+    /// Milliseconds in queue summed over all requests (field 11).
+    queue_ms: u64,
+}
+
+impl DiskCounters {
+    fn parse(text: &str) -> Option<DiskCounters> {
+        let f: Vec<u64> =
+            text.split_whitespace().take(11).map(str::parse).collect::<Result<_, _>>().ok()?;
+        (f.len() == 11).then(|| DiskCounters {
+            requests: f[0] + f[4],
+            request_ms: f[3] + f[7],
+            queue_ms: f[10],
+        })
+    }
+}
+
+/// What the disk saw of one run: requests in flight on average, and the time each one
+/// took there (Little's law pairs them: in flight = rate x time).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DiskSeen {
+    queue: f64,
+    us_per_request: Option<f64>,
+}
+
+impl DiskSeen {
+    /// From the counters at the start and end of `wall_ms` milliseconds.
+    fn between(a: DiskCounters, b: DiskCounters, wall_ms: f64) -> Option<DiskSeen> {
+        let queue_ms = b.queue_ms.checked_sub(a.queue_ms)?;
+        let requests = b.requests.checked_sub(a.requests)?;
+        let request_ms = b.request_ms.checked_sub(a.request_ms)?;
+        (wall_ms > 0.0).then(|| DiskSeen {
+            queue: queue_ms as f64 / wall_ms,
+            us_per_request: (requests > 0).then(|| request_ms as f64 * 1e3 / requests as f64),
+        })
+    }
 }
 
 impl DiskQueue {
@@ -493,21 +543,38 @@ impl DiskQueue {
         let dev = std::fs::metadata(dir).ok()?.dev();
         let stat =
             PathBuf::from(format!("/sys/dev/block/{}:{}/stat", libc::major(dev), libc::minor(dev)));
-        let queue_ms = Self::read(&stat)?;
-        Some(DiskQueue { stat, queue_ms, at: Instant::now() })
+        let start = Self::read(&stat)?;
+        Some(DiskQueue { stat, start, at: Instant::now() })
     }
 
-    /// Field 11 of the block layer's stat file: milliseconds spent in queue, summed
-    /// over the requests (Documentation/block/stat.rst).
-    fn read(stat: &Path) -> Option<u64> {
-        std::fs::read_to_string(stat).ok()?.split_whitespace().nth(10)?.parse().ok()
+    fn read(stat: &Path) -> Option<DiskCounters> {
+        DiskCounters::parse(&std::fs::read_to_string(stat).ok()?)
     }
 
-    /// Requests in flight on average since [`DiskQueue::of`].
-    fn average(&self) -> Option<f64> {
-        let ms = Self::read(&self.stat)?.checked_sub(self.queue_ms)?;
+    /// What the disk saw since [`DiskQueue::of`].
+    fn seen(&self) -> Option<DiskSeen> {
         let wall = self.at.elapsed().as_secs_f64() * 1e3;
-        (wall > 0.0).then(|| ms as f64 / wall)
+        DiskSeen::between(self.start, Self::read(&self.stat)?, wall)
+    }
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::*;
+
+    #[test]
+    fn disk_counters_and_what_a_run_saw() {
+        let a = DiskCounters::parse("100 0 800 50 200 0 1600 150 0 90 400 0 0 0 0 0 0").unwrap();
+        assert_eq!(a, DiskCounters { requests: 300, request_ms: 200, queue_ms: 400 });
+        let b = DiskCounters::parse("1100 0 0 350 1200 0 0 450 3 990 4400 0 0").unwrap();
+        // 2000 requests took 600 ms at the disk between them: 300 us each; 4000 ms in
+        // queue over 1000 ms of wall time: 4 in flight on average.
+        let seen = DiskSeen::between(a, b, 1000.0).unwrap();
+        assert_eq!(seen, DiskSeen { queue: 4.0, us_per_request: Some(300.0) });
+        assert_eq!(DiskSeen::between(a, a, 1000.0).unwrap().us_per_request, None);
+        assert!(DiskSeen::between(b, a, 1000.0).is_none(), "counters that went back");
+        assert!(DiskCounters::parse("1 2 3").is_none());
+        assert!(DiskCounters::parse("1 2 3 4 5 6 7 8 9 x 11").is_none());
     }
 }
 

@@ -28,6 +28,8 @@ pub struct ServerSummary {
     pub cpu_us_per_io: Option<Spread>,
     /// Requests in flight at the images' block device ([`RunRecord::disk_queue`]).
     pub disk_queue: Option<Spread>,
+    /// Time a request spent at that device ([`RunRecord::disk_us_per_request`]).
+    pub disk_us_per_request: Option<Spread>,
     /// IOPS of each round (`null` where the run failed).
     pub per_round_iops: Vec<Option<f64>>,
     pub failures: usize,
@@ -212,6 +214,7 @@ impl Results {
                             cpu_cores: sp(&|r| r.server_cpu_cores),
                             cpu_us_per_io: sp(&|r| r.server_cpu_us_per_io),
                             disk_queue: sp(&|r| r.disk_queue),
+                            disk_us_per_request: sp(&|r| r.disk_us_per_request),
                             per_round_iops: per_round(k),
                             failures: rs.len() - ok.len(),
                         },
@@ -361,13 +364,13 @@ impl Results {
         let _ = writeln!(s, "\n## Bandwidth, latency and server CPU (medians)\n");
         let _ = writeln!(
             s,
-            "Latency is fio's completion latency of reads (of writes for write-only jobs). Server CPU is the server process's CPU time over the fio run, in cores; a busy-polling appliance always reads about 1.0. Disk queue is the average number of requests in flight at the block device holding the images over the fio run (the kernel's time-in-queue counter): of the job's queue depth, what the storage sees; the rest is in the client, the transport or the server.\n"
+            "Latency is fio's completion latency of reads (of writes for write-only jobs). Server CPU is the server process's CPU time over the fio run, in cores; a busy-polling appliance always reads about 1.0. Disk queue is the average number of requests in flight at the block device holding the images over the fio run (the kernel's time-in-queue counter): of the job's queue depth, what the storage sees; the rest is in the client, the transport or the server. Disk µs/req is the time each of those requests took at the device on average (the kernel's per-request time counters): with the disk queue, whether a target made the storage slower per request or gave it fewer requests.\n"
         );
         let _ = writeln!(
             s,
-            "| job | format | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU (cores) | CPU µs/IO | disk queue |"
+            "| job | format | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU (cores) | CPU µs/IO | disk queue | disk µs/req |"
         );
-        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for c in &self.cases {
             for k in &servers {
                 let Some(x) = c.servers.get(k.name()) else { continue };
@@ -376,7 +379,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     c.job,
                     target_format(*k, c.format),
                     k.name(),
@@ -387,7 +390,8 @@ impl Results {
                     m(x.lat_p999_us, 1),
                     m(x.cpu_cores, 2),
                     m(x.cpu_us_per_io, 1),
-                    m(x.disk_queue, 1)
+                    m(x.disk_queue, 1),
+                    m(x.disk_us_per_request, 0)
                 );
             }
         }

@@ -179,6 +179,7 @@ fn harness_smoke() {
     for r in runs.iter().filter(|r| r["server"] == "device" || r["server"] == "device-client-core")
     {
         assert!(r["disk_queue"].as_f64().is_some_and(|q| q > 0.0), "{r}");
+        assert!(r["disk_us_per_request"].as_f64().is_some_and(|t| t > 0.0), "{r}");
     }
     for key in ["nproc", "cpu_model", "kernel", "memory", "fio", "qemu", "appliance_commit", "date"]
     {
