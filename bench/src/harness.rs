@@ -426,7 +426,7 @@ fn run_one(
         };
         let _remove = fresh.map(Remove);
         if kind.is_device() {
-            let disk = DiskQueue::of(&images.dir);
+            let disk = DiskWatch::of(&images.dir);
             let m = fio::run(job, &fio::Target::File(image.clone()), &runopts, &log)?;
             return Ok((m, None, disk.and_then(|d| d.seen())));
         }
@@ -445,7 +445,7 @@ fn run_one(
         let server = Server::start(&spec)?;
         let cpu0 = server.cpu_time();
         let t0 = Instant::now();
-        let disk = DiskQueue::of(&images.dir);
+        let disk = DiskWatch::of(&images.dir);
         let m = fio::run(job, &fio::Target::Nbd(server.uri()), &runopts, &log);
         let seen = disk.and_then(|d| d.seen());
         let wall = t0.elapsed();
@@ -485,7 +485,7 @@ impl Drop for Remove {
 
 /// The block device a directory lives on, and its counters when the measurement
 /// started.
-struct DiskQueue {
+struct DiskWatch {
     stat: PathBuf,
     start: DiskCounters,
     at: Instant,
@@ -535,23 +535,23 @@ impl DiskSeen {
     }
 }
 
-impl DiskQueue {
+impl DiskWatch {
     /// Starts measuring the device under `dir`; `None` when it is not a block device
     /// (tmpfs, overlay) or the kernel does not say.
-    fn of(dir: &Path) -> Option<DiskQueue> {
+    fn of(dir: &Path) -> Option<DiskWatch> {
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(dir).ok()?.dev();
         let stat =
             PathBuf::from(format!("/sys/dev/block/{}:{}/stat", libc::major(dev), libc::minor(dev)));
         let start = Self::read(&stat)?;
-        Some(DiskQueue { stat, start, at: Instant::now() })
+        Some(DiskWatch { stat, start, at: Instant::now() })
     }
 
     fn read(stat: &Path) -> Option<DiskCounters> {
         DiskCounters::parse(&std::fs::read_to_string(stat).ok()?)
     }
 
-    /// What the disk saw since [`DiskQueue::of`].
+    /// What the disk saw since [`DiskWatch::of`].
     fn seen(&self) -> Option<DiskSeen> {
         let wall = self.at.elapsed().as_secs_f64() * 1e3;
         DiskSeen::between(self.start, Self::read(&self.stat)?, wall)
