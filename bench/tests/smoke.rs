@@ -220,3 +220,32 @@ fn slowed_appliance_shows() {
     let md = std::fs::read_to_string(latest.join("results.md")).unwrap();
     assert!(md.contains("APPLIANCE_DEBUG_DELAY_US=2000"));
 }
+
+#[test]
+fn dmaprobe_times_all_four_copies() {
+    let dir = scratch();
+    let file = dir.path().join("probe.img");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_dmaprobe")).args([
+        "--file",
+        file.to_str().unwrap(),
+        "--iterations",
+        "20",
+        "--size",
+        "16384",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let times: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches([';', ')']).parse::<f64>().ok())
+        .collect();
+    // "copy of 16 KiB, 2 buffers: ... 4 times in us".
+    assert_eq!(times.len(), 6, "size, buffers and four times in {text:?}");
+    assert!(times[2..].iter().all(|&t| t > 0.0), "{text}");
+    assert!(!file.exists(), "the scratch file is removed");
+    let bad = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .args(["--file", file.to_str().unwrap(), "--size", "1000"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 4096"), "{bad:?}");
+}
