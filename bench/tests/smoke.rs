@@ -248,4 +248,12 @@ fn dmaprobe_times_all_four_copies() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 4096"), "{bad:?}");
+    // An existing file is never overwritten.
+    std::fs::write(&file, b"keep").unwrap();
+    let exists = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .args(["--file", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!exists.status.success(), "{exists:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
 }

@@ -25,7 +25,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(about = "Times copies into and out of buffers the disk has just used")]
 struct Args {
-    /// Scratch file on the disk to probe (created, 64 MiB, overwritten).
+    /// Scratch file to create on the disk to probe (64 MiB; it must not exist, and it is
+    /// removed at the end).
     #[arg(long)]
     file: PathBuf,
     /// Buffer size in bytes (a multiple of 4096).
@@ -81,11 +82,11 @@ fn main() -> Result<(), String> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(false)
+        .create_new(true)
         .custom_flags(libc::O_DIRECT)
         .open(&a.file)
         .map_err(|e| format!("{}: {e}", a.file.display()))?;
+    let _scratch = Scratch(&a.file);
     f.set_len(span as u64).map_err(|e| format!("{}: {e}", a.file.display()))?;
     let slots = span / a.size;
     let mut used = Aligned::new(a.size * a.buffers);
@@ -118,14 +119,21 @@ fn main() -> Result<(), String> {
         out_used / n,
         out_fresh / n
     );
-    let _ = std::fs::remove_file(&a.file);
     Ok(())
+}
+
+/// Removes the scratch file however the probe ends.
+struct Scratch<'a>(&'a std::path::Path);
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// Microseconds `f` took.
 fn timed(f: impl FnOnce()) -> f64 {
     let t = Instant::now();
     f();
-    std::hint::black_box(());
     t.elapsed().as_secs_f64() * 1e6
 }
