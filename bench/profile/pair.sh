@@ -64,7 +64,8 @@ one() { # arm -> "iops busy_us_per_io"
   b0=$(busy "$1")
   taskset -c 1 fio --name=j --ioengine=nbd --uri="nbd+unix:///d?socket=$WORK/$1.sock" --rw="$RW" \
     --bs="$BS" --iodepth="$QD" --time_based --runtime="$SECS" --size="$SIZE" \
-    --output-format=json > "$WORK/fio.json" 2> "$WORK/fio.err"
+    --output-format=json > "$WORK/fio.json" 2> "$WORK/fio.err" \
+    || { echo "fio against server $1 failed:" >&2; cat "$WORK/fio.err" >&2; return 1; }
   b1=$(busy "$1")
   python3 - "$WORK/fio.json" "$b0" "$b1" "$SECS" <<'PY'
 import json, sys

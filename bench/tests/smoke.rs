@@ -248,6 +248,15 @@ fn dmaprobe_times_all_four_copies() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 4096"), "{bad:?}");
+    for args in [["--size", "134217728"], ["--buffers", "0"], ["--buffers", "1000000000000"]] {
+        let bad = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+            .args(["--file", file.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(bad.status.code(), Some(1), "an error, not a panic: {args:?} {bad:?}");
+        assert!(!file.exists(), "{args:?}");
+    }
     // An existing file is never overwritten.
     std::fs::write(&file, b"keep").unwrap();
     let exists = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))

@@ -8,7 +8,7 @@
 //! to the next (docs/perf/profile.md, 2026-12-07 07:30). This probe times, on one core,
 //! the copy of 64 KiB (or `--size`) into a buffer the disk has just read (an O_DIRECT
 //! `pwrite` of it) and out of one the disk has just filled (an O_DIRECT `pread`), each
-//! against the same copy into or out of a buffer of the same age that the disk never saw.
+//! against the same copy into or out of a buffer of our own that the disk never saw.
 //!
 //! ```text
 //! cargo run -p bench --release --bin dmaprobe -- --file /var/tmp/probe.img
@@ -73,12 +73,16 @@ impl Drop for Aligned {
 
 fn main() -> Result<(), String> {
     let a = Args::parse();
-    if a.size == 0 || !a.size.is_multiple_of(4096) || a.buffers == 0 || a.iterations == 0 {
-        return Err(
-            "--size must be a non-zero multiple of 4096; --buffers, --iterations > 0".into()
-        );
-    }
     let span = 64usize << 20;
+    if a.size == 0 || !a.size.is_multiple_of(4096) || a.size > span {
+        return Err(format!(
+            "--size {}: must be a non-zero multiple of 4096, at most 64 MiB",
+            a.size
+        ));
+    }
+    if a.buffers == 0 || a.buffers > 4096 || a.iterations == 0 {
+        return Err("--buffers must be 1 to 4096 and --iterations above 0".into());
+    }
     let f = OpenOptions::new()
         .read(true)
         .write(true)
