@@ -101,6 +101,25 @@ fn limits(
     combine(&combine(device, other_cpu, f64::max), null, f64::min)
 }
 
+/// Round by round the limit of a job at queue depth 1, where a request crosses the
+/// transport and then the disk in turn, so their latencies add: `1 / (1/device + 1/null)`,
+/// the device the better of its two CPUs. Information beside [`limits`], which the aims
+/// judge by: the lower of the two is what a transport with no latency of its own reaches.
+fn serial_limits(
+    device: &[Option<f64>],
+    other_cpu: &[Option<f64>],
+    null: &[Option<f64>],
+) -> Vec<Option<f64>> {
+    combine(device, other_cpu, f64::max)
+        .into_iter()
+        .zip(null)
+        .map(|(d, n)| match (d, *n) {
+            (Some(d), Some(n)) if d > 0.0 && n > 0.0 => Some(1.0 / (1.0 / d + 1.0 / n)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One job on one image format.
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
@@ -160,6 +179,10 @@ const PEERS: [Kind; 5] =
 /// device (on the better of its two cores) and the `null` disk over NBD (the client's
 /// ceiling) in that round.
 const LIMIT_RATIO: &str = "appliance/limit";
+
+/// The key of the ratio appliance / serial limit of a queue-depth-1 job
+/// ([`serial_limits`]).
+const SERIAL_RATIO: &str = "appliance/serial-limit";
 
 fn ratio_key(k: Kind) -> String {
     format!("appliance/{}", k.name())
@@ -230,13 +253,18 @@ impl Results {
                         let per = divide(&a, &per_round(peer));
                         ratios.insert(ratio_key(peer), RatioSummary::of(per));
                     }
-                    let limit = limits(
-                        &per_round(Kind::Device),
-                        &per_round(Kind::DeviceClientCore),
-                        &per_round(Kind::Null),
+                    let (device, other, null) = (
+                        per_round(Kind::Device),
+                        per_round(Kind::DeviceClientCore),
+                        per_round(Kind::Null),
                     );
+                    let limit = limits(&device, &other, &null);
                     if limit.iter().any(Option::is_some) {
                         ratios.insert(LIMIT_RATIO.into(), RatioSummary::of(divide(&a, &limit)));
+                    }
+                    let serial = serial_limits(&device, &other, &null);
+                    if job.iodepth == 1 && serial.iter().any(Option::is_some) {
+                        ratios.insert(SERIAL_RATIO.into(), RatioSummary::of(divide(&a, &serial)));
                     }
                 }
                 cases.push(Case {
@@ -314,7 +342,7 @@ impl Results {
         let _ = writeln!(s, "## IOPS (median over rounds) and ratios\n");
         let _ = writeln!(
             s,
-            "Ratios are appliance/peer per round, taken over pairs of rounds that ran the targets in opposite orders (the geometric mean of each pair, which cancels what running first or second does to a target): the median over the pairs, with their range in parentheses (results.json has every round's ratio). `device` is fio with io_uring and O_DIRECT on the raw file, no server, on the servers' CPU; `device-client-core` is the same on the client's CPU (where the disk's completion interrupt lands decides much of what it does for one core). `null` is the appliance serving a `null` disk (no storage) to the same fio client: the transport's ceiling on this machine. `limit` is, round by round, the lower of the better device figure and `null`. `qcow2/raw` is the appliance on qcow2 over the appliance on raw, same job and round.\n"
+            "Ratios are appliance/peer per round, taken over pairs of rounds that ran the targets in opposite orders (the geometric mean of each pair, which cancels what running first or second does to a target): the median over the pairs, with their range in parentheses (results.json has every round's ratio). `device` is fio with io_uring and O_DIRECT on the raw file, no server, on the servers' CPU; `device-client-core` is the same on the client's CPU (where the disk's completion interrupt lands decides much of what it does for one core). `null` is the appliance serving a `null` disk (no storage) to the same fio client: the transport's ceiling on this machine. `limit` is, round by round, the lower of the better device figure and `null`. `qcow2/raw` is the appliance on qcow2 over the appliance on raw, same job and round. `serial-limit` (QD1 jobs only, information) is, round by round, `1 / (1/device + 1/null)`: at queue depth 1 a request crosses the transport and then the disk in turn, so their times add.\n"
         );
         let servers: Vec<Kind> = Kind::ALL.into_iter().filter(|k| o.servers.contains(k)).collect();
         let ratio_cols: Vec<Kind> = if o.servers.contains(&Kind::Appliance) {
@@ -325,6 +353,9 @@ impl Results {
         let mut ratio_names: Vec<String> = ratio_cols.iter().map(|k| ratio_key(*k)).collect();
         if self.cases.iter().any(|c| c.ratios.contains_key(LIMIT_RATIO)) {
             ratio_names.push(LIMIT_RATIO.into());
+        }
+        if self.cases.iter().any(|c| c.ratios.contains_key(SERIAL_RATIO)) {
+            ratio_names.push(SERIAL_RATIO.into());
         }
         let both = o.formats.contains(&Format::Raw) && o.formats.contains(&Format::Qcow2);
         if both && o.servers.contains(&Kind::Appliance) {
@@ -586,7 +617,9 @@ fn aims(cases: &[Case]) -> Vec<Aim> {
         if let Some(aim) = of_limit
             && c.ratios.contains_key(LIMIT_RATIO)
         {
-            v.push(Aim::new(c, LIMIT_RATIO, aim, at_limit, None));
+            let serial = median(c, SERIAL_RATIO)
+                .map(|s| format!("{s:.2} of the serial limit (device and transport in turn)"));
+            v.push(Aim::new(c, LIMIT_RATIO, aim, at_limit, serial));
         }
         let qsd = ratio_key(Kind::Qsd);
         if !c.ratios.contains_key(&qsd) {
@@ -651,6 +684,19 @@ mod tests {
             limits(&device, &other_cpu, &null),
             vec![Some(120.0), Some(100.0), Some(80.0), Some(70.0)]
         );
+    }
+
+    #[test]
+    fn the_serial_limit_adds_the_device_and_transport_times() {
+        let device = [Some(20_000.0), Some(10_000.0), None, Some(0.0)];
+        let other_cpu = [Some(10_000.0), None, Some(5_000.0), None];
+        let null = [Some(20_000.0), None, Some(5_000.0), Some(40_000.0)];
+        let s = serial_limits(&device, &other_cpu, &null);
+        // 50 µs on the better device and 50 µs over the transport: 100 µs a request.
+        assert_eq!(s[0], Some(10_000.0));
+        assert_eq!(s[1], None, "no transport figure: no serial limit");
+        assert_eq!(s[2], Some(2_500.0));
+        assert_eq!(s[3], None, "a device that did nothing gives no limit");
     }
 
     #[test]

@@ -173,7 +173,19 @@ fn harness_smoke() {
         let limit = per("device").max(per("device-client-core")).min(per("null"));
         let ratio = c["ratios"]["appliance/limit"]["per_round"][0].as_f64().unwrap();
         assert!((ratio - per("appliance") / limit).abs() < 1e-9, "{c}");
+        // QD1 jobs, and only they, also get the serial limit: the device's time and the
+        // transport's added.
+        let qd1 = jobs.iter().any(|j| j.name == c["job"] && j.iodepth == 1);
+        let serial = &c["ratios"]["appliance/serial-limit"];
+        assert_eq!(serial.is_null(), !qd1, "{c}");
+        if qd1 {
+            let dev = per("device").max(per("device-client-core"));
+            let limit = 1.0 / (1.0 / dev + 1.0 / per("null"));
+            let ratio = serial["per_round"][0].as_f64().unwrap();
+            assert!((ratio - per("appliance") / limit).abs() < 1e-9, "{c}");
+        }
     }
+    assert!(md.contains("appliance/serial-limit"), "{md}");
     // Every run on a file knows how busy its disk was (the work directory is on a
     // block device here); the null disk's runs leave it idle.
     for r in runs.iter().filter(|r| r["server"] == "device" || r["server"] == "device-client-core")
