@@ -48,11 +48,18 @@ EOF
   echo "$pid"
 }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
+# The server runs in a command substitution's subshell, not as this shell's child, so it
+# is waited for by polling.
+stop() {
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
+  kill -9 "$1" 2>/dev/null || true
+}
 
 one() { # policy job -> "iops cores"
   local pid t0 t1 w0 w1
   pid=$(start "$1")
+  [ -n "$pid" ] || return 1
   t0=$(ticks "$pid"); w0=$(date +%s.%N)
   taskset -c 1 fio --name=j --ioengine=nbd --uri="nbd+unix:///d?socket=$WORK/nbd.sock" \
     --rw="$2" --bs="$BS" --iodepth="$QD" --time_based --runtime="$SECS" --size="$SIZE" \
@@ -96,6 +103,7 @@ print("%s: busy %.1fk, adaptive %.1fk IOPS (medians); adaptive/busy %.3f (rounds
 done
 
 pid=$(start adaptive)
+[ -n "$pid" ] || exit 1
 sleep 1
 t0=$(ticks "$pid"); sleep "$IDLE_SECS"; t1=$(ticks "$pid")
 echo "adaptive, no client: $((t1 - t0)) CPU ticks (1/$TICK s) in ${IDLE_SECS} s"
