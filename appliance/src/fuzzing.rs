@@ -123,7 +123,8 @@ pub fn nbd_session(data: &[u8]) -> usize {
     let socket_io =
         if data.len().is_multiple_of(2) { config::SocketIo::Auto } else { config::SocketIo::Epoll };
     reactor(data.first().copied().unwrap_or(0) as usize).spawn(move || async move {
-        let session = crate::nbd::Session { exports, tls: None, peer: "fuzz".into() };
+        let zero_copy = config::ZeroCopySend::Auto;
+        let session = crate::nbd::Session { exports, tls: None, peer: "fuzz".into(), zero_copy };
         crate::nbd::serve(OwnedFd::from(server), session, timeouts, socket_io).await;
         done2.store(true, Ordering::SeqCst);
     });

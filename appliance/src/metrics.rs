@@ -12,6 +12,8 @@
 //!   failed to open) per disk;
 //! - `appliance_ops_total`, `appliance_bytes_total`, `appliance_errors_total` by op;
 //! - `appliance_in_flight` (gauge);
+//! - `appliance_zero_copy_sends_total` (NBD reply sends without copying, per export)
+//!   and `appliance_zero_copy_copied_total` (those the kernel copied anyway);
 //! - `appliance_latency_seconds_bucket{le}` / `_sum` / `_count`, cumulative, per op;
 //! - `appliance_reactor_busy_nanoseconds_total` (time in ticks that did work: the
 //!   reactor's load, which its CPU time does not show while it polls),
@@ -69,6 +71,9 @@ struct Counters<T> {
     lat_sum_ns: [T; OPS],
     lat: [[T; BUCKETS]; OPS],
     in_flight: T,
+    /// NBD replies sent without copying, and those the kernel reported it copied anyway.
+    zc_sends: T,
+    zc_copied: T,
 }
 
 /// Reactor-local counters of one (disk, export).
@@ -99,6 +104,16 @@ impl LocalStats {
         self.c.in_flight.set(self.c.in_flight.get().saturating_sub(1));
     }
 
+    /// A zero-copy send went out.
+    pub fn zero_copy_send(&self) {
+        self.c.zc_sends.set(self.c.zc_sends.get().wrapping_add(1));
+    }
+
+    /// A zero-copy send's notification said the kernel copied it after all.
+    pub fn zero_copy_copied(&self) {
+        self.c.zc_copied.set(self.c.zc_copied.get().wrapping_add(1));
+    }
+
     fn publish(&self) {
         let copy = |a: &AtomicU64, c: &Cell<u64>| a.store(c.get(), Ordering::Relaxed);
         for i in 0..OPS {
@@ -111,6 +126,8 @@ impl LocalStats {
             }
         }
         copy(&self.shared.in_flight, &self.c.in_flight);
+        copy(&self.shared.zc_sends, &self.c.zc_sends);
+        copy(&self.shared.zc_copied, &self.c.zc_copied);
     }
 }
 
@@ -183,6 +200,8 @@ pub struct Totals {
     pub lat_sum_ns: [u64; OPS],
     pub lat: [[u64; BUCKETS]; OPS],
     pub in_flight: u64,
+    pub zc_sends: u64,
+    pub zc_copied: u64,
 }
 
 /// Current totals, by (disk, export).
@@ -202,6 +221,8 @@ pub fn totals() -> HashMap<(String, &'static str), Totals> {
             }
         }
         t.in_flight += v.in_flight.load(Ordering::Relaxed);
+        t.zc_sends += v.zc_sends.load(Ordering::Relaxed);
+        t.zc_copied += v.zc_copied.load(Ordering::Relaxed);
     }
     out
 }
@@ -227,7 +248,10 @@ pub fn totals_json(disk: Option<&str>) -> serde_json::Value {
             );
         }
         let entry = v.entry(d).or_insert_with(|| serde_json::json!({}));
-        entry[e] = serde_json::json!({ "in_flight": t.in_flight, "ops": ops });
+        entry[e] = serde_json::json!({
+            "in_flight": t.in_flight, "ops": ops,
+            "zero_copy_sends": t.zc_sends, "zero_copy_copied": t.zc_copied,
+        });
     }
     serde_json::Value::Object(v)
 }
@@ -324,6 +348,8 @@ fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
         }
         let labels = [("disk", disk.clone()), ("export", export.to_string())];
         metrics::gauge!("appliance_in_flight", &labels).set(t.in_flight as f64);
+        metrics::counter!("appliance_zero_copy_sends_total", &labels).absolute(t.zc_sends);
+        metrics::counter!("appliance_zero_copy_copied_total", &labels).absolute(t.zc_copied);
     }
     for r in reactors {
         let s = r.stats();

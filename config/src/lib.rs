@@ -128,6 +128,8 @@ pub struct Nbd {
     pub stall_timeout: Duration,
     /// How connections move bytes once their handshake is done.
     pub socket_io: SocketIo,
+    /// Whether large replies on TCP connections are sent without copying.
+    pub zero_copy_send: ZeroCopySend,
     /// Owner and mode of the unix listeners.
     pub socket_perms: SocketPerms,
     /// `[nbd.tls]`: every listener requires TLS (with client certificates when `ca`
@@ -147,6 +149,28 @@ pub enum SocketIo {
     IoUring,
     /// Readiness from epoll, then one `read` or `sendmsg` per operation.
     Epoll,
+}
+
+/// `nbd.zero_copy_send`: read replies sent from their buffers, without copying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopySend {
+    /// On TCP connections on the ring, for sends of 32 KiB of payload or more, until
+    /// the kernel reports that it copied anyway (a loopback peer).
+    Auto,
+    /// As `auto`, but kept even where the kernel copies (for tests of the path).
+    Always,
+    /// Every reply copied into the socket.
+    Off,
+}
+
+impl ZeroCopySend {
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroCopySend::Auto => "auto",
+            ZeroCopySend::Always => "always",
+            ZeroCopySend::Off => "off",
+        }
+    }
 }
 
 impl SocketIo {
@@ -630,6 +654,16 @@ impl Validator {
                 return Err(self.err(span, "nbd.socket_io", m));
             }
         };
+        let zero_copy_send = match raw.zero_copy_send.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("auto") => ZeroCopySend::Auto,
+            Some("always") => ZeroCopySend::Always,
+            Some("off") => ZeroCopySend::Off,
+            Some(other) => {
+                let span = raw.zero_copy_send.as_ref().map_or(0..0, |s| s.span());
+                let m = format!("`{other}`: use \"auto\", \"always\" or \"off\"");
+                return Err(self.err(span, "nbd.zero_copy_send", m));
+            }
+        };
         let tls = raw.tls.map(|t| self.tls_files(t, "nbd.tls", false)).transpose()?;
         let client_tls =
             raw.client_tls.map(|t| self.tls_files(t, "nbd.client_tls", true)).transpose()?;
@@ -639,6 +673,7 @@ impl Validator {
             idle_timeout,
             stall_timeout,
             socket_io,
+            zero_copy_send,
             socket_perms,
             tls,
             client_tls,

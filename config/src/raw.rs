@@ -67,6 +67,7 @@ pub(crate) struct RawNbd {
     pub idle_timeout: Option<Spanned<f64>>,
     pub stall_timeout: Option<Spanned<f64>>,
     pub socket_io: Option<Spanned<String>>,
+    pub zero_copy_send: Option<Spanned<String>>,
     pub socket_owner: Option<Spanned<RawId>>,
     pub socket_group: Option<Spanned<RawId>>,
     pub socket_mode: Option<Spanned<i64>>,

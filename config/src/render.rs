@@ -56,6 +56,7 @@ impl Config {
             t.insert("idle_timeout".into(), secs(n.idle_timeout));
             t.insert("stall_timeout".into(), secs(Some(n.stall_timeout)));
             t.insert("socket_io".into(), Value::String(n.socket_io.name().into()));
+            t.insert("zero_copy_send".into(), Value::String(n.zero_copy_send.name().into()));
             perms(&mut t, &n.socket_perms, "socket_");
             if let Some(f) = &n.tls {
                 t.insert("tls".into(), Value::Table(tls(f)));

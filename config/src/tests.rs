@@ -130,6 +130,18 @@ fn bad_enumerations() {
         let c = parse(&format!("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\n{text}")).unwrap();
         assert_eq!(c.nbd.unwrap().socket_io, want);
     }
+    let (key, line, msg) =
+        invalid("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\nzero_copy_send = \"yes\"\n");
+    assert_eq!((key.as_str(), line), ("nbd.zero_copy_send", 3));
+    assert!(msg.contains("yes") && msg.contains("always"), "{msg}");
+    for (text, want) in [
+        ("", ZeroCopySend::Auto),
+        ("zero_copy_send = \"always\"\n", ZeroCopySend::Always),
+        ("zero_copy_send = \"off\"\n", ZeroCopySend::Off),
+    ] {
+        let c = parse(&format!("[nbd]\nlisten = [\"tcp:127.0.0.1:10809\"]\n{text}")).unwrap();
+        assert_eq!(c.nbd.unwrap().zero_copy_send, want);
+    }
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //!   order;
 //! - the writer drains the reply queue with one `sendmsg` of up to 64 iovecs per
 //!   attempt, so replies completed in the same tick share a syscall; a reply's ticket
-//!   is released once it is sent;
+//!   is released once it is sent (on TCP, large replies go without copying and are
+//!   released when the kernel is done with their buffers: `zc`);
 //! - the watchdog closes a connection that makes no progress for `stall_timeout`
 //!   while the server waits on the client (a partial request, replies it does not
 //!   read), and one idle for `idle_timeout` when that is configured.
@@ -37,6 +38,7 @@ use super::proto::{self, ReplyMode, Request};
 use super::reader;
 use super::reply::Reply;
 use super::sock::Gather;
+use super::zc::ZeroCopy;
 use drivers::io::tls::Stream as Sock;
 
 /// How long the server waits on a client before giving up on the connection.
@@ -79,11 +81,24 @@ pub struct Conn {
     writer_done: Cell<bool>,
     /// The writer has a send in flight (which references the front replies).
     sending: Cell<bool>,
+    /// The front reply's first bytes went in a zero-copy send: the kernel may still
+    /// read its buffer, so it is finished without copying and never dropped before
+    /// the writer's stages are notified (`zc`).
+    zc_front: Cell<bool>,
+    /// Zero-copy sends whose notifications have not come: the kernel waits for the
+    /// client to acknowledge them, and their replies keep their tickets meanwhile.
+    zc_in_flight: Cell<usize>,
+    zero_copy: config::ZeroCopySend,
     stats: Option<Rc<crate::metrics::LocalStats>>,
 }
 
 impl Conn {
-    pub fn new(sock: Sock, ch: Rc<BdevChannel>, n: &Negotiated) -> Self {
+    pub fn new(
+        sock: Sock,
+        ch: Rc<BdevChannel>,
+        n: &Negotiated,
+        zero_copy: config::ZeroCopySend,
+    ) -> Self {
         Conn {
             sock,
             ch,
@@ -104,6 +119,9 @@ impl Conn {
             closing: Cell::new(false),
             writer_done: Cell::new(false),
             sending: Cell::new(false),
+            zc_front: Cell::new(false),
+            zc_in_flight: Cell::new(0),
+            zero_copy,
             stats: crate::metrics::local_stats(n.bdev.name(), "nbd"),
         }
     }
@@ -135,12 +153,20 @@ impl Conn {
         self.wake_writer();
     }
 
+    /// Drops the queued replies, except a front reply the kernel may still read from
+    /// (`zc_front`), which the writer drops once its stages are notified.
     fn drop_replies(&self) {
         // Tickets are released here: the budgets' waiters wake.
-        let dropped: VecDeque<Reply> = std::mem::take(&mut *self.out.borrow_mut());
+        let mut out = self.out.borrow_mut();
+        let keep = if self.zc_front.get() { out.pop_front() } else { None };
+        let dropped: VecDeque<Reply> = std::mem::take(&mut *out);
+        out.extend(keep);
+        drop(out);
         drop(dropped);
         self.unsent.set(0);
-        self.out_sent.set(0);
+        if !self.zc_front.get() {
+            self.out_sent.set(0);
+        }
     }
 
     fn push(&self, r: Reply) {
@@ -155,15 +181,33 @@ impl Conn {
         self.wake_writer();
     }
 
+    /// The socket failed while replying: the connection ends.
+    fn lost(&self, e: std::io::Error) {
+        tracing::debug!("NBD connection lost while replying: {e}");
+        self.dead.set(true);
+        self.stop_reading();
+        self.drop_replies();
+    }
+
     fn wake_writer(&self) {
         if let Some(w) = self.writer_waker.borrow_mut().take() {
             w.wake();
         }
     }
 
-    /// The server waits on the client: for the rest of a request, or for it to read.
+    /// The server waits on the client: for the rest of a request, or for it to read
+    /// (replies not yet sent, or sent without copying and not yet acknowledged).
     fn waiting_on_client(&self) -> bool {
-        self.mid_request.get() || self.unsent.get() > 0
+        self.mid_request.get() || self.unsent.get() > 0 || self.zc_in_flight.get() > 0
+    }
+
+    /// Notes the writer's zero-copy sends in flight; one fewer is the client's
+    /// progress (it acknowledged a send's data).
+    fn zc_count(&self, z: &ZeroCopy) {
+        let n = z.in_flight();
+        if n < self.zc_in_flight.replace(n) {
+            self.progress.set(self.progress.get() + 1);
+        }
     }
 
     // --- request execution ----------------------------------------------------------
@@ -263,9 +307,12 @@ impl Conn {
 
     /// Accounts for `n` bytes sent: the replies they complete leave the queue (their
     /// tickets with them, so the budgets have room again).
-    fn sent(&self, n: usize) {
+    /// Replies sent without copying whose data the kernel may still read are moved
+    /// into `keep` instead of dropped (their headers were staged, not referenced; one
+    /// data buffer per iovec, so `keep` never holds more than a send's iovecs).
+    fn sent(&self, n: usize, mut keep: Option<&mut Vec<Reply>>) {
         self.progress.set(self.progress.get() + 1);
-        self.unsent.set(self.unsent.get() - n);
+        self.unsent.set(self.unsent.get().saturating_sub(n));
         let mut q = self.out.borrow_mut();
         let mut left = n + self.out_sent.get();
         while let Some(front) = q.front() {
@@ -274,7 +321,13 @@ impl Conn {
                 break;
             }
             left -= len;
-            q.pop_front();
+            let done = q.pop_front();
+            if let (Some(k), Some(r)) = (keep.as_deref_mut(), done)
+                && r.data.is_some()
+            {
+                debug_assert!(k.len() < k.capacity(), "one held reply per data iovec");
+                k.push(r);
+            }
         }
         self.out_sent.set(left);
     }
@@ -282,8 +335,13 @@ impl Conn {
 
 async fn writer(c: Rc<Conn>) {
     let mut g = Gather::new();
+    let mut zc = ZeroCopy::new(&c.sock, c.zero_copy, c.stats.clone());
     loop {
         std::future::poll_fn(|cx| {
+            if let Some(z) = zc.as_mut() {
+                z.collect_all(cx);
+                c.zc_count(z);
+            }
             if !c.out.borrow().is_empty() || c.closing.get() || c.dead.get() {
                 Poll::Ready(())
             } else {
@@ -297,28 +355,63 @@ async fn writer(c: Rc<Conn>) {
         }
         g.fill(c.out.borrow().iter(), c.out_sent.get());
         debug_assert!(!g.is_empty(), "a queued reply has bytes to send");
+        if let Some(z) = zc.as_mut().filter(|z| z.wants(g.payload(), c.zc_front.get())) {
+            send_zero_copy(&c, z).await;
+            continue;
+        }
         c.sending.set(true);
         let sent = c.sock.send(g.slices()).await;
         c.sending.set(false);
         match sent {
             _ if c.dead.get() => c.drop_replies(),
-            Ok(n) => c.sent(n),
-            Err(e) => {
-                tracing::debug!("NBD connection lost while replying: {e}");
-                c.dead.set(true);
-                c.stop_reading();
-                c.drop_replies();
-            }
+            Ok(n) => c.sent(n, None),
+            Err(e) => c.lost(e),
         }
     }
     if !c.dead.get() {
         // Under TLS, a close_notify tells the client the replies ended on purpose.
         c.sock.close().await;
     }
+    if let Some(z) = zc.as_mut() {
+        z.finish(c.sock.fd(), c.dead.get()).await;
+        c.zc_count(z);
+        c.zc_front.set(false);
+        c.drop_replies();
+    }
     c.writer_done.set(true);
     if let Some(w) = c.owner_waker.borrow_mut().take() {
         w.wake();
     }
+}
+
+/// One send without copying, from the writer's next stage (`zc`).
+async fn send_zero_copy(c: &Conn, z: &mut ZeroCopy) {
+    let park = |w: &Waker| *c.writer_waker.borrow_mut() = Some(w.clone());
+    let Some(stage) = z.ready(|| c.dead.get(), park).await else { return };
+    let Some(sock) = c.sock.uring_socket() else {
+        unreachable!("stages exist only for a zero-copy socket")
+    };
+    // Gathered again: replies may have been queued while the stage was waited for.
+    stage.gather.fill(c.out.borrow().iter(), c.out_sent.get());
+    c.sending.set(true);
+    let sent = sock.send_zc(stage.gather.slices(), &stage.notice).await;
+    c.sending.set(false);
+    match sent {
+        Ok(n) => {
+            // The replies the kernel took stay with the stage until its notification.
+            c.sent(n, Some(&mut stage.held));
+            c.zc_front.set(c.out_sent.get() > 0);
+            if c.dead.get() {
+                c.drop_replies();
+            }
+        }
+        Err(_) if c.dead.get() => c.drop_replies(),
+        Err(e) => c.lost(e),
+    }
+    if stage.notice.armed() || !stage.held.is_empty() {
+        z.sent();
+    }
+    c.zc_count(z);
 }
 
 /// What the reader hands a request task.

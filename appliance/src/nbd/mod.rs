@@ -35,6 +35,7 @@ pub mod proto;
 mod reader;
 mod reply;
 mod sock;
+mod zc;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -146,6 +147,7 @@ struct ServerShared {
     max_connections: usize,
     timeouts: conn::Timeouts,
     socket_io: config::SocketIo,
+    zero_copy: config::ZeroCopySend,
     /// `[nbd.tls]`, loaded; `None`: plaintext listeners.
     tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
 }
@@ -185,6 +187,7 @@ impl NbdServer {
             max_connections: config.max_connections as usize,
             timeouts: conn::Timeouts { stall: config.stall_timeout, idle: config.idle_timeout },
             socket_io: config.socket_io,
+            zero_copy: config.zero_copy_send,
             tls: RwLock::new(load_tls(config.tls.as_ref())?),
         });
         let mut listeners = Vec::new();
@@ -365,6 +368,7 @@ fn accept_loop(fd: &OwnedFd, tcp: bool, live: &Arc<AtomicUsize>, shared: &Arc<Se
             exports: shared.exports.clone(),
             tls: shared.tls.read().unwrap_or_else(|p| p.into_inner()).clone(),
             peer: peer_name(&stream),
+            zero_copy: shared.zero_copy,
         };
         shared.reactors[i].spawn(move || async move {
             serve(stream, session, shared2.timeouts, shared2.socket_io).await;
@@ -431,6 +435,8 @@ pub(crate) struct Session {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The client's address, for log lines.
     pub peer: String,
+    /// `nbd.zero_copy_send`.
+    pub zero_copy: config::ZeroCopySend,
 }
 
 /// The client's address (`ip:port`) or, on a unix socket, its process and user.
@@ -489,7 +495,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let c = Rc::new(conn::Conn::new(sock, ch, &negotiated));
+    let c = Rc::new(conn::Conn::new(sock, ch, &negotiated, session.zero_copy));
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
         l.conns.retain(|w| w.strong_count() > 0);

@@ -24,6 +24,8 @@ pub struct Gather {
     used: usize,
     iov: [libc::iovec; IOV_BATCH],
     count: usize,
+    /// Payload bytes gathered (headers not counted).
+    payload: usize,
 }
 
 impl Gather {
@@ -34,6 +36,7 @@ impl Gather {
             used: 0,
             iov: [empty; IOV_BATCH],
             count: 0,
+            payload: 0,
         }
     }
 
@@ -42,6 +45,7 @@ impl Gather {
     pub fn fill<'r>(&mut self, replies: impl Iterator<Item = &'r Reply>, mut skip: usize) {
         self.used = 0;
         self.count = 0;
+        self.payload = 0;
         for r in replies {
             let hdr = &r.hdr[..r.hdr_len as usize];
             if self.count + 2 > IOV_BATCH || self.used + hdr.len() > STAGE {
@@ -60,6 +64,7 @@ impl Gather {
                     self.iov[self.count] =
                         libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
                     self.count += 1;
+                    self.payload += rest.len();
                 }
                 skip = 0;
             }
@@ -80,6 +85,11 @@ impl Gather {
         }
         self.iov[self.count] = libc::iovec { iov_base: start, iov_len: bytes.len() };
         self.count += 1;
+    }
+
+    /// Payload bytes in the gathered iovecs.
+    pub fn payload(&self) -> usize {
+        self.payload
     }
 
     pub fn is_empty(&self) -> bool {

@@ -19,15 +19,29 @@
 //! A ring socket is put in blocking mode: io_uring tries each operation without blocking
 //! and, when it would block, waits through its own poll rather than failing with
 //! `EAGAIN`.
+//!
+//! A TCP socket on the ring can also send without copying (`IORING_OP_SENDMSG_ZC`,
+//! [`UringSocket::send_zc`]): the kernel sends from the caller's pages, which stay its
+//! own until a [`ZcNotice`] says they are free (`engine/zc.rs`). Unix sockets, and
+//! kernels before 6.1, have only the copying send.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::Poll;
 
 use config::SocketIo;
 use poller::Async;
 
 use super::engine::{EngineRef, IoOp, check, uring};
+
+thread_local! {
+    /// The kernel refused a zero-copy send as malformed: it has the operation but not
+    /// its usage report (Linux 6.1). This reactor's sockets copy from then on.
+    static ZC_REFUSED: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Sockets per reactor that may use the ring at once.
 pub const MAX_SOCKETS: u32 = 512;
@@ -86,19 +100,122 @@ impl UringSocket {
     /// Sends some of `bufs` with one `sendmsg` (`MSG_NOSIGNAL`: a vanished peer is
     /// `EPIPE`); returns how many bytes went out.
     pub async fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let msg = libc::msghdr {
-            msg_name: std::ptr::null_mut(),
-            msg_namelen: 0,
-            // IoSlice is ABI-compatible with iovec.
-            msg_iov: bufs.as_ptr() as *mut libc::iovec,
-            msg_iovlen: bufs.len().min(libc::UIO_MAXIOV as usize),
-            msg_control: std::ptr::null_mut(),
-            msg_controllen: 0,
-            msg_flags: 0,
-        };
+        let msg = msghdr(bufs);
         // `msg` and `bufs` outlive the operation: the future borrows them until it
         // completes, and its drop cancels and waits for it.
         check(self.engine.submit(IoOp::SendMsg { fd: self.fd(), msg: &msg }).await)
+    }
+
+    /// Whether this socket can send without copying: TCP, on a ring whose kernel has
+    /// the operation, and not refused by it since.
+    pub fn zero_copy(&self) -> bool {
+        uring::zero_copy_supported() && !ZC_REFUSED.get() && is_tcp(self.fd())
+    }
+
+    /// A notice for [`UringSocket::send_zc`], or `None` when the ring has none left.
+    pub fn notice(&self) -> Option<ZcNotice> {
+        let EngineRef::Uring(u) = &self.engine else { return None };
+        let index = u.notices.acquire()?;
+        Some(ZcNotice { ring: u.clone(), index })
+    }
+
+    /// Sends some of `bufs` with one zero-copy `sendmsg`; returns how many bytes the
+    /// socket took. The kernel keeps sending from `bufs`' memory after this returns:
+    /// it must stay untouched until [`ZcNotice::wait`] on `notice` is ready, which
+    /// must be before `notice` is used again. A kernel that refuses the operation's
+    /// usage report gets a copying send instead, and so does every later send of
+    /// this reactor ([`UringSocket::zero_copy`] turns false).
+    pub async fn send_zc(&self, bufs: &[IoSlice<'_>], notice: &ZcNotice) -> io::Result<usize> {
+        assert!(!notice.armed(), "a zero-copy notice reused before its notification");
+        let msg = msghdr(bufs);
+        let op = IoOp::SendMsgZc { fd: self.fd(), msg: &msg, notice: notice.index };
+        // As in `send_vectored`: the future borrows `msg` and `bufs` until completion.
+        match self.engine.submit(op).await {
+            r if r == -i64::from(libc::EINVAL) && !notice.armed() => {
+                tracing::info!(
+                    "this kernel refuses zero-copy sends with a usage report; sockets copy"
+                );
+                ZC_REFUSED.set(true);
+                self.send_vectored(bufs).await
+            }
+            r => check(r),
+        }
+    }
+}
+
+/// The second completion of a zero-copy send: when it is ready, the send's buffers
+/// are the caller's again. Dropped while a send is in flight, the notice's entry stays
+/// taken until the kernel's notification, but the buffers must still outlive it.
+pub struct ZcNotice {
+    ring: Rc<uring::Uring>,
+    index: u32,
+}
+
+impl ZcNotice {
+    /// Whether a send on this notice may still read its buffers.
+    pub fn armed(&self) -> bool {
+        self.ring.notices.armed(self.index)
+    }
+
+    /// Ready when no send holds the buffers, with whether the kernel copied the last
+    /// one after all (a loopback peer does that).
+    pub fn wait(&self) -> impl Future<Output = bool> + '_ {
+        std::future::poll_fn(move |cx| self.ring.notices.poll(self.index, cx))
+    }
+
+    /// Registers `cx` to be woken by the notification; ready as [`ZcNotice::wait`].
+    pub fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+        self.ring.notices.poll(self.index, cx)
+    }
+}
+
+impl Drop for ZcNotice {
+    fn drop(&mut self) {
+        self.ring.notices.release(self.index);
+    }
+}
+
+/// Whether `fd` is a TCP socket (zero-copy sends exist only for TCP).
+fn is_tcp(fd: RawFd) -> bool {
+    let opt = |name: libc::c_int| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for writes of an int-sized option.
+        let r =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&raw mut v).cast(), &mut len) };
+        (r == 0).then_some(v)
+    };
+    opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && matches!(opt(libc::SO_DOMAIN), Some(libc::AF_INET | libc::AF_INET6))
+}
+
+/// Aborts a TCP connection: the kernel drops what it still holds to send
+/// (`connect(AF_UNSPEC)`, which runs `tcp_disconnect` and sends a reset), so the
+/// notifications of zero-copy sends to a peer that has stopped acknowledging arrive
+/// now instead of when TCP gives up retransmitting.
+pub fn abort_tcp(fd: RawFd) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data; an AF_UNSPEC address is valid input to connect.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+    // SAFETY: `sa` is a valid sockaddr of `len` bytes for the duration of the call.
+    if unsafe { libc::connect(fd, &sa, len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A `sendmsg` header for `bufs`.
+fn msghdr(bufs: &[IoSlice<'_>]) -> libc::msghdr {
+    libc::msghdr {
+        msg_name: std::ptr::null_mut(),
+        msg_namelen: 0,
+        // IoSlice is ABI-compatible with iovec.
+        msg_iov: bufs.as_ptr() as *mut libc::iovec,
+        msg_iovlen: bufs.len().min(libc::UIO_MAXIOV as usize),
+        msg_control: std::ptr::null_mut(),
+        msg_controllen: 0,
+        msg_flags: 0,
     }
 }
 

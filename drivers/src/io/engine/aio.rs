@@ -298,6 +298,7 @@ impl EngineBackend for Aio {
             IoOp::Fallocate { .. }
             | IoOp::Recv { .. }
             | IoOp::SendMsg { .. }
+            | IoOp::SendMsgZc { .. }
             | IoOp::UringCmd { .. } => {
                 // Callers route fallocate through the offload workers, socket I/O
                 // through io_uring and passthrough commands through the NVMe ring.

@@ -25,6 +25,7 @@ pub(crate) mod aio;
 mod fixed;
 pub(crate) mod offload;
 pub(crate) mod uring;
+pub(crate) mod zc;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -111,6 +112,13 @@ pub(crate) enum IoOp {
         fd: RawFd,
         msg: *const libc::msghdr,
     },
+    /// A zero-copy `sendmsg` (io_uring only): the buffers stay the kernel's until the
+    /// notification of `notice` arrives, after the operation completes (see `zc.rs`).
+    SendMsgZc {
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        notice: u32,
+    },
     /// A driver command (`IORING_OP_URING_CMD`, the NVMe ring only): `cmd_op` names
     /// the command set, `cmd` its 80 bytes (copied into the entry when queued). With
     /// `fixed`, the data buffer is in the ring's registered buffer of that index (the
@@ -151,7 +159,7 @@ impl IoOp {
     /// slot from the socket table, it does not keep an adaptive reactor awake, and a
     /// future dropped while it is in flight cancels it instead of waiting for it.
     pub(crate) fn waits_on_peer(&self) -> bool {
-        matches!(self, IoOp::Recv { .. } | IoOp::SendMsg { .. })
+        matches!(self, IoOp::Recv { .. } | IoOp::SendMsg { .. } | IoOp::SendMsgZc { .. })
     }
 }
 

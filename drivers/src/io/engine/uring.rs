@@ -29,6 +29,7 @@ use std::rc::Rc;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::fixed::Fixed;
+use super::zc::{NOTICES, Notices};
 use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, SUBMIT_BATCH, Slots};
 
 /// `IORING_ENTER_GETEVENTS` (the io-uring crate keeps its constants private).
@@ -37,6 +38,14 @@ const IORING_ENTER_GETEVENTS: u32 = 1;
 const CANCEL_TAG: u64 = u64::MAX;
 /// Tag bit of operations whose slot is in the socket table.
 const PEER_TAG: u64 = 1 << 32;
+/// Tag bit of zero-copy sends, whose notice index sits above it ([`NOTICE_SHIFT`]).
+const ZC_TAG: u64 = 1 << 33;
+const NOTICE_SHIFT: u32 = 34;
+/// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the
+/// kernel copied after all.
+const SEND_ZC_REPORT_USAGE: u16 = 8;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
 /// Completion queue entries: one for every operation that can be in flight, so the
 /// kernel never has to hold completions back in its overflow list.
 const CQ_DEPTH: u32 = ENGINE_DEPTH + PEER_DEPTH;
@@ -65,6 +74,10 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     eventfd_on: Cell<bool>,
     /// The kernel supports socket receive and sendmsg on the ring.
     sockets: bool,
+    /// The kernel supports zero-copy `sendmsg` on the ring (Linux 6.1).
+    zero_copy: bool,
+    /// Notifications of zero-copy sends.
+    pub(crate) notices: Notices,
     /// The reactor's DMA region as fixed buffers, once set up (see [`Fixed`]).
     fixed: OnceCell<Fixed>,
     /// Socket entries of this tick, held back until the device entries are submitted
@@ -212,6 +225,10 @@ fn encode_plain(op: IoOp) -> squeue::Entry {
         IoOp::SendMsg { fd, msg } => {
             opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build()
         }
+        IoOp::SendMsgZc { fd, msg, .. } => opcode::SendMsgZc::new(types::Fd(fd), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .ioprio(SEND_ZC_REPORT_USAGE)
+            .build(),
         IoOp::UringCmd { .. } => {
             // Only the 128-byte ring carries commands (`EngineRef::Nvme`); should one
             // reach this ring, it fails (EBADF) instead of completing as a no-op.
@@ -277,6 +294,7 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         ring.completion().disable_eventfd();
         steer_workers(&ring);
         let sockets = probe_sockets(&ring);
+        let zero_copy = sockets && probe_zero_copy(&ring);
         Ok(Ring {
             ring: RefCell::new(ring),
             coop,
@@ -288,6 +306,8 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             eventfd,
             eventfd_on: Cell::new(false),
             sockets,
+            zero_copy,
+            notices: Notices::new(if zero_copy { NOTICES } else { 0 }),
             fixed: OnceCell::new(),
             // Reserved whole on the first socket operation (the NVMe ring never has one).
             held: RefCell::new(Vec::new()),
@@ -318,7 +338,28 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
 
     /// The kernel's tag for `op` in `slot`: the slot, and which table it is in.
     fn tag(op: &IoOp, slot: u32) -> u64 {
-        if op.waits_on_peer() { PEER_TAG | u64::from(slot) } else { u64::from(slot) }
+        match *op {
+            IoOp::SendMsgZc { notice, .. } => {
+                PEER_TAG | ZC_TAG | (u64::from(notice) << NOTICE_SHIFT) | u64::from(slot)
+            }
+            _ if op.waits_on_peer() => PEER_TAG | u64::from(slot),
+            _ => u64::from(slot),
+        }
+    }
+
+    /// A completion of a zero-copy send: the send's own (which names its notice when
+    /// no notification follows: a send that failed early) or its notification.
+    fn complete_zc(&self, tag: u64, cqe: &cqueue::Entry) {
+        let notice = (tag >> NOTICE_SHIFT) as u32;
+        if cqueue::notif(cqe.flags()) {
+            let copied = cqe.result() & NOTIF_USAGE_ZC_COPIED != 0;
+            self.notices.complete(notice, copied);
+            return;
+        }
+        self.peer_slots.complete(tag as u32, i64::from(cqe.result()));
+        if !cqueue::more(cqe.flags()) {
+            self.notices.complete(notice, false);
+        }
     }
 
     /// Reaps every available completion; returns how many.
@@ -344,8 +385,12 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             if tag == CANCEL_TAG {
                 continue;
             }
-            let slots = if tag & PEER_TAG != 0 { &self.peer_slots } else { &self.slots };
-            slots.complete(tag as u32, i64::from(cqe.result()));
+            if tag & ZC_TAG != 0 {
+                self.complete_zc(tag, &cqe);
+            } else {
+                let slots = if tag & PEER_TAG != 0 { &self.peer_slots } else { &self.slots };
+                slots.complete(tag as u32, i64::from(cqe.result()));
+            }
             n += 1;
         }
         n
@@ -494,6 +539,20 @@ fn probe_sockets<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<
         && probe.is_supported(opcode::AsyncCancel::CODE)
 }
 
+/// Whether the kernel takes `IORING_OP_SENDMSG_ZC` (Linux 6.1). Its usage report
+/// (6.2) cannot be probed: a kernel without it refuses the send with `EINVAL`, and the
+/// socket falls back to copying sends (`net.rs`).
+fn probe_zero_copy<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<S, C>) -> bool {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok()
+        && probe.is_supported(opcode::SendMsgZc::CODE)
+}
+
+/// Whether this reactor's ring can carry zero-copy sends.
+pub(crate) fn zero_copy_supported() -> bool {
+    current().is_ok_and(|u| u.zero_copy)
+}
+
 /// Whether this reactor's ring can carry socket I/O (`nbd.socket_io = "auto"`).
 pub(crate) fn sockets_supported() -> bool {
     current().is_ok_and(|u| u.sockets)
@@ -512,6 +571,11 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
         };
         let mut entry = S::encode(op, fixed);
         entry.set_user_data(Self::tag(op, slot));
+        if let IoOp::SendMsgZc { notice, .. } = *op {
+            // Armed here, so a send that never reaches the ring never waits for a
+            // notification.
+            self.notices.arm(notice);
+        }
         if op.waits_on_peer() {
             let mut held = self.held.borrow_mut();
             if held.capacity() == 0 {

@@ -33,7 +33,7 @@ use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::RawFd;
 
-use super::net::Socket;
+use super::net::{Socket, UringSocket};
 
 /// Ciphertext received and not yet handed to rustls: two full TLS records.
 pub const RX_BYTES: usize = 2 * MAX_RECORD_BYTES;
@@ -137,6 +137,20 @@ impl Stream {
 
     pub fn fd(&self) -> RawFd {
         self.sock.fd()
+    }
+
+    /// The socket, when bytes go to it as they are (no TLS) through the reactor's
+    /// ring and it can send without copying ([`UringSocket::zero_copy`]).
+    pub fn zero_copy_socket(&self) -> Option<&UringSocket> {
+        self.uring_socket().filter(|s| s.zero_copy())
+    }
+
+    /// The socket, when bytes go to it as they are (no TLS) through the reactor's ring.
+    pub fn uring_socket(&self) -> Option<&UringSocket> {
+        match &self.sock {
+            Socket::Uring(s) if self.tls.is_none() => Some(s),
+            _ => None,
+        }
     }
 
     /// The peer certificate's subject common name, once a TLS handshake with a client
