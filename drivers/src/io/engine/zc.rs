@@ -23,8 +23,8 @@
 use std::cell::{Cell, RefCell};
 use std::task::{Context, Poll, Waker};
 
-/// Notification entries per ring: four send stages for every socket the ring can
-/// carry is more than the sockets that send large replies will take.
+/// Notification entries per ring: the four send stages of 256 connections. A
+/// connection that finds none left copies its replies.
 pub const NOTICES: u32 = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
