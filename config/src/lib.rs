@@ -510,6 +510,23 @@ impl Validator {
         ConfigError::Invalid { file: self.file.clone(), line, column, key: key.into(), message }
     }
 
+    /// The value named by a string key that takes one of `choices` (the first when
+    /// the key is absent), or an error that lists them.
+    fn choice<T: Copy>(
+        &self,
+        v: Option<&toml::Spanned<String>>,
+        key: &str,
+        choices: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let Some(v) = v else { return Ok(choices[0].1) };
+        if let Some(&(_, c)) = choices.iter().find(|(name, _)| *name == v.get_ref().as_str()) {
+            return Ok(c);
+        }
+        let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        let m = format!("`{}`: use {}", v.get_ref(), names.join(", "));
+        Err(self.err(v.span(), key, m))
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
@@ -644,26 +661,12 @@ impl Validator {
         let idle_timeout = seconds(raw.idle_timeout, "nbd.idle_timeout", 0.0)?;
         let stall_timeout =
             seconds(raw.stall_timeout, "nbd.stall_timeout", 0.1)?.unwrap_or(DEFAULT_STALL_TIMEOUT);
-        let socket_io = match raw.socket_io.as_ref().map(|s| s.get_ref().as_str()) {
-            None | Some("auto") => SocketIo::Auto,
-            Some("io_uring") => SocketIo::IoUring,
-            Some("epoll") => SocketIo::Epoll,
-            Some(other) => {
-                let span = raw.socket_io.as_ref().map_or(0..0, |s| s.span());
-                let m = format!("`{other}`: use \"auto\", \"io_uring\" or \"epoll\"");
-                return Err(self.err(span, "nbd.socket_io", m));
-            }
-        };
-        let zero_copy_send = match raw.zero_copy_send.as_ref().map(|s| s.get_ref().as_str()) {
-            None | Some("auto") => ZeroCopySend::Auto,
-            Some("always") => ZeroCopySend::Always,
-            Some("off") => ZeroCopySend::Off,
-            Some(other) => {
-                let span = raw.zero_copy_send.as_ref().map_or(0..0, |s| s.span());
-                let m = format!("`{other}`: use \"auto\", \"always\" or \"off\"");
-                return Err(self.err(span, "nbd.zero_copy_send", m));
-            }
-        };
+        use {SocketIo as S, ZeroCopySend as Z};
+        let io_choices = [("auto", S::Auto), ("io_uring", S::IoUring), ("epoll", S::Epoll)];
+        let socket_io = self.choice(raw.socket_io.as_ref(), "nbd.socket_io", &io_choices)?;
+        let zc_choices = [("auto", Z::Auto), ("always", Z::Always), ("off", Z::Off)];
+        let zero_copy_send =
+            self.choice(raw.zero_copy_send.as_ref(), "nbd.zero_copy_send", &zc_choices)?;
         let tls = raw.tls.map(|t| self.tls_files(t, "nbd.tls", false)).transpose()?;
         let client_tls =
             raw.client_tls.map(|t| self.tls_files(t, "nbd.client_tls", true)).transpose()?;
