@@ -312,6 +312,7 @@ impl Conn {
     /// data buffer per iovec, so `keep` never holds more than a send's iovecs).
     fn sent(&self, n: usize, mut keep: Option<&mut Vec<Reply>>) {
         self.progress.set(self.progress.get() + 1);
+        debug_assert!(n <= self.unsent.get(), "sent more than was queued");
         self.unsent.set(self.unsent.get().saturating_sub(n));
         let mut q = self.out.borrow_mut();
         let mut left = n + self.out_sent.get();
