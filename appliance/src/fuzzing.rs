@@ -124,7 +124,13 @@ pub fn nbd_session(data: &[u8]) -> usize {
         if data.len().is_multiple_of(2) { config::SocketIo::Auto } else { config::SocketIo::Epoll };
     reactor(data.first().copied().unwrap_or(0) as usize).spawn(move || async move {
         let zero_copy = config::ZeroCopySend::Auto;
-        let session = crate::nbd::Session { exports, tls: None, peer: "fuzz".into(), zero_copy };
+        let session = crate::nbd::Session {
+            exports,
+            tls: None,
+            peer: "fuzz".into(),
+            zero_copy,
+            multishot: false,
+        };
         crate::nbd::serve(OwnedFd::from(server), session, timeouts, socket_io).await;
         done2.store(true, Ordering::SeqCst);
     });

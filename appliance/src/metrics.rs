@@ -14,6 +14,8 @@
 //! - `appliance_in_flight` (gauge);
 //! - `appliance_zero_copy_sends_total` (NBD reply sends without copying, per export)
 //!   and `appliance_zero_copy_copied_total` (those the kernel copied anyway);
+//! - `appliance_multishot_receives_total` (NBD receives that arrived through a
+//!   connection's multishot receive, per export);
 //! - `appliance_latency_seconds_bucket{le}` / `_sum` / `_count`, cumulative, per op;
 //! - `appliance_reactor_busy_nanoseconds_total` (time in ticks that did work: the
 //!   reactor's load, which its CPU time does not show while it polls),
@@ -74,6 +76,8 @@ struct Counters<T> {
     /// NBD replies sent without copying, and those the kernel reported it copied anyway.
     zc_sends: T,
     zc_copied: T,
+    /// NBD receives that came through a multishot receive.
+    ms_receives: T,
 }
 
 /// Reactor-local counters of one (disk, export).
@@ -114,6 +118,11 @@ impl LocalStats {
         self.c.zc_copied.set(self.c.zc_copied.get().wrapping_add(1));
     }
 
+    /// A receive arrived through a multishot receive.
+    pub fn multishot_receive(&self) {
+        self.c.ms_receives.set(self.c.ms_receives.get().wrapping_add(1));
+    }
+
     fn publish(&self) {
         let copy = |a: &AtomicU64, c: &Cell<u64>| a.store(c.get(), Ordering::Relaxed);
         for i in 0..OPS {
@@ -128,6 +137,7 @@ impl LocalStats {
         copy(&self.shared.in_flight, &self.c.in_flight);
         copy(&self.shared.zc_sends, &self.c.zc_sends);
         copy(&self.shared.zc_copied, &self.c.zc_copied);
+        copy(&self.shared.ms_receives, &self.c.ms_receives);
     }
 }
 
@@ -202,6 +212,7 @@ pub struct Totals {
     pub in_flight: u64,
     pub zc_sends: u64,
     pub zc_copied: u64,
+    pub ms_receives: u64,
 }
 
 /// Current totals, by (disk, export).
@@ -223,6 +234,7 @@ pub fn totals() -> HashMap<(String, &'static str), Totals> {
         t.in_flight += v.in_flight.load(Ordering::Relaxed);
         t.zc_sends += v.zc_sends.load(Ordering::Relaxed);
         t.zc_copied += v.zc_copied.load(Ordering::Relaxed);
+        t.ms_receives += v.ms_receives.load(Ordering::Relaxed);
     }
     out
 }
@@ -251,6 +263,7 @@ pub fn totals_json(disk: Option<&str>) -> serde_json::Value {
         entry[e] = serde_json::json!({
             "in_flight": t.in_flight, "ops": ops,
             "zero_copy_sends": t.zc_sends, "zero_copy_copied": t.zc_copied,
+            "multishot_receives": t.ms_receives,
         });
     }
     serde_json::Value::Object(v)
@@ -350,6 +363,7 @@ fn refresh(reactors: &[ReactorHandle], view: &crate::serve::DiskView) {
         metrics::gauge!("appliance_in_flight", &labels).set(t.in_flight as f64);
         metrics::counter!("appliance_zero_copy_sends_total", &labels).absolute(t.zc_sends);
         metrics::counter!("appliance_zero_copy_copied_total", &labels).absolute(t.zc_copied);
+        metrics::counter!("appliance_multishot_receives_total", &labels).absolute(t.ms_receives);
     }
     for r in reactors {
         let s = r.stats();

@@ -7,7 +7,8 @@
 #   bash bench/profile/run.sh [OUT_DIR]
 #
 # Environment: TARGETS="null raw qcow2" SERVERS="appliance qsd device" JOBS="randread randwrite"
-# (appliance-epoll and appliance-io_uring are the appliance with that nbd.socket_io)
+# (appliance-epoll and appliance-io_uring are the appliance with that nbd.socket_io,
+# appliance-multishot the appliance with nbd.multishot_receive = "on")
 # QD=32 SECS=6 IDLE=adaptive|busy SIZE=2G WORK=/var/tmp PERF=1 APPLIANCE=target/release/appliance
 # Server on CPU 0, fio (nbd engine) on CPU 1. Images: raw filled with data, qcow2 converted
 # from it (every cluster allocated), both dropped from the page cache.
@@ -34,8 +35,12 @@ start() { # server target
   rm -f "$SOCK" "$WORK/ctl.sock"
   case $1 in
     appliance*)
-      local disk sio=auto
-      [ "$1" = appliance ] || sio=${1#appliance-}
+      local disk sio=auto ms=off
+      case $1 in
+        appliance) ;;
+        appliance-multishot) ms=on ;;
+        *) sio=${1#appliance-} ;;
+      esac
       case $2 in
         null) disk="driver = \"null\"
 size = \"$SIZE\"" ;;
@@ -43,8 +48,8 @@ size = \"$SIZE\"" ;;
 format = \"$2\"
 driver = \"io_uring\"" ;;
       esac
-      printf '[appliance]\ncores = [0]\nidle = "%s"\n\n[nbd]\nlisten = ["unix:%s"]\nsocket_io = "%s"\n\n[control]\nsocket = "%s"\n\n[[disk]]\nname = "d"\n%s\n' \
-        "$IDLE" "$SOCK" "$sio" "$WORK/ctl.sock" "$disk" > "$WORK/a.toml"
+      printf '[appliance]\ncores = [0]\nidle = "%s"\n\n[nbd]\nlisten = ["unix:%s"]\nsocket_io = "%s"\nmultishot_receive = "%s"\n\n[control]\nsocket = "%s"\n\n[[disk]]\nname = "d"\n%s\n' \
+        "$IDLE" "$SOCK" "$sio" "$ms" "$WORK/ctl.sock" "$disk" > "$WORK/a.toml"
       taskset -c 0 "$APPLIANCE" serve --config "$WORK/a.toml" > "$WORK/server.log" 2>&1 & ;;
     qsd)
       local bd

@@ -130,6 +130,10 @@ pub struct Nbd {
     pub socket_io: SocketIo,
     /// Whether large replies on TCP connections are sent without copying.
     pub zero_copy_send: ZeroCopySend,
+    /// Whether connections on the ring receive with one multishot receive into
+    /// buffers of their own (`"on"`, where the kernel has it) or one receive per read
+    /// (`"off"`, the default: faster on this project's measurements).
+    pub multishot_receive: bool,
     /// Owner and mode of the unix listeners.
     pub socket_perms: SocketPerms,
     /// `[nbd.tls]`: every listener requires TLS (with client certificates when `ca`
@@ -667,6 +671,9 @@ impl Validator {
         let zc_choices = [("auto", Z::Auto), ("always", Z::Always), ("off", Z::Off)];
         let zero_copy_send =
             self.choice(raw.zero_copy_send.as_ref(), "nbd.zero_copy_send", &zc_choices)?;
+        let ms_choices = [("off", false), ("on", true)];
+        let multishot_receive =
+            self.choice(raw.multishot_receive.as_ref(), "nbd.multishot_receive", &ms_choices)?;
         let tls = raw.tls.map(|t| self.tls_files(t, "nbd.tls", false)).transpose()?;
         let client_tls =
             raw.client_tls.map(|t| self.tls_files(t, "nbd.client_tls", true)).transpose()?;
@@ -677,6 +684,7 @@ impl Validator {
             stall_timeout,
             socket_io,
             zero_copy_send,
+            multishot_receive,
             socket_perms,
             tls,
             client_tls,

@@ -68,6 +68,7 @@ pub(crate) struct RawNbd {
     pub stall_timeout: Option<Spanned<f64>>,
     pub socket_io: Option<Spanned<String>>,
     pub zero_copy_send: Option<Spanned<String>>,
+    pub multishot_receive: Option<Spanned<String>>,
     pub socket_owner: Option<Spanned<RawId>>,
     pub socket_group: Option<Spanned<RawId>>,
     pub socket_mode: Option<Spanned<i64>>,

@@ -57,6 +57,8 @@ impl Config {
             t.insert("stall_timeout".into(), secs(Some(n.stall_timeout)));
             t.insert("socket_io".into(), Value::String(n.socket_io.name().into()));
             t.insert("zero_copy_send".into(), Value::String(n.zero_copy_send.name().into()));
+            let ms = if n.multishot_receive { "on" } else { "off" };
+            t.insert("multishot_receive".into(), Value::String(ms.into()));
             perms(&mut t, &n.socket_perms, "socket_");
             if let Some(f) = &n.tls {
                 t.insert("tls".into(), Value::Table(tls(f)));

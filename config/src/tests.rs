@@ -142,6 +142,14 @@ fn bad_enumerations() {
         let c = parse(&format!("[nbd]\nlisten = [\"tcp:127.0.0.1:10809\"]\n{text}")).unwrap();
         assert_eq!(c.nbd.unwrap().zero_copy_send, want);
     }
+    let (key, line, msg) =
+        invalid("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\n\nmultishot_receive = \"yes\"\n");
+    assert_eq!((key.as_str(), line), ("nbd.multishot_receive", 4));
+    assert!(msg.contains("\"on\"") && msg.contains("yes"), "{msg}");
+    for (text, want) in [("", false), ("multishot_receive = \"on\"\n", true)] {
+        let c = parse(&format!("[nbd]\nlisten = [\"unix:/tmp/x.sock\"]\n{text}")).unwrap();
+        assert_eq!(c.nbd.unwrap().multishot_receive, want);
+    }
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! through an in-process appliance, over a RAM disk and over a file with each engine,
 //! on one reactor and on two; and over a qcow2 image on one shard and split over two,
 //! where half the requests are forwarded to the other reactor's shard and back; with
-//! sockets on the reactor's io_uring (the default) and on epoll; and over an RBD image
-//! of a single-node Ceph cluster, whose completions come back from librbd's threads.
+//! sockets on the reactor's io_uring (the default), on epoll and with one multishot
+//! receive per connection; and over an RBD image of a single-node Ceph cluster, whose
+//! completions come back from librbd's threads.
 //! Every eighth write is FUA and every burst ends with a flush.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -88,16 +89,17 @@ fn burst(c: &mut Client, seed: u64) {
 }
 
 fn check(disk_toml: &str, cores: &str, prepare: impl FnOnce(&Path)) {
-    check_with(disk_toml, cores, "auto", prepare)
+    check_with(disk_toml, cores, "", prepare)
 }
 
-/// `socket_io`: how NBD connections move bytes (`nbd.socket_io`).
-fn check_with(disk_toml: &str, cores: &str, socket_io: &str, prepare: impl FnOnce(&Path)) {
+/// `nbd`: lines of the `[nbd]` table (how connections move bytes: `socket_io`,
+/// `multishot_receive`).
+fn check_with(disk_toml: &str, cores: &str, nbd: &str, prepare: impl FnOnce(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     prepare(dir.path());
     let sock = dir.path().join("nbd.sock");
     let text = format!(
-        "[appliance]\ncores = {cores}\nidle = \"busy\"\nbuffer_pool = \"32MiB\"\n[nbd]\nlisten = [\"unix:{}\"]\nsocket_io = \"{socket_io}\"\n{}",
+        "[appliance]\ncores = {cores}\nidle = \"busy\"\nbuffer_pool = \"32MiB\"\n[nbd]\nlisten = [\"unix:{}\"]\n{nbd}\n{}",
         sock.display(),
         disk_toml.replace("{dir}", &dir.path().display().to_string())
     );
@@ -132,7 +134,7 @@ fn check_with(disk_toml: &str, cores: &str, socket_io: &str, prepare: impl FnOnc
         let sizes: Vec<u64> = SIZES.iter().map(|s| s.load(Ordering::SeqCst)).collect();
         assert_eq!(
             n, 0,
-            "{disk_toml} on cores {cores}, socket_io {socket_io}: {n} heap allocations on the reactors during 4000 requests (first sizes {sizes:?})"
+            "{disk_toml} on cores {cores}, [nbd] {nbd}: {n} heap allocations on the reactors during 4000 requests (first sizes {sizes:?})"
         );
         c.disconnect();
     }
@@ -146,7 +148,9 @@ fn steady_state_data_path_does_not_allocate() {
         check(mem, cores, |_| {});
         // Sockets through readiness polling and one system call each, as well as
         // through the reactor's io_uring (the default above).
-        check_with(mem, cores, "epoll", |_| {});
+        check_with(mem, cores, "socket_io = \"epoll\"", |_| {});
+        // And through one multishot receive per connection.
+        check_with(mem, cores, "multishot_receive = \"on\"", |_| {});
         for driver in ["io_uring", "aio"] {
             check(
                 &format!(

@@ -89,16 +89,13 @@ pub struct Conn {
     /// client to acknowledge them, and their replies keep their tickets meanwhile.
     zc_in_flight: Cell<usize>,
     zero_copy: config::ZeroCopySend,
+    /// `nbd.multishot_receive`: the reader receives through a multishot receive.
+    pub(super) multishot: bool,
     stats: Option<Rc<crate::metrics::LocalStats>>,
 }
 
 impl Conn {
-    pub fn new(
-        sock: Sock,
-        ch: Rc<BdevChannel>,
-        n: &Negotiated,
-        zero_copy: config::ZeroCopySend,
-    ) -> Self {
+    pub fn new(sock: Sock, ch: Rc<BdevChannel>, n: &Negotiated, session: &super::Session) -> Self {
         Conn {
             sock,
             ch,
@@ -121,8 +118,16 @@ impl Conn {
             sending: Cell::new(false),
             zc_front: Cell::new(false),
             zc_in_flight: Cell::new(0),
-            zero_copy,
+            zero_copy: session.zero_copy,
+            multishot: session.multishot,
             stats: crate::metrics::local_stats(n.bdev.name(), "nbd"),
+        }
+    }
+
+    /// Counts a receive that came through the reader's multishot receive.
+    pub(super) fn multishot_received(&self) {
+        if let Some(s) = &self.stats {
+            s.multishot_receive();
         }
     }
 

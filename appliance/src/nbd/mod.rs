@@ -34,6 +34,7 @@ mod meta;
 pub mod proto;
 mod reader;
 mod reply;
+mod rx;
 mod sock;
 mod zc;
 
@@ -148,6 +149,7 @@ struct ServerShared {
     timeouts: conn::Timeouts,
     socket_io: config::SocketIo,
     zero_copy: config::ZeroCopySend,
+    multishot: bool,
     /// `[nbd.tls]`, loaded; `None`: plaintext listeners.
     tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
 }
@@ -188,6 +190,7 @@ impl NbdServer {
             timeouts: conn::Timeouts { stall: config.stall_timeout, idle: config.idle_timeout },
             socket_io: config.socket_io,
             zero_copy: config.zero_copy_send,
+            multishot: config.multishot_receive,
             tls: RwLock::new(load_tls(config.tls.as_ref())?),
         });
         let mut listeners = Vec::new();
@@ -369,6 +372,7 @@ fn accept_loop(fd: &OwnedFd, tcp: bool, live: &Arc<AtomicUsize>, shared: &Arc<Se
             tls: shared.tls.read().unwrap_or_else(|p| p.into_inner()).clone(),
             peer: peer_name(&stream),
             zero_copy: shared.zero_copy,
+            multishot: shared.multishot,
         };
         shared.reactors[i].spawn(move || async move {
             serve(stream, session, shared2.timeouts, shared2.socket_io).await;
@@ -437,6 +441,8 @@ pub(crate) struct Session {
     pub peer: String,
     /// `nbd.zero_copy_send`.
     pub zero_copy: config::ZeroCopySend,
+    /// `nbd.multishot_receive`.
+    pub multishot: bool,
 }
 
 /// The client's address (`ip:port`) or, on a unix socket, its process and user.
@@ -495,7 +501,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let c = Rc::new(conn::Conn::new(sock, ch, &negotiated, session.zero_copy));
+    let c = Rc::new(conn::Conn::new(sock, ch, &negotiated, &session));
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
         l.conns.retain(|w| w.strong_count() > 0);

@@ -23,6 +23,7 @@
 
 pub(crate) mod aio;
 mod fixed;
+pub(crate) mod multishot;
 pub(crate) mod offload;
 pub(crate) mod uring;
 pub(crate) mod zc;

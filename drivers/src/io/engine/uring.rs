@@ -29,6 +29,7 @@ use std::rc::Rc;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::fixed::Fixed;
+use super::multishot::Streams;
 use super::zc::{NOTICES, Notices};
 use super::{ENGINE_DEPTH, EngineBackend, IoOp, PEER_DEPTH, SUBMIT_BATCH, Slots};
 
@@ -41,13 +42,20 @@ const PEER_TAG: u64 = 1 << 32;
 /// Tag bit of zero-copy sends, whose notice index sits above it ([`NOTICE_SHIFT`]).
 const ZC_TAG: u64 = 1 << 33;
 const NOTICE_SHIFT: u32 = 34;
+/// Tag bit of multishot receives, whose stream index is the tag's low 32 bits.
+const STREAM_TAG: u64 = 1 << 62;
 /// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the
 /// kernel copied after all.
 const SEND_ZC_REPORT_USAGE: u16 = 8;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's result.
 const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
+/// Socket entries held back in one tick at most: one per socket slot, and an arm and a
+/// cancellation per multishot stream.
+const HELD_MAX: usize = (PEER_DEPTH + 2 * super::super::net::MAX_SOCKETS) as usize;
 /// Completion queue entries: one for every operation that can be in flight, so the
-/// kernel never has to hold completions back in its overflow list.
+/// kernel never has to hold completions back in its overflow list. (Multishot receives
+/// post up to `STREAM_BUFS` completions each between two reaps; should many streams do
+/// so at once, the kernel keeps the excess in that list, which costs time, not data.)
 const CQ_DEPTH: u32 = ENGINE_DEPTH + PEER_DEPTH;
 const _: () = assert!(CQ_DEPTH.is_power_of_two() && CQ_DEPTH >= ENGINE_DEPTH);
 
@@ -78,6 +86,8 @@ pub(crate) struct Ring<S: Encode, C: cqueue::EntryMarker> {
     zero_copy: bool,
     /// Notifications of zero-copy sends.
     pub(crate) notices: Notices,
+    /// Multishot receive streams (`multishot.rs`).
+    pub(crate) streams: Streams,
     /// The reactor's DMA region as fixed buffers, once set up (see [`Fixed`]).
     fixed: OnceCell<Fixed>,
     /// Socket entries of this tick, held back until the device entries are submitted
@@ -308,6 +318,7 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             sockets,
             zero_copy,
             notices: Notices::new(if zero_copy { NOTICES } else { 0 }),
+            streams: Streams::new(if sockets { super::super::net::MAX_SOCKETS } else { 0 }),
             fixed: OnceCell::new(),
             // Reserved whole on the first socket operation (the NVMe ring never has one).
             held: RefCell::new(Vec::new()),
@@ -385,7 +396,9 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
             if tag == CANCEL_TAG {
                 continue;
             }
-            if tag & ZC_TAG != 0 {
+            if tag & STREAM_TAG != 0 {
+                self.streams.complete(tag as u32, cqe.result(), cqe.flags());
+            } else if tag & ZC_TAG != 0 {
                 self.complete_zc(tag, &cqe);
             } else {
                 let slots = if tag & PEER_TAG != 0 { &self.peer_slots } else { &self.slots };
@@ -509,6 +522,47 @@ impl<S: Encode, C: cqueue::EntryMarker> Ring<S, C> {
         !cq.is_empty()
     }
 
+    /// Holds a socket entry for the end of the tick (see the module doc).
+    fn hold(&self, entry: S) {
+        let mut held = self.held.borrow_mut();
+        if held.capacity() == 0 {
+            held.reserve_exact(HELD_MAX);
+        }
+        debug_assert!(held.len() < HELD_MAX, "held entries are bounded by their slots");
+        held.push(entry);
+        self.queued.set(self.queued.get() + 1);
+    }
+
+    /// A multishot receive on `fd` for stream `i`, queued for the end of the tick.
+    pub(crate) fn arm_stream(&self, i: u32, fd: RawFd) {
+        let entry = self.streams.arm(i, fd, PEER_TAG | STREAM_TAG | u64::from(i));
+        self.hold(S::from(entry));
+    }
+
+    /// Cancels stream `i`'s receive, if armed; its last completion follows.
+    pub(crate) fn cancel_stream(&self, i: u32) {
+        if self.streams.cancel(i) {
+            self.send_stream_cancel(i);
+        }
+    }
+
+    /// Gives stream `i` back (cancelling its receive first, if armed).
+    pub(crate) fn release_stream(&self, i: u32) {
+        if self.streams.release(i) {
+            self.send_stream_cancel(i);
+        }
+    }
+
+    fn send_stream_cancel(&self, i: u32) {
+        let tag = PEER_TAG | STREAM_TAG | u64::from(i);
+        self.hold(S::from(opcode::AsyncCancel::new(tag).build().user_data(CANCEL_TAG)));
+    }
+
+    /// A stream of multishot receives of its own, or `None` (see `multishot.rs`).
+    pub(crate) fn acquire_stream(&self) -> Option<u32> {
+        self.streams.acquire(&self.ring.borrow().submitter())
+    }
+
     /// Pushes one entry, submitting what is queued first if the ring is full.
     fn push(&self, entry: &S) -> bool {
         let mut ring = self.ring.borrow_mut();
@@ -577,13 +631,7 @@ impl<S: Encode, C: cqueue::EntryMarker> EngineBackend for Ring<S, C> {
             self.notices.arm(notice);
         }
         if op.waits_on_peer() {
-            let mut held = self.held.borrow_mut();
-            if held.capacity() == 0 {
-                held.reserve_exact(PEER_DEPTH as usize);
-            }
-            debug_assert!(held.len() < PEER_DEPTH as usize, "each held entry holds a slot");
-            held.push(entry);
-            self.queued.set(self.queued.get() + 1);
+            self.hold(entry);
             return true;
         }
         if !self.push(&entry) {

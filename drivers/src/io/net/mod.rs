@@ -20,6 +20,9 @@
 //! and, when it would block, waits through its own poll rather than failing with
 //! `EAGAIN`.
 //!
+//! A socket on the ring can also receive with one multishot receive into buffers the
+//! ring provides ([`RecvStream`], `net/stream.rs`), instead of one receive per read.
+//!
 //! A TCP socket on the ring can also send without copying (`IORING_OP_SENDMSG_ZC`,
 //! [`UringSocket::send_zc`]): the kernel sends from the caller's pages, which stay its
 //! own until a [`ZcNotice`] says they are free (`engine/zc.rs`). Unix sockets, and
@@ -36,6 +39,9 @@ use config::SocketIo;
 use poller::Async;
 
 use super::engine::{EngineRef, IoOp, check, uring};
+
+mod stream;
+pub use stream::{Received, RecvStream, Segment};
 
 thread_local! {
     /// The kernel refused a zero-copy send as malformed: it has the operation but not
@@ -95,6 +101,13 @@ impl UringSocket {
         let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
         let op = IoOp::Recv { fd: self.fd(), ptr: buf.as_mut_ptr(), len };
         check(self.engine.submit(op).await)
+    }
+
+    /// This socket's receives as one multishot receive ([`RecvStream`]), or `None`
+    /// when the kernel lacks them or the reactor has no stream left. While the stream
+    /// is started, nothing else may receive on the socket.
+    pub fn recv_stream(&self) -> Option<RecvStream> {
+        RecvStream::new(self.fd())
     }
 
     /// Sends some of `bufs` with one `sendmsg` (`MSG_NOSIGNAL`: a vanished peer is
