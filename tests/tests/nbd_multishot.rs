@@ -1,8 +1,9 @@
 //! Receives through one multishot receive per connection (`nbd.multishot_receive =
 //! "on"`), judged by the bytes real clients (fio's nbd engine, qemu-img) write and read
-//! back, by the server's own count of receives that came that way, by a client that
-//! pipelines until the stream's buffers run out, and by clients that vanish mid-request
-//! (more of them than a reactor has streams: a stream not given back would show).
+//! back (writes switch a connection to direct receives and reads switch it back), by
+//! the server's own count of receives that came that way, by a client that pipelines
+//! until the stream's buffers run out, and by clients that vanish mid-request (more of
+//! them than a reactor has streams: a stream not given back would show).
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -63,12 +64,13 @@ fn writes_through_multishot_receives_land_and_read_back() {
     require_tool("fio", "fio");
     require_tool("qemu-img", "qemu-utils");
     let (a, _) = start("on");
-    // 4k writes at depth: the stream carries headers and payloads.
+    // 4k writes at depth, then their verifying reads: the writes switch the connection
+    // to direct receives, the run of reads switches it back to the stream.
     fio_verify(&a.uri("d"), "32M", "4k-4k", 32);
     let small = multishot_receives(&a);
-    assert!(small > 1000, "4k writes at QD32 came through the stream: {small} receives");
-    // Sizes up to 256 KiB over TCP: large payloads switch the connection to receiving
-    // them directly, runs of small ones switch it back; the bytes stay in order.
+    assert!(small > 1000, "the reads at QD32 came through the stream: {small} receives");
+    // Sizes up to 256 KiB over TCP and down to 512 bytes: the switches happen mid-run,
+    // with parts of payloads already in the stream's buffers; the bytes stay in order.
     fio_verify(&a.tcp_uri("d"), "48M", "4k-256k", 8);
     fio_verify(&a.uri("d"), "48M", "512-64k", 16);
     export_matches_file(&a);

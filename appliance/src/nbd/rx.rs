@@ -12,11 +12,14 @@
 //!   into its DMA buffer without a copy in between.
 //!
 //! A connection starts in stream mode when the ring offers it and switches to direct
-//! mode at the first write payload of [`DIRECT_PAYLOAD`] bytes or more, which a stream
-//! would copy once more (the kernel copies it into a provided buffer first): the
-//! stream's receive is cancelled, what it already received is drained in order, and
-//! only then does a direct receive start. After [`RESUME_AFTER`] requests in a row
-//! without such a payload the stream resumes.
+//! mode at the first request with a payload: the stream's receive is cancelled, what it
+//! already received is drained in order, and only then does a direct receive start.
+//! After [`RESUME_AFTER`] requests in a row without a payload the stream resumes. So the
+//! stream carries request headers (reads, flushes, block status), where it saves a
+//! receive per read, and writes come by direct receive: through the stream, a payload
+//! of [`DIRECT_PAYLOAD`] bytes or more is copied once more (the kernel copies it into
+//! a provided buffer first), and 4k writes at QD32 ran 0.84–0.98x as fast (a
+//! completion per arrival where one receive per tick takes what several brought).
 //!
 //! Every receive bumps the connection's progress counter (read by the watchdog).
 
@@ -35,8 +38,8 @@ const RX_BUF: usize = 64 << 10;
 /// the reactor's largest cost).
 pub(super) const DIRECT_PAYLOAD: u64 = 16 << 10;
 
-/// Requests without a large payload after which a direct-mode connection goes back to
-/// its stream.
+/// Requests without a payload after which a direct-mode connection goes back to its
+/// stream.
 const RESUME_AFTER: u32 = 64;
 
 enum Mode {
@@ -58,7 +61,7 @@ pub(super) struct Rx {
     mode: Mode,
     /// The stream segment being taken, and how much of it has been.
     seg: Option<(Segment, usize)>,
-    /// Requests since the last large payload.
+    /// Requests since the last payload.
     small_run: u32,
 }
 
@@ -85,13 +88,12 @@ impl Rx {
         &self.buf[self.lo..self.hi]
     }
 
-    /// Notes the payload of the request just parsed: a large one goes to direct mode
-    /// (and makes the next direct receive take only a header); a run of small ones
-    /// resumes the stream.
+    /// Notes the payload of the request just parsed: any payload goes to direct mode
+    /// (a large one also makes the next direct receive take only a header); a run of
+    /// requests without one resumes the stream.
     pub(super) fn payload_ahead(&mut self, len: u64, hlen: usize) {
-        let large = len >= DIRECT_PAYLOAD;
-        self.limit = if large { hlen } else { RX_BUF };
-        if large {
+        self.limit = if len >= DIRECT_PAYLOAD { hlen } else { RX_BUF };
+        if len > 0 {
             self.small_run = 0;
             if let (Mode::Stream, Some(s)) = (&self.mode, &self.stream) {
                 s.stop();

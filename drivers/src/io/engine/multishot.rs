@@ -12,10 +12,16 @@
 //! receive stops (`ENOBUFS`), and the rest waits in the socket, whose window closes:
 //! the same back-pressure a single receive gives.
 //!
-//! A completion with data names a buffer, which stays the stream owner's until it is
-//! given back ([`Streams::recycle`], a store to the ring's tail). Completions are queued
-//! per stream in arrival order; since each holds a distinct buffer, at most
-//! `STREAM_BUFS` are queued. The last completion of a receive has no
+//! The group is registered for incremental consumption (`IOU_PBUF_RING_INC`, Linux
+//! 6.12) where the kernel has it: a receive takes only the bytes it needs from the
+//! current buffer, and the next one continues in it (the completion's
+//! `IORING_CQE_F_BUF_MORE`). Without it every receive takes a whole buffer, so eight
+//! request headers arriving one by one would use up the group. A completion names its
+//! buffer; the buffer stays the stream owner's from the completion that finishes it
+//! until it is given back ([`Streams::recycle`], a store to the ring's tail).
+//! Completions are queued per stream in arrival order, one continuing the piece of the
+//! same buffer queued before it joining that piece, so at most `STREAM_BUFS` pieces are
+//! queued. The last completion of a receive has no
 //! `IORING_CQE_F_MORE` and says why it stopped ([`Stop`]); the owner re-arms after
 //! `ENOBUFS`, and nothing is received in any other way while a receive is armed, so the
 //! stream's bytes stay in order.
@@ -36,6 +42,9 @@ use io_uring::{cqueue, opcode, squeue, types};
 pub const STREAM_BUFS: u16 = 8;
 /// Bytes per buffer: 8 x 16 KiB, twice a single receive's 64 KiB buffer.
 pub const STREAM_BUF_LEN: u32 = 16 << 10;
+/// `IOU_PBUF_RING_INC` and `IORING_CQE_F_BUF_MORE` (the io-uring crate keeps them private).
+const PBUF_RING_INC: u16 = 2;
+const CQE_F_BUF_MORE: u32 = 1 << 4;
 /// The ring's entries take one page (the kernel wants it page-aligned).
 const RING_BYTES: usize = 4096;
 const _: () = assert!(STREAM_BUFS.is_power_of_two());
@@ -114,8 +123,12 @@ impl Drop for Region {
 struct Entry {
     state: Cell<State>,
     stop: Cell<Stop>,
-    /// Filled buffers not yet taken: (buffer id, length), a FIFO of `STREAM_BUFS`.
-    ready: [Cell<(u16, u32)>; STREAM_BUFS as usize],
+    /// Received pieces not yet taken, a FIFO of `STREAM_BUFS`.
+    ready: [Cell<Piece>; STREAM_BUFS as usize],
+    /// Per buffer, the bytes the kernel has filled so far (incremental consumption).
+    filled: [Cell<u32>; STREAM_BUFS as usize],
+    /// The group consumes buffers incrementally.
+    incremental: Cell<bool>,
     head: Cell<u16>,
     count: Cell<u16>,
     /// The provided ring's tail, as this side last published it.
@@ -133,9 +146,19 @@ pub(crate) struct Streams {
     free: RefCell<Vec<u32>>,
 }
 
+/// Received bytes: `len` bytes at `off` in buffer `bid`; `last` when the kernel has
+/// finished with the buffer (the owner gives it back after taking them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub bid: u16,
+    pub off: u32,
+    pub len: u32,
+    pub last: bool,
+}
+
 /// What a stream's owner finds when it looks for data.
 pub(crate) enum Next {
-    Data(u16, u32),
+    Data(Piece),
     /// No data queued and no receive armed, stopped as it says.
     Stopped(Stop),
 }
@@ -145,7 +168,9 @@ impl Streams {
         let entry = || Entry {
             state: Cell::new(State::Free),
             stop: Cell::new(Stop::Resumable),
-            ready: std::array::from_fn(|_| Cell::new((0, 0))),
+            ready: std::array::from_fn(|_| Cell::new(Piece::default())),
+            filled: std::array::from_fn(|_| Cell::new(0)),
+            incremental: Cell::new(false),
             head: Cell::new(0),
             count: Cell::new(0),
             tail: Cell::new(0),
@@ -190,16 +215,27 @@ impl Streams {
         for bid in 0..STREAM_BUFS {
             provide(region, bid, bid);
         }
-        // SAFETY: the ring lies in the region, which lives as long as the table (the
-        // ring's), i.e. until the group is unregistered or the ring destroyed.
-        unsafe {
-            submitter.register_buf_ring_with_flags(
-                region.ring() as u64,
-                STREAM_BUFS,
-                i as u16,
-                0,
-            )?
+        let register = |flags| {
+            // SAFETY: the ring lies in the region, which lives as long as the table (the
+            // ring's), i.e. until the group is unregistered or the ring destroyed.
+            unsafe {
+                submitter.register_buf_ring_with_flags(
+                    region.ring() as u64,
+                    STREAM_BUFS,
+                    i as u16,
+                    flags,
+                )
+            }
         };
+        // Kernels before 6.12 refuse incremental consumption.
+        let incremental = register(PBUF_RING_INC).is_ok();
+        if !incremental {
+            register(0)?;
+        }
+        e.incremental.set(incremental);
+        for f in &e.filled {
+            f.set(0);
+        }
         publish_tail(region, STREAM_BUFS);
         e.registered.set(true);
         e.tail.set(STREAM_BUFS);
@@ -277,10 +313,8 @@ impl Streams {
         }
         if res > 0 {
             let bid = cqueue::buffer_select(flags).expect("a multishot receive names its buffer");
-            let n = e.count.get();
-            assert!(n < STREAM_BUFS && bid < STREAM_BUFS, "stream {i}: buffer {bid} queued twice");
-            e.ready[usize::from((e.head.get() + n) % STREAM_BUFS)].set((bid, res as u32));
-            e.count.set(n + 1);
+            assert!(bid < STREAM_BUFS, "stream {i}: buffer id {bid} out of range");
+            e.push(self.piece(e, bid, res as u32, flags));
             e.received.set(true);
         }
         if last {
@@ -303,16 +337,26 @@ impl Streams {
         }
     }
 
-    /// The next filled buffer, or why there is none; registers `cx` to be woken when
+    /// The piece of buffer `bid` a completion of `len` bytes filled.
+    fn piece(&self, e: &Entry, bid: u16, len: u32, flags: u32) -> Piece {
+        let filled = &e.filled[usize::from(bid)];
+        let off = filled.get();
+        let more = e.incremental.get() && flags & CQE_F_BUF_MORE != 0;
+        assert!(off + len <= STREAM_BUF_LEN, "a receive past the end of its buffer");
+        filled.set(if more { off + len } else { 0 });
+        Piece { bid, off, len, last: !more }
+    }
+
+    /// The next received piece, or why there is none; registers `cx` to be woken when
     /// the receive is armed and nothing has arrived.
     pub(crate) fn poll_next(&self, i: u32, cx: &mut Context<'_>) -> Poll<Next> {
         let e = &self.entries[i as usize];
         let n = e.count.get();
         if n > 0 {
-            let (bid, len) = e.ready[usize::from(e.head.get())].get();
+            let p = e.ready[usize::from(e.head.get())].get();
             e.head.set((e.head.get() + 1) % STREAM_BUFS);
             e.count.set(n - 1);
-            return Poll::Ready(Next::Data(bid, len));
+            return Poll::Ready(Next::Data(p));
         }
         match e.state.get() {
             State::Armed | State::Cancelling => {
@@ -333,16 +377,15 @@ impl Streams {
         self.entries[i as usize].received.get()
     }
 
-    /// The first `len` bytes of buffer `bid`, which the caller took and has not given
-    /// back.
-    pub(crate) fn bytes(&self, i: u32, bid: u16, len: u32) -> &[u8] {
+    /// The bytes of a piece the caller took (and whose buffer it has not given back).
+    pub(crate) fn bytes(&self, i: u32, p: &Piece) -> &[u8] {
         let e = &self.entries[i as usize];
         let region = e.region.get().expect("a stream in use has its region");
-        assert!(len <= STREAM_BUF_LEN, "a receive longer than its buffer");
-        // SAFETY: the buffer lies in the region; the kernel filled `len` bytes of it and
-        // does not write it again until it is given back by `recycle`, which takes the
-        // caller's claim (the borrow ends before).
-        unsafe { std::slice::from_raw_parts(region.buf(bid), len as usize) }
+        assert!(p.off + p.len <= STREAM_BUF_LEN, "a piece past the end of its buffer");
+        // SAFETY: the piece lies in the buffer, in the region; the kernel filled it and
+        // writes only past it until the buffer is given back by `recycle`, which the
+        // caller does after its borrow ends.
+        unsafe { std::slice::from_raw_parts(region.buf(p.bid).add(p.off as usize), p.len as usize) }
     }
 
     /// Gives buffer `bid` back to the kernel for the stream's next receives.
@@ -375,4 +418,22 @@ fn publish_tail(region: &Region, tail: u16) {
         &*(types::BufRingEntry::tail(region.ring()) as *const std::sync::atomic::AtomicU16)
     };
     t.store(tail, std::sync::atomic::Ordering::Release);
+}
+
+impl Entry {
+    /// Queues a piece, joined to the one queued last when it continues it.
+    fn push(&self, p: Piece) {
+        let n = self.count.get();
+        if n > 0 {
+            let back = &self.ready[usize::from((self.head.get() + n - 1) % STREAM_BUFS)];
+            let b = back.get();
+            if b.bid == p.bid && b.off + b.len == p.off && !b.last {
+                back.set(Piece { len: b.len + p.len, last: p.last, ..b });
+                return;
+            }
+        }
+        assert!(n < STREAM_BUFS, "more pieces queued than buffers");
+        self.ready[usize::from((self.head.get() + n) % STREAM_BUFS)].set(p);
+        self.count.set(n + 1);
+    }
 }

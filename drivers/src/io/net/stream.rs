@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-use super::super::engine::multishot::{Next, Stop};
+use super::super::engine::multishot::{Next, Piece, Stop};
 use super::super::engine::uring::{self, Uring};
 
 thread_local! {
@@ -24,20 +24,18 @@ thread_local! {
     static REFUSED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// A filled buffer of a [`RecvStream`], the owner's until given back.
+/// Bytes a [`RecvStream`] received, in one of its buffers: the owner's until given
+/// back.
 #[derive(Debug)]
-pub struct Segment {
-    bid: u16,
-    len: u32,
-}
+pub struct Segment(Piece);
 
 impl Segment {
     pub fn len(&self) -> usize {
-        self.len as usize
+        self.0.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.0.len == 0
     }
 }
 
@@ -82,7 +80,7 @@ impl RecvStream {
                     std::task::Poll::Ready(n) => n,
                 };
                 let r = match next {
-                    Next::Data(bid, len) => Ok(Received::Data(Segment { bid, len })),
+                    Next::Data(p) => Ok(Received::Data(Segment(p))),
                     Next::Stopped(Stop::Eof) => Ok(Received::Closed),
                     Next::Stopped(Stop::Error(e))
                         if e == libc::EINVAL && !self.ring.streams.received(self.index) =>
@@ -106,12 +104,15 @@ impl RecvStream {
 
     /// The bytes of a segment this stream gave.
     pub fn bytes(&self, s: &Segment) -> &[u8] {
-        self.ring.streams.bytes(self.index, s.bid, s.len)
+        self.ring.streams.bytes(self.index, &s.0)
     }
 
-    /// Gives a segment's buffer back to the kernel.
+    /// Done with a segment: its buffer goes back to the kernel if the kernel has
+    /// finished filling it (it may still be receiving into the rest of it).
     pub fn recycle(&self, s: Segment) {
-        self.ring.streams.recycle(self.index, s.bid);
+        if s.0.last {
+            self.ring.streams.recycle(self.index, s.0.bid);
+        }
     }
 
     /// Stops receiving this way: cancels the receive if armed; `next` drains what
