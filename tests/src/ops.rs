@@ -54,6 +54,26 @@ pub fn rpc(a: &Appliance, method: &str, params: Value) -> Value {
     rpc_raw(a, &json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string())
 }
 
+/// The NBD export counters of disk `disk` named `keys` (`ctl stats`), once the
+/// reactors have published them (every 500 ms) and they stopped moving.
+pub fn nbd_counters<const N: usize>(a: &Appliance, disk: &str, keys: [&str; N]) -> [u64; N] {
+    let get = || {
+        let s = rpc(a, "stats", json!({"name": disk}));
+        let e = &s["result"]["disks"][disk]["nbd"];
+        keys.map(|k| e[k].as_u64().unwrap_or(0))
+    };
+    let mut last = get();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(600));
+        let now = get();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// A call that must succeed; its result.
 pub fn rpc_ok(a: &Appliance, method: &str, params: Value) -> Value {
     let r = rpc(a, method, params);

@@ -11,9 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use appliance_tests::nbd_client::*;
-use appliance_tests::ops::{control_extra, rpc};
+use appliance_tests::ops::{control_extra, nbd_counters};
 use appliance_tests::{Appliance, Setup, fio_verify, pattern, require_tool, run};
-use serde_json::{Value, json};
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 64 * MIB;
@@ -32,23 +31,9 @@ fn start(multishot: &str) -> (Appliance, Vec<u8>) {
     (a, data)
 }
 
-/// The export's count of receives through multishot receives, once the reactors
-/// have published it (every 500 ms) and it stopped moving.
+/// The export's count of receives that came through multishot receives.
 fn multishot_receives(a: &Appliance) -> u64 {
-    let get = || {
-        let s: Value = rpc(a, "stats", json!({"name": "d"}));
-        s["result"]["disks"]["d"]["nbd"]["multishot_receives"].as_u64().unwrap_or(0)
-    };
-    let mut last = get();
-    for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(600));
-        let now = get();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
+    nbd_counters(a, "d", ["multishot_receives"])[0]
 }
 
 /// The file behind the export holds what the export serves (qemu-img as the oracle).

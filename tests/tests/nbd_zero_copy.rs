@@ -13,9 +13,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use appliance_tests::ops::{control_extra, rpc};
+use appliance_tests::ops::{control_extra, nbd_counters};
 use appliance_tests::{Appliance, Setup, fio_verify, pattern, require_tool, run};
-use serde_json::{Value, json};
 
 const MIB: usize = 1 << 20;
 
@@ -37,24 +36,10 @@ fn start_with(mode: &str, size: usize, nbd: &str) -> (Appliance, Vec<u8>) {
     (a, data)
 }
 
-/// The export's (zero-copy sends, sends the kernel reported copied), once the
-/// reactors have published them (every 500 ms) and they stopped moving.
+/// The export's (zero-copy sends, sends the kernel reported copied).
 fn zero_copy_counts(a: &Appliance) -> (u64, u64) {
-    let get = || {
-        let s: Value = rpc(a, "stats", json!({"name": "d"}));
-        let e = &s["result"]["disks"]["d"]["nbd"];
-        (e["zero_copy_sends"].as_u64().unwrap_or(0), e["zero_copy_copied"].as_u64().unwrap_or(0))
-    };
-    let mut last = get();
-    for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(600));
-        let now = get();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
+    let [sends, copied] = nbd_counters(a, "d", ["zero_copy_sends", "zero_copy_copied"]);
+    (sends, copied)
 }
 
 fn nbdcopy_out(uri: &str, into: &std::path::Path, connections: u32) -> Vec<u8> {
