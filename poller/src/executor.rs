@@ -5,7 +5,10 @@
 //!   request, a virtqueue descriptor chain) are spawned into a pool: spawning writes the
 //!   future into a free slot, so the steady state allocates nothing. A pool grows in
 //!   chunks up to its capacity the first time its in-flight count reaches a new high, and
-//!   never shrinks; a full pool hands the future back (backpressure is a status).
+//!   never shrinks; a full pool hands the future back (backpressure is a status). A
+//!   growth is one allocation (the chunk), at most `capacity / 16` per pool, counted per
+//!   thread ([`pool_growths`]) so a test of the steady state can tell it from an
+//!   allocation per I/O: when a pool first sees a deeper burst is a matter of timing.
 //! - [`spawn`]: a boxed future for long-lived tasks (a connection's reader loop, a
 //!   control operation). One allocation per task, never per I/O.
 //!
@@ -27,6 +30,16 @@ use crate::reactor;
 
 /// Slots per chunk of a [`TaskPool`].
 const POOL_CHUNK_SLOTS: u32 = 16;
+
+thread_local! {
+    /// Chunks the task pools of this thread have grown by.
+    static POOL_GROWTHS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many chunks this thread's task pools have grown by (one allocation each).
+pub fn pool_growths() -> u64 {
+    POOL_GROWTHS.get()
+}
 const SLOT_BITS: u32 = 16;
 const POOL_BITS: u32 = 16;
 const GEN_BITS: u32 = 20;
@@ -325,7 +338,8 @@ impl<F: Future<Output = ()> + 'static> TaskPool<F> {
             id: Cell::new(u32::MAX),
             reactor: exec.reactor,
             capacity,
-            chunks: RefCell::new(Vec::new()),
+            // Room for every chunk, so a growth is the chunk's allocation alone.
+            chunks: RefCell::new(Vec::with_capacity(capacity.div_ceil(POOL_CHUNK_SLOTS) as usize)),
             free: RefCell::new(Vec::with_capacity(capacity as usize)),
             live: Cell::new(0),
             on_finish: RefCell::new(None),
@@ -463,7 +477,9 @@ impl<F> PoolInner<F> {
                 running: Cell::new(false),
             })
             .collect();
+        debug_assert!(chunks.len() < chunks.capacity(), "the chunk list was sized at creation");
         chunks.push(chunk);
+        POOL_GROWTHS.set(POOL_GROWTHS.get() + 1);
         let mut free = self.free.borrow_mut();
         for i in (have..have + n).rev() {
             free.push(i);

@@ -96,6 +96,34 @@ fn task_pool_spawn_with_makes_tasks_in_their_slots() {
 }
 
 #[test]
+fn task_pool_grows_by_chunks_to_its_high_water_mark() {
+    let r = start(1, IdlePolicy::Busy);
+    let grown = r.handles()[0].block_on(|| async {
+        let make = || async {
+            sleep(Duration::from_millis(1)).await;
+        };
+        let before = crate::executor::pool_growths();
+        let pool = TaskPool::new(40);
+        let mut seen = Vec::new();
+        // 17 at once: two chunks; the same depth again grows nothing; 40 at once takes
+        // the third (a short one of 8), and the pool is then full.
+        for depth in [17, 17, 40] {
+            for _ in 0..depth {
+                assert!(pool.spawn(make()).is_ok());
+            }
+            seen.push(crate::executor::pool_growths() - before);
+            pool.drain().await;
+        }
+        assert!(pool.spawn(make()).is_ok());
+        pool.drain().await;
+        seen.push(crate::executor::pool_growths() - before);
+        seen
+    });
+    assert_eq!(grown, [2, 2, 3, 3]);
+    r.stop();
+}
+
+#[test]
 fn timers_fire_in_order_and_timeouts_expire() {
     let r = start(1, IdlePolicy::adaptive());
     let order = r.handles()[0].block_on(|| async {

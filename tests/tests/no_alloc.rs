@@ -3,13 +3,18 @@
 //! through an in-process appliance, over a RAM disk and over a file with each engine,
 //! on one reactor and on two; and over a qcow2 image on one shard and split over two,
 //! where half the requests are forwarded to the other reactor's shard and back; with
-//! sockets on the reactor's io_uring (the default) and on epoll; and over an RBD image
-//! of a single-node Ceph cluster, whose completions come back from librbd's threads.
-//! With one multishot receive per connection (`nbd.multishot_receive = "on"`, not the
-//! default) the check is run by hand (`-- --ignored`): one fresh-clone CI run counted
-//! one 62,720-byte allocation on the reactor during a tracked burst, not seen in local
-//! runs, its source not yet found.
+//! sockets on the reactor's io_uring (the default), on epoll and with one multishot
+//! receive per connection; and over an RBD image of a single-node Ceph cluster, whose
+//! completions come back from librbd's threads.
 //! Every eighth write is FUA and every burst ends with a flush.
+//!
+//! The one allocation the burst may make is a task pool's growth (a chunk of 16
+//! request slots, counted by `poller::executor::pool_growths`): a connection's pool
+//! grows the first time the reactor takes more of its requests in one go than ever
+//! before, which depends on how the client's bytes happen to arrive (a warm-up that
+//! never took more than 16 at once leaves the burst to make the second chunk; one CI
+//! run in a few hundred saw that, 62,720 bytes). Bounded per connection, never per
+//! request; every other allocation fails the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -114,6 +119,7 @@ fn check_with(disk_toml: &str, cores: &str, nbd: &str, prepare: impl FnOnce(&Pat
             r.call(move || TRACK.with(|t| t.set(on)));
         }
     };
+    let growths = || reactors.iter().map(|r| r.call(poller::executor::pool_growths)).sum::<u64>();
     // Connections go to the reactors in turn: enough of them to reach each.
     for (k, structured) in
         [false, true, false, true].into_iter().take(2 * reactors.len()).enumerate()
@@ -129,15 +135,17 @@ fn check_with(disk_toml: &str, cores: &str, nbd: &str, prepare: impl FnOnce(&Pat
         // high-water mark once; steady state is what follows.
         burst(&mut c, 1 + k as u64);
         burst(&mut c, 21 + k as u64);
+        let growths_before = growths();
         COUNT.store(0, Ordering::SeqCst);
         track(true);
         burst(&mut c, 11 + k as u64);
         track(false);
         let n = COUNT.load(Ordering::SeqCst);
+        let grown = growths() - growths_before;
         let sizes: Vec<u64> = SIZES.iter().map(|s| s.load(Ordering::SeqCst)).collect();
         assert_eq!(
-            n, 0,
-            "{disk_toml} on cores {cores}, [nbd] {nbd}: {n} heap allocations on the reactors during 4000 requests (first sizes {sizes:?})"
+            n, grown,
+            "{disk_toml} on cores {cores}, [nbd] {nbd}: {n} heap allocations on the reactors during 4000 requests, {grown} of them task-pool growths (first sizes {sizes:?})"
         );
         c.disconnect();
     }
@@ -152,6 +160,8 @@ fn steady_state_data_path_does_not_allocate() {
         // Sockets through readiness polling and one system call each, as well as
         // through the reactor's io_uring (the default above).
         check_with(mem, cores, "socket_io = \"epoll\"", |_| {});
+        // And through one multishot receive per connection.
+        check_with(mem, cores, "multishot_receive = \"on\"", |_| {});
         for driver in ["io_uring", "aio"] {
             check(
                 &format!(
@@ -164,16 +174,6 @@ fn steady_state_data_path_does_not_allocate() {
     }
     qcow2_on_one_and_two_shards();
     rbd_on_one_and_two_reactors();
-}
-
-/// Open: one CI run saw one allocation with multishot receive on (module doc).
-#[test]
-#[ignore]
-fn multishot_receive_data_path_does_not_allocate() {
-    let mem = "[[disk]]\nname = \"d\"\ndriver = \"mem\"\nsize = \"16MiB\"\n";
-    for cores in ["[0]", "[0, 1]"] {
-        check_with(mem, cores, "multishot_receive = \"on\"", |_| {});
-    }
 }
 
 /// Part of the one test above: an RBD disk of a single-node cluster. librbd's own

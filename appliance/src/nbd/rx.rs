@@ -36,7 +36,7 @@ const RX_BUF: usize = 64 << 10;
 /// that follows it is not copied in here first and then again (into a buffer the disk
 /// has just read, cold in the cache: for 64 KiB writes over NBD that second copy was
 /// the reactor's largest cost).
-pub(super) const DIRECT_PAYLOAD: u64 = 16 << 10;
+const DIRECT_PAYLOAD: u64 = 16 << 10;
 
 /// Requests without a payload after which a direct-mode connection goes back to its
 /// stream.

@@ -126,11 +126,6 @@ impl RecvStream {
     pub fn start(&self) {
         self.wanted.set(!REFUSED.get());
     }
-
-    /// Whether the stream is receiving this way (or will at the next `next`).
-    pub fn started(&self) -> bool {
-        self.wanted.get()
-    }
 }
 
 impl Drop for RecvStream {
