@@ -10,6 +10,7 @@
 # (appliance-epoll and appliance-io_uring are the appliance with that nbd.socket_io,
 # appliance-multishot the appliance with nbd.multishot_receive = "on")
 # QD=32 SECS=6 IDLE=adaptive|busy SIZE=2G WORK=/var/tmp PERF=1 APPLIANCE=target/release/appliance
+# PERF_CALLGRAPH="--call-graph dwarf,16384" (perf's call-graph option, default -g)
 # Server on CPU 0, fio (nbd engine) on CPU 1. Images: raw filled with data, qcow2 converted
 # from it (every cluster allocated), both dropped from the page cache.
 set -euo pipefail
@@ -100,7 +101,7 @@ PY
   c0=$(cpu_ticks "$PID"); b0=$(busy_ns); t0=$(date +%s.%N)
   perf stat -x, -e 'raw_syscalls:sys_enter' -p "$PID" -o "$OUT/$name.stat" -- sleep 2 >/dev/null 2>&1 || true
   if [ "$PERF" = 1 ]; then
-    perf record -q -F 2999 -g -p "$PID" -o "$OUT/$name.perf" -- sleep 2 >/dev/null 2>&1 || true
+    perf record -q -F 2999 ${PERF_CALLGRAPH:--g} -p "$PID" -o "$OUT/$name.perf" -- sleep 2 >/dev/null 2>&1 || true
   fi
   c1=$(cpu_ticks "$PID"); b1=$(busy_ns); t1=$(date +%s.%N)
   wait "$FIO"
