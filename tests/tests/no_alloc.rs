@@ -12,9 +12,9 @@
 //! request slots, counted by `poller::executor::pool_growths`): a connection's pool
 //! grows the first time the reactor takes more of its requests in one go than ever
 //! before, which depends on how the client's bytes happen to arrive (a warm-up that
-//! never took more than 16 at once leaves the burst to make the second chunk; one CI
-//! run in a few hundred saw that, 62,720 bytes). Bounded per connection, never per
-//! request; every other allocation fails the test.
+//! never took more than 16 at once leaves the burst to make the second chunk, 62,720
+//! bytes: seen in one fresh-clone CI run, and in one local run in ~150). Bounded per
+//! connection, never per request; every other allocation fails the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
